@@ -1,0 +1,139 @@
+"""Private helpers: input validation and conversion shared by layers, models and attribution.
+
+Every error names the owning class, the argument and what was expected, and is raised *before* anything is changed,
+so a failed call never leaves a half-updated model behind.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = Any  # numpy arrays, torch tensors, nested sequences
+
+
+def module_dtype_device(module: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    """Return the floating dtype and the device of the first floating buffer or parameter of ``module``."""
+    for tensor in list(module.buffers()) + list(module.parameters()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def as_float_tensor(
+    x: ArrayLike,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    owner: str,
+    name: str = "X",
+    strict_float: bool = True,
+) -> torch.Tensor:
+    """Convert ``x`` to a floating tensor of ``dtype`` on ``device``.
+
+    numpy arrays, Python sequences and integer/boolean tensors are cast to ``dtype`` (the module's dtype, as torch
+    modules do with ``.double()``) and moved to ``device``. A *floating* tensor of another dtype or on another device
+    raises, as a torch layer would, unless ``strict_float`` is False: silently casting would lose precision or hide a
+    device mix-up.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` cannot be read as numbers, or is a floating tensor of another dtype (with ``strict_float``).
+    ValueError
+        If ``x`` is a tensor on another device (with ``strict_float``).
+    """
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise TypeError(f"{name} passed to {owner} must be real-valued. Got a tensor of dtype {x.dtype} instead.")
+        if x.is_floating_point() and strict_float:
+            if x.dtype != dtype:
+                raise TypeError(
+                    f"{name} passed to {owner} has dtype {x.dtype}, but {owner} holds {dtype} data. "
+                    f"Convert the model with .to({x.dtype}) (e.g. .double()) or the input with .to({dtype})."
+                )
+            if x.device != device:
+                raise ValueError(
+                    f"{name} passed to {owner} is on device {x.device}, but {owner} is on {device}. "
+                    f"Move one of them with .to(device)."
+                )
+            return x
+        return x.to(device=device, dtype=dtype)
+    try:
+        array = np.asarray(x)
+    except Exception as exc:  # pragma: no cover - numpy raises many types here
+        raise TypeError(f"{name} passed to {owner} must be array-like of numbers. Got {type(x).__name__}.") from exc
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{name} passed to {owner} must be array-like of numbers. Got dtype {array.dtype} instead.")
+    if np.iscomplexobj(array):
+        raise TypeError(f"{name} passed to {owner} must be real-valued. Got dtype {array.dtype} instead.")
+    return torch.as_tensor(array.astype(np.float64, copy=False), device=device).to(dtype)
+
+
+def check_2d_finite(x: torch.Tensor, *, owner: str, name: str = "X", n_features: int | None = None) -> None:
+    """Check that ``x`` is a 2-D (n_samples, n_features) tensor of finite values with the expected feature count."""
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} passed to {owner} must be 2-D of shape (n_samples, n_features). Got shape {tuple(x.shape)}."
+        )
+    if n_features is not None and x.shape[1] != n_features:
+        raise ValueError(f"{name} has {x.shape[1]} features, but {owner} was fitted with {n_features} features.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} passed to {owner} contains NaN or infinity.")
+
+
+def check_positive_float(value: Any, *, owner: str, name: str, allow_none: bool = False) -> None:
+    """Raise a ValueError unless ``value`` is a finite real number > 0 (or None when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+    if not ok:
+        raise ValueError(f"The '{name}' parameter of {owner} must be a float > 0. Got {value!r} instead.")
+
+
+def check_int(value: Any, *, owner: str, name: str, minimum: int) -> None:
+    """Raise a ValueError unless ``value`` is an integer >= ``minimum``."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    if not ok:
+        raise ValueError(f"The '{name}' parameter of {owner} must be an int >= {minimum}. Got {value!r} instead.")
+
+
+def as_targets(target: Any, *, n: int, n_outputs: int, owner: str, device: torch.device) -> torch.Tensor:
+    """Convert an int / sequence / tensor of class indices (any integer or integral float dtype) to a long tensor (n,).
+
+    Raises
+    ------
+    TypeError
+        If ``target`` holds non-integral values.
+    ValueError
+        If its length is not 1 or ``n``, or an index is outside ``[0, n_outputs)``.
+    """
+    if isinstance(target, torch.Tensor):
+        values = target.detach().cpu().reshape(-1)
+        if values.is_floating_point():
+            if not bool((values == values.round()).all()):
+                raise TypeError(f"target passed to {owner} must hold integer class indices. Got {target!r}.")
+        elif values.dtype == torch.bool:
+            raise TypeError(f"target passed to {owner} must hold integer class indices, not booleans.")
+        values = values.to(torch.long)
+    else:
+        array = np.asarray(target).reshape(-1)
+        if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+            raise TypeError(f"target passed to {owner} must hold integer class indices. Got {target!r}.")
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise TypeError(f"target passed to {owner} must hold integer class indices. Got {target!r}.")
+        values = torch.as_tensor(array.astype(np.int64))
+    if values.numel() not in (1, n):
+        raise ValueError(f"target passed to {owner} must be one index or one per sample ({n}). Got {values.numel()}.")
+    if bool(((values < 0) | (values >= n_outputs)).any()):
+        raise ValueError(f"target passed to {owner} must lie in [0, {n_outputs}). Got {values.tolist()}.")
+    return values.expand(n).to(device)
+
+
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` with 0 where the denominator is exactly 0 (instead of NaN or inf)."""
+    zero = denominator == 0
+    return torch.where(zero, torch.zeros_like(numerator), numerator / torch.where(zero, 1, denominator))

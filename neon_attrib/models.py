@@ -1,0 +1,547 @@
+"""Estimators that *are* their neuralized networks: KDE outlierness, KDE inlierness and k-means membership.
+
+Each class is an :class:`torch.nn.Module` built from the layers of :mod:`neon_attrib.layers` and behaves like a
+scikit-learn estimator: hyperparameters are stored as given, validated at :meth:`fit`, fitted state lives in buffers
+and in attributes ending in ``_``, and ``fit`` returns ``self``. ``model(x)`` computes the original model's output
+exactly (no retraining, no approximation except the random features of :class:`KDEInlier`, which converge as ``H``
+grows).
+
+Dtype and device follow torch: ``fit`` casts the data to the module's dtype and device, so ``model.double().fit(X)``
+fits in float64 and ``model.to("cuda")`` moves everything. A fitted model's ``state_dict()`` loads into a freshly
+constructed one of the same class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._utils import (
+    ArrayLike,
+    as_float_tensor,
+    check_2d_finite,
+    check_int,
+    check_positive_float,
+    module_dtype_device,
+)
+from .layers import (
+    DEFAULT_CHUNK,
+    ClusterDifference,
+    LogMeanExpPool,
+    MeanPool,
+    MinPool,
+    RandomCosineFeatures,
+    SquaredDistance,
+    log_mean_exp,
+    squared_distance,
+)
+
+__all__ = ["KDEOutlier", "KDEInlier", "KMeansMembership"]
+
+
+class _NeonModel(nn.Module):
+    """Shared estimator plumbing: input conversion, fitted checks, hyperparameters in the state dict."""
+
+    #: attributes saved in ``state_dict()['_extra_state']`` (hyperparameters and fitted scalars)
+    _state_attributes: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.n_features_in_: int | None = None
+
+    # -- conversion and checks -------------------------------------------------------------------------------------
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _as_tensor(self, x: ArrayLike, name: str = "X", check_features: bool = True) -> torch.Tensor:
+        dtype, device = module_dtype_device(self)
+        tensor = as_float_tensor(x, dtype=dtype, device=device, owner=self._name, name=name)
+        check_2d_finite(tensor, owner=self._name, name=name,
+                        n_features=self.n_features_in_ if check_features else None)
+        return tensor
+
+    def _check_fitted(self) -> None:
+        if self.n_features_in_ is None:
+            raise ValueError(f"This {self._name} instance is not fitted yet. Call 'fit' first.")
+
+    # -- state dict ----------------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"class": self._name, **{key: getattr(self, key) for key in self._state_attributes}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("class", self._name) != self._name:
+            raise ValueError(f"Cannot load the state of a {state['class']} into a {self._name}.")
+        for key in self._state_attributes:
+            if key in state:
+                setattr(self, key, state[key])
+        self._configure_layers()
+
+    def _configure_layers(self) -> None:
+        """Push hyperparameters into the layers (after ``fit`` or ``load_state_dict``)."""
+
+    def __getstate__(self):  # keep pickling/deepcopy simple: everything is in __dict__
+        return super().__getstate__()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class KDEOutlier(_NeonModel):
+    """Kernel density outlier score ``o(x) = −(1/γ) log(1/N Σ_k exp(−γ‖x − u_k‖²))`` as a two-layer network.
+
+    ``o(x) = LME^{−γ}_k {‖x − u_k‖²}``: a :class:`~neon_attrib.layers.SquaredDistance` layer followed by a
+    :class:`~neon_attrib.layers.LogMeanExpPool`. ``o(x) >= min_k ‖x − u_k‖² >= 0``; larger means more anomalous.
+
+    Parameters
+    ----------
+    gamma : float
+        Kernel sharpness γ > 0 of ``exp(−γ‖x − x'‖²)`` (scikit-learn's bandwidth h gives γ = 1/(2h²)).
+    beta : float, optional
+        Soft-argmin sharpness of the explanation. Default ``None`` = γ (SPEC §1): the redistribution then weighs each
+        support point by its share of the density, ``R_k = exp(−γh_k)/Σ exp(−γh_k') · o(x)``.
+    eps : float, optional
+        Stabiliser of the input rule. Default ``None`` = ``0.01 / γ``: a hundredth of the kernel's squared length
+        scale. Support points closer than that are "the same point" at the kernel's resolution; their share is
+        dissipated instead of being spread over numerically meaningless coordinate differences. The explanation
+        conserves ``o(x)`` up to that share (``eps=0`` conserves exactly).
+    chunk_size : int
+        Support points processed at once in the chunked computations (:meth:`score`, activation rule).
+
+    Attributes
+    ----------
+    n_features_in_ : int
+        Number of features seen at ``fit``.
+    beta_, eps_ : float
+        The effective hyperparameters after ``fit``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).normal(size=(100, 3))
+    >>> model = KDEOutlier(gamma=0.5).fit(X)
+    >>> model(X[:4]).shape
+    torch.Size([4])
+    """
+
+    _state_attributes = ("gamma", "beta", "eps", "n_features_in_", "beta_", "eps_")
+
+    def __init__(self, gamma: float = 1.0, *, beta: float | None = None, eps: float | None = None,
+                 chunk_size: int = DEFAULT_CHUNK):
+        super().__init__()
+        self.gamma = gamma
+        self.beta = beta
+        self.eps = eps
+        self.chunk_size = chunk_size
+        self.beta_: float | None = None
+        self.eps_: float | None = None
+        self.distance = SquaredDistance()
+        self.pool = LogMeanExpPool(alpha=-1.0, chunk_size=chunk_size)
+
+    def _validate_hyperparameters(self) -> None:
+        check_positive_float(self.gamma, owner=self._name, name="gamma")
+        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
+        if self.eps is not None and not (isinstance(self.eps, (int, float)) and self.eps >= 0):
+            raise ValueError(f"The 'eps' parameter of {self._name} must be a float >= 0. Got {self.eps!r} instead.")
+        check_int(self.chunk_size, owner=self._name, name="chunk_size", minimum=1)
+
+    def _configure_layers(self) -> None:
+        if self.n_features_in_ is None:
+            return
+        self.pool.alpha = -float(self.gamma)
+        self.pool.beta = self.beta_
+        self.pool.chunk_size = self.chunk_size
+        self.distance.eps = self.eps_
+
+    def fit(self, X: ArrayLike, y: Any = None) -> KDEOutlier:
+        """Use the rows of ``X`` (n_samples, n_features) as the support points. Returns ``self``."""
+        self._validate_hyperparameters()
+        support = self._as_tensor(X, check_features=False)
+        if support.shape[0] < 1:
+            raise ValueError(f"{self._name} needs at least 1 sample to fit. Got 0.")
+        self._set_support(support)
+        return self
+
+    def _set_support(self, support: torch.Tensor) -> None:
+        self.distance.support = support.detach().clone()
+        self.n_features_in_ = int(support.shape[1])
+        self.beta_ = float(self.beta if self.beta is not None else self.gamma)
+        self.eps_ = float(self.eps if self.eps is not None else 0.01 / self.gamma)
+        self._configure_layers()
+
+    @property
+    def support_(self) -> torch.Tensor:
+        """The support points (N, d)."""
+        self._check_fitted()
+        return self.distance.support
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """Outlier scores ``o(x)`` of shape (n,) for ``x`` of shape (n, d)."""
+        self._check_fitted()
+        return self.pool(self.distance(self._as_tensor(x)))
+
+    @torch.no_grad()
+    def score(self, x: ArrayLike) -> torch.Tensor:
+        """``o(x)`` like ``forward`` but chunked over the support set: never builds the (n, N) distance matrix.
+
+        Use it to score large batches against large support sets (N = 10^6) in bounded memory.
+        """
+        self._check_fitted()
+        x = self._as_tensor(x)
+        alpha = -float(self.gamma)
+        running = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+        for chunk in self.distance.support.split(self.chunk_size):
+            running = torch.logaddexp(running, torch.logsumexp(alpha * squared_distance(x, chunk), dim=-1))
+        return (running - math.log(self.distance.support.shape[0])) / alpha
+
+    def density(self, x: ArrayLike) -> torch.Tensor:
+        """The exact unnormalised density ``p(x) = exp(−γ o(x))`` (the KDE inlier score), shape (n,)."""
+        return torch.exp(-self.gamma * self(x))
+
+    @classmethod
+    def from_sklearn(cls, kde: Any, **kwargs: Any) -> KDEOutlier:
+        """Build from a fitted :class:`sklearn.neighbors.KernelDensity` with a Gaussian kernel.
+
+        γ = 1 / (2 · bandwidth²); the support points are the fitted data. ``o(x)`` then equals
+        ``−(1/γ) (score_samples(x) + d/2 · log(2π bandwidth²))``. The model is float64 (scikit-learn's precision).
+
+        Raises
+        ------
+        TypeError
+            If ``kde`` is not a KernelDensity.
+        ValueError
+            If it is not fitted, uses another kernel or metric, or was fitted with sample weights.
+        """
+        support, gamma = _sklearn_kde_support(kde, cls.__name__)
+        return cls(gamma=gamma, **kwargs).double().fit(support)
+
+    def leave_one_out(self, index: int) -> KDEOutlier:
+        """A copy of this model whose support set lacks row ``index``: the model to explain a training point with.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(50, 2))
+        >>> full = KDEOutlier(gamma=1.0).double().fit(X)
+        >>> loo = full.leave_one_out(3)
+        >>> bool(torch.isclose(loo(X[3:4])[0], full.score_training()[3]))
+        True
+        """
+        self._check_fitted()
+        support = self.distance.support
+        index = _check_index(index, support.shape[0], self._name)
+        if support.shape[0] < 2:
+            raise ValueError(f"{self._name} needs at least 2 support points to leave one out.")
+        keep = torch.ones(support.shape[0], dtype=torch.bool, device=support.device)
+        keep[index] = False
+        clone = type(self)(self.gamma, beta=self.beta, eps=self.eps, chunk_size=self.chunk_size)
+        clone.to(dtype=support.dtype, device=support.device)
+        clone._set_support(support[keep])
+        return clone
+
+    @torch.no_grad()
+    def score_training(self, leave_one_out: bool = True) -> torch.Tensor:
+        """Scores of the support points themselves, each left out of its own model when ``leave_one_out``."""
+        self._check_fitted()
+        support = self.distance.support
+        if not leave_one_out:
+            return self.score(support)
+        n = support.shape[0]
+        if n < 2:
+            raise ValueError(f"{self._name} needs at least 2 support points to leave one out.")
+        out = []
+        for start in range(0, n, 1024):
+            h = squared_distance(support[start:start + 1024], support)
+            rows = torch.arange(h.shape[0], device=h.device)
+            h[rows, rows + start] = math.inf  # exp(−γ·inf) = 0: the point is out of its own sum
+            out.append((torch.logsumexp(-self.gamma * h, -1) - math.log(n - 1)) / -self.gamma)
+        return torch.cat(out)
+
+
+def _sklearn_kde_support(kde: Any, owner: str) -> tuple[np.ndarray, float]:
+    from sklearn.neighbors import KernelDensity
+
+    if not isinstance(kde, KernelDensity):
+        raise TypeError(f"{owner}.from_sklearn expects a fitted sklearn.neighbors.KernelDensity. Got {type(kde)}.")
+    if not hasattr(kde, "tree_"):
+        raise ValueError(f"This KernelDensity instance is not fitted yet. Call 'fit' before {owner}.from_sklearn.")
+    if kde.kernel != "gaussian":
+        raise ValueError(f"{owner}.from_sklearn needs kernel='gaussian'. Got kernel={kde.kernel!r}.")
+    if kde.metric != "euclidean":
+        raise ValueError(f"{owner}.from_sklearn needs metric='euclidean'. Got metric={kde.metric!r}.")
+    if getattr(kde.tree_, "sample_weight", None) is not None:
+        raise ValueError(f"{owner}.from_sklearn does not support a KernelDensity fitted with sample_weight.")
+    bandwidth = float(getattr(kde, "bandwidth_", kde.bandwidth))
+    return np.asarray(kde.tree_.data), 1.0 / (2.0 * bandwidth**2)
+
+
+def _check_index(index: Any, n: int, owner: str) -> int:
+    if isinstance(index, torch.Tensor):
+        index = index.item()
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"index passed to {owner} must be an int. Got {index!r}.")
+    if not -n <= index < n:
+        raise ValueError(f"index passed to {owner} must lie in [0, {n}). Got {index}.")
+    return int(index) % n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class KDEInlier(_NeonModel):
+    """Kernel density inlier score ``i(x) = 1/N Σ_k exp(−γ‖x − u_k‖²)`` through H random Fourier features.
+
+    ``î(x) = 1/H Σ_j √2 cos(ω_jᵀx + b_j) μ_j`` with ``ω_j ~ N(0, 2γ I)``, ``b_j ~ U(0, 2π)`` and
+    ``μ_j = 1/N Σ_k √2 cos(ω_jᵀu_k + b_j)``: a :class:`~neon_attrib.layers.RandomCosineFeatures` layer and a
+    :class:`~neon_attrib.layers.MeanPool`. ``î → i`` as H grows (error ~ 1/√H); :meth:`exact` gives ``i(x)``.
+
+    Parameters
+    ----------
+    gamma : float
+        Kernel sharpness γ > 0.
+    n_features : int
+        Number H of random features (the book uses 2500).
+    seed : int, optional
+        Seed of the random draw. The draw is made on the CPU in float64 and then cast, so the same seed gives the same
+        model on every device and dtype. ``None`` draws from a fresh, non-reproducible seed.
+    eps : float, optional
+        Stabiliser of the activation rule (:class:`~neon_attrib.rules.KDEInlierActivationRule`); default 1.0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).normal(size=(100, 3))
+    >>> model = KDEInlier(gamma=0.5, n_features=4000, seed=0).double().fit(X)
+    >>> bool((model(X[:5]) - model.exact(X[:5])).abs().max() < 0.05)
+    True
+    """
+
+    _state_attributes = ("gamma", "n_features", "seed", "eps", "n_features_in_", "eps_")
+
+    def __init__(self, gamma: float = 1.0, n_features: int = 2500, seed: int | None = None, *,
+                 eps: float | None = None):
+        super().__init__()
+        self.gamma = gamma
+        self.n_features = n_features
+        self.seed = seed
+        self.eps = eps
+        self.eps_: float | None = None
+        self.features = RandomCosineFeatures()
+        self.pool = MeanPool()
+        self.register_buffer("support", torch.empty(0, 0))
+
+    def fit(self, X: ArrayLike, y: Any = None) -> KDEInlier:
+        """Draw the random features (seeded) and average them over the rows of ``X``. Returns ``self``."""
+        check_positive_float(self.gamma, owner=self._name, name="gamma")
+        check_int(self.n_features, owner=self._name, name="n_features", minimum=1)
+        if self.seed is not None:
+            check_int(self.seed, owner=self._name, name="seed", minimum=0)
+        check_positive_float(self.eps, owner=self._name, name="eps", allow_none=True)
+        support = self._as_tensor(X, check_features=False)
+        if support.shape[0] < 1:
+            raise ValueError(f"{self._name} needs at least 1 sample to fit. Got 0.")
+        generator = torch.Generator().manual_seed(
+            self.seed if self.seed is not None else int(torch.randint(2**62, (1,)).item()))
+        d = support.shape[1]
+        omega = torch.randn(self.n_features, d, generator=generator, dtype=torch.float64) * math.sqrt(2 * self.gamma)
+        bias = torch.rand(self.n_features, generator=generator, dtype=torch.float64) * (2 * math.pi)
+        self._set(support, omega.to(support), bias.to(support))
+        return self
+
+    def _set(self, support: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor) -> None:
+        mean = torch.zeros_like(bias)
+        for chunk in support.split(4096):
+            mean += (math.sqrt(2.0) * torch.cos(torch.addmm(bias, chunk, omega.T))).sum(0)
+        self.features.omega, self.features.bias = omega.clone(), bias.clone()
+        self.features.mean = mean / support.shape[0]
+        self.support = support.detach().clone()
+        self.n_features_in_ = int(support.shape[1])
+        self.eps_ = float(self.eps if self.eps is not None else 1.0)
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """Approximate inlier scores ``î(x)`` of shape (n,)."""
+        self._check_fitted()
+        return self.pool(self.features(self._as_tensor(x)))
+
+    @torch.no_grad()
+    def exact(self, x: ArrayLike) -> torch.Tensor:
+        """The exact inlier score ``i(x) = 1/N Σ_k exp(−γ‖x − u_k‖²)`` (what ``forward`` approximates)."""
+        self._check_fitted()
+        h = squared_distance(self._as_tensor(x), self.support)
+        return torch.exp(log_mean_exp(h, -float(self.gamma)) * -float(self.gamma))
+
+    def uniform_relevance(self, x: ArrayLike) -> torch.Tensor:
+        """The baseline explanation of the exact inlier score: ``R_i = i(x) / d`` for every feature (SPEC §2)."""
+        scores = self.exact(x)
+        return scores.unsqueeze(-1).expand(-1, self.n_features_in_) / self.n_features_in_
+
+    def leave_one_out(self, index: int) -> KDEInlier:
+        """A copy with the *same* random features whose mean feature ``μ`` lacks support point ``index``."""
+        self._check_fitted()
+        index = _check_index(index, self.support.shape[0], self._name)
+        if self.support.shape[0] < 2:
+            raise ValueError(f"{self._name} needs at least 2 support points to leave one out.")
+        keep = torch.ones(self.support.shape[0], dtype=torch.bool, device=self.support.device)
+        keep[index] = False
+        clone = type(self)(self.gamma, self.n_features, self.seed, eps=self.eps)
+        clone.to(dtype=self.support.dtype, device=self.support.device)
+        clone._set(self.support[keep], self.features.omega, self.features.bias)
+        return clone
+
+    @torch.no_grad()
+    def score_training(self, leave_one_out: bool = True) -> torch.Tensor:
+        """``î`` of the support points, each left out of its own mean feature when ``leave_one_out``."""
+        self._check_fitted()
+        phi = math.sqrt(2.0) * torch.cos(torch.addmm(self.features.bias, self.support, self.features.omega.T))
+        mean = self.features.mean
+        if leave_one_out:
+            n = self.support.shape[0]
+            if n < 2:
+                raise ValueError(f"{self._name} needs at least 2 support points to leave one out.")
+            mean = (n * mean - phi) / (n - 1)
+        return (phi * mean).mean(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class KMeansMembership(_NeonModel):
+    """k-means cluster membership evidence ``f_c(x) = min_{k≠c} {‖x − μ_k‖² − ‖x − μ_c‖²}`` for every cluster c.
+
+    A :class:`~neon_attrib.layers.ClusterDifference` layer (all ``K(K−1)`` linear differences) and a
+    :class:`~neon_attrib.layers.MinPool`. ``model(x)`` has shape (n, K); ``f_c(x) > 0`` exactly for the cluster
+    ``x`` is assigned to (all entries are <= 0 on a border), so ``argmax`` equals k-means' ``predict``.
+
+    Parameters
+    ----------
+    n_clusters : int
+        Number of clusters K >= 2.
+    n_init : int
+        k-means restarts; the run with the lowest objective is kept (scikit-learn's KMeans).
+    seed : int, optional
+        Seed of the k-means initialisations.
+    max_iter : int
+        Maximum Lloyd iterations per restart.
+    centroid_norm : float, optional
+        If set, centroids are rescaled to this norm after clustering (the book's choice for CNN features, where the
+        activation scale varies across locations). Changes assignments; ``None`` keeps plain k-means.
+    beta : float, optional
+        Soft-argmin sharpness of the explanation. Default ``None`` = ``1 / mean_x f_{c(x)}(x)`` over the training
+        data: a competitor whose difference exceeds the typical evidence by one unit of it gets ``e^{-1}`` of the
+        weight. This makes the default invariant to rescaling the data.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.r_[np.zeros((5, 2)), np.ones((5, 2)) * 4]
+    >>> model = KMeansMembership(n_clusters=2, seed=0).double().fit(X)
+    >>> model.predict(X).tolist() == model.kmeans_labels_.tolist()
+    True
+    """
+
+    _state_attributes = ("n_clusters", "n_init", "seed", "max_iter", "centroid_norm", "beta", "n_features_in_")
+
+    def __init__(self, n_clusters: int = 8, n_init: int = 10, seed: int | None = None, *, max_iter: int = 300,
+                 centroid_norm: float | None = None, beta: float | None = None):
+        super().__init__()
+        self.n_clusters = n_clusters
+        self.n_init = n_init
+        self.seed = seed
+        self.max_iter = max_iter
+        self.centroid_norm = centroid_norm
+        self.beta = beta
+        self.difference = ClusterDifference()
+        self.pool = MinPool()
+        self.kmeans_labels_: np.ndarray | None = None
+
+    def _validate_hyperparameters(self) -> None:
+        check_int(self.n_clusters, owner=self._name, name="n_clusters", minimum=2)
+        check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
+        check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
+        if self.seed is not None:
+            check_int(self.seed, owner=self._name, name="seed", minimum=0)
+        check_positive_float(self.centroid_norm, owner=self._name, name="centroid_norm", allow_none=True)
+        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
+
+    def fit(self, X: ArrayLike, y: Any = None) -> KMeansMembership:
+        """Run k-means (scikit-learn, float64, ``n_init`` restarts) on ``X`` and neuralize the result."""
+        from sklearn.cluster import KMeans
+
+        self._validate_hyperparameters()
+        data = self._as_tensor(X, check_features=False)
+        if data.shape[0] < self.n_clusters:
+            raise ValueError(f"{self._name} with n_clusters={self.n_clusters} needs at least that many samples. "
+                             f"Got {data.shape[0]}.")
+        kmeans = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, max_iter=self.max_iter,
+                        random_state=self.seed).fit(data.detach().cpu().double().numpy())
+        self._set_centroids(torch.as_tensor(kmeans.cluster_centers_).to(data), data)
+        self.kmeans_labels_ = kmeans.labels_
+        self.inertia_ = float(kmeans.inertia_)
+        return self
+
+    @torch.no_grad()
+    def _set_centroids(self, centroids: torch.Tensor, data: torch.Tensor | None) -> None:
+        if self.centroid_norm is not None:
+            centroids = centroids * (self.centroid_norm / centroids.norm(dim=1, keepdim=True).clamp_min(1e-30))
+        self.difference.set_centroids(centroids)
+        self.n_features_in_ = int(centroids.shape[1])
+        beta = self.beta
+        if beta is None:
+            evidence = self.pool(self.difference(data)).amax(-1) if data is not None else None
+            mean_evidence = float(evidence.clamp_min(0).mean()) if evidence is not None else 0.0
+            beta = 1.0 / mean_evidence if mean_evidence > 0 else 1.0
+        self.pool.beta = float(beta)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "pool_beta": self.pool.beta}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.pool.beta = state.get("pool_beta", self.pool.beta)
+
+    @classmethod
+    def from_sklearn(cls, kmeans: Any, X: ArrayLike | None = None, **kwargs: Any) -> KMeansMembership:
+        """Build from a fitted :class:`sklearn.cluster.KMeans` (float64). ``X`` (optional) sets the default β.
+
+        Raises
+        ------
+        TypeError
+            If ``kmeans`` is not a KMeans.
+        ValueError
+            If it is not fitted or has fewer than 2 clusters.
+        """
+        from sklearn.cluster import KMeans
+
+        if not isinstance(kmeans, KMeans):
+            raise TypeError(f"{cls.__name__}.from_sklearn expects a fitted sklearn.cluster.KMeans. Got {type(kmeans)}.")
+        if not hasattr(kmeans, "cluster_centers_"):
+            raise ValueError(f"This KMeans instance is not fitted yet. Call 'fit' before {cls.__name__}.from_sklearn.")
+        centers = torch.as_tensor(np.asarray(kmeans.cluster_centers_, dtype=np.float64))
+        model = cls(n_clusters=centers.shape[0], n_init=kmeans.n_init if isinstance(kmeans.n_init, int) else 1,
+                    seed=kmeans.random_state if isinstance(kmeans.random_state, int) else None, **kwargs).double()
+        model._validate_hyperparameters()
+        data = None
+        if X is not None:
+            model.n_features_in_ = centers.shape[1]
+            data = model._as_tensor(X)
+        model._set_centroids(centers, data)
+        model.kmeans_labels_ = getattr(kmeans, "labels_", None)
+        return model
+
+    @property
+    def cluster_centers_(self) -> torch.Tensor:
+        """The (possibly rescaled) centroids (K, d)."""
+        self._check_fitted()
+        return self.difference.centroids
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """Cluster evidence ``f_c(x)`` for every cluster, shape (n, K)."""
+        self._check_fitted()
+        return self.pool(self.difference(self._as_tensor(x)))
+
+    @torch.no_grad()
+    def predict(self, x: ArrayLike) -> torch.Tensor:
+        """The assigned cluster ``argmax_c f_c(x) = argmin_c ‖x − μ_c‖²``, shape (n,)."""
+        return self(x).argmax(-1)
+
+    def default_target(self, output: torch.Tensor) -> torch.Tensor:
+        """The target :func:`~neon_attrib.explain` uses when none is given: the assigned cluster."""
+        return output.argmax(-1)

@@ -1,0 +1,267 @@
+"""Zennit rules for the neuralized layers (SPEC §1-3).
+
+A Zennit rule is a :class:`zennit.core.Hook`: during the forward pass it stores what it needs, and during the backward
+pass it replaces the gradient with *relevance*: ``backward(module, grad_input, grad_output)`` receives the relevance of
+the module's output in ``grad_output`` and returns the relevance of its (first) input. Every rule here is linear in the
+upper relevance, so it composes with any Zennit rule above or below it.
+
+Two families:
+
+* **Input-space rules**, one per layer, for raw feature vectors (SPEC "Input layer, raw features"):
+  :class:`SoftArgminRule`, :class:`SquaredDifferenceRule`, :class:`ProportionalRule`, :class:`CosineShareRule`,
+  :class:`WeightShareRule`.
+* **Activation rules** for heads on CNN activations ``a >= 0`` (SPEC "On CNN activations"): a neuron with
+  ``a_i = 0`` never receives relevance, the share of the score that cannot be expressed through active neurons is
+  *dissipated*. They sit on the whole neuralized model (:class:`~neon_attrib.models.KDEOutlier` etc.), because their
+  closed forms skip the N-sized intermediate layer entirely: :class:`KDEOutlierActivationRule`,
+  :class:`KDEInlierActivationRule`, :class:`KMeansActivationRule`.
+
+Hyperparameters given to a rule override the defaults that the layers carry (``None`` = use the layer's); every rule
+keeps them through :meth:`copy`, which Zennit calls once per module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from zennit.core import Hook
+
+from ._utils import safe_divide
+from .layers import DEFAULT_CHUNK, squared_distance
+
+__all__ = [
+    "SoftArgminRule",
+    "SquaredDifferenceRule",
+    "ProportionalRule",
+    "CosineShareRule",
+    "WeightShareRule",
+    "KDEOutlierActivationRule",
+    "KDEInlierActivationRule",
+    "KMeansActivationRule",
+]
+
+# Above this many elements (batch × support × features) the squared-difference rule switches from the direct
+# (x_i − u_ik)² sum to the matrix-product expansion, which never builds the (n, N, d) tensor.
+_DIRECT_LIMIT = 1 << 22
+
+
+class _NeonHook(Hook):
+    """Base class: stores the detached input and output, returns relevance for the first input only."""
+
+    def forward(self, module, input, output):
+        self.stored_tensors["input"] = input[0].detach()
+        self.stored_tensors["output"] = output.detach()
+
+    def backward(self, module, grad_input, grad_output):
+        relevance = self.relevance(
+            module, self.stored_tensors["input"], self.stored_tensors["output"], grad_output[0].detach()
+        )
+        return (relevance.to(grad_input[0].dtype),) + (None,) * (len(grad_input) - 1)
+
+    def relevance(self, module, x: torch.Tensor, out: torch.Tensor, relevance_out: torch.Tensor) -> torch.Tensor:
+        """Input relevance from the module, its input ``x``, its output ``out`` and the output relevance."""
+        raise NotImplementedError
+
+    def copy(self):
+        return self.__class__(**self._hyperparameters())
+
+    def _hyperparameters(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self._hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+class _BetaHook(_NeonHook):
+    def __init__(self, beta: float | None = None):
+        super().__init__()
+        if beta is not None and not beta > 0:
+            raise ValueError(f"The 'beta' parameter of {type(self).__name__} must be a float > 0. Got {beta!r}.")
+        self.beta = beta
+
+    def _hyperparameters(self) -> dict:
+        return {"beta": self.beta}
+
+
+class _EpsHook(_NeonHook):
+    def __init__(self, eps: float | None = None):
+        super().__init__()
+        if eps is not None and not eps >= 0:
+            raise ValueError(f"The 'eps' parameter of {type(self).__name__} must be a float >= 0. Got {eps!r}.")
+        self.eps = eps
+
+    def _hyperparameters(self) -> dict:
+        return {"eps": self.eps}
+
+
+def _soft_argmin(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """``exp(−β h_k) / Σ_k' exp(−β h_k')`` over the last dimension (stable softmax)."""
+    return torch.softmax(-beta * h, dim=-1)
+
+
+class SoftArgminRule(_BetaHook):
+    """Soft-argmin redistribution on :class:`~neon_attrib.layers.LogMeanExpPool` and
+    :class:`~neon_attrib.layers.MinPool`: ``R_k = exp(−β h_k) / Σ_k' exp(−β h_k') · R``.
+
+    Conserves exactly. For a log-mean-exp with α > 0 (soft max) the weights are ``softmax(+β h)``.
+
+    Parameters
+    ----------
+    beta : float, optional
+        Sharpness. ``None`` uses the layer's default: ``|α|`` for log-mean-exp (β = γ, SPEC §1), and for min pooling
+        the value :class:`~neon_attrib.models.KMeansMembership` sets at ``fit`` (1 / mean training evidence).
+
+    Examples
+    --------
+    >>> SoftArgminRule(beta=3.0).copy().beta
+    3.0
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        beta = self.beta if self.beta is not None else getattr(module, "beta", None)
+        alpha = getattr(module, "alpha", -1.0)
+        if beta is None:
+            beta = abs(alpha)
+        weights = _soft_argmin(x, beta) if alpha < 0 else torch.softmax(beta * x, dim=-1)
+        return weights * relevance_out.unsqueeze(-1)
+
+
+class SquaredDifferenceRule(_EpsHook):
+    """Squared-difference rule on :class:`~neon_attrib.layers.SquaredDistance`:
+    ``R_i = Σ_k (x_i − u_ik)² / (ε + ‖x − u_k‖²) · R_k``.
+
+    Conserves ``Σ_i R_i = Σ_k R_k · h_k / (ε + h_k)``: exactly for ε = 0, and the share of support points closer than
+    ~√ε is dissipated otherwise.
+
+    Parameters
+    ----------
+    eps : float, optional
+        Stabiliser >= 0. ``None`` uses the layer's default (``0.01 / γ``, see :class:`~neon_attrib.models.KDEOutlier`).
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        eps = self.eps if self.eps is not None else module.eps
+        coef = safe_divide(relevance_out, eps + out)  # (n, N)
+        support = module.support
+        n, n_support = coef.shape
+        if n * n_support * x.shape[1] <= _DIRECT_LIMIT:
+            return torch.einsum("nk,nkd->nd", coef, (x.unsqueeze(1) - support.unsqueeze(0)) ** 2)
+        # Σ_k c_k (x_i − u_ik)² = x_i² Σ_k c_k − 2 x_i Σ_k c_k u_ik + Σ_k c_k u_ik²: two matrix products.
+        return x * x * coef.sum(1, keepdim=True) - 2.0 * x * (coef @ support) + coef @ (support * support)
+
+
+class ProportionalRule(_NeonHook):
+    """Redistribution in proportion to the summands on :class:`~neon_attrib.layers.MeanPool`:
+    ``R_j = h_j / Σ_j' h_j' · R`` (LRP-0 on a linear pooling; ``R_j = h_j / H`` when ``R = î(x)``). Conserves exactly.
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        return x * safe_divide(relevance_out, x.sum(-1)).unsqueeze(-1)
+
+
+class CosineShareRule(_NeonHook):
+    """ω²-share rule on :class:`~neon_attrib.layers.RandomCosineFeatures`:
+    ``R_i = Σ_j ω_ij² / ‖ω_j‖² · R_j``. Conserves exactly."""
+
+    def relevance(self, module, x, out, relevance_out):
+        sq = module.omega * module.omega
+        return relevance_out @ safe_divide(sq, sq.sum(-1, keepdim=True))
+
+
+class WeightShareRule(_NeonHook):
+    """w²-share rule on :class:`~neon_attrib.layers.ClusterDifference`:
+    ``R_i = Σ_{c, k≠c} w_cki² / ‖w_ck‖² · R_ck``. Conserves exactly (pairs of identical centroids have w = 0 and
+    pass nothing)."""
+
+    def relevance(self, module, x, out, relevance_out):
+        sq = module.weight * module.weight
+        return torch.einsum("nck,ckd->nd", relevance_out, safe_divide(sq, sq.sum(-1, keepdim=True)))
+
+
+class KDEOutlierActivationRule(_BetaHook):
+    """Activation rule for a :class:`~neon_attrib.models.KDEOutlier` on CNN activations (SPEC §1, a >= 0).
+
+    ``R_k = p_k · o(a)`` with ``p = softmin_β(h)`` is split into ``R_k^dot = p_k aᵀ(a − u_k)``, propagated as
+    ``R_i = a_i (a_i − u_ik) / aᵀ(a − u_k) · R_k^dot``, and ``R_k^res`` (dissipated). The sum over ``k`` has the
+    closed form ``R_i = a_i (a_i − Σ_k p_k u_ik) · R / o(a)``: one pass over the support set in chunks, with an online
+    softmax, and no (n, N) or (n, N, d) intermediate. Inactive neurons (``a_i = 0``) receive exactly 0.
+
+    Parameters
+    ----------
+    beta : float, optional
+        Soft-argmin sharpness; ``None`` uses the model's (γ by default).
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        beta = self.beta if self.beta is not None else module.beta_
+        weighted_mean = _softmin_weighted_mean(x, module.distance.support, beta, chunk_size=module.chunk_size)
+        return x * (x - weighted_mean) * safe_divide(relevance_out, out).unsqueeze(-1)
+
+
+def _softmin_weighted_mean(x: torch.Tensor, support: torch.Tensor, beta: float,
+                           chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """``Σ_k softmin_β(‖x − u_k‖²)_k u_k`` for every row of ``x``, one chunked pass with a running maximum."""
+    running_max = torch.full((x.shape[0], 1), -math.inf, dtype=x.dtype, device=x.device)
+    total = torch.zeros((x.shape[0], 1), dtype=x.dtype, device=x.device)
+    accum = torch.zeros_like(x)
+    for chunk in support.split(chunk_size):
+        logits = -beta * squared_distance(x, chunk)
+        new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
+        rescale = torch.exp(running_max - new_max)
+        weights = torch.exp(logits - new_max)
+        total = total * rescale + weights.sum(-1, keepdim=True)
+        accum = accum * rescale + weights @ chunk
+        running_max = new_max
+    return accum / total
+
+
+class KDEInlierActivationRule(_EpsHook):
+    """Activation rule for a :class:`~neon_attrib.models.KDEInlier` (random features) on CNN activations.
+
+    With ``z_j = ω_jᵀa`` and ``c_j = √2 μ_j / H``, each feature's share ``h_j / H = c_j cos(z_j + b_j)`` splits into
+    ``R_j^sin = −sin(z_j) sin(b_j) c_j`` and ``R_j^cos = cos(z_j) cos(b_j) c_j``; both go to the inputs in proportion
+    to ``a_i ω_ij``, the cosine part with the sign-matched stabiliser ``ε_j`` (dissipated when ``z_j ≈ 0``)::
+
+        R_i = a_i Σ_j ω_ij c_j [ −sin(b_j) sin(z_j)/z_j + cos(b_j) cos(z_j)/(ε_j + z_j) ] · R / î(a)
+
+    One (n, H) product and one (n, H)·(H, d) product. Inactive neurons receive exactly 0.
+
+    Parameters
+    ----------
+    eps : float, optional
+        Stabiliser of the cosine part; ``None`` uses the model's (1.0: ``z_j`` is a phase in radians, and a phase
+        below ~1 rad cannot be told apart from the constant ``cos(b_j)`` offset it would otherwise amplify).
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        eps = self.eps if self.eps is not None else module.eps_
+        layer = module.features
+        z = x @ layer.omega.T  # (n, H)
+        coef = math.sqrt(2.0) * layer.mean / layer.omega.shape[0]
+        sin_part = -torch.sin(layer.bias) * torch.sinc(z / math.pi)  # sin(z)/z, finite at z = 0
+        sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+        cos_part = torch.cos(layer.bias) * torch.cos(z) / (z + sign * eps)
+        g = coef * (sin_part + cos_part) * safe_divide(relevance_out, out).unsqueeze(-1)
+        return x * (g @ layer.omega)
+
+
+class KMeansActivationRule(_BetaHook):
+    """Activation rule for a :class:`~neon_attrib.models.KMeansMembership` on CNN activations (SPEC §3).
+
+    ``R_ck = p_ck f_c(a)`` with ``p_c = softmin_β(h_c)`` over ``k ≠ c``; its part ``R_ck^dot = p_ck aᵀw_ck`` is
+    propagated as ``R_i = a_i Σ_k p_ck w_cki`` (times ``R_c / f_c(a)``), and ``R_ck^res = p_ck(b_ck + f_c − h_ck)`` is
+    dissipated. Inactive neurons receive exactly 0.
+
+    Parameters
+    ----------
+    beta : float, optional
+        Soft-argmin sharpness; ``None`` uses the model's (set at ``fit``).
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        beta = self.beta if self.beta is not None else module.pool.beta
+        h = module.difference(x)  # (n, K, K-1)
+        p = _soft_argmin(h, beta) * safe_divide(relevance_out, out).unsqueeze(-1)
+        return x * torch.einsum("nck,ckd->nd", p, module.difference.weight)
