@@ -239,3 +239,38 @@ class MinPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:g}"
+
+
+# -- Captum bridge (owned by neon_attrib/captum.py) ---------------------------------------------------------------------
+class _CaptumRule:
+    """``layer.rule``: the layer's NEON rule as a Captum ``PropagationRule``, for :class:`captum.attr.LRP`.
+
+    Captum reads ``module.rule`` on every leaf module and *deletes* it after each call (Captum issue #1059). This data
+    descriptor lives on the class, so Captum's ``del layer.rule`` cannot remove it: ``LRP(model)`` works on NEON
+    models without set-up, call after call. ``layer.rule = r`` stores an override (``None`` restores the default).
+    The logic is in :mod:`neon_attrib.captum`, imported on first use.
+    """
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        try:
+            from .captum import _get_layer_rule
+        except ImportError as exc:  # no Captum: behave like a missing attribute (hasattr → False)
+            raise AttributeError("rule") from exc
+        return _get_layer_rule(layer)
+
+    def __set__(self, layer, rule):
+        from .captum import _set_layer_rule
+
+        _set_layer_rule(layer, rule)
+
+    def __delete__(self, layer):
+        from .captum import _delete_layer_rule
+
+        _delete_layer_rule(layer)
+
+
+for _layer_class in (SquaredDistance, LogMeanExpPool, RandomCosineFeatures, MeanPool, ClusterDifference, MinPool):
+    _layer_class.rule = _CaptumRule()
+del _layer_class

@@ -36,6 +36,7 @@ from .layers import (
     MinPool,
     RandomCosineFeatures,
     SquaredDistance,
+    _ResizableBuffers,
     log_mean_exp,
     squared_distance,
 )
@@ -43,7 +44,7 @@ from .layers import (
 __all__ = ["KDEOutlier", "KDEInlier", "KMeansMembership"]
 
 
-class _NeonModel(nn.Module):
+class _NeonModel(_ResizableBuffers):
     """Shared estimator plumbing: input conversion, fitted checks, hyperparameters in the state dict."""
 
     #: attributes saved in ``state_dict()['_extra_state']`` (hyperparameters and fitted scalars)
@@ -83,9 +84,6 @@ class _NeonModel(nn.Module):
 
     def _configure_layers(self) -> None:
         """Push hyperparameters into the layers (after ``fit`` or ``load_state_dict``)."""
-
-    def __getstate__(self):  # keep pickling/deepcopy simple: everything is in __dict__
-        return super().__getstate__()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,39 @@
+"""Shared fixtures: small float64 data sets, one fixed seed, and a hook-leak checker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the checkout (or $NEON_ATTRIB_DATA), or None when absent."""
+    env = os.environ.get("NEON_ATTRIB_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def blobs(rng) -> np.ndarray:
+    """60 points in 4-D around three centres."""
+    centres = np.array([[0.0, 0, 0, 0], [4, 4, 0, 0], [0, 4, 4, -2]])
+    return np.concatenate([c + rng.normal(size=(20, 4)) for c in centres])
+
+
+def assert_no_hooks(model: torch.nn.Module) -> None:
+    """No forward, pre-forward or backward hooks left on any submodule."""
+    for name, module in model.named_modules():
+        assert not module._forward_hooks, f"forward hook left on {name or 'root'}"
+        assert not module._forward_pre_hooks, f"forward pre-hook left on {name or 'root'}"
+        assert not module._backward_hooks, f"backward hook left on {name or 'root'}"
