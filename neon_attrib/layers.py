@@ -52,15 +52,18 @@ class _ResizableBuffers(nn.Module):
                                       error_msgs)
 
 
-def squared_distance(x: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+def squared_distance(x: torch.Tensor, support: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Squared Euclidean distances ``‖x_n − u_k‖²`` of shape (n, N), via ``‖x‖² + ‖u‖² − 2xᵀu``, clamped at 0.
 
-    One matrix product: no (n, N, d) intermediate. The expansion loses absolute precision ~ eps·‖x‖² when x and u
-    nearly coincide (as in scikit-learn's ``euclidean_distances``); use float64 where that matters.
+    Matrix products over chunks of support points: no (n, N, d) intermediate and no N × d temporary. The expansion
+    loses absolute precision ~ eps·‖x‖² when x and u nearly coincide (as in scikit-learn's ``euclidean_distances``);
+    use float64 where that matters.
     """
     x_sq = (x * x).sum(-1, keepdim=True)
-    u_sq = (support * support).sum(-1)
-    return torch.addmm(x_sq + u_sq, x, support.T, alpha=-2.0).clamp_min(0.0)
+    parts = [torch.addmm(x_sq + (chunk * chunk).sum(-1), x, chunk.T, alpha=-2.0)
+             for chunk in support.split(chunk_size)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return out.clamp_min(0.0)
 
 
 def log_mean_exp(h: torch.Tensor, alpha: float, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -241,7 +244,7 @@ class MinPool(nn.Module):
         return f"beta={self.beta:g}"
 
 
-# -- Captum bridge (owned by neon_attrib/captum.py) ---------------------------------------------------------------------
+# -- Captum bridge (owned by neon_attrib/captum.py) ----------------------------------------------------------------
 class _CaptumRule:
     """``layer.rule``: the layer's NEON rule as a Captum ``PropagationRule``, for :class:`captum.attr.LRP`.
 

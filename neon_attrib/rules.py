@@ -148,8 +148,14 @@ class SquaredDifferenceRule(_EpsHook):
         n, n_support = coef.shape
         if n * n_support * x.shape[1] <= _DIRECT_LIMIT:
             return torch.einsum("nk,nkd->nd", coef, (x.unsqueeze(1) - support.unsqueeze(0)) ** 2)
-        # Σ_k c_k (x_i − u_ik)² = x_i² Σ_k c_k − 2 x_i Σ_k c_k u_ik + Σ_k c_k u_ik²: two matrix products.
-        return x * x * coef.sum(1, keepdim=True) - 2.0 * x * (coef @ support) + coef @ (support * support)
+        # Σ_k c_k (x_i − u_ik)² = x_i² Σ_k c_k − 2 x_i Σ_k c_k u_ik + Σ_k c_k u_ik²: matrix products, chunked over k
+        first = torch.zeros_like(x)
+        second = torch.zeros_like(x)
+        for start in range(0, n_support, DEFAULT_CHUNK):
+            chunk, c = support[start:start + DEFAULT_CHUNK], coef[:, start:start + DEFAULT_CHUNK]
+            first += c @ chunk
+            second += c @ (chunk * chunk)
+        return x * x * coef.sum(1, keepdim=True) - 2.0 * x * first + second
 
 
 class ProportionalRule(_NeonHook):

@@ -35,7 +35,7 @@ def softmin(h: np.ndarray, beta: float) -> np.ndarray:
     return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
 
 
-# -- naive references, written from SPEC with explicit sums -------------------------------------------------------------
+# -- naive references, written from SPEC with explicit sums ---------------------------------------------------------
 def naive_kde_outlier(x, support, gamma, beta, eps):
     out = []
     for xn in x:
@@ -220,7 +220,7 @@ def test_composite_sits_beside_zennit_composite(rng):
     assert_no_hooks(model)
 
 
-# -- activation rules (heads on non-negative CNN activations), naive SPEC formulas ---------------------------------------
+# -- activation rules (heads on non-negative CNN activations), naive SPEC formulas -----------------------------------
 def naive_outlier_activation(a, support, gamma, beta):
     out = []
     for an in a:

@@ -1,0 +1,24 @@
+"""The examples in the docstrings run and print what they say."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["neon_attrib.layers", "neon_attrib.models", "neon_attrib.rules", "neon_attrib.composites",
+           "neon_attrib.attribution", "neon_attrib.datasets"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    import numpy as np
+    import torch
+
+    import neon_attrib
+
+    globs = {"np": np, "torch": torch, **{k: getattr(neon_attrib, k) for k in neon_attrib.__all__}}
+    result = doctest.testmod(module, extraglobs=globs, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
