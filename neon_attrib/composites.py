@@ -86,6 +86,14 @@ class NeonComposite(Composite):
         all_canonizers = list(base.canonizers if base is not None else []) + list(canonizers or [])
         super().__init__(module_map=self._map, canonizers=all_canonizers)
 
+    def register(self, module: torch.nn.Module) -> None:
+        """Apply canonizers and hooks to ``module``; if that fails half-way, remove what was applied, then raise."""
+        try:
+            super().register(module)
+        except Exception:
+            self.remove()
+            raise
+
     def _map(self, ctx: dict, name: str, module: torch.nn.Module) -> Hook | None:
         for types, rule in self.layer_map:
             if isinstance(module, types):
@@ -98,6 +106,9 @@ class NeonComposite(Composite):
                 if isinstance(module, types):
                     covered.append(f"{name}." if name else "")
                     return rule
+        if isinstance(module, KDEOutlier) and module.fused:
+            raise ValueError(f"NeonComposite(mode='input') needs the layered forward of {name or 'the model'}: "
+                             "set its 'fused' attribute to False, or use mode='activation'.")
         for types, rule in self.input_map:
             if isinstance(module, types):
                 return rule

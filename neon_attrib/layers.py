@@ -33,6 +33,8 @@ __all__ = [
     "MinPool",
     "squared_distance",
     "log_mean_exp",
+    "soft_min_pass",
+    "fused_outlier_score",
 ]
 
 #: Number of support points processed at once by the chunked reductions (bounds temporaries to batch × chunk).
@@ -78,6 +80,56 @@ def log_mean_exp(h: torch.Tensor, alpha: float, chunk_size: int = DEFAULT_CHUNK)
     scaled_max = torch.stack([(alpha * c).amax(-1) for c in h.split(chunk_size, dim=-1)], -1).amax(-1)
     total = sum(torch.exp(alpha * c - scaled_max.unsqueeze(-1)).sum(-1) for c in h.split(chunk_size, dim=-1))
     return (torch.log(total) + scaled_max - math.log(n_support)) / alpha
+
+
+def soft_min_pass(x: torch.Tensor, support: torch.Tensor, beta: float, chunk_size: int = DEFAULT_CHUNK,
+                  weighted_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunked pass over the support set: ``log Σ_k exp(−β h_k)`` and ``Σ_k softmin_β(h)_k u_k`` per row of x.
+
+    An online softmax (running maximum, rescaled accumulators) keeps it stable; temporaries are (n, chunk) and
+    (n, d): no (n, N) matrix. ``o(x) = −(lse − log N)/γ`` with β = γ, and ``∇o(x) = 2(x − weighted mean)``.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor or None)
+        The log-sum-exp (n,) and, if ``weighted_mean``, the soft-min weighted mean of the support points (n, d).
+    """
+    running_max = torch.full((x.shape[0], 1), -math.inf, dtype=x.dtype, device=x.device)
+    total = torch.zeros((x.shape[0], 1), dtype=x.dtype, device=x.device)
+    accum = torch.zeros_like(x) if weighted_mean else None
+    for chunk in support.split(chunk_size):
+        logits = -beta * squared_distance(x, chunk, chunk_size)
+        new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
+        rescale = torch.exp(running_max - new_max)
+        weights = torch.exp(logits - new_max)
+        total = total * rescale + weights.sum(-1, keepdim=True)
+        if accum is not None:
+            accum = accum * rescale + weights @ chunk
+        running_max = new_max
+    lse = (torch.log(total) + running_max).squeeze(-1)
+    return lse, (accum / total if accum is not None else None)
+
+
+class _FusedOutlierScore(torch.autograd.Function):
+    """``o(x)`` with its exact gradient, in one chunked pass (see :func:`soft_min_pass`)."""
+
+    @staticmethod
+    def forward(ctx, x, support, gamma, chunk_size):
+        lse, mean = soft_min_pass(x, support, gamma, chunk_size, weighted_mean=ctx.needs_input_grad[0])
+        if mean is not None:
+            ctx.save_for_backward(x, mean)
+        return -(lse - math.log(support.shape[0])) / gamma
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean = ctx.saved_tensors
+        return 2.0 * (x - mean) * grad_out.unsqueeze(-1), None, None, None
+
+
+def fused_outlier_score(x: torch.Tensor, support: torch.Tensor, gamma: float,
+                        chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """KDE outlier score ``o(x)`` (n,) and its gradient without the (n, N) distance matrix: for large N."""
+    return _FusedOutlierScore.apply(x, support, float(gamma), chunk_size)
 
 
 class SquaredDistance(_ResizableBuffers):

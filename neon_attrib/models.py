@@ -36,6 +36,7 @@ from .layers import (
     RandomCosineFeatures,
     SquaredDistance,
     _ResizableBuffers,
+    fused_outlier_score,
     log_mean_exp,
     squared_distance,
 )
@@ -106,6 +107,11 @@ class KDEOutlier(_NeonModel):
         conserves ``o(x)`` up to that share (``eps=0`` conserves exactly).
     chunk_size : int
         Support points processed at once in the chunked computations (:meth:`score`, activation rule).
+    fused : bool
+        If True, ``forward`` computes ``o(x)`` and its gradient in one chunked pass over the support set
+        (:func:`~neon_attrib.layers.fused_outlier_score`) instead of through the two layers: bounded memory for large
+        N × batch (heads on CNN feature maps), same values. The activation rule works with it; the input-space layer
+        rules need the layers, so ``NeonComposite(mode="input")`` refuses a fused model.
 
     Attributes
     ----------
@@ -123,12 +129,13 @@ class KDEOutlier(_NeonModel):
     torch.Size([4])
     """
 
-    _state_attributes = ("gamma", "beta", "eps", "n_features_in_", "beta_", "eps_")
+    _state_attributes = ("gamma", "beta", "eps", "fused", "n_features_in_", "beta_", "eps_")
 
     def __init__(self, gamma: float = 1.0, *, beta: float | None = None, eps: float | None = None,
-                 chunk_size: int = DEFAULT_CHUNK):
+                 chunk_size: int = DEFAULT_CHUNK, fused: bool = False):
         super().__init__()
         self.gamma = gamma
+        self.fused = fused
         self.beta = beta
         self.eps = eps
         self.chunk_size = chunk_size
@@ -177,7 +184,10 @@ class KDEOutlier(_NeonModel):
     def forward(self, x: ArrayLike) -> torch.Tensor:
         """Outlier scores ``o(x)`` of shape (n,) for ``x`` of shape (n, d)."""
         self._check_fitted()
-        return self.pool(self.distance(self._as_tensor(x)))
+        x = self._as_tensor(x)
+        if self.fused:
+            return fused_outlier_score(x, self.distance.support, self.gamma, self.chunk_size)
+        return self.pool(self.distance(x))
 
     @torch.no_grad()
     def score(self, x: ArrayLike) -> torch.Tensor:
@@ -186,12 +196,7 @@ class KDEOutlier(_NeonModel):
         Use it to score large batches against large support sets (N = 10^6) in bounded memory.
         """
         self._check_fitted()
-        x = self._as_tensor(x)
-        alpha = -float(self.gamma)
-        running = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
-        for chunk in self.distance.support.split(self.chunk_size):
-            running = torch.logaddexp(running, torch.logsumexp(alpha * squared_distance(x, chunk), dim=-1))
-        return (running - math.log(self.distance.support.shape[0])) / alpha
+        return fused_outlier_score(self._as_tensor(x), self.distance.support, self.gamma, self.chunk_size)
 
     def density(self, x: ArrayLike) -> torch.Tensor:
         """The exact unnormalised density ``p(x) = exp(−γ o(x))`` (the KDE inlier score), shape (n,)."""
@@ -233,7 +238,7 @@ class KDEOutlier(_NeonModel):
             raise ValueError(f"{self._name} needs at least 2 support points to leave one out.")
         keep = torch.ones(support.shape[0], dtype=torch.bool, device=support.device)
         keep[index] = False
-        clone = type(self)(self.gamma, beta=self.beta, eps=self.eps, chunk_size=self.chunk_size)
+        clone = type(self)(self.gamma, beta=self.beta, eps=self.eps, chunk_size=self.chunk_size, fused=self.fused)
         clone.to(dtype=support.dtype, device=support.device)
         clone._set_support(support[keep])
         return clone

@@ -28,7 +28,7 @@ import torch
 from zennit.core import Hook
 
 from ._utils import safe_divide
-from .layers import DEFAULT_CHUNK, squared_distance
+from .layers import DEFAULT_CHUNK, soft_min_pass
 
 __all__ = [
     "SoftArgminRule",
@@ -192,7 +192,8 @@ class KDEOutlierActivationRule(_BetaHook):
     ``R_k = p_k · o(a)`` with ``p = softmin_β(h)`` is split into ``R_k^dot = p_k aᵀ(a − u_k)``, propagated as
     ``R_i = a_i (a_i − u_ik) / aᵀ(a − u_k) · R_k^dot``, and ``R_k^res`` (dissipated). The sum over ``k`` has the
     closed form ``R_i = a_i (a_i − Σ_k p_k u_ik) · R / o(a)``: one pass over the support set in chunks, with an online
-    softmax, and no (n, N) or (n, N, d) intermediate. Inactive neurons (``a_i = 0``) receive exactly 0.
+    softmax (:func:`~neon_attrib.layers.soft_min_pass`), and no (n, N) or (n, N, d) intermediate. Inactive neurons
+    (``a_i = 0``) receive exactly 0.
 
     Parameters
     ----------
@@ -202,25 +203,8 @@ class KDEOutlierActivationRule(_BetaHook):
 
     def relevance(self, module, x, out, relevance_out):
         beta = self.beta if self.beta is not None else module.beta_
-        weighted_mean = _softmin_weighted_mean(x, module.distance.support, beta, chunk_size=module.chunk_size)
+        _, weighted_mean = soft_min_pass(x, module.distance.support, beta, chunk_size=module.chunk_size)
         return x * (x - weighted_mean) * safe_divide(relevance_out, out).unsqueeze(-1)
-
-
-def _softmin_weighted_mean(x: torch.Tensor, support: torch.Tensor, beta: float,
-                           chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """``Σ_k softmin_β(‖x − u_k‖²)_k u_k`` for every row of ``x``, one chunked pass with a running maximum."""
-    running_max = torch.full((x.shape[0], 1), -math.inf, dtype=x.dtype, device=x.device)
-    total = torch.zeros((x.shape[0], 1), dtype=x.dtype, device=x.device)
-    accum = torch.zeros_like(x)
-    for chunk in support.split(chunk_size):
-        logits = -beta * squared_distance(x, chunk)
-        new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
-        rescale = torch.exp(running_max - new_max)
-        weights = torch.exp(logits - new_max)
-        total = total * rescale + weights.sum(-1, keepdim=True)
-        accum = accum * rescale + weights @ chunk
-        running_max = new_max
-    return accum / total
 
 
 class KDEInlierActivationRule(_EpsHook):

@@ -226,3 +226,15 @@ def test_failed_fit_changes_nothing(blobs):
     with pytest.raises(ValueError):
         kmeans.fit(blobs)
     assert torch.equal(kmeans.cluster_centers_, centres)
+
+
+def test_fused_outlier_equals_layered_values_and_gradients(rng):
+    support = np.abs(rng.normal(size=(500, 6)))
+    x = torch.as_tensor(np.abs(rng.normal(size=(5, 6))) * 3, dtype=torch.float64).requires_grad_()
+    layered = KDEOutlier(gamma=0.5, chunk_size=37).double().fit(support)
+    fused = KDEOutlier(gamma=0.5, chunk_size=37, fused=True).double().fit(support)
+    np.testing.assert_allclose(fused(x).detach().numpy(), layered(x).detach().numpy(), rtol=1e-12)
+    (g_layered,) = torch.autograd.grad(layered(x).sum(), x)
+    (g_fused,) = torch.autograd.grad(fused(x).sum(), x)
+    np.testing.assert_allclose(g_fused.numpy(), g_layered.numpy(), rtol=1e-9, atol=1e-12)
+    assert fused.leave_one_out(0).fused

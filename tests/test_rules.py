@@ -280,6 +280,14 @@ def test_outlier_activation_rule_matches_naive(activations):
     np.testing.assert_allclose(rel.numpy(), naive_outlier_activation(a, support, 0.5, 0.5), rtol=1e-9, atol=1e-12)
     assert bool((rel[torch.as_tensor(a) == 0] == 0).all())
     assert_no_hooks(model)
+    model.fused = True  # one chunked pass, no (n, N) matrix: same relevance
+    assert torch.equal(explain(model, a, composite=NeonComposite(mode="activation")), rel)
+    with pytest.raises(ValueError, match="needs the layered forward"):
+        explain(model, a)
+    stacked = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(6, 6).double(), torch.nn.ReLU(), model)
+    with pytest.raises(ValueError, match="needs the layered forward"):  # fails after Zennit hooked the first layers
+        explain(stacked, a, composite=NeonComposite(base=EpsilonPlusFlat()))
+    assert_no_hooks(stacked)
 
 
 def test_inlier_activation_rule_matches_naive(activations):
