@@ -238,3 +238,23 @@ def test_fused_outlier_equals_layered_values_and_gradients(rng):
     (g_fused,) = torch.autograd.grad(fused(x).sum(), x)
     np.testing.assert_allclose(g_fused.numpy(), g_layered.numpy(), rtol=1e-9, atol=1e-12)
     assert fused.leave_one_out(0).fused
+
+
+def test_reduced_support_herding_beats_random(rng):
+    support = np.concatenate([rng.normal(size=(1500, 4)), rng.normal(size=(500, 4)) + 4])
+    x = np.concatenate([rng.normal(size=(100, 4)), rng.normal(size=(50, 4)) + 4, rng.normal(size=(50, 4)) * 3])
+    full = KDEOutlier(gamma=0.3, eps=0.2).double().fit(support)
+    scores = full.score(x)
+
+    def error(method):
+        runs = [full.reduced(60, method=method, seed=s) for s in range(3)]
+        assert all(r.support_.shape == (60, 4) and r.gamma == 0.3 and r.eps == 0.2 for r in runs)
+        return np.mean([float(((r.score(x) - scores).abs() / scores).mean()) for r in runs])
+
+    assert error("herding") < error("random")
+    chosen = full.reduced(60, seed=0).support_
+    assert bool((chosen[:, None] == full.support_[None]).all(-1).any(1).all())  # a subset of the support points
+    with pytest.raises(ValueError, match="exceeds the 2000 support points"):
+        full.reduced(5000)
+    with pytest.raises(ValueError, match="'method' parameter"):
+        full.reduced(10, method="magic")
