@@ -40,7 +40,8 @@ def _timed(fn, device: str, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def run_one(n_support: int, dim: int, batch: int, device: str, dtype: str, repeats: int, ig_limit: float) -> dict:
+def run_one(n_support: int, dim: int, batch: int, device: str, dtype: str, repeats: int, ig_limit: float,
+            reduced: int = 0) -> dict:
     """Measure one configuration in this process (called in a subprocess by ``main``)."""
     from captum.attr import IntegratedGradients
 
@@ -63,6 +64,14 @@ def run_one(n_support: int, dim: int, batch: int, device: str, dtype: str, repea
         "forward_s": forward_s, "chunked_score_s": chunked_s, "explain_s": explain_s,
         "relevance_over_score": float((relevance.sum(1) / scores).mean()),
     }
+    if reduced:
+        start = time.perf_counter()
+        small = model.reduced(reduced, method="herding", seed=0)
+        row["reduced"] = {"n_support": reduced, "method": "herding", "build_s": time.perf_counter() - start}
+        row["reduced"]["explain_s"], small_relevance = _timed(lambda: explain(small, x), device, repeats)
+        row["reduced"]["score_rel_error"] = float(((small.score(x) - scores).abs() / scores).mean())
+        cosine = torch.nn.functional.cosine_similarity(small_relevance, relevance, dim=1)
+        row["reduced"]["relevance_cosine"] = float(cosine.mean())
     ig = IntegratedGradients(lambda inp: model(inp))
     baseline = torch.zeros_like(x)
     one_step_s, _ = _timed(lambda: ig.attribute(x, baselines=baseline, n_steps=1, internal_batch_size=batch), device, 1)
@@ -90,12 +99,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ig-limit", type=float, default=240.0, help="skip IG when its estimate exceeds this (s)")
+    parser.add_argument("--reduced", type=int, default=0, help="also test a herding-reduced support set of this size")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        row = run_one(args.sizes[0], args.dim, args.batch, args.device, args.dtype, args.repeats, args.ig_limit)
+        row = run_one(args.sizes[0], args.dim, args.batch, args.device, args.dtype, args.repeats, args.ig_limit,
+                      args.reduced)
         print(json.dumps(row))
         return
 
@@ -103,7 +114,7 @@ def main() -> None:
     for n_support in args.sizes:
         cmd = [sys.executable, __file__, "--child", "--sizes", str(n_support), "--dim", str(args.dim),
                "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype,
-               "--repeats", str(args.repeats), "--ig-limit", str(args.ig_limit)]
+               "--repeats", str(args.repeats), "--ig-limit", str(args.ig_limit), "--reduced", str(args.reduced)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = rows[-1]
@@ -111,6 +122,10 @@ def main() -> None:
         print(f"N={n_support:>8}  forward {r['forward_s']:.3f}s  chunked score {r['chunked_score_s']:.3f}s  "
               f"explain {r['explain_s']:.3f}s  IG-50 {ig}s  peak {r['peak_memory_mb']:.0f} MB "
               f"(support {r['support_mb']:.0f} MB)  ΣR/o {r['relevance_over_score']:.4f}", flush=True)
+        if "reduced" in r:
+            red = r["reduced"]
+            print(f"    herding-reduced to {red['n_support']}: explain {red['explain_s']:.3f}s, score error "
+                  f"{red['score_rel_error']:.2%}, relevance cosine {red['relevance_cosine']:.3f}", flush=True)
 
     from importlib.metadata import version
 
