@@ -7,10 +7,11 @@ sparse.
 Architecture (documented because the attributable heads in :mod:`neon_attrib.dec.heads` reuse the encoder):
 
 * **vectors** ``(n, d)`` and any input that is neither a vector nor a feature map (flattened), an MLP as in Xie et
-  al.: ``FeatureScale -> Flatten -> [Linear -> ReLU] * len(hidden_dims) -> Linear(embedding_dim) -> SphereNorm``,
+  al.: ``Flatten -> FeatureScale -> [Linear -> ReLU] * len(hidden_dims) -> Linear(embedding_dim) -> SphereNorm``,
   ``hidden_dims = (500, 500, 2000)`` by default, and the mirrored decoder.
 * **feature maps** ``(n, C, H, W)``, a small convolutional encoder: ``FeatureScale`` (one positive scale per channel),
-  then stride-2 3x3 convolutions with ReLU (channels taken from ``conv_channels``) until the map is at most 4x4, then
+  an average pooling for maps larger than ``pool_to`` (16 by default: 32x32 maps are pooled 2x2), then stride-2
+  3x3 convolutions with ReLU (channels from ``conv_channels``) until the map is at most 4x4, then
   ``Flatten -> Linear(dense_dim) -> ReLU -> Linear(embedding_dim) -> SphereNorm``. The decoder mirrors it with
   transposed convolutions that restore the exact input size.
 
@@ -30,7 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["DEC", "DECEncoder", "FeatureScale", "SphereNorm", "student_t_assignment", "target_distribution"]
+__all__ = ["DEC", "DECEncoder", "FeatureScale", "SphereNorm", "assignment_change", "student_t_assignment",
+           "target_distribution"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +150,15 @@ def _conv_out(size: int) -> int:
 
 
 def _build_conv(in_shape: tuple[int, ...], embedding_dim: int, radius: float, scale: torch.Tensor,
-                conv_channels: Sequence[int], dense_dim: int) -> tuple[DECEncoder, nn.Sequential]:
+                conv_channels: Sequence[int], dense_dim: int,
+                pool_to: int | None) -> tuple[DECEncoder, nn.Sequential, int]:
     c, h, w = in_shape
     enc: list[nn.Module] = [FeatureScale(scale)]
+    pool = 1
+    if pool_to is not None and max(h, w) > pool_to:
+        pool = -(-max(h, w) // pool_to)
+        enc.append(nn.AvgPool2d(pool, ceil_mode=True))
+        h, w = -(-h // pool), -(-w // pool)
     sizes = [(h, w)]
     chans = [c]
     i = 0
@@ -171,7 +179,7 @@ def _build_conv(in_shape: tuple[int, ...], embedding_dim: int, radius: float, sc
         dec.append(nn.ConvTranspose2d(chans[j], chans[j - 1], 3, stride=2, padding=1, output_padding=pad))
         if j > 1:
             dec.append(nn.ReLU())
-    return DECEncoder(*enc), nn.Sequential(*dec)
+    return DECEncoder(*enc), nn.Sequential(*dec), pool
 
 
 def _build_mlp(in_shape: tuple[int, ...], embedding_dim: int, radius: float, scale: torch.Tensor,
@@ -192,10 +200,11 @@ def _build_mlp(in_shape: tuple[int, ...], embedding_dim: int, radius: float, sca
     return DECEncoder(*enc), nn.Sequential(*dec)
 
 
-def _scaled(x: torch.Tensor, scale_mod: FeatureScale, conv: bool) -> torch.Tensor:
-    # the reconstruction target: the input as the encoder's FeatureScale sees it, in the input's own shape
+def _scaled(x: torch.Tensor, scale_mod: FeatureScale, conv: bool, pool: int = 1) -> torch.Tensor:
+    # the reconstruction target: the input as the encoder's first layers see it (scaled, pooled)
     if conv:
-        return scale_mod(x)
+        x = scale_mod(x)
+        return nn.functional.avg_pool2d(x, pool, ceil_mode=True) if pool > 1 else x
     return scale_mod(x.reshape(x.shape[0], -1)).reshape(x.shape)
 
 
@@ -234,6 +243,10 @@ class DEC:
         Channels of the successive stride-2 convolutions of the conv encoder (the last is repeated if needed).
     dense_dim : int
         Width of the dense layer between the convolutions and the embedding.
+    pool_to : int or None
+        Feature maps larger than ``pool_to`` (height or width) are first average-pooled by the smallest integer factor
+        that brings them to at most ``pool_to``; the autoencoder then reconstructs the pooled map. This quarters the
+        cost on 32x32 maps (CPU budget); ``None`` disables it.
     pretrain_epochs : int
         Epochs of autoencoder pretraining.
     max_iter : int
@@ -269,6 +282,10 @@ class DEC:
         Hard assignments of the training data.
     input_shape_ : tuple of int
         Shape of one training example.
+    mean_evidence_ : float
+        Mean over the training data of the assigned cluster's k-means evidence
+        ``min_{k != c} |z - mu_k|^2 - |z - mu_c|^2``; its inverse is the default soft-min sharpness of the
+        attributable heads.
     n_iter_ : int
         Fine-tuning steps run.
     converged_ : bool
@@ -297,6 +314,7 @@ class DEC:
         hidden_dims: Sequence[int] = (500, 500, 2000),
         conv_channels: Sequence[int] = (32, 64, 64),
         dense_dim: int = 256,
+        pool_to: int | None = 16,
         pretrain_epochs: int = 50,
         max_iter: int = 2000,
         update_interval: int = 100,
@@ -318,6 +336,7 @@ class DEC:
         self.hidden_dims = hidden_dims
         self.conv_channels = conv_channels
         self.dense_dim = dense_dim
+        self.pool_to = pool_to
         self.pretrain_epochs = pretrain_epochs
         self.max_iter = max_iter
         self.update_interval = update_interval
@@ -358,6 +377,8 @@ class DEC:
         _int("update_interval", 1)
         _int("batch_size", 1)
         _int("n_init", 1)
+        if self.pool_to is not None:
+            _int("pool_to", 1)
         _pos("alpha")
         _pos("radius")
         _pos("lr")
@@ -468,9 +489,10 @@ class DEC:
                 torch.manual_seed(self.seed)
             generator = torch.Generator()
             generator.manual_seed(int(self.seed) if self.seed is not None else int(torch.seed() % 2**62))
+            self._pool = 1
             if conv:
-                encoder, decoder = _build_conv(in_shape, self.embedding_dim, self.radius, scale,
-                                               self.conv_channels, self.dense_dim)
+                encoder, decoder, self._pool = _build_conv(in_shape, self.embedding_dim, self.radius, scale,
+                                                           self.conv_channels, self.dense_dim, self.pool_to)
             else:
                 encoder, decoder = _build_mlp(in_shape, self.embedding_dim, self.radius, scale, self.hidden_dims)
             encoder.to(device)
@@ -478,7 +500,8 @@ class DEC:
             history: dict[str, list[float]] = {"pretrain_loss": [], "delta_label": [], "kl": []}
             self._pretrain(X, encoder, decoder, generator, device, history)
             centers = self._init_centroids(X, encoder, device)
-            n_iter, converged, labels = self._finetune(X, encoder, decoder, centers, generator, device, history)
+            centers, n_iter, converged, labels = self._finetune(X, encoder, decoder, centers, generator, device,
+                                                                history)
         encoder.eval()
         decoder.eval()
         self.encoder_ = encoder
@@ -490,10 +513,14 @@ class DEC:
         self.n_iter_ = n_iter
         self.converged_ = converged
         self.history_ = history
-        self.labels_ = self.predict(X)
+        z = self._embed(encoder, X, device)
+        self.labels_ = self.proba_from_embedding(z).argmax(dim=1)
         if not torch.equal(self.labels_, labels):
             logger.debug("%s: %d labels changed after the last fine-tuning step.", self._name(),
                          int((self.labels_ != labels).sum()))
+        # margin of the assigned cluster, min_{k != c} |z - mu_k|^2 - |z - mu_c|^2 (the k-means evidence of SPEC §3)
+        two = torch.cdist(z.double(), self.cluster_centers_.double()).pow(2).topk(2, dim=1, largest=False).values
+        self.mean_evidence_ = float((two[:, 1] - two[:, 0]).mean())
         return self
 
     def _pretrain(self, X, encoder, decoder, generator, device, history) -> None:
@@ -510,7 +537,7 @@ class DEC:
             total, count = 0.0, 0
             for idx in self._batches(X.shape[0], generator):
                 xb = X[idx].to(device, torch.float32)
-                target = _scaled(xb, scale_mod, self._conv)
+                target = _scaled(xb, scale_mod, self._conv, self._pool)
                 loss = nn.functional.mse_loss(decoder(encoder(xb)), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -534,7 +561,7 @@ class DEC:
         return torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
 
     def _finetune(self, X, encoder, decoder, centers, generator, device, history):
-        mu = nn.Parameter(centers.to(device))
+        mu = nn.Parameter(centers.to(device).clone())
         params = list(encoder.parameters()) + [mu]
         if self.reconstruction_weight > 0:
             params += list(decoder.parameters())
@@ -577,7 +604,7 @@ class DEC:
             loss = nn.functional.kl_div(q.clamp_min(1e-30).log(), p_all[idx].to(device), reduction="batchmean")
             if self.reconstruction_weight > 0:
                 loss = loss + self.reconstruction_weight * nn.functional.mse_loss(
-                    decoder(z), _scaled(xb, scale_mod, self._conv))
+                    decoder(z), _scaled(xb, scale_mod, self._conv, self._pool))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -587,7 +614,7 @@ class DEC:
         if not converged:
             logger.info("%s: reached max_iter=%d fine-tuning steps without meeting tol=%g.", self._name(),
                         self.max_iter, self.tol)
-        return step, converged, labels
+        return mu.detach().cpu(), step, converged, labels
 
     # ------------------------------------------------------------------ inference
     def transform(self, X) -> torch.Tensor:
