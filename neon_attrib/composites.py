@@ -95,13 +95,16 @@ class NeonComposite(Composite):
             raise
 
     def _map(self, ctx: dict, name: str, module: torch.nn.Module) -> Hook | None:
+        covered = ctx.setdefault("neon_covered", [])
+        if self.mode == "activation" and any(name.startswith(prefix) for prefix in covered):
+            return None  # inside a model that carries an activation rule (ours or one from layer_map)
+        head_types = tuple(types for types, _ in self.activation_map)
         for types, rule in self.layer_map:
             if isinstance(module, types):
+                if self.mode == "activation" and isinstance(module, head_types):
+                    covered.append(f"{name}." if name else "")
                 return rule
         if self.mode == "activation":
-            covered = ctx.setdefault("neon_covered", [])
-            if any(name.startswith(prefix) for prefix in covered):
-                return None  # inside a model that carries an activation rule
             for types, rule in self.activation_map:
                 if isinstance(module, types):
                     covered.append(f"{name}." if name else "")

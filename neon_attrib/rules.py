@@ -29,6 +29,7 @@ from zennit.core import Hook
 
 from ._utils import safe_divide
 from .layers import DEFAULT_CHUNK, soft_min_pass
+from .models import KDEOutlier
 
 __all__ = [
     "SoftArgminRule",
@@ -200,6 +201,19 @@ class KDEOutlierActivationRule(_BetaHook):
     beta : float, optional
         Soft-argmin sharpness; ``None`` uses the model's (γ by default).
     """
+
+    def backward(self, module, grad_input, grad_output):
+        beta = self.beta if self.beta is not None else module.beta_
+        gradient = grad_input[0]
+        if gradient is not None and beta == module.gamma and type(module).forward is KDEOutlier.forward:
+            # With β = γ the soft-argmin weights are those of the score's gradient: autograd has just computed
+            # ∇o(a)·R = 2 (a − Σ_k p_k u_k)·R (in the same pass as the score when the model is fused), so
+            # R_i = a_i ∇_i o(a) R / (2 o(a)) needs no second pass over the support set.
+            x, out = self.stored_tensors["input"], self.stored_tensors["output"]
+            scale = safe_divide(torch.full_like(out, 0.5), out).unsqueeze(-1)
+            relevance = x * gradient.detach().to(x.dtype) * scale
+            return (relevance.to(gradient.dtype),) + (None,) * (len(grad_input) - 1)
+        return super().backward(module, grad_input, grad_output)
 
     def relevance(self, module, x, out, relevance_out):
         beta = self.beta if self.beta is not None else module.beta_

@@ -280,8 +280,14 @@ def test_outlier_activation_rule_matches_naive(activations):
     np.testing.assert_allclose(rel.numpy(), naive_outlier_activation(a, support, 0.5, 0.5), rtol=1e-9, atol=1e-12)
     assert bool((rel[torch.as_tensor(a) == 0] == 0).all())
     assert_no_hooks(model)
-    model.fused = True  # one chunked pass, no (n, N) matrix: same relevance
-    assert torch.equal(explain(model, a, composite=NeonComposite(mode="activation")), rel)
+    model.fused = True  # one chunked pass for score and gradient, no (n, N) matrix: same relevance
+    fused = explain(model, a, composite=NeonComposite(mode="activation"))
+    torch.testing.assert_close(fused, rel, rtol=1e-12, atol=1e-14)
+    assert bool((fused[torch.as_tensor(a) == 0] == 0).all())
+    # β ≠ γ: the soft-argmin weights are not the gradient's; the rule makes its own pass over the support set
+    sharp = explain(model, a, composite=NeonComposite(mode="activation", beta=2.0))
+    np.testing.assert_allclose(sharp.numpy(), naive_outlier_activation(a, support, 0.5, 2.0), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(sharp, rel)
     with pytest.raises(ValueError, match="needs the layered forward"):
         explain(model, a)
     stacked = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(6, 6).double(), torch.nn.ReLU(), model)

@@ -1,0 +1,679 @@
+"""The Captum bridge: NEON models in existing Captum workflows.
+
+Three ways in, from the most to the least exact:
+
+* :class:`NeonLRP`: a :class:`captum.attr.GradientAttribution` with Captum's ``attribute`` contract that returns
+  exactly :func:`neon_attrib.explain`'s relevance (the same Zennit rules and composite, for any NEON model, deep
+  heads included). It plugs into ``NoiseTunnel``, ``visualize_image_attr``, ``infidelity`` and ``sensitivity_max``.
+* Captum's own :class:`captum.attr.LRP`: our layers carry a class-level ``rule`` (a :class:`NeonRule`), so
+  ``LRP(model).attribute(x, target=c)`` works without set-up and on every call, although Captum deletes ``module.rule``
+  after each call (its issue #1059). On input-space models it equals ``explain``; on deep heads Captum's own rules run
+  on the CNN layers (see :class:`NeonRule` and ``docs/captum.md`` for what is exact there).
+* Every other Captum method (Saliency, IntegratedGradients, KernelShap, ...) runs on NEON models as on any module:
+  :func:`compare` puts them next to NEON, with run times and deletion curves (:mod:`neon_attrib.evaluation`).
+
+How :class:`NeonRule` fits Captum's machinery: Captum's LRP passes *normalised* relevance (relevance divided by the
+score) backwards as the gradient, and rescales by the score at the end. A linear layer's rule is a pair of tensor
+hooks around the autograd step (``grad / z`` on the output, ``grad · x`` on the input). Our layers are not linear, so a
+:class:`NeonRule` instead replaces the layer's output by an autograd node whose backward *is* the NEON rule: it maps the
+incoming relevance to the input relevance with the rule's ``relevance(module, x, out, R)``. Every NEON rule is linear
+in ``R``, so starting from 1 and rescaling by the score gives the same numbers as starting from the score.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from captum._utils.common import (
+    _format_additional_forward_args,
+    _format_output,
+    _format_tensor_into_tuples,
+    _is_tuple,
+)
+from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr import GradientAttribution
+from captum.attr._utils.lrp_rules import PropagationRule
+from captum.log import log_usage
+from torch import nn
+from zennit.core import Composite
+
+from ._utils import module_dtype_device
+from .attribution import attribution_output
+from .composites import NeonComposite
+from .deep import LocationPool, LocationPoolRule
+from .evaluation import (
+    FlipCurve,
+    Reference,
+    _reference_tensor,
+    deletion_curve,
+    flip_curve,
+    insertion_curve,
+    model_score,
+    patch_mask,
+    resolve_targets,
+)
+from .models import KDEInlier, KDEOutlier, KMeansMembership
+from .rules import _NeonHook
+
+__all__ = ["NeonLRP", "NeonRule", "compare", "Comparison", "DEFAULT_METHODS"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NeonLRP: explain() behind Captum's attribute() contract
+class NeonLRP(GradientAttribution):
+    """NEON relevance with Captum's interface: ``NeonLRP(model).attribute(inputs, target)``.
+
+    The relevance is exactly :func:`neon_attrib.explain`'s: the same composite (``model.neon_composite()`` if the model
+    defines one, else :class:`~neon_attrib.composites.NeonComposite`), the same default target, and the top relevance
+    is the score, so the relevance sums to the score where the rules conserve it. Hooks live for one call only.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A NEON model (:class:`~neon_attrib.models.KDEOutlier`, :class:`~neon_attrib.models.KDEInlier`,
+        :class:`~neon_attrib.models.KMeansMembership`, a deep head, or any module built from NEON layers).
+    composite : zennit.core.Composite, optional
+        The composite to use instead of the model's default.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neon_attrib import KDEOutlier
+    >>> model = KDEOutlier(gamma=1.0).double().fit(np.random.default_rng(0).normal(size=(30, 3)))
+    >>> x = torch.zeros(2, 3, dtype=torch.float64)
+    >>> relevance, delta = NeonLRP(model).attribute(x, return_convergence_delta=True)
+    >>> relevance.shape, delta.shape
+    (torch.Size([2, 3]), torch.Size([2]))
+    """
+
+    def __init__(self, model: nn.Module, composite: Composite | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"NeonLRP needs a torch.nn.Module. Got {type(model).__name__}.")
+        if composite is not None and not isinstance(composite, Composite):
+            raise TypeError(f"The 'composite' parameter of NeonLRP must be a zennit Composite. Got {type(composite)}.")
+        GradientAttribution.__init__(self, model)
+        self.model = model
+        self.composite = composite
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """True: like Captum's LRP, NEON relevance is a *global* attribution (it sums to the score), not a local
+        sensitivity; there is no separate "multiply by inputs" step to switch off (Captum's NoiseTunnel and metrics
+        read this flag)."""
+        return True
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @typing.overload
+    def attribute(self, inputs: TensorOrTupleOfTensorsGeneric, target: TargetType = None,
+                  additional_forward_args: Any = None, *,
+                  return_convergence_delta: Literal[True]) -> tuple[TensorOrTupleOfTensorsGeneric, torch.Tensor]: ...
+
+    @typing.overload
+    def attribute(self, inputs: TensorOrTupleOfTensorsGeneric, target: TargetType = None,
+                  additional_forward_args: Any = None,
+                  return_convergence_delta: Literal[False] = False) -> TensorOrTupleOfTensorsGeneric: ...
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+    ) -> TensorOrTupleOfTensorsGeneric | tuple[TensorOrTupleOfTensorsGeneric, torch.Tensor]:
+        """Relevance of every input feature for the model's score, shaped like ``inputs``.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor or tuple of torch.Tensor
+            Inputs batched over the first dimension (a tuple for models with several inputs; only inputs the score
+            depends on through the rules receive relevance, the others get zeros).
+        target : int, sequence or tensor, optional
+            The output index per example for models with several outputs (the cluster for k-means). ``None``: the
+            model's ``default_target`` (the assigned cluster for k-means), else the argmax, as in ``explain``.
+            Ignored for scalar scores (KDE): pass ``None`` there, as Captum expects for scalar outputs.
+        additional_forward_args : optional
+            Extra arguments passed to the model after the inputs (no relevance is computed for them).
+        return_convergence_delta : bool
+            Also return ``score − Σ relevance`` per example (0 where the rules conserve; the share dissipated by the
+            KDE ``eps`` otherwise).
+
+        Returns
+        -------
+        torch.Tensor or tuple of torch.Tensor
+            Relevance like ``inputs`` (and the convergence delta of shape (n,), if asked for).
+        """
+        is_tuple = _is_tuple(inputs)
+        relevances, scores = _neon_relevance(self.model, _format_tensor_into_tuples(inputs), target,
+                                             additional_forward_args, self.composite)
+        formatted = _format_output(is_tuple, relevances)
+        if return_convergence_delta:
+            return formatted, self.compute_convergence_delta(relevances, scores)
+        return formatted
+
+    def compute_convergence_delta(self, attributions: torch.Tensor | tuple[torch.Tensor, ...],
+                                  output: torch.Tensor) -> torch.Tensor:
+        """``output − Σ attributions`` per example (Captum's LRP convention): the relevance not conserved.
+
+        Parameters
+        ----------
+        attributions : torch.Tensor or tuple of torch.Tensor
+            Relevance, batched over the first dimension.
+        output : torch.Tensor
+            The explained score per example, shape (n,).
+        """
+        attributions = _format_tensor_into_tuples(attributions)
+        total = sum(a.reshape(a.shape[0], -1).sum(1) for a in attributions)
+        return output.reshape(-1) - total.reshape(-1)
+
+
+def _neon_relevance(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Any, additional_forward_args: Any,
+                    composite: Composite | None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Relevance for every input tensor and the explained scores (n,): :func:`neon_attrib.explain` for tuples."""
+    if composite is None:
+        factory = getattr(model, "neon_composite", None)
+        composite = factory() if factory is not None else NeonComposite()
+    extra = _format_additional_forward_args(additional_forward_args) or ()
+    dtype, _ = module_dtype_device(model)  # integer inputs are cast to the model's dtype, as explain does
+    leaves = tuple((x if x.is_floating_point() else x.to(dtype)).detach().clone().requires_grad_(True) for x in inputs)
+    with torch.no_grad():
+        probe = model(*leaves, *extra)  # validates the input before any hook is registered
+    targets = _targets(model, probe, target)
+    with torch.enable_grad(), composite.context(model) as modified:
+        output = modified(*leaves, *extra)
+        top = attribution_output(output, targets)
+        grads = torch.autograd.grad((output,), leaves, grad_outputs=(top,), allow_unused=True)
+    relevances = tuple(torch.zeros_like(x) if g is None else g.detach() for x, g in zip(leaves, grads))
+    scores = top.detach().reshape(top.shape[0], -1).sum(1)
+    return relevances, scores
+
+
+def _targets(model: nn.Module, probe: torch.Tensor, target: Any) -> torch.Tensor | None:
+    """explain()'s target rule (:func:`neon_attrib.evaluation.resolve_targets`), also for Captum's 1-tuple targets."""
+    if isinstance(target, tuple):  # Captum's tuple targets index the trailing dims; our outputs are (n, K)
+        if len(target) != 1:
+            raise ValueError(f"NeonLRP accepts a tuple target only for (n, K) outputs, as (k,). Got {target!r}.")
+        target = target[0]
+    if isinstance(target, list) and target and isinstance(target[0], tuple):
+        target = [t[0] for t in target]
+    return resolve_targets(model, probe, target)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NeonRule: our rules inside captum.attr.LRP
+class _RelevanceStep(torch.autograd.Function):
+    """Identity on the layer output in the forward pass; the NEON rule in the backward pass (output → input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, rule: Callable[[torch.Tensor], torch.Tensor]):
+        ctx.rule = rule
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, relevance_out: torch.Tensor):
+        return ctx.rule(relevance_out), None, None
+
+
+class NeonRule(PropagationRule):
+    """A Captum propagation rule that applies a NEON rule: put it on a layer for :class:`captum.attr.LRP`.
+
+    Our layers already carry one (their class-level ``rule``), so you only need this class to change a rule's
+    hyperparameters for Captum's LRP, e.g. ``model.pool.rule = NeonRule(SoftArgminRule(beta=2.0))`` (unlike Captum's
+    own rules, it survives the call; ``model.pool.rule = None`` restores the default).
+
+    Captum normally implements a rule as tensor hooks around the layer's gradient (``grad / z`` on the output,
+    ``grad · x`` on the input), which is LRP for linear layers only. Our layers are not linear, so this rule replaces
+    the layer output by an autograd node whose backward maps the relevance arriving at the output to the input with the
+    NEON rule. It never modifies weights, keeps no state between calls, and leaves no hooks or attributes behind.
+
+    Parameters
+    ----------
+    hook : neon_attrib.rules rule, optional
+        A NEON rule (:class:`~neon_attrib.rules.SoftArgminRule`, ...). ``None``: the rule
+        :class:`~neon_attrib.composites.NeonComposite` puts on the layer (input mode: one rule per layer).
+    """
+
+    def __init__(self, hook: _NeonHook | None = None) -> None:
+        if hook is not None and not isinstance(hook, _NeonHook):
+            raise TypeError(f"NeonRule wraps a NEON rule from neon_attrib.rules. Got {type(hook).__name__}.")
+        self.hook = hook
+
+    def _resolve(self, module: nn.Module) -> _NeonHook:
+        if self.hook is not None:
+            return self.hook
+        hook = NeonComposite()._map({}, "", module)
+        if hook is None and isinstance(module, LocationPool):
+            hook = LocationPoolRule()
+        if not isinstance(hook, _NeonHook):
+            raise TypeError(f"NeonRule has no default NEON rule for {type(module).__name__}; pass one: NeonRule(rule).")
+        return hook
+
+    def forward_hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], outputs: torch.Tensor) -> torch.Tensor:
+        hook = self._resolve(module)
+        x, out = inputs[0], outputs.detach()
+        x_data = x.detach()
+
+        def rule(relevance_out: torch.Tensor) -> torch.Tensor:
+            return hook.relevance(module, x_data, out, relevance_out).to(relevance_out.dtype)
+
+        return _RelevanceStep.apply(x, out, rule)
+
+    def forward_hook_weights(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
+        """Captum's first pass (weight modification and activation caching): nothing to do for NEON rules."""
+
+    def forward_pre_hook_activations(self, module: nn.Module, inputs: Any) -> None:
+        """Captum's second pass restores cached activations; NEON rules change no weights, so the inputs are kept."""
+
+    def _manipulate_weights(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
+        """NEON rules never modify weights."""
+
+    def __repr__(self) -> str:
+        return f"NeonRule({self.hook!r})" if self.hook is not None else "NeonRule()"
+
+
+class _HeadInputRule(NeonRule):
+    """The rule of a head's *input* layer when the explained model puts one rule on the whole head (activation mode).
+
+    Captum's LRP visits leaf modules only, but NEON's rules for heads on CNN activations (e.g.
+    :class:`~neon_attrib.rules.KDEOutlierActivationRule`) are defined on the whole head. The head's top layer keeps
+    its conserving default rule, so the relevance reaching this layer's output sums to the head's output relevance
+    ``R`` over the last dimension; this rule sums it back, recomputes the head's output from its own output with the top
+    layer, and applies the head's rule: ``R_in = head_rule.relevance(head, a, head(a), R)``. Exactly ``explain``'s head
+    relevance, up to rounding.
+    """
+
+    def __init__(self, head: nn.Module, head_hook: _NeonHook, top: nn.Module) -> None:
+        super().__init__(head_hook)
+        self.head, self.top = head, top
+
+    def forward_hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], outputs: torch.Tensor) -> torch.Tensor:
+        x, out = inputs[0], outputs.detach()
+        x_data, head, top, hook = x.detach(), self.head, self.top, self.hook
+
+        def rule(relevance_out: torch.Tensor) -> torch.Tensor:
+            head_out = top.forward(out)  # .forward: no hooks (Captum's are registered on ``top`` right now)
+            head_relevance = relevance_out.sum(-1)
+            return hook.relevance(head, x_data, head_out, head_relevance).to(relevance_out.dtype)
+
+        return _RelevanceStep.apply(x, out, rule)
+
+    def __repr__(self) -> str:
+        return f"_HeadInputRule({self.hook!r} on {type(self.head).__name__})"
+
+
+_OVERRIDE = "_neon_captum_rule"
+#: Heads whose forward is ``pool(layer(x))`` through their two NEON layers (leave-one-out heads compute it directly).
+_HEAD_FORWARDS = (KDEOutlier.forward, KDEInlier.forward, KMeansMembership.forward)
+
+
+def _get_layer_rule(layer: nn.Module) -> PropagationRule:
+    """``layer.rule`` (``neon_attrib.layers._CaptumRule``): the user's override, else the rule the explained model's
+    composite gives the layer (when Captum's LRP asks), else the layer's default NeonRule. Fresh on every access."""
+    override = layer.__dict__.get(_OVERRIDE)
+    if override is not None:
+        return override
+    root = _calling_lrp_model()
+    rule = _rule_in_context(root, layer) if root is not None else None
+    return rule if rule is not None else NeonRule()
+
+
+def _calling_lrp(max_depth: int = 8) -> Any:
+    """The :class:`captum.attr.LRP` whose method is reading (or deleting) ``layer.rule`` right now, if any.
+
+    Captum reads ``module.rule`` from LRP's own methods (``_check_rules``, ``_check_and_attach_rules``,
+    ``_register_forward_hooks``, ``_remove_rules``, ...), whose ``self`` is the LRP instance, a few frames up the
+    stack. This tells a layer which model is being explained (a head inside a :class:`~neon_attrib.deep.DeepNeon`
+    needs its activation rule) without storing anything on the model.
+    """
+    from captum.attr import LRP
+
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, LRP):
+            return owner
+    return None
+
+
+def _calling_lrp_model() -> nn.Module | None:
+    lrp = _calling_lrp()
+    model = getattr(lrp, "model", None)
+    return model if isinstance(model, nn.Module) else None
+
+
+def _rule_in_context(root: nn.Module, layer: nn.Module) -> PropagationRule | None:
+    """The Captum rule for ``layer`` under the composite ``explain`` would use on ``root`` (None: the default)."""
+    factory = getattr(root, "neon_composite", None)
+    if factory is None:
+        return None
+    composite = factory()
+    assigned: dict[int, tuple[str, Any]] = {}
+    ctx: dict = {}
+    for name, module in root.named_modules():
+        assigned[id(module)] = (name, composite.module_map(ctx, name, module))
+    name, hook = assigned.get(id(layer), ("", None))
+    # inside a head that carries one rule for all of it (activation mode)? The outermost such head wins, as in Zennit,
+    # where the head's hook replaces whatever its inner layers' hooks computed.
+    for head_name, head in root.named_modules():
+        head_hook = assigned[id(head)][1]
+        if head is layer or not isinstance(head_hook, _NeonHook) or not name.startswith(f"{head_name}."):
+            continue
+        leaves = [m for m in head.modules() if next(m.children(), None) is None]
+        if type(head).forward not in _HEAD_FORWARDS or len(leaves) != 2 or getattr(head, "fused", False):
+            raise TypeError(
+                f"captum.attr.LRP cannot apply {type(head_hook).__name__} to {type(head).__name__}: Captum only hooks "
+                f"leaf modules, and this head's forward does not run through exactly two NEON layers (its input layer "
+                f"and its pooling; a fused KDEOutlier skips them). Use neon_attrib.captum.NeonLRP, which gives "
+                "explain()'s relevance for any model.")
+        if layer is leaves[0]:
+            return _HeadInputRule(head, head_hook, leaves[-1])
+        return NeonRule()
+    if isinstance(hook, _NeonHook):
+        return NeonRule(hook)
+    return None
+
+
+def _set_layer_rule(layer: nn.Module, rule: PropagationRule | None) -> None:
+    if rule is None:
+        layer.__dict__.pop(_OVERRIDE, None)
+        return
+    if not isinstance(rule, PropagationRule):
+        raise TypeError(f"The rule of {type(layer).__name__} must be a captum PropagationRule (e.g. NeonRule(...)). "
+                        f"Got {type(rule).__name__}.")
+    layer.__dict__[_OVERRIDE] = rule
+
+
+def _delete_layer_rule(layer: nn.Module) -> None:
+    """Captum's ``LRP`` deletes every layer's rule after each call (``_remove_rules``): ours stay.
+
+    Captum also leaves an ``activations`` dict on every leaf it visited (its ``_clear_properties`` deletes
+    ``activation``, singular): we remove it from this layer and, when called from that clean-up, from all the LRP's
+    layers, so that no attribute is left on the user's model.
+    """
+    layer.__dict__.pop("activations", None)
+    lrp = _calling_lrp()
+    for visited in getattr(lrp, "layers", None) or ():
+        visited.__dict__.pop("activations", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# compare: NEON next to the Captum methods you use today
+#: Captum methods :func:`compare` runs by default: a gradient, gradient × input, a path method, an occlusion and a
+#: sampling method.
+DEFAULT_METHODS: tuple[str, ...] = ("Saliency", "InputXGradient", "IntegratedGradients", "Occlusion", "KernelShap")
+
+MethodSpec = str | type | tuple[str, Callable[[nn.Module], Any]]
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` returns: one row per method, their relevances, curves and a figure.
+
+    Attributes
+    ----------
+    rows : list of dict
+        Per method: ``method``, ``seconds`` (median wall time per explained example), ``relative_time`` (to NEON),
+        ``deletion`` (mean normalised deletion area: lower is better), ``insertion`` (mean normalised insertion area:
+        higher is better), ``deletion_raw`` (mean deletion area in score units). The ``Random`` row is the random-order
+        baseline (no relevance, no time).
+    relevances : dict of str to torch.Tensor
+        The relevance of every method, shaped like the inputs.
+    curves : dict of str to dict of str to FlipCurve
+        ``curves[method]["deletion"]`` and ``["insertion"]``.
+    scores : torch.Tensor
+        The explained score per example.
+    figure : matplotlib.figure.Figure or None
+        Relevance of the first example per method, and the mean deletion curves.
+    """
+
+    rows: list[dict[str, Any]]
+    relevances: dict[str, torch.Tensor]
+    curves: dict[str, dict[str, FlipCurve]]
+    scores: torch.Tensor
+    figure: Any = None
+
+    def __str__(self) -> str:
+        header = f"{'method':<22}{'s / example':>13}{'× NEON':>9}{'deletion ↓':>12}{'insertion ↑':>13}"
+        lines = [header, "-" * len(header)]
+        for row in self.rows:
+            seconds = "" if row["seconds"] is None else f"{row['seconds']:.2e}"
+            relative = "" if row["relative_time"] is None else f"{row['relative_time']:.1f}"
+            lines.append(f"{row['method']:<22}{seconds:>13}{relative:>9}{row['deletion']:>12.3f}"
+                         f"{row['insertion']:>13.3f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rows and the mean curves as plain Python (for JSON)."""
+        return {"rows": self.rows,
+                "curves": {name: {mode: {"fractions": c.fractions.tolist(), "mean_scores": c.mean_curve().tolist()}
+                                  for mode, c in curves.items()} for name, curves in self.curves.items()}}
+
+
+def compare(
+    model: nn.Module,
+    x: torch.Tensor,
+    methods: Sequence[MethodSpec] = DEFAULT_METHODS,
+    *,
+    target: Any = None,
+    reference: Reference = None,
+    feature_mask: torch.Tensor | None = None,
+    n_steps: int | None = None,
+    method_kwargs: dict[str, dict[str, Any]] | None = None,
+    composite: Composite | None = None,
+    repeats: int = 1,
+    figure: bool = True,
+    feature_names: Sequence[str] | None = None,
+) -> Comparison:
+    """Run NEON and Captum methods on the same score and inputs; time them and evaluate them by deletion/insertion.
+
+    Every method explains the same number: the model's score (KDE) or the ``target`` cluster's evidence (k-means,
+    default: each example's assigned cluster). Perturbation methods and Integrated Gradients use the same ``reference``
+    as the deletion curves (their baseline is what "removed" means), so all methods are judged on one footing.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A NEON model (or any module with a score; NEON then needs its rules).
+    x : torch.Tensor
+        Inputs (n, d) or images (n, C, H, W), in the model's dtype.
+    methods : sequence
+        Captum methods: names in ``captum.attr`` (``"IntegratedGradients"``), Attribution classes, or
+        ``(label, factory)`` pairs with ``factory(model) -> Attribution``. NEON (:class:`NeonLRP`) always runs first.
+    target : optional
+        Output index per example (k-means cluster); default as in :func:`neon_attrib.explain`.
+    reference : tensor, float or callable, optional
+        Value of a removed feature (:func:`~neon_attrib.evaluation.default_reference`: the training median for tabular
+        data, a blurred copy for images); also the baseline of IG, DeepLift, Occlusion, ablation and Shapley methods.
+    feature_mask : torch.Tensor, optional
+        Feature groups for the curves and the perturbation methods; default: every feature (tabular), 4 × 4 … pixel
+        patches of side ``max(1, min(H, W) // 16)`` over all channels (images).
+    n_steps : int, optional
+        Steps of the curves (default: one per feature up to 100 groups, else 50).
+    method_kwargs : dict, optional
+        Extra ``attribute`` keyword arguments per method label, overriding the defaults above (e.g.
+        ``{"IntegratedGradients": {"n_steps": 200}}``).
+    composite : zennit.core.Composite, optional
+        NEON's composite (default: the model's).
+    repeats : int
+        Timed runs per method (the median is reported).
+    figure : bool
+        Draw the matplotlib figure.
+    feature_names : sequence of str, optional
+        Names for the bar chart of tabular relevance.
+
+    Returns
+    -------
+    Comparison
+        ``print(result)`` shows the table.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neon_attrib import KDEOutlier
+    >>> X = np.random.default_rng(0).normal(size=(50, 3))
+    >>> model = KDEOutlier(gamma=1.0).double().fit(X)
+    >>> result = compare(model, torch.tensor(X[:4]), methods=["Saliency"], figure=False)
+    >>> [row["method"] for row in result.rows]
+    ['NEON', 'Saliency', 'Random']
+    """
+    dtype, device = module_dtype_device(model)
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    x = x.detach().to(device=device, dtype=dtype)
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"The 'repeats' parameter of compare must be an int >= 1. Got {repeats!r} instead.")
+    with torch.no_grad():
+        output = model(x)
+    targets = resolve_targets(model, output, target)
+    scores = model_score(model, x, targets)
+    ref = _reference_tensor(model, x, reference)
+    if feature_mask is None and x.ndim == 4:
+        feature_mask = patch_mask(tuple(x.shape[1:]), max(1, min(x.shape[-2:]) // 16)).unsqueeze(0)
+    extra = dict(method_kwargs or {})
+
+    runs: list[tuple[str, Callable[[], torch.Tensor]]] = []
+    neon = NeonLRP(model, composite)
+    runs.append(("NEON", lambda: neon.attribute(x, target=targets)))
+    for spec in methods:
+        label, attribution = _make_method(spec, model)
+        kwargs = {**_default_kwargs(label, attribution, x, ref, feature_mask), **extra.get(label, {})}
+        runs.append((label, _bind(attribution, x, targets, kwargs)))
+
+    rows, relevances, curves = [], {}, {}
+    curve_kwargs = dict(target=targets, reference=ref, feature_mask=feature_mask, n_steps=n_steps)
+    for label, run in runs:
+        run()  # warm-up: first-call costs (allocations, lazy imports) are not the method's
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            relevance = run()
+            times.append(time.perf_counter() - start)
+        relevance = relevance.detach().to(torch.float64)
+        relevances[label] = relevance
+        curves[label] = {"deletion": deletion_curve(model, x, relevance, **curve_kwargs),
+                         "insertion": insertion_curve(model, x, relevance, **curve_kwargs)}
+        rows.append({"method": label, "seconds": float(np.median(times)) / x.shape[0]})
+    random_relevance = torch.zeros_like(x, dtype=torch.float64)
+    curves["Random"] = {mode: flip_curve(model, x, random_relevance, mode=mode, order="random", **curve_kwargs)
+                        for mode in ("deletion", "insertion")}
+    rows.append({"method": "Random", "seconds": None})
+    neon_seconds = rows[0]["seconds"]
+    for row in rows:
+        c = curves[row["method"]]
+        row["relative_time"] = None if row["seconds"] is None else row["seconds"] / neon_seconds
+        row["deletion"] = c["deletion"].mean_normalized_area
+        row["insertion"] = c["insertion"].mean_normalized_area
+        row["deletion_raw"] = float(c["deletion"].area.mean())
+    result = Comparison(rows=rows, relevances=relevances, curves=curves, scores=scores)
+    if figure:
+        result.figure = _comparison_figure(result, x, feature_names)
+    return result
+
+
+def _make_method(spec: MethodSpec, model: nn.Module) -> tuple[str, Any]:
+    import captum.attr as captum_attr
+    from captum.attr import Attribution
+
+    if isinstance(spec, tuple):
+        label, factory = spec
+        return str(label), factory(model)
+    if isinstance(spec, str):
+        cls = getattr(captum_attr, spec, None)
+        if not (isinstance(cls, type) and issubclass(cls, Attribution)):
+            raise ValueError(f"Unknown Captum method {spec!r}: expected a class name in captum.attr "
+                             f"(e.g. 'IntegratedGradients'), an Attribution class or a (label, factory) pair.")
+        return spec, cls(model)
+    if isinstance(spec, type) and issubclass(spec, Attribution):
+        return spec.__name__, spec(model)
+    raise TypeError(f"compare: a method must be a name, an Attribution class or a (label, factory) pair. Got {spec!r}.")
+
+
+def _default_kwargs(label: str, attribution: Any, x: torch.Tensor, ref: torch.Tensor,
+                    feature_mask: torch.Tensor | None) -> dict[str, Any]:
+    """Comparable settings: the deletion reference as every baseline, the curve's feature groups as Captum's."""
+    import inspect
+
+    parameters = inspect.signature(attribution.attribute).parameters
+    kwargs: dict[str, Any] = {}
+    if "baselines" in parameters:
+        kwargs["baselines"] = ref
+    if "feature_mask" in parameters and feature_mask is not None:
+        kwargs["feature_mask"] = feature_mask.to(x.device)
+    if "n_steps" in parameters and type(attribution).__name__ == "IntegratedGradients":
+        kwargs["n_steps"] = 50
+    if "sliding_window_shapes" in parameters:
+        if x.ndim == 4:
+            side = max(1, min(x.shape[-2:]) // 16)
+            kwargs["sliding_window_shapes"] = (x.shape[1], side, side)
+            kwargs["strides"] = (x.shape[1], side, side)
+        else:
+            kwargs["sliding_window_shapes"] = (1,) * (x.ndim - 1)
+    return kwargs
+
+
+def _bind(attribution: Any, x: torch.Tensor, targets: torch.Tensor | None,
+          kwargs: dict[str, Any]) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        return attribution.attribute(x.clone(), target=targets, **kwargs)
+
+    return run
+
+
+def _comparison_figure(result: Comparison, x: torch.Tensor, feature_names: Sequence[str] | None) -> Any:
+    import matplotlib.pyplot as plt
+
+    methods = list(result.relevances)
+    if x.ndim == 4:
+        fig = plt.figure(figsize=(2.2 * (len(methods) + 1), 5.2), layout="constrained")
+        grid = fig.add_gridspec(2, len(methods) + 1, height_ratios=[1, 1.2])
+        image = x[0].detach().double().cpu()
+        shown = image.mean(0) if image.shape[0] != 3 else (image - image.min()) / (image.max() - image.min() + 1e-12)
+        ax = fig.add_subplot(grid[0, 0])
+        ax.imshow(shown.permute(1, 2, 0).numpy() if shown.ndim == 3 else shown.numpy(), cmap="gray")
+        ax.set_title("input", fontsize=9)
+        ax.axis("off")
+        for i, name in enumerate(methods):
+            heat = result.relevances[name][0].sum(0).cpu().numpy()
+            bound = float(np.abs(heat).max()) or 1.0
+            ax = fig.add_subplot(grid[0, i + 1])
+            ax.imshow(heat, cmap="bwr", vmin=-bound, vmax=bound)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+        curve_ax = fig.add_subplot(grid[1, :])
+    else:
+        fig, (bar_ax, curve_ax) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+        d = x.shape[1]
+        width = 0.8 / len(methods)
+        for i, name in enumerate(methods):
+            values = result.relevances[name][0].cpu().numpy()
+            scale = float(np.abs(values).max()) or 1.0
+            bar_ax.bar(np.arange(d) + (i - (len(methods) - 1) / 2) * width, values / scale, width, label=name)
+        names = list(feature_names) if feature_names is not None else [str(i) for i in range(d)]
+        bar_ax.set_xticks(np.arange(d), names, rotation=30, ha="right", fontsize=8)
+        bar_ax.axhline(0, color="black", linewidth=0.6)
+        bar_ax.set_ylabel("relevance / max |relevance|")
+        bar_ax.set_title("first example", fontsize=10)
+        bar_ax.legend(fontsize=7)
+    for name, curves in result.curves.items():
+        curve = curves["deletion"]
+        start, end = float(curve.input_score.mean()), float(curve.reference_score.mean())
+        normalised = (curve.mean_curve() - end) / (start - end if start != end else 1.0)
+        style = {"color": "gray", "linestyle": "--"} if name == "Random" else {}
+        curve_ax.plot(curve.fractions.numpy(), normalised.numpy(), label=name, **style)
+    curve_ax.set_xlabel("fraction of features removed (most relevant first)")
+    curve_ax.set_ylabel("mean score (1 = input, 0 = reference)")
+    curve_ax.set_title("deletion curves (lower is better)", fontsize=10)
+    curve_ax.legend(fontsize=7)
+    return fig

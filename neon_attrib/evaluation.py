@@ -1,0 +1,443 @@
+"""Faithfulness of any relevance on the unsupervised score itself: deletion and insertion (feature-flipping) curves.
+
+**Deletion** (most relevant first, "MoRF"): replace the features in order of decreasing relevance by a *reference*
+value and record the score after each step. A faithful explanation of an outlier score names the features that make
+the point anomalous, so the score should fall quickly: a *small* area under the curve is good. **Insertion** starts
+from the reference and puts the input's features back in the same order: the score should rise quickly, a *large* area
+is good. ``order="least_relevant_first"`` and ``"random"`` give the baselines a faithful explanation must beat.
+
+Removal needs a value for the removed features, and the choice matters (removal can create new artefacts, and an
+out-of-distribution "removed" value is itself anomalous to an outlier model, which would make every curve *rise*). We
+replace a removed feature by a typical, in-distribution value, so that "removed" means "no longer unusual":
+
+* **tabular data**: the per-feature **median of the training data** (:func:`median_reference`; the default for models
+  that store their training data, e.g. :class:`~neon_attrib.models.KDEOutlier`). A median is a value the feature
+  actually takes, also for skewed or bimodal features where the mean can fall into a gap; zero is only "typical" for
+  standardised data and is not assumed. :func:`nearest_reference` (each input's nearest training point) is the
+  *jointly* in-distribution alternative for outlier scores: full removal then lands on a real normal example.
+* **images**: a **Gaussian-blurred copy** of the image (:func:`blur_reference`, σ = 1/16 of the shorter side by
+  default). Blurring removes the local structure a defect or texture detector reacts to while keeping brightness and
+  the image statistics; a flat per-channel mean (:func:`channel_mean_reference`, also provided) creates sharp-edged grey
+  patches that are themselves anomalous for a texture model.
+
+For an *inlier* score the same reference is typical by construction, so removing features tends to *raise* the
+score: there, compare methods by the difference between their least- and most-relevant-first curves
+(:attr:`FlipCurve.area`) rather than by the sign of one curve.
+
+Areas are reported raw (score units, trapezoid over the fraction of features flipped in [0, 1]) and normalised:
+``(area − f(reference)) / (f(x) − f(reference))``, the average fraction of the way from the reference's score to the
+input's score along the curve (deletion: 0 best, insertion: 1 best), per example (:attr:`FlipCurve.normalized_area`)
+or for a batch's average curve (:attr:`FlipCurve.mean_normalized_area`, what :func:`~neon_attrib.captum.compare`
+reports: per-example ratios explode for examples scored like the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._utils import ArrayLike, as_targets, module_dtype_device
+
+__all__ = [
+    "FlipCurve",
+    "deletion_curve",
+    "insertion_curve",
+    "flip_curve",
+    "model_score",
+    "default_reference",
+    "median_reference",
+    "nearest_reference",
+    "blur_reference",
+    "channel_mean_reference",
+    "patch_mask",
+]
+
+Order = Literal["most_relevant_first", "least_relevant_first", "random"]
+Reference = torch.Tensor | float | Callable[[torch.Tensor], torch.Tensor] | None
+
+
+@dataclass
+class FlipCurve:
+    """A deletion or insertion curve for a batch of examples.
+
+    Attributes
+    ----------
+    fractions : torch.Tensor
+        Fraction of features (groups) flipped at each step, (S + 1,), from 0 to 1.
+    scores : torch.Tensor
+        The score after each step, (n, S + 1). Deletion starts at ``f(x)`` and ends at ``f(reference)``; insertion
+        the other way round.
+    mode : str
+        ``"deletion"`` or ``"insertion"``.
+    order : str
+        The flipping order.
+    """
+
+    fractions: torch.Tensor
+    scores: torch.Tensor
+    mode: str
+    order: str
+
+    @property
+    def input_score(self) -> torch.Tensor:
+        """``f(x)`` per example, (n,)."""
+        return self.scores[:, 0] if self.mode == "deletion" else self.scores[:, -1]
+
+    @property
+    def reference_score(self) -> torch.Tensor:
+        """``f(reference)`` per example, (n,)."""
+        return self.scores[:, -1] if self.mode == "deletion" else self.scores[:, 0]
+
+    @property
+    def area(self) -> torch.Tensor:
+        """Area under the curve per example (trapezoid over the flipped fraction), in score units, (n,)."""
+        return torch.trapezoid(self.scores, self.fractions, dim=-1)
+
+    @property
+    def normalized_area(self) -> torch.Tensor:
+        """``(area − f(reference)) / (f(x) − f(reference))`` per example (NaN where the two scores coincide)."""
+        span = self.input_score - self.reference_score
+        scale = torch.maximum(self.input_score.abs(), self.reference_score.abs()).clamp_min(1e-30)
+        degenerate = span.abs() <= 1e-9 * scale
+        out = (self.area - self.reference_score) / torch.where(degenerate, torch.ones_like(span), span)
+        return torch.where(degenerate, torch.full_like(out, math.nan), out)
+
+    @property
+    def mean_normalized_area(self) -> float:
+        """The normalised area of the *average* curve: ``(mean area − mean f(ref)) / (mean f(x) − mean f(ref))``.
+
+        The batch summary we report: examples count in proportion to how far their score is from the reference's, so
+        examples whose score barely differs from the reference's (where the per-example ratio is unstable) cannot
+        dominate it. NaN when the mean scores coincide.
+        """
+        span = float(self.input_score.mean() - self.reference_score.mean())
+        scale = max(float(self.input_score.abs().mean()), float(self.reference_score.abs().mean()), 1e-30)
+        if abs(span) <= 1e-9 * scale:
+            return math.nan
+        return float(self.area.mean() - self.reference_score.mean()) / span
+
+    def mean_curve(self) -> torch.Tensor:
+        """The curve averaged over examples, (S + 1,)."""
+        return self.scores.mean(0)
+
+
+def model_score(model: nn.Module, x: torch.Tensor, target: Any = None) -> torch.Tensor:
+    """The score an explanation is about, per example (n,): the output of a scalar model, else ``output[:, target]``.
+
+    ``target=None`` follows :func:`neon_attrib.explain`: the model's ``default_target`` (the assigned cluster for
+    k-means), else the argmax.
+    """
+    with torch.no_grad():
+        output = model(x)
+    targets = resolve_targets(model, output, target)
+    if targets is None:
+        return output.reshape(output.shape[0])
+    flat = output.reshape(output.shape[0], -1)
+    return flat.gather(1, targets.reshape(-1, 1)).squeeze(1)
+
+
+def resolve_targets(model: nn.Module, output: torch.Tensor, target: Any) -> torch.Tensor | None:
+    """:func:`neon_attrib.explain`'s target rule: None for scalar outputs (n,), else one index per example."""
+    if output.ndim <= 1:
+        return None
+    flat = output.reshape(output.shape[0], -1)
+    if target is None:
+        default = getattr(model, "default_target", None)
+        return default(output) if default is not None else flat.argmax(-1)
+    return as_targets(target, n=flat.shape[0], n_outputs=flat.shape[1], owner=type(model).__name__,
+                      device=output.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reference values
+def median_reference(X_train: ArrayLike) -> torch.Tensor:
+    """Per-feature median of the training data (d,): the removal value for tabular data (float64, CPU).
+
+    Examples
+    --------
+    >>> median_reference([[0.0, 1.0], [2.0, 5.0], [4.0, 3.0]])
+    tensor([2., 3.], dtype=torch.float64)
+    """
+    array = np.asarray(X_train, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] < 1:
+        raise ValueError(f"median_reference needs training data of shape (n_samples, n_features). Got {array.shape}.")
+    return torch.as_tensor(np.median(array, axis=0))
+
+
+def nearest_reference(X_train: ArrayLike) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A reference function for tabular data: each input's nearest training point (Euclidean).
+
+    The *jointly* in-distribution removal for outlier scores: a removed feature takes the value it has in the most
+    similar normal example, so removing every feature yields a real data point, where a per-feature median can be an
+    unusual combination. Exclude the explained point from ``X_train`` (leave-one-out), or it is its own neighbour.
+    """
+    data = torch.as_tensor(np.asarray(X_train, dtype=np.float64))
+    if data.ndim != 2 or data.shape[0] < 1:
+        raise ValueError(f"nearest_reference needs training data of shape (n_samples, n_features). Got "
+                         f"{tuple(data.shape)}.")
+
+    def nearest(x: torch.Tensor) -> torch.Tensor:
+        support = data.to(dtype=x.dtype, device=x.device)
+        return support[torch.cdist(x.reshape(x.shape[0], -1), support).argmin(1)].reshape(x.shape)
+
+    return nearest
+
+
+def blur_reference(sigma: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A reference function for images (n, C, H, W): the Gaussian-blurred image (reflect padding).
+
+    Parameters
+    ----------
+    sigma : float, optional
+        Standard deviation in pixels; default ``max(1, min(H, W) / 16)``.
+    """
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"The 'sigma' parameter of blur_reference must be a float > 0. Got {sigma!r} instead.")
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.functional import gaussian_blur
+
+        if x.ndim != 4:
+            raise ValueError(f"blur_reference needs images of shape (n, C, H, W). Got {tuple(x.shape)}.")
+        s = float(sigma) if sigma is not None else max(1.0, min(x.shape[-2:]) / 16.0)
+        size = 2 * math.ceil(3 * s) + 1
+        size = min(size, 2 * ((min(x.shape[-2:]) - 1) // 2) + 1)  # reflect padding needs kernel < image
+        return gaussian_blur(x, [size, size], [s, s])
+
+    return blur
+
+
+def channel_mean_reference(x: torch.Tensor) -> torch.Tensor:
+    """Each image's per-channel mean, broadcast over the pixels (a flat grey image), for images (n, C, H, W)."""
+    return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
+
+
+def default_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The documented default reference: the training median for 2-D inputs, a blurred copy for images.
+
+    Raises
+    ------
+    ValueError
+        For 2-D inputs to a model that does not store its training data (e.g. k-means: pass
+        ``reference=median_reference(X_train)``), and for other input shapes.
+    """
+    if x.ndim == 4:
+        return blur_reference()(x)
+    if x.ndim == 2:
+        data = getattr(model, "support_", None) if hasattr(type(model), "support_") else None
+        if data is None:
+            data = model._buffers.get("support") if isinstance(model, nn.Module) else None
+        if data is not None and data.numel() > 0:
+            return torch.as_tensor(np.median(data.detach().cpu().double().numpy(), axis=0)).to(x)
+        raise ValueError(f"{type(model).__name__} does not store its training data: pass "
+                         "reference=median_reference(X_train) (the per-feature training median).")
+    raise ValueError(f"No default reference for inputs of shape {tuple(x.shape)}: pass 'reference' (a tensor "
+                     "broadcastable to the inputs, or a function of them).")
+
+
+def _reference_tensor(model: nn.Module, x: torch.Tensor, reference: Reference) -> torch.Tensor:
+    if reference is None:
+        ref = default_reference(model, x)
+    elif callable(reference) and not isinstance(reference, torch.Tensor):
+        ref = reference(x)
+    else:
+        ref = torch.as_tensor(reference)
+    ref = ref.to(dtype=x.dtype, device=x.device)
+    try:
+        return torch.broadcast_to(ref, x.shape)
+    except RuntimeError as exc:
+        raise ValueError(f"reference of shape {tuple(ref.shape)} does not broadcast to the inputs "
+                         f"{tuple(x.shape)}.") from exc
+
+
+def patch_mask(shape: tuple[int, ...], patch: int) -> torch.Tensor:
+    """Feature groups for images: square ``patch × patch`` pixel patches over all channels.
+
+    Parameters
+    ----------
+    shape : tuple
+        One image's shape (C, H, W).
+    patch : int
+        Patch side in pixels (the last row/column of patches may be smaller).
+
+    Returns
+    -------
+    torch.Tensor
+        Integer group ids of shape (1, H, W) (broadcast over channels), numbered row by row from 0.
+
+    Examples
+    --------
+    >>> patch_mask((3, 4, 4), 2)[0]
+    tensor([[0, 0, 1, 1],
+            [0, 0, 1, 1],
+            [2, 2, 3, 3],
+            [2, 2, 3, 3]])
+    """
+    if len(shape) != 3:
+        raise ValueError(f"patch_mask needs an image shape (C, H, W). Got {shape}.")
+    if not (isinstance(patch, int) and patch >= 1):
+        raise ValueError(f"The 'patch' parameter of patch_mask must be an int >= 1. Got {patch!r} instead.")
+    _, h, w = shape
+    rows = torch.arange(h) // patch
+    cols = torch.arange(w) // patch
+    n_cols = (w + patch - 1) // patch
+    return (rows[:, None] * n_cols + cols[None, :]).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# curves
+def flip_curve(
+    model: nn.Module,
+    x: ArrayLike,
+    relevance: ArrayLike,
+    *,
+    mode: Literal["deletion", "insertion"] = "deletion",
+    order: Order = "most_relevant_first",
+    target: Any = None,
+    reference: Reference = None,
+    feature_mask: torch.Tensor | None = None,
+    n_steps: int | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> FlipCurve:
+    """Deletion or insertion curve of ``model``'s score for inputs ``x`` ranked by ``relevance``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module; the score is :func:`model_score` (the output, or the ``target`` column).
+    x : array-like or torch.Tensor
+        Inputs (n, ...), cast to the model's dtype and device.
+    relevance : array-like or torch.Tensor
+        Relevance of the shape of ``x`` (from any method). Within a feature group it is summed.
+    mode : {"deletion", "insertion"}
+        Deletion replaces features by the reference; insertion starts from the reference and restores them.
+    order : {"most_relevant_first", "least_relevant_first", "random"}
+        The flipping order (random: one seeded permutation per example).
+    target : optional
+        The output column per example; ``None`` as in :func:`neon_attrib.explain`. Fixed along the curve.
+    reference : tensor, float or callable, optional
+        The value of a removed feature: a tensor broadcastable to ``x``, a number, or a function ``x → tensor``.
+        ``None``: :func:`default_reference` (the training median for tabular data, a blurred copy for images).
+    feature_mask : torch.Tensor, optional
+        Integer group ids ``0..G−1`` broadcastable to one example's shape (or to ``x``); a group is flipped at once.
+        Default: every element of ``x[0]`` is its own feature. See :func:`patch_mask` for images.
+    n_steps : int, optional
+        Number of steps; default ``G`` (one feature at a time) when ``G <= 100``, else 50.
+    batch_size : int
+        Perturbed inputs evaluated per forward pass.
+    seed : int
+        Seed of the random order.
+
+    Returns
+    -------
+    FlipCurve
+
+    Examples
+    --------
+    >>> class FirstFeature(nn.Module):  # the score is the first feature
+    ...     def forward(self, x):
+    ...         return x[:, 0]
+    >>> curve = deletion_curve(FirstFeature(), torch.ones(1, 3), torch.tensor([[0.1, 0.5, 0.2]]), reference=0.0)
+    >>> curve.scores  # the first feature is ranked last
+    tensor([[1., 1., 1., 0.]], dtype=torch.float64)
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"The 'mode' parameter of flip_curve must be 'deletion' or 'insertion'. Got {mode!r}.")
+    if order not in ("most_relevant_first", "least_relevant_first", "random"):
+        raise ValueError("The 'order' parameter of flip_curve must be 'most_relevant_first', 'least_relevant_first' "
+                         f"or 'random'. Got {order!r}.")
+    dtype, device = module_dtype_device(model)
+    x = _as_input(x, dtype, device)
+    relevance = torch.as_tensor(relevance).detach().to(device=device, dtype=torch.float64)
+    if relevance.shape != x.shape:
+        raise ValueError(f"relevance has shape {tuple(relevance.shape)}, but the inputs have shape {tuple(x.shape)}.")
+    ref = _reference_tensor(model, x, reference)
+    n = x.shape[0]
+
+    mask = _feature_mask(feature_mask, x)
+    n_groups = int(mask.max()) + 1
+    group_relevance = torch.zeros(n, n_groups, dtype=torch.float64, device=device)
+    group_relevance.scatter_add_(1, mask.reshape(n, -1), relevance.reshape(n, -1))
+    if order == "random":
+        generator = torch.Generator().manual_seed(seed)
+        ranking = torch.stack([torch.randperm(n_groups, generator=generator) for _ in range(n)]).to(device)
+    else:
+        sign = -1.0 if order == "most_relevant_first" else 1.0
+        ranking = torch.argsort(sign * group_relevance, dim=1, stable=True)
+    rank = torch.empty_like(ranking)
+    rank.scatter_(1, ranking, torch.arange(n_groups, device=device).expand(n, -1).contiguous())
+    element_rank = rank.gather(1, mask.reshape(n, -1)).reshape(x.shape)
+
+    steps = n_steps if n_steps is not None else (n_groups if n_groups <= 100 else 50)
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"The 'n_steps' parameter of flip_curve must be an int >= 1. Got {n_steps!r} instead.")
+    steps = min(steps, n_groups)
+    counts = torch.round(torch.linspace(0, n_groups, steps + 1, dtype=torch.float64)).long().tolist()
+
+    with torch.no_grad():
+        output = model(x)
+    targets = resolve_targets(model, output, target)
+
+    scores = torch.empty(n, steps + 1, dtype=torch.float64)
+    jobs = [(i, k) for i in range(n) for k in range(steps + 1)]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        rows = torch.tensor([i for i, _ in chunk], device=device)
+        limits = torch.tensor([counts[k] for _, k in chunk], device=device).reshape((-1,) + (1,) * (x.ndim - 1))
+        flipped = element_rank[rows] < limits
+        if mode == "deletion":
+            batch = torch.where(flipped, ref[rows], x[rows])
+        else:
+            batch = torch.where(flipped, x[rows], ref[rows])
+        with torch.no_grad():
+            out = model(batch)
+        if targets is None:
+            values = out.reshape(out.shape[0])
+        else:
+            values = out.reshape(out.shape[0], -1).gather(1, targets[rows].reshape(-1, 1)).squeeze(1)
+        for (i, k), value in zip(chunk, values.detach().double().cpu()):
+            scores[i, k] = value
+    fractions = torch.tensor(counts, dtype=torch.float64) / n_groups
+    return FlipCurve(fractions=fractions, scores=scores, mode=mode, order=order)
+
+
+def deletion_curve(model: nn.Module, x: ArrayLike, relevance: ArrayLike, **kwargs: Any) -> FlipCurve:
+    """Deletion curve: features replaced by the reference, most relevant first (see :func:`flip_curve`).
+
+    For an outlier score a faithful explanation makes the score fall fast: small (normalised) area is good.
+    """
+    return flip_curve(model, x, relevance, mode="deletion", **kwargs)
+
+
+def insertion_curve(model: nn.Module, x: ArrayLike, relevance: ArrayLike, **kwargs: Any) -> FlipCurve:
+    """Insertion curve: from the reference, the input's features restored most relevant first (see
+    :func:`flip_curve`). A faithful explanation makes the score rise fast: large (normalised) area is good."""
+    return flip_curve(model, x, relevance, mode="insertion", **kwargs)
+
+
+def _as_input(x: ArrayLike, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(x, dtype=np.float64), device=device).to(dtype)
+
+
+def _feature_mask(feature_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if feature_mask is None:
+        return torch.arange(x[0].numel(), device=x.device).reshape(x.shape[1:]).expand(x.shape).contiguous()
+    mask = torch.as_tensor(feature_mask, device=x.device)
+    if mask.is_floating_point() or mask.dtype == torch.bool:
+        raise TypeError(f"feature_mask must hold integer group ids. Got dtype {mask.dtype}.")
+    try:
+        mask = torch.broadcast_to(mask if mask.ndim == x.ndim else mask.unsqueeze(0), x.shape).long().contiguous()
+    except RuntimeError as exc:
+        raise ValueError(f"feature_mask of shape {tuple(mask.shape)} does not broadcast to {tuple(x.shape)}.") from exc
+    if bool((mask < 0).any()):
+        raise ValueError("feature_mask must hold group ids >= 0.")
+    return mask

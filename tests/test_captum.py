@@ -1,0 +1,347 @@
+"""The Captum bridge: NeonLRP and Captum's own LRP give explain()'s relevance, every Captum method runs, compare()."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from captum import attr as captum_attr
+from captum.attr import LRP, NoiseTunnel
+from captum.metrics import infidelity, sensitivity_max
+from conftest import assert_no_hooks
+from torch import nn
+
+from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership, SoftArgminRule, explain
+from neon_attrib.captum import Comparison, NeonLRP, NeonRule, compare
+from neon_attrib.evaluation import median_reference
+
+matplotlib.use("Agg")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients"),  # Captum's LRP
+    pytest.mark.filterwarnings("ignore:You are providing multiple inputs for Lime"),
+    pytest.mark.filterwarnings("ignore:Setting forward, backward hooks and attributes on non-linear"),  # DeepLift
+]
+
+MODELS = ("kde_outlier", "kde_inlier", "kmeans")
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0, 0, 0], [4, 4, 0, 0], [0, 4, 4, -2]])
+    train = np.concatenate([c + rng.normal(size=(15, 4)) for c in centres])
+    test = torch.as_tensor(np.concatenate([centres + rng.normal(size=(3, 4)), [[8.0, -3, 1, 0]]]))
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def models(data):
+    train, _ = data
+    return {
+        "kde_outlier": KDEOutlier(gamma=0.5).double().fit(train),
+        "kde_inlier": KDEInlier(gamma=0.5, n_features=300, seed=0).double().fit(train),
+        "kmeans": KMeansMembership(n_clusters=3, seed=0).double().fit(train),
+    }
+
+
+def _target(name):
+    return [0, 1, 2, 0] if name == "kmeans" else None
+
+
+def _snapshot(model):
+    return {name: sorted(vars(module)) for name, module in model.named_modules()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NeonLRP
+@pytest.mark.parametrize("name", MODELS)
+def test_neon_lrp_equals_explain(models, data, name):
+    model, x = models[name], data[1]
+    before = _snapshot(model)
+    explainer = NeonLRP(model)
+    relevance = explainer.attribute(x, target=_target(name))
+    torch.testing.assert_close(relevance, explain(model, x, target=_target(name)), rtol=1e-6, atol=1e-9)
+    assert torch.equal(relevance, explainer.attribute(x, target=_target(name)))  # repeated calls: identical
+    assert _snapshot(model) == before
+    assert_no_hooks(model)
+
+
+def test_neon_lrp_contract(models, data):
+    model, x = models["kmeans"], data[1]
+    explainer = NeonLRP(model)
+    assert explainer.has_convergence_delta() and explainer.multiplies_by_inputs
+    (relevance,), delta = explainer.attribute((x,), return_convergence_delta=True)  # tuple in, tuple out
+    torch.testing.assert_close(relevance, explain(model, x))  # target None: the assigned cluster, as explain
+    torch.testing.assert_close(delta, torch.zeros_like(delta), rtol=0, atol=1e-10)  # k-means conserves exactly
+    torch.testing.assert_close(explainer.attribute(x, target=(1,)), explain(model, x, target=1))
+    kde = models["kde_outlier"]
+    relevance, delta = NeonLRP(kde).attribute(x, return_convergence_delta=True)
+    torch.testing.assert_close(delta, kde(x) - relevance.sum(1))
+    assert bool((delta >= -1e-12).all())  # KDE: eps only dissipates
+    with pytest.raises(TypeError, match="Module"):
+        NeonLRP(lambda z: z)
+    with pytest.raises(ValueError, match="must lie in"):
+        explainer.attribute(x, target=5)
+
+
+def test_neon_lrp_with_noise_tunnel_and_metrics(models, data):
+    model, x = models["kde_outlier"], data[1]
+    explainer = NeonLRP(model)
+    torch.manual_seed(0)
+    smooth = NoiseTunnel(explainer).attribute(x, nt_type="smoothgrad", nt_samples=3, stdevs=0.0)
+    torch.testing.assert_close(smooth, explain(model, x))  # no noise: exactly NEON
+    noisy = NoiseTunnel(explainer).attribute(x, nt_type="smoothgrad", nt_samples=4, stdevs=0.2)
+    assert noisy.shape == x.shape and bool(torch.isfinite(noisy).all())
+    kmeans = models["kmeans"]
+    smooth_km = NoiseTunnel(NeonLRP(kmeans)).attribute(x, target=[0, 1, 2, 0], nt_samples=3, stdevs=0.1)
+    assert smooth_km.shape == x.shape
+
+    def perturb(inputs):
+        noise = torch.randn_like(inputs) * 0.1
+        return noise, inputs - noise
+
+    scores = infidelity(model, perturb, x, explainer.attribute(x), n_perturb_samples=4)
+    assert scores.shape == (x.shape[0],) and bool(torch.isfinite(scores).all())
+    sens = sensitivity_max(NeonLRP(kmeans).attribute, x, target=1, n_perturb_samples=3)
+    assert sens.shape == (x.shape[0],) and bool(torch.isfinite(sens).all())
+    assert_no_hooks(model)
+    assert_no_hooks(kmeans)
+
+
+def test_neon_lrp_images_and_visualization(rng):
+    """A head on flattened 3×8×8 images (Flatten has no rule: the gradient passes) and Captum's image display."""
+    images = torch.as_tensor(rng.random((12, 3, 8, 8)))
+    model = nn.Sequential(nn.Flatten(), KDEOutlier(gamma=0.05).double().fit(images.reshape(12, -1))).double()
+    relevance = NeonLRP(model).attribute(images[:2])
+    torch.testing.assert_close(relevance, explain(model, images[:2]))
+    fig, _ = captum_attr.visualization.visualize_image_attr(
+        relevance[0].permute(1, 2, 0).numpy(), images[0].permute(1, 2, 0).numpy(), method="blended_heat_map",
+        sign="all", use_pyplot=False)
+    assert fig is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Captum's own LRP
+@pytest.mark.parametrize("name", MODELS)
+def test_captum_lrp_equals_explain_on_every_call(models, data, name):
+    model, x = models[name], data[1]
+    before = _snapshot(model)
+    lrp = LRP(model)
+    targets = [0, 1, 2] if name == "kmeans" else [None]
+    for target in targets:
+        reference = explain(model, x, target=target)
+        first = lrp.attribute(x.clone(), target=target)
+        torch.testing.assert_close(first, reference, rtol=1e-6, atol=1e-9)
+        for _ in range(2):  # Captum deletes module.rule after each call (its issue #1059): ours survive
+            assert torch.equal(lrp.attribute(x.clone(), target=target), first)
+        torch.testing.assert_close(LRP(model).attribute(x.clone(), target=target), reference, rtol=1e-6, atol=1e-9)
+    if name == "kmeans":  # per-example targets, as Captum passes them
+        torch.testing.assert_close(lrp.attribute(x.clone(), target=[0, 1, 2, 0]),
+                                   explain(model, x, target=[0, 1, 2, 0]), rtol=1e-6, atol=1e-9)
+    relevance, delta = lrp.attribute(x.clone(), target=targets[0], return_convergence_delta=True)
+    neon_delta = NeonLRP(model).attribute(x, target=targets[0], return_convergence_delta=True)[1]
+    torch.testing.assert_close(delta, neon_delta, rtol=1e-6, atol=1e-9)
+    assert _snapshot(model) == before  # no rule, activations or other attribute left behind
+    assert_no_hooks(model)
+
+
+def test_layer_rule_is_class_level_and_overridable(models, data):
+    model, x = models["kde_outlier"], data[1]
+    pool = model.pool
+    assert isinstance(pool.rule, NeonRule) and "rule" not in vars(pool)
+    del pool.rule  # what Captum does after each call: the class-level rule stays
+    assert isinstance(pool.rule, NeonRule)
+    pool.rule = NeonRule(SoftArgminRule(beta=3.0))
+    try:
+        expected = explain(model, x, beta=3.0)
+        torch.testing.assert_close(LRP(model).attribute(x.clone()), expected, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(LRP(model).attribute(x.clone()), expected, rtol=1e-6, atol=1e-9)  # kept
+        with pytest.raises(TypeError, match="PropagationRule"):
+            pool.rule = SoftArgminRule()
+    finally:
+        pool.rule = None  # back to the default
+    assert "_neon_captum_rule" not in vars(pool)
+    torch.testing.assert_close(LRP(model).attribute(x.clone()), explain(model, x), rtol=1e-6, atol=1e-9)
+    assert "β" not in repr(pool.rule) and repr(NeonRule(SoftArgminRule(beta=2.0))).startswith("NeonRule(")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# every Captum method on NEON models
+def _captum_methods(x):
+    reference = torch.zeros_like(x)
+    return {
+        "Saliency": (captum_attr.Saliency, {}),
+        "InputXGradient": (captum_attr.InputXGradient, {}),
+        "IntegratedGradients": (captum_attr.IntegratedGradients, {"n_steps": 20, "baselines": reference}),
+        "DeepLift": (captum_attr.DeepLift, {"baselines": reference}),
+        "GradientShap": (captum_attr.GradientShap, {"baselines": torch.zeros(3, x.shape[1], dtype=x.dtype)}),
+        "Occlusion": (captum_attr.Occlusion, {"sliding_window_shapes": (1,), "baselines": reference}),
+        "FeatureAblation": (captum_attr.FeatureAblation, {"baselines": reference}),
+        "ShapleyValueSampling": (captum_attr.ShapleyValueSampling, {"n_samples": 3}),
+        "KernelShap": (captum_attr.KernelShap, {"baselines": reference}),
+        "Lime": (captum_attr.Lime, {"n_samples": 20}),
+    }
+
+
+@pytest.mark.parametrize("method", list(_captum_methods(torch.zeros(1, 4))))
+@pytest.mark.parametrize("name", MODELS)
+def test_every_captum_method_runs(models, data, name, method):
+    model, x = models[name], data[1]
+    cls, kwargs = _captum_methods(x)[method]
+    before = _snapshot(model)
+    torch.manual_seed(0)
+    attribution = cls(model).attribute(x.clone(), target=_target(name), **kwargs)
+    assert attribution.shape == x.shape and bool(torch.isfinite(attribution).all())
+    assert _snapshot(model) == before
+    assert_no_hooks(model)
+
+
+def test_gradient_methods_agree_with_autograd(models, data):
+    """Sanity: our forward is differentiable as written (Saliency is |∂f/∂x|; IG is complete)."""
+    model, x = models["kde_outlier"], data[1]
+    inputs = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(inputs).sum(), inputs)
+    torch.testing.assert_close(captum_attr.Saliency(model).attribute(x.clone()), grad.abs())
+    ig, delta = captum_attr.IntegratedGradients(model).attribute(x.clone(), n_steps=200,
+                                                                 return_convergence_delta=True)
+    assert float(delta.abs().max()) < 1e-3 * float(model(x).abs().max())
+    # DeepLift's rescale rule only acts on the non-linearities it knows (ReLU, Sigmoid, ...); NEON layers are not
+    # among them, so on a NEON model DeepLift is (input − baseline) × the gradient at the input.
+    baseline = torch.full_like(x, 0.5)
+    deeplift = captum_attr.DeepLift(model).attribute(x.clone(), baselines=baseline)
+    torch.testing.assert_close(deeplift.detach(), (x - baseline) * grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# compare
+def test_compare(models, data):
+    model, (train, x) = models["kmeans"], data
+    methods = ["Saliency", "IntegratedGradients", "LRP", ("Occlusion (2)", lambda m: captum_attr.Occlusion(m))]
+    result = compare(model, x, methods=methods, reference=median_reference(train),
+                     method_kwargs={"Occlusion (2)": {"sliding_window_shapes": (2,)}}, feature_names=list("abcd"))
+    assert isinstance(result, Comparison)
+    names = [row["method"] for row in result.rows]
+    assert names == ["NEON", "Saliency", "IntegratedGradients", "LRP", "Occlusion (2)", "Random"]
+    torch.testing.assert_close(result.relevances["NEON"], explain(model, x))
+    torch.testing.assert_close(result.relevances["LRP"], result.relevances["NEON"], rtol=1e-6, atol=1e-9)
+    rows = {row["method"]: row for row in result.rows}
+    assert rows["LRP"]["deletion"] == pytest.approx(rows["NEON"]["deletion"])
+    assert rows["NEON"]["relative_time"] == 1.0 and rows["Random"]["seconds"] is None
+    assert all(np.isfinite(row["deletion"]) and np.isfinite(row["insertion"]) for row in result.rows)
+    text = str(result)
+    assert all(name in text for name in names) and "deletion" in text
+    assert result.figure is not None and len(result.figure.axes) == 2
+    assert set(result.to_dict()["curves"]) == set(names)
+    matplotlib.pyplot.close(result.figure)
+    with pytest.raises(ValueError, match="Unknown Captum method"):
+        compare(model, x, methods=["NoSuchMethod"], reference=0.0, figure=False)
+
+
+def test_compare_kde_defaults(models, data):
+    model, x = models["kde_outlier"], data[1]
+    result = compare(model, x, methods=["InputXGradient"], figure=False, repeats=2)
+    assert result.figure is None and [row["method"] for row in result.rows] == ["NEON", "InputXGradient", "Random"]
+    assert result.scores.shape == (x.shape[0],)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# deep heads (VGG-16 with random weights, 32×32 inputs, float64)
+@pytest.fixture(scope="module")
+def deep():
+    deep = pytest.importorskip("neon_attrib.deep")
+    torch.manual_seed(0)
+    features = deep.vgg16_features().double()
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    return deep, features, images
+
+
+def test_neon_lrp_on_deep_neon(deep):
+    module, features, images = deep
+    model = module.DeepNeon(features, KDEOutlier(gamma=1e-3)).double().fit(images, progress=False)
+    before = _snapshot(model)
+    relevance = NeonLRP(model).attribute(images[:1])
+    torch.testing.assert_close(relevance, explain(model, images[:1]), rtol=1e-6, atol=1e-12)
+    assert _snapshot(model) == before
+    assert_no_hooks(model)
+
+
+def test_captum_lrp_on_deep_neon(deep):
+    """Captum's LRP: Captum's epsilon rule on the VGG layers, the head's NEON activation rule and the pool rule.
+
+    It equals explain() with a Zennit composite that puts the same epsilon rule on the convolutions (up to Captum's
+    epsilon on max pooling), so our layers get exactly our rules; and it keeps doing so, call after call.
+    """
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import Epsilon
+    from zennit.types import Convolution
+
+    module, features, images = deep
+    same_rules = LayerMapComposite([(Convolution, Epsilon(epsilon=1e-9))])
+    head = KMeansMembership(n_clusters=2, n_init=1, seed=0)
+    model = module.DeepNeon(features, head, pool="positive", composite=same_rules).double().fit(images,
+                                                                                                progress=False)
+    x = images[:2]
+    before = _snapshot(model)
+    expected = explain(model, x, target=1)
+    lrp = LRP(model)
+    first = lrp.attribute(x.clone(), target=1)
+    torch.testing.assert_close(first, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(lrp.attribute(x.clone(), target=1), first)
+    assert _snapshot(model) == before  # Captum's own 'activations' leftovers are cleaned too
+    assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("head_name", ["kde_outlier", "kde_inlier", "kmeans"])
+def test_captum_layer_lrp_gives_the_heads_relevance_exactly(deep, head_name):
+    """At the block-5 feature map (the head's input), Captum's LayerLRP equals explain's relevance there: the head's
+    activation rule and the pool rule, applied through Captum's leaf hooks, to rounding."""
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import Epsilon
+    from zennit.types import Convolution
+
+    module, features, images = deep
+    head, pool, target = {
+        "kde_outlier": (KDEOutlier(gamma=1e-3), "sum", None),
+        "kde_inlier": (KDEInlier(gamma=1e-3, n_features=200, seed=0), "sum", None),
+        "kmeans": (KMeansMembership(n_clusters=2, n_init=1, seed=0), "positive", 1),
+    }[head_name]
+    cheap = LayerMapComposite([(Convolution, Epsilon(epsilon=1e-9))])  # the VGG rules do not matter here
+    model = module.DeepNeon(features, head, pool=pool, composite=cheap).double().fit(images, progress=False)
+    x = images[:1]
+    expected = model.relevance(x, target=target).features
+    got = captum_attr.LayerLRP(model, model.features[30]).attribute(x.clone(), target=target)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+
+
+def test_captum_lrp_rejects_leave_one_out_heads(deep):
+    module, features, images = deep
+    model = module.DeepNeon(features, KDEOutlier(gamma=1e-3)).double()
+    model.head = module.LeaveOneOutKDEOutlier(gamma=1e-3).double().fit(torch.rand(4, 512, dtype=torch.float64))
+    with pytest.raises(TypeError, match="NeonLRP"):
+        LRP(model)
+
+
+def test_captum_lrp_rejects_fused_heads_and_neon_lrp_takes_them(deep):
+    """A fused KDEOutlier never runs its two layers, so Captum's leaf hooks could not see it: a clear error, not a
+    silently wrong heatmap. NeonLRP gives explain()'s relevance, equal to the layered head's."""
+    module, features, images = deep
+    head = KDEOutlier(gamma=1e-3).double().fit(torch.rand(6, 512, dtype=torch.float64))
+    model = module.DeepNeon(features, head, fast=False).double()
+    layered = NeonLRP(model).attribute(images[:1].clone())
+    head.fused = True
+    with pytest.raises(TypeError, match="fused KDEOutlier"):
+        LRP(model)
+    assert_no_hooks(model)
+    torch.testing.assert_close(NeonLRP(model).attribute(images[:1].clone()), layered, rtol=1e-9, atol=1e-12)
+
+
+def test_layer_integrated_gradients_on_a_vgg_layer(deep):
+    """On the block-5 output (the head's input) and on a ReLU. A convolution followed by VGG's in-place ReLU fails in
+    Captum's layer methods (PyTorch: "a leaf Variable that requires grad is being used in an in-place operation")."""
+    module, features, images = deep
+    model = module.DeepNeon(features, KDEOutlier(gamma=1e-3)).double().fit(images, progress=False)
+    for layer, shape in ((model.features[30], (1, 512, 1, 1)), (model.features[29], (1, 512, 2, 2))):
+        attribution = captum_attr.LayerIntegratedGradients(model, layer).attribute(images[:1], n_steps=4)
+        assert attribution.shape == shape and bool(torch.isfinite(attribution).all())
+    assert_no_hooks(model)
