@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -50,10 +47,11 @@ from zennit.attribution import Gradient
 from zennit.composites import EpsilonGammaBox
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, max_relative_error, peak_memory_mb, synchronize  # noqa: E402
 
 from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build_features(weights: str | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Sequential:
@@ -70,49 +68,6 @@ def build_features(weights: str | None, device: torch.device, dtype: torch.dtype
     return features
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device: torch.device, run: Callable[[], object]) -> float:
-    """Peak memory of one call above the memory before it: the CUDA allocator's peak, or on Linux CPUs the resident
-    set size sampled every millisecond (a close lower bound)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        run()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    statm = Path("/proc/self/statm")
-    if not statm.exists():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss() -> int:
-        return int(statm.read_text().split()[1]) * page
-
-    base, peak, done = rss(), [0], threading.Event()
-
-    def sample() -> None:  # large tensors are mmapped and returned on free, so RSS follows the live tensors
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        run()
-    finally:
-        done.set()
-        sampler.join()
-    return max(0, max(peak[0], rss()) - base) / 2**20
-
-
 def identity(output: torch.Tensor) -> torch.Tensor:
     """The output as its own relevance (Zennit's default ``attr_output``)."""
     return output
@@ -121,11 +76,6 @@ def identity(output: torch.Tensor) -> torch.Tensor:
 def _run(methods: dict[str, Callable[[], object]], name: str) -> torch.Tensor:
     result = methods[name]()
     return result[1] if isinstance(result, tuple) else result
-
-
-def max_relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
-    """``max |result - reference| / max |reference|``."""
-    return ((result - reference).abs().max() / reference.abs().max().clamp(min=1e-30)).item()
 
 
 def main(argv: list[str] | None = None) -> dict:

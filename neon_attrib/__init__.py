@@ -3,7 +3,14 @@
 Kernel density estimates and k-means are rewritten, without retraining, as exactly equivalent neural networks
 (:mod:`neon_attrib.layers`, :mod:`neon_attrib.models`), and Zennit rules (:mod:`neon_attrib.rules`,
 :class:`NeonComposite`) explain their predictions in input features or, stacked on a CNN, in pixels.
+
+Submodules: :mod:`~neon_attrib.deep` (heads on VGG-16 feature maps), :mod:`~neon_attrib.fast` (fast exact LRP rules
+for ReLU CNNs), :mod:`~neon_attrib.captum` (Captum drop-in), :mod:`~neon_attrib.evaluation` (deletion/insertion
+curves), :mod:`~neon_attrib.viz` (heatmaps), :mod:`~neon_attrib.dec` (DEC surrogates of a classifier). Their main
+names are importable from here too; they are loaded on first use, so ``import neon_attrib`` stays light.
 """
+
+import importlib
 
 from .attribution import attribution_output, explain
 from .composites import NeonComposite
@@ -21,6 +28,16 @@ from .rules import (
 )
 
 __version__ = "0.1.0"
+
+#: Names re-exported from submodules, imported on first access (PEP 562).
+_LAZY = {
+    "DeepNeon": "deep", "vgg16_features": "deep", "get_preprocessing": "deep", "load_image": "deep",
+    "FastEpsilonGammaBox": "fast", "FastEpsilonPlusFlat": "fast", "LRPExplainer": "fast",
+    "NeonLRP": "captum", "NeonRule": "captum", "compare": "captum",
+    "deletion_curve": "evaluation", "insertion_curve": "evaluation",
+    "heatmap": "viz", "overlay": "viz", "save_heatmap": "viz",
+    "DEC": "dec", "ActivationClusteringSurrogate": "dec", "DECHead": "dec",
+}
 
 __all__ = [
     "explain",
@@ -44,3 +61,16 @@ __all__ = [
     "KDEInlierActivationRule",
     "KMeansActivationRule",
 ]
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -712,7 +712,15 @@ class DeepNeon(nn.Module):
     def _scores(self, fmap: torch.Tensor) -> torch.Tensor:
         """Location scores (n, L) for KDE heads, (n, K, L) for k-means."""
         n, _, h, w = fmap.shape
-        scores = self.head(self._rows(fmap))
+        rows = self._rows(fmap)
+        if torch.is_autocast_enabled(rows.device.type):
+            # reduced-precision features (autocast): the head runs in its own precision, outside autocast, since its
+            # log-sum-exp and distance differences lose everything in bfloat16
+            head_dtype, _ = module_dtype_device(self.head)
+            with torch.autocast(rows.device.type, enabled=False):
+                scores = self.head(rows.to(head_dtype))
+        else:
+            scores = self.head(rows)
         if scores.ndim == 1:
             return scores.reshape(n, h * w)
         return scores.reshape(n, h * w, -1).transpose(1, 2)

@@ -537,3 +537,19 @@ def test_real_vgg16_weights_on_a_tile():
     relevance = explain(model, x)
     assert relevance.shape == x.shape and bool(torch.isfinite(relevance).all())
     assert_no_hooks(model)
+
+
+def test_bfloat16_autocast_keeps_the_head_in_float32(features, images):
+    """Under autocast the VGG part runs in bfloat16 but the head's log-sum-exp stays in float32: the score and the
+    heatmap stay close to float32 (approximate by design: a cosine similarity, not equality)."""
+    model = DeepNeon(features, KDEOutlier(gamma=_gamma(features, images), fused=True)).fit(images, progress=False)
+    x = images[:2]
+    with model.explainer() as explainer:
+        output32, relevance32 = explainer(x)
+    with model.explainer(autocast_dtype=torch.bfloat16) as explainer:
+        output16, relevance16 = explainer(x)
+    assert output16.dtype == torch.float32 and bool(torch.isfinite(relevance16).all())
+    torch.testing.assert_close(output16, output32, rtol=0.1, atol=0)
+    cosine = torch.nn.functional.cosine_similarity(relevance16.flatten(1).float(), relevance32.flatten(1), dim=1)
+    assert bool((cosine > 0.95).all()), cosine
+    assert not torch.equal(relevance16.float(), relevance32)  # it did run in reduced precision

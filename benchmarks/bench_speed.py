@@ -1,0 +1,234 @@
+"""Benchmark: NEON pixel heatmaps per second against the plain gradient of the same network (issue "Speed").
+
+For every head (KDE outlier, KDE inlier, k-means) and support-set size N, on VGG-16 ``features`` (224x224 by
+default) + head + sum/positive pooling (:class:`neon_attrib.deep.DeepNeon`), at every batch size:
+
+* ``forward``: the model's score, no gradient (``torch.inference_mode``);
+* ``gradient``: forward + plain input gradient of the explained score: the limit we measure against (ratio 1);
+* ``reference``: the NEON heatmap through Zennit's own ``EpsilonGammaBox`` rules on the VGG part (``fast=False``);
+* ``fast``: the NEON heatmap through :mod:`neon_attrib.fast`'s exact rules (``DeepNeon``'s default);
+* ``fast_bf16`` (``--autocast``): the fast path under bfloat16 autocast, with its heatmap error against float32.
+
+and, once per batch size, for the peer: ``classifier_gradient`` and ``classifier_zennit`` (Zennit's
+``EpsilonGammaBox`` on the full torchvision VGG-16 classifier, predicted class). Heatmaps come from explainers that
+register their hooks once (:meth:`DeepNeon.explainer`). Methods are interleaved in every repeat; medians of wall-clock
+and process CPU time are reported, with peak memory (CUDA allocator, or sampled RSS on CPU) from one extra call.
+The fast heatmaps are compared with the reference ones in the same run (max relative error).
+
+The KDE heads run fused (score and gradient in one chunked pass over the support set). Support sets are jittered
+copies of block-5 locations of random images (timings do not depend on the values; weights are random too).
+
+    python benchmarks/bench_speed.py --device cpu --batches 1 8                     # a CPU run (~15 min, 2 cores)
+    python benchmarks/bench_speed.py --device cuda --batches 1 32 128 --channels-last --autocast
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, environment, max_relative_error, median, peak_memory_mb, time_interleaved  # noqa: E402
+
+from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership  # noqa: E402
+from neon_attrib.attribution import attribution_output  # noqa: E402
+from neon_attrib.deep import DeepNeon, get_preprocessing, vgg16_features  # noqa: E402
+
+HEADS = ("kde_outlier", "kde_inlier", "kmeans")
+
+
+def support_rows(features: torch.nn.Module, n_support: int, size: int, device: torch.device) -> torch.Tensor:
+    """``n_support`` non-negative location vectors: block-5 locations of 8 random images, each copied with a random
+    multiplicative jitter (zeros stay zeros, as in real ReLU features)."""
+    generator = torch.Generator().manual_seed(0)
+    images = get_preprocessing("torchvision")(torch.rand(8, 3, size, size, generator=generator)).to(device)
+    with torch.inference_mode():
+        rows = DeepNeon._rows(features(images)).cpu()
+    picks = torch.randint(rows.shape[0], (n_support,), generator=generator)
+    jitter = torch.exp(0.2 * torch.randn(n_support, rows.shape[1], generator=generator))
+    return (rows[picks] * jitter).to(device)
+
+
+def build_head(name: str, support: torch.Tensor) -> torch.nn.Module:
+    sample = support[torch.randperm(support.shape[0], generator=torch.Generator().manual_seed(1))[:2000]]
+    gamma = float(1.0 / torch.cdist(sample, sample).pow(2).median())  # kernel width matched to the features
+    if name == "kde_outlier":
+        head = KDEOutlier(gamma=gamma, fused=True)
+    elif name == "kde_inlier":
+        head = KDEInlier(gamma=gamma, n_features=2500, seed=0)
+    else:
+        head = KMeansMembership(n_clusters=8, n_init=1, seed=0)
+    return head.to(support.device).fit(support)
+
+
+def plain_gradient(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        output = model(leaf)
+        seed = attribution_output(output, output.argmax(-1) if output.ndim > 1 else None)
+        (grad,) = torch.autograd.grad(output, leaf, seed)
+    return grad
+
+
+def plain_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
+def heatmap(explainer: Callable, x: torch.Tensor) -> torch.Tensor:
+    return explainer(x)[1]
+
+
+def rows_for(methods: dict[str, Callable[[], object]], batch: int, device: torch.device, repeats: int,
+             budget: float, gradient_name: str, extra: dict) -> list[dict]:
+    """Warm up, time (interleaved), measure memory; one JSON row per method."""
+    for run in methods.values():
+        run()
+    times, cpu_times = time_interleaved(methods, device, repeats, budget)
+    memory = {name: peak_memory_mb(device, run) for name, run in methods.items()}
+    grad_s, grad_cpu = median(times[gradient_name]), median(cpu_times[gradient_name])
+    rows = []
+    for name in methods:
+        wall, cpu = median(times[name]), median(cpu_times[name])
+        rows.append({**extra, "batch": batch, "method": name, "median_s": wall, "times_s": times[name],
+                     "images_per_s": batch / wall, "ratio_to_gradient": grad_s / wall, "median_cpu_s": cpu,
+                     "cpu_ratio_to_gradient": grad_cpu / cpu, "peak_memory_mb": memory[name]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
+    parser.add_argument("--supports", type=int, nargs="+", default=[10_000, 100_000], help="support-set sizes N")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--budget", type=float, default=120.0, help="stop repeating a configuration after this many s")
+    parser.add_argument("--reference-max-batch", type=int, default=None,
+                        help="time the Zennit reference path and the classifier's Zennit LRP only up to this batch")
+    parser.add_argument("--channels-last", action="store_true", help="fast path with channels_last inputs")
+    parser.add_argument("--autocast", action="store_true", help="also time the fast path under bfloat16 autocast")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/speed_<device>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # for every method alike
+    torch.manual_seed(0)
+    features = vgg16_features().to(device)
+    for param in features.parameters():
+        param.requires_grad_(False)
+    preprocessing = get_preprocessing("torchvision")
+    inputs = {batch: preprocessing(torch.rand(batch, 3, args.size, args.size,
+                                              generator=torch.Generator().manual_seed(batch))).to(device)
+              for batch in args.batches}
+    with_reference = {batch: args.reference_max_batch is None or batch <= args.reference_max_batch
+                      for batch in args.batches}
+    rows, checks = [], []
+
+    import torchvision
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonGammaBox
+
+    classifier = torchvision.models.vgg16(weights=None).eval().to(device)
+    for param in classifier.parameters():
+        param.requires_grad_(False)
+    low, high = preprocessing.bounds(device=device)
+    for batch, x in inputs.items():
+        methods = {"classifier_gradient": partial(plain_gradient, classifier, x)}
+        attributor = None
+        if with_reference[batch]:
+            attributor = Gradient(classifier, EpsilonGammaBox(low=low, high=high)).__enter__()
+            methods["classifier_zennit"] = partial(attributor, x, lambda out: attribution_output(out, out.argmax(1)))
+        rows += rows_for(methods, batch, device, args.repeats, args.budget, "classifier_gradient",
+                         {"head": "vgg16 classifier", "n_support": None})
+        if attributor is not None:
+            attributor.__exit__(None, None, None)
+        print(f"classifier, batch {batch}: done", flush=True)
+
+    for n_support in args.supports:
+        support = support_rows(features, n_support, args.size, device)
+        for head_name in args.heads:
+            head = build_head(head_name, support)
+            pool = "positive" if head_name == "kmeans" else "sum"
+            model = DeepNeon(features, head, pool=pool)
+            # every explainer keeps its hooks on a model of its own
+            fast = copy.deepcopy(model).explainer(channels_last=args.channels_last)
+            reference = DeepNeon(copy.deepcopy(features), copy.deepcopy(head), pool=pool, fast=False).explainer()
+            bf16 = copy.deepcopy(model).explainer(channels_last=args.channels_last, autocast_dtype=torch.bfloat16)
+            for batch, x in inputs.items():
+                methods = {"forward": partial(plain_forward, model, x), "gradient": partial(plain_gradient, model, x),
+                           "fast": partial(heatmap, fast, x)}
+                if with_reference[batch]:
+                    methods["reference"] = partial(heatmap, reference, x)
+                if args.autocast:
+                    methods["fast_bf16"] = partial(heatmap, bf16, x)
+                extra = {"head": head_name, "n_support": n_support}
+                rows += rows_for(methods, batch, device, args.repeats, args.budget, "gradient", extra)
+                fast_map = heatmap(fast, x)
+                check = {**extra, "batch": batch}
+                if "reference" in methods:
+                    check["fast_vs_reference_max_rel_error"] = max_relative_error(fast_map, heatmap(reference, x))
+                if args.autocast:
+                    low_precision = heatmap(bf16, x).float()
+                    check["bf16_vs_fp32_max_rel_error"] = max_relative_error(low_precision, fast_map)
+                    check["bf16_vs_fp32_cosine"] = float(torch.nn.functional.cosine_similarity(
+                        low_precision.flatten(1).double(), fast_map.flatten(1).double()).min())
+                checks.append(check)
+                print(f"{head_name}, N={n_support}, batch {batch}: {check}", flush=True)
+            for explainer in (fast, reference, bf16):
+                explainer.close()
+
+    result = {
+        "benchmark": "bench_speed",
+        **environment(device),
+        "settings": {"size": args.size, "batches": args.batches, "heads": args.heads, "supports": args.supports,
+                     "repeats": args.repeats, "budget_s": args.budget, "dtype": "float32",
+                     "channels_last": args.channels_last, "autocast": "bfloat16" if args.autocast else None,
+                     "reference_max_batch": args.reference_max_batch,
+                     "composite": "EpsilonGammaBox (gamma 0.25, ZBox bounds of torchvision preprocessing)",
+                     "weights": "random (timings do not depend on them)",
+                     "kde_outlier": "fused=True", "kde_inlier": "n_features=2500",
+                     "kmeans": "8 clusters, pool positive",
+                     "memory": ("CUDA max_memory_allocated above the start" if device.type == "cuda"
+                                else "peak RSS growth, sampled every 1 ms")},
+        "rows": rows,
+        "checks": checks,
+    }
+    print(markdown(result))
+    output = Path(args.output) if args.output else RESULTS / f"speed_{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output}")
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The rows as a Markdown table (ratios: to the plain gradient of the same network, same batch)."""
+    lines = [f"{result['device_name']} ({result['device']}, {result['torch_threads']} threads), "
+             f"{result['settings']['size']}x{result['settings']['size']}, float32",
+             "",
+             "| head | N | batch | method | images/s | x gradient (wall) | x gradient (CPU time) | peak MB |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['head']} | {row['n_support'] or ''} | {row['batch']} | {row['method']} | "
+                     f"{row['images_per_s']:.3g} | {row['ratio_to_gradient']:.2f} | {row['cpu_ratio_to_gradient']:.2f} "
+                     f"| {row['peak_memory_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
