@@ -46,11 +46,12 @@ from neon_attrib.deep import DeepNeon, get_preprocessing, vgg16_features  # noqa
 HEADS = ("kde_outlier", "kde_inlier", "kmeans")
 
 
-def support_rows(features: torch.nn.Module, n_support: int, size: int, device: torch.device) -> torch.Tensor:
+def support_rows(features: torch.nn.Module, n_support: int, size: int, device: torch.device,
+                 preprocessing: str = "torchvision") -> torch.Tensor:
     """``n_support`` non-negative location vectors: block-5 locations of 8 random images, each copied with a random
     multiplicative jitter (zeros stay zeros, as in real ReLU features)."""
     generator = torch.Generator().manual_seed(0)
-    images = get_preprocessing("torchvision")(torch.rand(8, 3, size, size, generator=generator)).to(device)
+    images = get_preprocessing(preprocessing)(torch.rand(8, 3, size, size, generator=generator)).to(device)
     with torch.inference_mode():
         rows = DeepNeon._rows(features(images)).cpu()
     picks = torch.randint(rows.shape[0], (n_support,), generator=generator)
@@ -88,13 +89,14 @@ def heatmap(explainer: Callable, x: torch.Tensor) -> torch.Tensor:
     return explainer(x)[1]
 
 
-def rows_for(methods: dict[str, Callable[[], object]], batch: int, device: torch.device, repeats: int,
-             budget: float, gradient_name: str, extra: dict) -> list[dict]:
+def rows_for(methods: dict[str, Callable[[], object]], batch: int, device: torch.device, args: argparse.Namespace,
+             gradient_name: str, extra: dict) -> list[dict]:
     """Warm up, time (interleaved), measure memory; one JSON row per method."""
-    for run in methods.values():
-        run()
-    times, cpu_times = time_interleaved(methods, device, repeats, budget)
-    memory = {name: peak_memory_mb(device, run) for name, run in methods.items()}
+    for _ in range(args.warmup):
+        for run in methods.values():
+            run()
+    times, cpu_times = time_interleaved(methods, device, args.repeats, args.budget)
+    memory = {name: None if args.no_memory else peak_memory_mb(device, run) for name, run in methods.items()}
     grad_s, grad_cpu = median(times[gradient_name]), median(cpu_times[gradient_name])
     rows = []
     for name in methods:
@@ -111,13 +113,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
-    parser.add_argument("--supports", type=int, nargs="+", default=[10_000, 100_000], help="support-set sizes N")
+    parser.add_argument("--supports", type=int, nargs="*", default=[10_000, 100_000],
+                        help="support-set sizes N (none: the classifier only)")
+    parser.add_argument("--no-classifier", dest="classifier", action="store_false",
+                        help="skip the VGG-16 classifier rows (plain gradient, Zennit LRP)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per method before timing (default 1)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory call (saves time on CPU)")
     parser.add_argument("--budget", type=float, default=120.0, help="stop repeating a configuration after this many s")
     parser.add_argument("--reference-max-batch", type=int, default=None,
                         help="time the Zennit reference path and the classifier's Zennit LRP only up to this batch")
     parser.add_argument("--channels-last", action="store_true", help="fast path with channels_last inputs")
     parser.add_argument("--autocast", action="store_true", help="also time the fast path under bfloat16 autocast")
+    parser.add_argument("--weights", default=None,
+                        help="state_dict of VGG-16's conv base (default: random weights), e.g. "
+                             "../shared/data/vgg16_imagenet_features/vgg16_features_keras_imagenet.pth")
+    parser.add_argument("--preprocessing", default="torchvision", help="'caffe' for the Keras/Caffe weights")
+    parser.add_argument("--float64-check", action="store_true",
+                        help="also compare fast and reference heatmaps in float64 (smallest batch)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/speed_<device>.json)")
     args = parser.parse_args(argv)
@@ -128,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # for every method alike
     torch.manual_seed(0)
-    features = vgg16_features().to(device)
+    features = vgg16_features(args.weights).to(device)
     for param in features.parameters():
         param.requires_grad_(False)
-    preprocessing = get_preprocessing("torchvision")
+    preprocessing = get_preprocessing(args.preprocessing)
     inputs = {batch: preprocessing(torch.rand(batch, 3, args.size, args.size,
                                               generator=torch.Generator().manual_seed(batch))).to(device)
               for batch in args.batches}
@@ -147,27 +160,29 @@ def main(argv: list[str] | None = None) -> dict:
     for param in classifier.parameters():
         param.requires_grad_(False)
     low, high = preprocessing.bounds(device=device)
-    for batch, x in inputs.items():
+    for batch, x in inputs.items() if args.classifier else ():
         methods = {"classifier_gradient": partial(plain_gradient, classifier, x)}
         attributor = None
         if with_reference[batch]:
-            attributor = Gradient(classifier, EpsilonGammaBox(low=low, high=high)).__enter__()
+            # on a copy: the hooks stay registered while the plain gradient runs too
+            attributor = Gradient(copy.deepcopy(classifier), EpsilonGammaBox(low=low, high=high)).__enter__()
             methods["classifier_zennit"] = partial(attributor, x, lambda out: attribution_output(out, out.argmax(1)))
-        rows += rows_for(methods, batch, device, args.repeats, args.budget, "classifier_gradient",
+        rows += rows_for(methods, batch, device, args, "classifier_gradient",
                          {"head": "vgg16 classifier", "n_support": None})
         if attributor is not None:
             attributor.__exit__(None, None, None)
         print(f"classifier, batch {batch}: done", flush=True)
 
     for n_support in args.supports:
-        support = support_rows(features, n_support, args.size, device)
+        support = support_rows(features, n_support, args.size, device, args.preprocessing)
         for head_name in args.heads:
             head = build_head(head_name, support)
             pool = "positive" if head_name == "kmeans" else "sum"
-            model = DeepNeon(features, head, pool=pool)
+            model = DeepNeon(features, head, pool=pool, preprocessing=args.preprocessing)
             # every explainer keeps its hooks on a model of its own
             fast = copy.deepcopy(model).explainer(channels_last=args.channels_last)
-            reference = DeepNeon(copy.deepcopy(features), copy.deepcopy(head), pool=pool, fast=False).explainer()
+            reference = DeepNeon(copy.deepcopy(features), copy.deepcopy(head), pool=pool, fast=False,
+                                 preprocessing=args.preprocessing).explainer()
             bf16 = copy.deepcopy(model).explainer(channels_last=args.channels_last, autocast_dtype=torch.bfloat16)
             for batch, x in inputs.items():
                 methods = {"forward": partial(plain_forward, model, x), "gradient": partial(plain_gradient, model, x),
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.autocast:
                     methods["fast_bf16"] = partial(heatmap, bf16, x)
                 extra = {"head": head_name, "n_support": n_support}
-                rows += rows_for(methods, batch, device, args.repeats, args.budget, "gradient", extra)
+                rows += rows_for(methods, batch, device, args, "gradient", extra)
                 fast_map = heatmap(fast, x)
                 check = {**extra, "batch": batch}
                 if "reference" in methods:
@@ -191,16 +206,28 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{head_name}, N={n_support}, batch {batch}: {check}", flush=True)
             for explainer in (fast, reference, bf16):
                 explainer.close()
+            if args.float64_check:
+                x = inputs[min(inputs)].double()
+                with model.double().explainer() as explainer:
+                    fast_map = explainer(x)[1]
+                with DeepNeon(features, head, pool=pool, fast=False, preprocessing=args.preprocessing).explainer() \
+                        as explainer:
+                    reference_map = explainer(x)[1]
+                model.float()
+                checks.append({"head": head_name, "n_support": n_support, "batch": x.shape[0], "dtype": "float64",
+                               "fast_vs_reference_max_rel_error": max_relative_error(fast_map, reference_map)})
+                print(f"{head_name}, N={n_support}, float64: {checks[-1]}", flush=True)
 
     result = {
         "benchmark": "bench_speed",
         **environment(device),
         "settings": {"size": args.size, "batches": args.batches, "heads": args.heads, "supports": args.supports,
-                     "repeats": args.repeats, "budget_s": args.budget, "dtype": "float32",
+                     "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget, "dtype": "float32",
                      "channels_last": args.channels_last, "autocast": "bfloat16" if args.autocast else None,
                      "reference_max_batch": args.reference_max_batch,
                      "composite": "EpsilonGammaBox (gamma 0.25, ZBox bounds of torchvision preprocessing)",
-                     "weights": "random (timings do not depend on them)",
+                     "weights": args.weights or "random (timings do not depend on them)",
+                     "preprocessing": args.preprocessing,
                      "kde_outlier": "fused=True", "kde_inlier": "n_features=2500",
                      "kmeans": "8 clusters, pool positive",
                      "memory": ("CUDA max_memory_allocated above the start" if device.type == "cuda"
@@ -209,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
         "checks": checks,
     }
     print(markdown(result))
+    print()
+    print(summary(result))
     output = Path(args.output) if args.output else RESULTS / f"speed_{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
@@ -226,7 +255,37 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         lines.append(f"| {row['head']} | {row['n_support'] or ''} | {row['batch']} | {row['method']} | "
                      f"{row['images_per_s']:.3g} | {row['ratio_to_gradient']:.2f} | {row['cpu_ratio_to_gradient']:.2f} "
-                     f"| {row['peak_memory_mb']:.0f} |")
+                     f"| {'' if row['peak_memory_mb'] is None else round(row['peak_memory_mb'])} |")
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> str:
+    """One line per head, N and batch: the fast path against the plain gradient and the reference, and bf16's error."""
+    checks = {(c["head"], c["n_support"], c["batch"]): c for c in result["checks"]}
+    by_config: dict[tuple, dict[str, dict]] = {}
+    for row in result["rows"]:
+        by_config.setdefault((row["head"], row["n_support"], row["batch"]), {})[row["method"]] = row
+    lines = ["| head | N | batch | gradient (img/s) | fast (img/s) | fast / gradient | reference / gradient "
+             "| fast / reference | fast vs reference (max rel. err.) | bf16 / gradient | bf16 vs fp32 (max rel. err.) "
+             "| peak MB fast / reference |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, methods in by_config.items():
+        if "fast" not in methods:
+            continue
+        fast, grad = methods["fast"], methods["gradient"]
+        ref, bf16, check = methods.get("reference"), methods.get("fast_bf16"), checks.get(key, {})
+
+        def fmt(value, spec):
+            return "—" if value is None else format(value, spec)
+
+        memory = f"{fmt(fast['peak_memory_mb'], '.0f')} / {fmt(ref and ref['peak_memory_mb'], '.0f')}"
+        lines.append(
+            f"| {key[0]} | {key[1]:.0e} | {key[2]} | {grad['images_per_s']:.2f} | {fast['images_per_s']:.2f} | "
+            f"**{fast['ratio_to_gradient']:.2f}** | {fmt(ref and ref['ratio_to_gradient'], '.2f')} | "
+            f"{fmt(ref and ref['median_s'] / fast['median_s'], '.1f')}x | "
+            f"{fmt(check.get('fast_vs_reference_max_rel_error'), '.1e')} | "
+            f"{fmt(bf16 and bf16['ratio_to_gradient'], '.2f')} | {fmt(check.get('bf16_vs_fp32_max_rel_error'), '.1e')} "
+            f"| {memory} |")
     return "\n".join(lines)
 
 
