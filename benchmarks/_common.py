@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import resource
@@ -113,3 +114,12 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
     }
+
+
+def write_result(result: dict, output: str | None, default_name: str) -> Path:
+    """Write the JSON record to ``output`` (default ``benchmarks/results/<default_name>``) and say where."""
+    path = Path(output) if output else RESULTS / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -49,7 +47,7 @@ from zennit.composites import EpsilonGammaBox
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, max_relative_error, peak_memory_mb, synchronize  # noqa: E402
+from _common import max_relative_error, peak_memory_mb, time_interleaved, write_result  # noqa: E402
 
 from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer  # noqa: E402
 
@@ -131,20 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
             methods["zennit"] = partial(zennit_attributor, x, identity)
         run = partial(_run, methods)
 
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        cpu_times: dict[str, list[float]] = {name: [] for name in methods}
         memory = {name: peak_memory_mb(device, partial(run, name)) for name in methods}
         for name in methods:
             for _ in range(max(0, args.warmup - 1)):
                 run(name)
-        for _ in range(args.repeats):
-            for name in methods:  # interleaved: every repeat sees the same machine load for every method
-                synchronize(device)
-                start, cpu_start = time.perf_counter(), time.process_time()
-                run(name)
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
+        times, cpu_times = time_interleaved({name: partial(run, name) for name in methods}, device, args.repeats)
 
         error = None
         if "zennit" in methods:
@@ -188,10 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     explainer.close()
     explainer_cl.close()
     print_table(result)
-    output = Path(args.output) if args.output else RESULTS / f"fast_lrp_{device.type}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {output}")
+    write_result(result, args.output, f"fast_lrp_{device.type}.json")
     return result
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -37,7 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, environment, max_relative_error, median, peak_memory_mb, time_interleaved  # noqa: E402
+from _common import (  # noqa: E402
+    environment,
+    max_relative_error,
+    median,
+    peak_memory_mb,
+    time_interleaved,
+    write_result,
+)
 
 from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership  # noqa: E402
 from neon_attrib.attribution import attribution_output  # noqa: E402
@@ -208,12 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
                 explainer.close()
             if args.float64_check:
                 x = inputs[min(inputs)].double()
-                with model.double().explainer() as explainer:
+                model64 = copy.deepcopy(model).double()
+                with model64.explainer() as explainer:
                     fast_map = explainer(x)[1]
-                with DeepNeon(features, head, pool=pool, fast=False, preprocessing=args.preprocessing).explainer() \
-                        as explainer:
+                model64.fast = False
+                with model64.explainer() as explainer:
                     reference_map = explainer(x)[1]
-                model.float()
                 checks.append({"head": head_name, "n_support": n_support, "batch": x.shape[0], "dtype": "float64",
                                "fast_vs_reference_max_rel_error": max_relative_error(fast_map, reference_map)})
                 print(f"{head_name}, N={n_support}, float64: {checks[-1]}", flush=True)
@@ -238,10 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown(result))
     print()
     print(summary(result))
-    output = Path(args.output) if args.output else RESULTS / f"speed_{device.type}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {output}")
+    write_result(result, args.output, f"speed_{device.type}.json")
     return result
 
 
