@@ -4,23 +4,49 @@ Kernel density estimates and k-means are rewritten, without retraining, as exact
 (:mod:`neon_attrib.layers`, :mod:`neon_attrib.models`), and Zennit rules (:mod:`neon_attrib.rules`,
 :class:`NeonComposite`) explain their predictions in input features or, stacked on a CNN, in pixels.
 
-Submodules: :mod:`~neon_attrib.deep` (heads on VGG-16 feature maps), :mod:`~neon_attrib.fast` (fast exact LRP rules
-for ReLU CNNs), :mod:`~neon_attrib.captum` (Captum drop-in), :mod:`~neon_attrib.evaluation` (deletion/insertion
-curves), :mod:`~neon_attrib.viz` (heatmaps), :mod:`~neon_attrib.dec` (DEC surrogates of a classifier). Their main
-names are importable from here too; they are loaded on first use, so ``import neon_attrib`` stays light.
+The package is layered; each layer imports only the layers below it:
+
+==========================================  ==============================================================
+layer                                       modules
+==========================================  ==============================================================
+integrations                                ``captum``, ``cli``, ``demo``, ``viz``
+heads on feature maps, DEC, evaluation      ``deep``, ``dec``, ``evaluation``, ``vision``
+fast rules, ``explain``                     ``fast``, ``attribution``
+the explain pipeline                        ``pipeline``
+estimators                                  ``models``, ``leave_one_out``
+composites                                  ``composites``
+rules                                       ``rules``
+layers                                      ``layers``
+formulas and checks                         ``functional``, ``_utils``
+==========================================  ==============================================================
+
+Submodules are attributes of the package (``neon_attrib.deep``, ``neon_attrib.dec``, ...), loaded on first access, so
+``import neon_attrib`` stays light; their main names are importable from here too.
 """
 
 import importlib
 
 from .attribution import attribution_output, explain
-from .composites import NeonComposite
-from .layers import ClusterDifference, LogMeanExpPool, MeanPool, MinPool, RandomCosineFeatures, SquaredDistance
-from .models import KDEInlier, KDEOutlier, KMeansMembership
+from .composites import NeonComposite, register_rule
+from .layers import (
+    ClusterDifference,
+    LocationPool,
+    LogMeanExpPool,
+    MeanPool,
+    MinPool,
+    RandomCosineFeatures,
+    ResizableBuffers,
+    SquaredDistance,
+)
+from .models import KDEInlier, KDEOutlier, KMeansMembership, NeonEstimator
+from .pipeline import Audit, ConservationError, ConservationWarning
 from .rules import (
     CosineShareRule,
     KDEInlierActivationRule,
     KDEOutlierActivationRule,
     KMeansActivationRule,
+    LocationPoolRule,
+    NeonHook,
     ProportionalRule,
     SoftArgminRule,
     SquaredDifferenceRule,
@@ -29,10 +55,14 @@ from .rules import (
 
 __version__ = "0.1.0"
 
-#: Names re-exported from submodules, imported on first access (PEP 562).
+#: Subpackages and modules reachable as attributes, imported on first access (PEP 562).
+_SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
+               "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision")
+
+#: Names re-exported from submodules, imported on first access.
 _LAZY = {
-    "DeepNeon": "deep", "vgg16_features": "deep", "get_preprocessing": "deep", "load_image": "deep",
-    "FastEpsilonGammaBox": "fast", "FastEpsilonPlusFlat": "fast", "LRPExplainer": "fast",
+    "DeepNeon": "deep", "vgg16_features": "vision", "get_preprocessing": "vision", "load_image": "vision",
+    "FastEpsilonGammaBox": "fast", "FastEpsilonPlusFlat": "fast", "LRPExplainer": "fast", "Explainer": "pipeline",
     "NeonLRP": "captum", "NeonRule": "captum", "compare": "captum",
     "deletion_curve": "evaluation", "insertion_curve": "evaluation",
     "heatmap": "viz", "overlay": "viz", "save_heatmap": "viz",
@@ -43,15 +73,20 @@ __all__ = [
     "explain",
     "attribution_output",
     "NeonComposite",
+    "register_rule",
+    "NeonEstimator",
     "KDEOutlier",
     "KDEInlier",
     "KMeansMembership",
+    "ResizableBuffers",
     "SquaredDistance",
     "LogMeanExpPool",
     "RandomCosineFeatures",
     "MeanPool",
     "ClusterDifference",
     "MinPool",
+    "LocationPool",
+    "NeonHook",
     "SoftArgminRule",
     "SquaredDifferenceRule",
     "ProportionalRule",
@@ -60,6 +95,10 @@ __all__ = [
     "KDEOutlierActivationRule",
     "KDEInlierActivationRule",
     "KMeansActivationRule",
+    "LocationPoolRule",
+    "Audit",
+    "ConservationWarning",
+    "ConservationError",
 ]
 __all__ += list(_LAZY)
 
@@ -69,8 +108,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

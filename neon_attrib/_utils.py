@@ -131,9 +131,3 @@ def as_targets(target: Any, *, n: int, n_outputs: int, owner: str, device: torch
     if bool(((values < 0) | (values >= n_outputs)).any()):
         raise ValueError(f"target passed to {owner} must lie in [0, {n_outputs}). Got {values.tolist()}.")
     return values.expand(n).to(device)
-
-
-def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """``numerator / denominator`` with 0 where the denominator is exactly 0 (instead of NaN or inf)."""
-    zero = denominator == 0
-    return torch.where(zero, torch.zeros_like(numerator), numerator / torch.where(zero, 1, denominator))

@@ -1,30 +1,16 @@
-"""``explain``: one call from a NEON model and inputs to relevance, through Zennit."""
+"""``explain``: one call from a NEON model and inputs to relevance (through :mod:`neon_attrib.pipeline`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from zennit.attribution import Gradient
 from zennit.core import Composite
 
-from ._utils import ArrayLike, as_float_tensor, as_targets, module_dtype_device
-from .composites import NeonComposite
+from ._utils import ArrayLike, as_float_tensor, module_dtype_device
+from .pipeline import Audit, attribution_output, run
 
 __all__ = ["explain", "attribution_output"]
-
-
-def attribution_output(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """The relevance put on the model output: the output itself for scalar heads, ``output · one-hot(target)`` else.
-
-    Starting LRP from the score (not from 1) makes the input relevance sum to the score where the rules conserve.
-    """
-    if output.ndim == 1 or target is None:
-        return output
-    flat = output.reshape(output.shape[0], -1)
-    mask = torch.zeros_like(flat)
-    mask[torch.arange(flat.shape[0], device=flat.device), target] = 1.0
-    return (flat * mask).reshape(output.shape)
 
 
 def explain(
@@ -36,44 +22,58 @@ def explain(
     eps: float | None = None,
     composite: Composite | None = None,
     return_output: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_audit: bool = False,
+    strict: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Explain a NEON model's score for ``x``: relevance shaped like ``x``.
 
     The top relevance is the model's score for ``target``, so the relevance sums to that score where the rules conserve
-    it (k-means and random features exactly; KDE outlierness up to the share dissipated by ``eps``). The hooks are
-    registered for this call only: nothing is left on the model, and the same call twice gives the same result.
+    it (k-means and random features exactly; KDE outlierness up to the share dissipated by ``eps``). Every call is
+    audited for conservation (:class:`~neon_attrib.pipeline.Audit`): relevance created or destroyed where no rule ran
+    gives a :class:`~neon_attrib.pipeline.ConservationWarning`. Hooks live on a private copy of the model for this call
+    only: nothing is left on the model, the same call twice gives the same result, and calls from several threads on
+    one model are safe.
 
     Parameters
     ----------
     model : torch.nn.Module
         A :class:`~neon_attrib.models.KDEOutlier`, :class:`~neon_attrib.models.KDEInlier`,
-        :class:`~neon_attrib.models.KMeansMembership`, or any module built from NEON layers (e.g. a deep head).
+        :class:`~neon_attrib.models.KMeansMembership`, a :class:`~neon_attrib.deep.DeepNeon`, a DEC head, or any
+        module built from NEON layers.
     x : array-like or torch.Tensor
         Inputs, batched over the first dimension; numpy and integer data are cast to the model's dtype and device.
+        A batch of zero rows gives an empty relevance.
     target : int, sequence or tensor, optional
         Output index per sample for models with several outputs (the cluster for k-means). ``None``: the model's
         ``default_target`` (the assigned cluster for k-means), or the argmax. Ignored by scalar scores.
     beta, eps : float, optional
         Override the rules' defaults (see :class:`~neon_attrib.composites.NeonComposite`).
     composite : zennit.core.Composite, optional
-        A composite to use instead of the model's default (``model.neon_composite(beta=..., eps=...)`` if the model
-        defines one, else ``NeonComposite(beta, eps)``).
+        Rules for the layers that are not NEON layers (e.g. ``EpsilonGammaBox(low, high)`` for a CNN under a deep
+        head); the NEON layers always keep their rules. A :class:`~neon_attrib.composites.NeonComposite` is used as
+        it is. Default: the model's own (``model.neon_composite()``).
     return_output : bool
         Also return the model output.
+    return_audit : bool
+        Also return the :class:`~neon_attrib.pipeline.Audit` (after the output, if that is returned too).
+    strict : bool
+        Raise :class:`~neon_attrib.pipeline.ConservationError` instead of warning when the audit fails.
 
     Returns
     -------
     torch.Tensor
-        Relevance of the shape of ``x`` (and the output, if ``return_output``).
+        Relevance of the shape of ``x`` (then the output and the audit, if asked for).
 
     Raises
     ------
     ValueError, TypeError
-        On an unfitted model, bad shapes, NaN, or a target outside ``[0, K)``.
+        On an unfitted model, bad shapes, NaN, a target outside ``[0, K)``, or a NEON layer the composite left
+        without its rule.
 
     Examples
     --------
     >>> import numpy as np
+    >>> from neon_attrib import KMeansMembership
     >>> X = np.random.default_rng(0).normal(size=(60, 4))
     >>> model = KMeansMembership(n_clusters=3, seed=0).double().fit(X)
     >>> relevance = explain(model, X[:5])
@@ -81,26 +81,12 @@ def explain(
     True
     """
     dtype, device = module_dtype_device(model)
-    name = type(model).__name__
-    inputs = as_float_tensor(x, dtype=dtype, device=device, owner=name, name="x").detach().clone()
-    if composite is None:
-        factory = getattr(model, "neon_composite", None)
-        composite = factory(beta=beta, eps=eps) if factory is not None else NeonComposite(beta=beta, eps=eps)
-    elif beta is not None or eps is not None:
-        raise ValueError("Pass beta/eps either to explain or to your composite, not both.")
-
-    with torch.no_grad():
-        probe = model(inputs)  # validates the input (shape, NaN, fitted) before any hook is registered
-    targets = None
-    if probe.ndim > 1:
-        n_outputs = probe.reshape(probe.shape[0], -1).shape[1]
-        if target is None:
-            default = getattr(model, "default_target", None)
-            targets = default(probe) if default is not None else probe.reshape(probe.shape[0], -1).argmax(-1)
-        else:
-            targets = as_targets(target, n=probe.shape[0], n_outputs=n_outputs, owner=name, device=probe.device)
-
-    with Gradient(model, composite) as attributor:
-        output, relevance = attributor(inputs, lambda out: attribution_output(out, targets))
-    relevance = relevance.detach()
-    return (relevance, output.detach()) if return_output else relevance
+    inputs = as_float_tensor(x, dtype=dtype, device=device, owner=type(model).__name__, name="x")
+    result = run(model, (inputs,), target, composite=composite, beta=beta, eps=eps, strict=strict)
+    relevance = result.relevance[0]
+    extras: list[torch.Tensor | Audit | None] = []
+    if return_output:
+        extras.append(result.output)
+    if return_audit:
+        extras.append(result.audit)
+    return (relevance, *extras) if extras else relevance

@@ -45,9 +45,7 @@ from torch import nn
 from zennit.core import Composite
 
 from ._utils import module_dtype_device
-from .attribution import attribution_output
 from .composites import NeonComposite
-from .deep import LocationPool, LocationPoolRule
 from .evaluation import (
     FlipCurve,
     Reference,
@@ -57,10 +55,12 @@ from .evaluation import (
     insertion_curve,
     model_score,
     patch_mask,
-    resolve_targets,
 )
+from .layers import ClusterDifference, LocationPool, LogMeanExpPool, MeanPool, MinPool, RandomCosineFeatures
+from .layers import SquaredDistance
 from .models import KDEInlier, KDEOutlier, KMeansMembership
-from .rules import _NeonHook
+from .pipeline import resolve_composite, resolve_targets, run
+from .rules import LocationPoolRule, NeonHook
 
 __all__ = ["NeonLRP", "NeonRule", "compare", "Comparison", "DEFAULT_METHODS"]
 
@@ -179,33 +179,22 @@ class NeonLRP(GradientAttribution):
 def _neon_relevance(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Any, additional_forward_args: Any,
                     composite: Composite | None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Relevance for every input tensor and the explained scores (n,): :func:`neon_attrib.explain` for tuples."""
-    if composite is None:
-        factory = getattr(model, "neon_composite", None)
-        composite = factory() if factory is not None else NeonComposite()
     extra = _format_additional_forward_args(additional_forward_args) or ()
     dtype, _ = module_dtype_device(model)  # integer inputs are cast to the model's dtype, as explain does
-    leaves = tuple((x if x.is_floating_point() else x.to(dtype)).detach().clone().requires_grad_(True) for x in inputs)
-    with torch.no_grad():
-        probe = model(*leaves, *extra)  # validates the input before any hook is registered
-    targets = _targets(model, probe, target)
-    with torch.enable_grad(), composite.context(model) as modified:
-        output = modified(*leaves, *extra)
-        top = attribution_output(output, targets)
-        grads = torch.autograd.grad((output,), leaves, grad_outputs=(top,), allow_unused=True)
-    relevances = tuple(torch.zeros_like(x) if g is None else g.detach() for x, g in zip(leaves, grads))
-    scores = top.detach().reshape(top.shape[0], -1).sum(1)
-    return relevances, scores
+    inputs = tuple(x if x.is_floating_point() else x.to(dtype) for x in inputs)
+    result = run(model, inputs, _captum_target(target), composite=composite, extra_args=extra, owner="NeonLRP")
+    return result.relevance, result.score
 
 
-def _targets(model: nn.Module, probe: torch.Tensor, target: Any) -> torch.Tensor | None:
-    """explain()'s target rule (:func:`neon_attrib.evaluation.resolve_targets`), also for Captum's 1-tuple targets."""
+def _captum_target(target: Any) -> Any:
+    """Captum's 1-tuple targets as plain indices (our outputs are (n,) or (n, K))."""
     if isinstance(target, tuple):  # Captum's tuple targets index the trailing dims; our outputs are (n, K)
         if len(target) != 1:
             raise ValueError(f"NeonLRP accepts a tuple target only for (n, K) outputs, as (k,). Got {target!r}.")
         target = target[0]
     if isinstance(target, list) and target and isinstance(target[0], tuple):
         target = [t[0] for t in target]
-    return resolve_targets(model, probe, target)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -242,18 +231,18 @@ class NeonRule(PropagationRule):
         :class:`~neon_attrib.composites.NeonComposite` puts on the layer (input mode: one rule per layer).
     """
 
-    def __init__(self, hook: _NeonHook | None = None) -> None:
-        if hook is not None and not isinstance(hook, _NeonHook):
+    def __init__(self, hook: NeonHook | None = None) -> None:
+        if hook is not None and not isinstance(hook, NeonHook):
             raise TypeError(f"NeonRule wraps a NEON rule from neon_attrib.rules. Got {type(hook).__name__}.")
         self.hook = hook
 
-    def _resolve(self, module: nn.Module) -> _NeonHook:
+    def _resolve(self, module: nn.Module) -> NeonHook:
         if self.hook is not None:
             return self.hook
         hook = NeonComposite()._map({}, "", module)
         if hook is None and isinstance(module, LocationPool):
             hook = LocationPoolRule()
-        if not isinstance(hook, _NeonHook):
+        if not isinstance(hook, NeonHook):
             raise TypeError(f"NeonRule has no default NEON rule for {type(module).__name__}; pass one: NeonRule(rule).")
         return hook
 
@@ -291,7 +280,7 @@ class _HeadInputRule(NeonRule):
     relevance, up to rounding.
     """
 
-    def __init__(self, head: nn.Module, head_hook: _NeonHook, top: nn.Module) -> None:
+    def __init__(self, head: nn.Module, head_hook: NeonHook, top: nn.Module) -> None:
         super().__init__(head_hook)
         self.head, self.top = head, top
 
@@ -308,6 +297,27 @@ class _HeadInputRule(NeonRule):
 
     def __repr__(self) -> str:
         return f"_HeadInputRule({self.hook!r} on {type(self.head).__name__})"
+
+
+class _CaptumRule:
+    """``layer.rule``: the layer's NEON rule as a Captum ``PropagationRule``, for :class:`captum.attr.LRP`.
+
+    Captum reads ``module.rule`` on every leaf module and *deletes* it after each call (Captum issue #1059). This data
+    descriptor lives on the class, so Captum's ``del layer.rule`` cannot remove it: ``LRP(model)`` works on NEON
+    models without set-up, call after call. ``layer.rule = r`` stores an override (``None`` restores the default).
+    Importing this module installs it on the NEON layers.
+    """
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        return _get_layer_rule(layer)
+
+    def __set__(self, layer, rule):
+        _set_layer_rule(layer, rule)
+
+    def __delete__(self, layer):
+        _delete_layer_rule(layer)
 
 
 _OVERRIDE = "_neon_captum_rule"
@@ -355,10 +365,7 @@ def _calling_lrp_model() -> nn.Module | None:
 
 def _rule_in_context(root: nn.Module, layer: nn.Module) -> PropagationRule | None:
     """The Captum rule for ``layer`` under the composite ``explain`` would use on ``root`` (None: the default)."""
-    factory = getattr(root, "neon_composite", None)
-    if factory is None:
-        return None
-    composite = factory()
+    composite = resolve_composite(root)
     assigned: dict[int, tuple[str, Any]] = {}
     ctx: dict = {}
     for name, module in root.named_modules():
@@ -368,7 +375,7 @@ def _rule_in_context(root: nn.Module, layer: nn.Module) -> PropagationRule | Non
     # where the head's hook replaces whatever its inner layers' hooks computed.
     for head_name, head in root.named_modules():
         head_hook = assigned[id(head)][1]
-        if head is layer or not isinstance(head_hook, _NeonHook) or not name.startswith(f"{head_name}."):
+        if head is layer or not isinstance(head_hook, NeonHook) or not name.startswith(f"{head_name}."):
             continue
         leaves = [m for m in head.modules() if next(m.children(), None) is None]
         if type(head).forward not in _HEAD_FORWARDS or len(leaves) != 2 or getattr(head, "fused", False):
@@ -380,7 +387,7 @@ def _rule_in_context(root: nn.Module, layer: nn.Module) -> PropagationRule | Non
         if layer is leaves[0]:
             return _HeadInputRule(head, head_hook, leaves[-1])
         return NeonRule()
-    if isinstance(hook, _NeonHook):
+    if isinstance(hook, NeonHook):
         return NeonRule(hook)
     return None
 
@@ -632,11 +639,11 @@ def _bind(attribution: Any, x: torch.Tensor, targets: torch.Tensor | None,
 
 
 def _comparison_figure(result: Comparison, x: torch.Tensor, feature_names: Sequence[str] | None) -> Any:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global figure registry, nothing left open
 
     methods = list(result.relevances)
     if x.ndim == 4:
-        fig = plt.figure(figsize=(2.2 * (len(methods) + 1), 5.2), layout="constrained")
+        fig = Figure(figsize=(2.2 * (len(methods) + 1), 5.2), layout="constrained")
         grid = fig.add_gridspec(2, len(methods) + 1, height_ratios=[1, 1.2])
         image = x[0].detach().double().cpu()
         shown = image.mean(0) if image.shape[0] != 3 else (image - image.min()) / (image.max() - image.min() + 1e-12)
@@ -653,7 +660,8 @@ def _comparison_figure(result: Comparison, x: torch.Tensor, feature_names: Seque
             ax.axis("off")
         curve_ax = fig.add_subplot(grid[1, :])
     else:
-        fig, (bar_ax, curve_ax) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+        fig = Figure(figsize=(11, 3.8), layout="constrained")
+        bar_ax, curve_ax = fig.subplots(1, 2)
         d = x.shape[1]
         width = 0.8 / len(methods)
         for i, name in enumerate(methods):
@@ -677,3 +685,11 @@ def _comparison_figure(result: Comparison, x: torch.Tensor, feature_names: Seque
     curve_ax.set_title("deletion curves (lower is better)", fontsize=10)
     curve_ax.legend(fontsize=7)
     return fig
+
+
+#: NEON leaf layers that carry a class-level Captum rule once this module is imported.
+CAPTUM_LAYERS = (SquaredDistance, LogMeanExpPool, RandomCosineFeatures, MeanPool, ClusterDifference, MinPool,
+                 LocationPool)
+for _layer_class in CAPTUM_LAYERS:
+    _layer_class.rule = _CaptumRule()
+del _layer_class

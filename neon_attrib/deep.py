@@ -1,20 +1,22 @@
-"""NEON heads on CNN feature maps (SPEC §4): :class:`DeepNeon`, the VGG-16 conv base, its preprocessing and images.
+"""NEON heads on CNN feature maps: :class:`DeepNeon`.
 
 A head (:class:`~neon_attrib.models.KDEOutlier`, :class:`~neon_attrib.models.KDEInlier` or
 :class:`~neon_attrib.models.KMeansMembership`) sits on the output ``A ∈ R^{n×C×H×W}`` of a feature extractor (VGG-16
 ``features``, i.e. the output of block 5) and treats every spatial location as one data point: the rows
-``(n·H·W, C)``. Location scores are pooled into one score per image by a :class:`LocationPool`. Explaining it::
+``(n·H·W, C)``. Location scores are pooled into one score per image by a :class:`~neon_attrib.layers.LocationPool`.
+Explaining it::
 
     pixels ◄── Zennit LRP (EpsilonGammaBox / EpsilonPlusFlat) ◄── A ◄── head's activation rule ◄── pool rule ◄── score
 
-* the pool rule (:class:`LocationPoolRule`) gives location ``l`` its share ``s_l / Σ_l' s_l' · R`` of the score (not the
-  gradient, which would hand every location the whole ``R``);
-* the head's *activation* rule (:class:`~neon_attrib.rules.KDEOutlierActivationRule` etc., closed forms of SPEC's CNN
-  rules) hands each location's relevance to its active channels only (``a_i = 0`` receives exactly 0);
+* the pool rule (:class:`~neon_attrib.rules.LocationPoolRule`) gives location ``l`` its share ``s_l / Σ_l' s_l' · R``
+  of the score (not the gradient, which would hand every location the whole ``R``);
+* the head's *activation* rule (:class:`~neon_attrib.rules.KDEOutlierActivationRule` etc.) hands each location's
+  relevance to its active channels only (``a_i = 0`` receives exactly 0);
 * standard LRP rules carry the relevance from block 5 down to the pixels, ZBox on the first convolution with the input
-  bounds of the preprocessing (:class:`Preprocessing`).
+  bounds of the preprocessing (:class:`~neon_attrib.vision.Preprocessing`).
 
-Everything is registered for one call and removed afterwards (Zennit composites): nothing is left on the model.
+Preprocessing, backbones and image files live in :mod:`neon_attrib.vision`, the leave-one-out heads of
+:meth:`DeepNeon.fit_self` in :mod:`neon_attrib.leave_one_out`; their names are importable from here too.
 
 Examples
 --------
@@ -34,27 +36,40 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.core import Composite
 
-from ._utils import ArrayLike, as_float_tensor, as_targets, check_int, module_dtype_device, safe_divide
-from .attribution import attribution_output
-from .composites import NeonComposite
-from .fast import LRPExplainer
-from .layers import _CaptumRule, squared_distance
+from ._utils import ArrayLike, as_float_tensor, check_int, module_dtype_device
+from .composites import NeonComposite, register_activation_children
+from .fast import FastEpsilonGammaBox, FastEpsilonPlusFlat
+from .layers import LocationPool, PoolMode
+from .leave_one_out import LeaveOneOutKDEInlier, LeaveOneOutKDEOutlier
 from .models import KDEInlier, KDEOutlier, KMeansMembership
-from .rules import _BetaHook, _EpsHook, _NeonHook
+from .pipeline import Explainer, attribution_output, grad_mode, hooked, resolve_targets
+from .rules import LeaveOneOutKDEInlierRule, LeaveOneOutKDEOutlierRule, LocationPoolRule
+from .vision import (
+    IMAGE_SUFFIXES,
+    PREPROCESSINGS,
+    VGG16_MIN_SIZE,
+    Preprocessing,
+    check_image_size,
+    get_preprocessing,
+    load_image,
+    vgg16_features,
+    weights_preprocessing,
+)
 
 __all__ = [
     "DeepNeon",
     "DeepRelevance",
+    "median_gamma",
+    # defined in neon_attrib.layers, .rules, .leave_one_out and .vision; importable from here too
     "LocationPool",
     "LocationPoolRule",
     "LeaveOneOutKDEOutlier",
@@ -66,300 +81,13 @@ __all__ = [
     "get_preprocessing",
     "vgg16_features",
     "weights_preprocessing",
-    "median_gamma",
     "load_image",
     "check_image_size",
     "VGG16_MIN_SIZE",
 ]
 
-#: VGG-16 halves the resolution five times: smaller images have no location left at block 5.
-VGG16_MIN_SIZE = 32
-
-PoolMode = Literal["sum", "mean", "max", "positive"]
-_POOLS = ("sum", "mean", "max", "positive")
 _COMPOSITES = ("epsilon_gamma_box", "epsilon_plus_flat")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# preprocessing
-@dataclass(frozen=True)
-class Preprocessing:
-    """How RGB images in ``[0, 1]`` become network inputs: ``(x[order] − mean) / std`` per channel.
-
-    Parameters
-    ----------
-    name : str
-        Short name (``"torchvision"``, ``"caffe"``, ``"caffe_rgb"``).
-    mean, std : tuple of 3 floats
-        Per channel, in the network's channel order and in ``[0, 1]`` units (caffe: ``mean / 255``, ``std = 1/255``).
-    bgr : bool
-        Whether the network expects BGR channel order (Caffe / Keras "caffe" mode).
-
-    Examples
-    --------
-    >>> caffe = get_preprocessing("caffe")
-    >>> x = caffe(torch.ones(1, 3, 2, 2))  # white: 255 − mean, in BGR order
-    >>> [round(v, 3) for v in x[0, :, 0, 0].tolist()]
-    [151.061, 138.221, 131.32]
-    >>> low, high = caffe.bounds()
-    >>> bool((low <= x).all() and (x <= high).all())
-    True
-    """
-
-    name: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    bgr: bool = False
-
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-        return mean, std
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """RGB images in ``[0, 1]`` of shape (3, H, W) or (n, 3, H, W) -> network input of the same shape."""
-        images = _check_rgb(images, f"Preprocessing({self.name!r})")
-        if self.bgr:
-            images = images.flip(-3)
-        mean, std = self._stats(images)
-        return (images - mean) / std
-
-    def inverse(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Network input -> RGB images in ``[0, 1]`` (for display)."""
-        mean, std = self._stats(inputs)
-        images = inputs * std + mean
-        return images.flip(-3) if self.bgr else images
-
-    def bounds(self, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """The lowest and highest possible network inputs, (1, 3, 1, 1) each: black and white pixels, preprocessed.
-
-        These are the ``low``/``high`` of the ZBox rule on the first convolution (Zennit's ``EpsilonGammaBox``).
-        """
-        mean = torch.tensor(self.mean, dtype=dtype, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=dtype, device=device).view(1, 3, 1, 1)
-        return (0.0 - mean) / std, (1.0 - mean) / std
-
-
-#: The preprocessings of the VGG-16 weights we know: torchvision's ImageNet classifiers (RGB, mean/std), Caffe / Keras
-#: "caffe" mode (BGR, 0-255, mean subtracted; the weights in ``shared/data/vgg16_imagenet_features``), and the RGB
-#: Caffe port of torchvision's ``VGG16_Weights.IMAGENET1K_FEATURES``.
-PREPROCESSINGS: dict[str, Preprocessing] = {
-    "torchvision": Preprocessing("torchvision", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "caffe": Preprocessing("caffe", (103.939 / 255, 116.779 / 255, 123.68 / 255), (1 / 255,) * 3, bgr=True),
-    "caffe_rgb": Preprocessing("caffe_rgb", (0.48235, 0.45882, 0.40784), (1 / 255,) * 3),
-}
-
-
-def get_preprocessing(preprocessing: str | Preprocessing) -> Preprocessing:
-    """Look up a :class:`Preprocessing` by name (``"torchvision"``, ``"caffe"``, ``"caffe_rgb"``), or pass one through.
-
-    Raises
-    ------
-    ValueError
-        For an unknown name.
-    """
-    if isinstance(preprocessing, Preprocessing):
-        return preprocessing
-    if isinstance(preprocessing, str) and preprocessing in PREPROCESSINGS:
-        return PREPROCESSINGS[preprocessing]
-    raise ValueError(f"Unknown preprocessing {preprocessing!r}. Expected one of {sorted(PREPROCESSINGS)} "
-                     f"or a Preprocessing instance.")
-
-
-def _check_rgb(images: torch.Tensor, owner: str) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4) or images.shape[-3] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{owner} expects RGB images of shape (3, H, W) or (n, 3, H, W). Got {shape}.")
-    return images if images.is_floating_point() else images.float() / 255.0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# VGG-16
-_VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
-def _vgg16_conv_stack() -> nn.Sequential:
-    """``torchvision.models.vgg16().features`` (same modules, indices and init) without building the classifier."""
-    layers: list[nn.Module] = []
-    channels = 3
-    for value in _VGG16_CONFIG:
-        if value == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            conv = nn.Conv2d(channels, value, kernel_size=3, padding=1)
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.constant_(conv.bias, 0)
-            layers += [conv, nn.ReLU(inplace=True)]
-            channels = value
-    return nn.Sequential(*layers)
-
-
-def vgg16_features(weights: Any = None) -> nn.Sequential:
-    """The VGG-16 conv base (``torchvision.models.vgg16(...).features``, output of block 5, 512 channels, stride 32).
-
-    Parameters
-    ----------
-    weights : None, str, path, torchvision ``VGG16_Weights`` or dict
-        * ``None``: random weights (torchvision's initialisation), for tests.
-        * ``"IMAGENET1K_V1"``, ``"IMAGENET1K_FEATURES"``, ``"DEFAULT"`` or a ``VGG16_Weights`` member: torchvision's
-          weights (downloaded once into the torch hub cache; needs internet the first time). Their preprocessing is
-          ``"torchvision"`` (V1) or ``"caffe_rgb"`` (FEATURES), see :func:`weights_preprocessing`.
-        * a path to a ``torch.save``'d state_dict (loaded with ``weights_only=True``), keyed like ``vgg16().features``
-          (``"0.weight"``) or like the whole ``vgg16()`` (``"features.0.weight"``; classifier keys are ignored).
-          ``shared/data/vgg16_imagenet_features/vgg16_features_keras_imagenet.pth`` is such a file
-          (``"caffe"`` preprocessing).
-        * a state_dict itself.
-
-    Returns
-    -------
-    torch.nn.Sequential
-        The conv base in eval mode, on the CPU, float32.
-
-    Raises
-    ------
-    FileNotFoundError
-        If a path is given and no file is there.
-    ValueError
-        If the file is not a state_dict, or its keys or shapes do not fit VGG-16's conv base.
-    RuntimeError
-        If torchvision's weights cannot be downloaded (no internet): pass a local path instead.
-
-    Examples
-    --------
-    >>> features = vgg16_features()
-    >>> features(torch.zeros(1, 3, 64, 64)).shape
-    torch.Size([1, 512, 2, 2])
-    """
-    import torchvision
-
-    enum = torchvision.models.VGG16_Weights
-    if isinstance(weights, str) and weights in enum.__members__:
-        weights = enum[weights]
-    if isinstance(weights, enum):
-        try:
-            return torchvision.models.vgg16(weights=weights).features.eval()
-        except Exception as exc:  # urllib / hub errors of many kinds
-            raise RuntimeError(f"Could not load torchvision's {weights} (it is downloaded on first use). "
-                               f"Without internet, pass the path of a local VGG-16 state_dict instead.") from exc
-    features = _vgg16_conv_stack()
-    if weights is None:
-        return features.eval()
-    if isinstance(weights, Mapping):
-        state, source = dict(weights), "the given state_dict"
-    elif isinstance(weights, (str, os.PathLike)):
-        state, source = _read_state_dict(Path(weights)), str(weights)
-    else:
-        raise TypeError(f"vgg16_features expects None, a VGG16_Weights name or member, a path or a state_dict. "
-                        f"Got {type(weights).__name__}.")
-    _load_vgg16_state(features, state, source)
-    return features.eval()
-
-
-def weights_preprocessing(weights: Any) -> str | None:
-    """The preprocessing name that torchvision's VGG-16 ``weights`` expect (None for paths and random weights)."""
-    import torchvision
-
-    enum = torchvision.models.VGG16_Weights
-    if isinstance(weights, str) and weights in enum.__members__:
-        weights = enum[weights]
-    if isinstance(weights, enum):
-        return "caffe_rgb" if weights == enum.IMAGENET1K_FEATURES else "torchvision"
-    return None
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"VGG-16 weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and unpickler errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"Could not read {path} as a torch state_dict: torch.load(..., weights_only=True) "
-                         f"failed ({reason}).") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors.")
-    return dict(state)
-
-
-def _load_vgg16_state(features: nn.Sequential, state: dict[str, Any], source: str) -> None:
-    state = {key.removeprefix("module."): value for key, value in state.items()}
-    if any(key.startswith("features.") for key in state):
-        state = {key.removeprefix("features."): value for key, value in state.items() if key.startswith("features.")}
-    expected = features.state_dict()
-    missing = sorted(set(expected) - set(state), key=_key_order)
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source} does not fit VGG-16's conv base (torchvision's vgg16().features): "
-                         f"missing keys {missing[:6]}{' …' if len(missing) > 6 else ''}, "
-                         f"unexpected keys {unexpected[:6]}{' …' if len(unexpected) > 6 else ''}. "
-                         f"Expected keys like '0.weight' or 'features.0.weight'.")
-    wrong = [f"{key}: {tuple(state[key].shape)} instead of {tuple(value.shape)}" for key, value in expected.items()
-             if not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape]
-    if wrong:
-        raise ValueError(f"{source} has tensors of the wrong shape for VGG-16's conv base: {wrong[:4]}")
-    features.load_state_dict(state, strict=True)
-
-
-def _key_order(key: str) -> tuple[int, str]:
-    head, _, tail = key.partition(".")
-    return (int(head) if head.isdigit() else -1, tail)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# images
-def load_image(path: str | os.PathLike, size: int | None = None, *, min_size: int = VGG16_MIN_SIZE) -> torch.Tensor:
-    """Read an image file as an RGB float tensor (3, H, W) in ``[0, 1]`` (grey images get three equal channels).
-
-    Parameters
-    ----------
-    path : str or path
-        Any format Pillow reads (PNG, JPEG, BMP, TIFF, …).
-    size : int, optional
-        Resize (bilinear, antialiased) so that the *shorter* side is ``size``, keeping the aspect ratio
-        (torchvision's ``Resize(size)``).
-    min_size : int
-        The smallest height and width accepted, before and after resizing (VGG-16: 32).
-
-    Raises
-    ------
-    FileNotFoundError
-        If there is no file at ``path``.
-    ValueError
-        If the file is not a readable image, or the image is smaller than ``min_size``.
-    """
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"Could not read {path} as an image: {exc}") from exc
-    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
-    check_image_size(tensor, min_size=min_size, name=str(path))
-    if size is not None:
-        check_int(size, owner="load_image", name="size", minimum=min_size)
-        from torchvision.transforms.functional import resize
-
-        tensor = resize(tensor, [size], antialias=True).clamp(0.0, 1.0)
-        check_image_size(tensor, min_size=min_size, name=f"{path} resized to shorter side {size}")
-    return tensor
-
-
-def check_image_size(images: torch.Tensor, min_size: int = VGG16_MIN_SIZE, name: str = "images") -> None:
-    """Raise a ValueError if ``images`` (…, H, W) are smaller than ``min_size`` in height or width."""
-    height, width = images.shape[-2:]
-    if height < min_size or width < min_size:
-        raise ValueError(f"{name} is {height}x{width} pixels, smaller than VGG-16's minimum of "
-                         f"{min_size}x{min_size} (five 2x2 max pools leave no location at block 5).")
+_IMAGE_SUFFIXES = IMAGE_SUFFIXES
 
 
 def median_gamma(rows: torch.Tensor, max_rows: int = 2000, seed: int = 0) -> float:
@@ -387,198 +115,6 @@ def median_gamma(rows: torch.Tensor, max_rows: int = 2000, seed: int = 0) -> flo
     return float(1.0 / positive.median())
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# pooling over locations
-class LocationPool(nn.Module):
-    """Pool location scores ``s`` (…, L) into one score per image (…), over the last dimension.
-
-    ========== =========================== ===============================================================
-    mode       image score                 relevance of location ``l`` (:class:`LocationPoolRule`)
-    ========== =========================== ===============================================================
-    sum        ``Σ_l s_l`` (SPEC default)  ``s_l / Σ s · R``  (``= s_l`` at the top)
-    mean       ``1/L Σ_l s_l``             ``s_l / Σ s · R``  (same shares as the sum)
-    positive   ``Σ_l max(0, s_l)``         ``max(0, s_l) / Σ max(0, s) · R``: only locations with evidence
-    max        ``max_l s_l``               all of ``R`` to the (first) maximal location
-    ========== =========================== ===============================================================
-
-    ``positive`` suits k-means (``f_c > 0`` exactly on the locations assigned to cluster ``c``: the image score is
-    the cluster's total evidence, and the other locations get no relevance); ``sum`` and ``mean`` suit KDE scores,
-    which are >= 0 (outlier) or ~ >= 0 (inlier) everywhere.
-
-    ``rule`` is the pool's rule for :class:`captum.attr.LRP` (see :mod:`neon_attrib.captum`).
-    """
-
-    rule = _CaptumRule()
-
-    def __init__(self, mode: PoolMode = "sum"):
-        super().__init__()
-        if mode not in _POOLS:
-            raise ValueError(f"The 'mode' parameter of LocationPool must be one of {_POOLS}. Got {mode!r} instead.")
-        self.mode = mode
-
-    def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.mode == "sum":
-            return scores.sum(-1)
-        if self.mode == "mean":
-            return scores.mean(-1)
-        if self.mode == "positive":
-            return scores.clamp_min(0.0).sum(-1)
-        return scores.amax(-1)
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}"
-
-
-class LocationPoolRule(_NeonHook):
-    """LRP rule of :class:`LocationPool`: each location gets its share of the image's relevance (see the table there).
-
-    Conserves exactly (a pool of all-zero contributions passes nothing). Unlike the gradient, which hands every
-    location the whole ``R`` under sum pooling, the shares add up to ``R``.
-
-    Examples
-    --------
-    >>> LocationPoolRule().copy()
-    LocationPoolRule()
-    """
-
-    def relevance(self, module, x, out, relevance_out):
-        if module.mode == "max":
-            winner = torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(x.dtype)
-            return winner * relevance_out.unsqueeze(-1)
-        contributions = x.clamp_min(0.0) if module.mode == "positive" else x
-        return contributions * safe_divide(relevance_out, contributions.sum(-1)).unsqueeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# leave-one-out heads for a model fitted on the image it explains
-class _SelfFitted:
-    """Mixin: input row ``r`` is the location that was support point ``r mod N``; it is left out of its own model."""
-
-    _name: str
-
-    def _self_index(self, x: torch.Tensor, n_support: int) -> torch.Tensor:
-        if n_support < 2:
-            raise ValueError(f"{self._name} needs at least 2 support points (locations) to leave one out. "
-                             f"Got {n_support}.")
-        if x.shape[0] % n_support:
-            raise ValueError(f"{self._name} scores the locations it was fitted on, row r against all support points "
-                             f"but r mod {n_support}; got {x.shape[0]} rows, not a multiple of {n_support}. Explain "
-                             f"the image(s) it was fitted on (DeepNeon.fit_self), in the same order.")
-        return torch.arange(x.shape[0], device=x.device) % n_support
-
-
-class LeaveOneOutKDEOutlier(_SelfFitted, KDEOutlier):
-    """A :class:`~neon_attrib.models.KDEOutlier` for the locations of the image it was fitted on (the book's wood).
-
-    Row ``r`` of the input is scored against every support point *but* ``r mod N`` (itself, when the input is the
-    fitted data in the fitted order)::
-
-        o_r(a) = −(1/γ) log( 1/(N−1) Σ_{k ≠ r} exp(−γ ‖a − u_k‖²) )
-
-    Without leaving itself out, a location's own support point dominates its density (``exp(0) = 1``), every score
-    is close to ``log(N)/γ`` and the explanation ``a_i(a_i − Σ_k p_k u_ik)`` vanishes exactly where the location is
-    unusual. :meth:`DeepNeon.fit_self` builds one; its CNN rule is :class:`LeaveOneOutKDEOutlierRule`.
-    """
-
-    @classmethod
-    def from_head(cls, head: KDEOutlier) -> LeaveOneOutKDEOutlier:
-        """An unfitted copy of ``head``'s hyperparameters, on its dtype and device."""
-        dtype, device = module_dtype_device(head)
-        return cls(head.gamma, beta=head.beta, eps=head.eps, chunk_size=head.chunk_size).to(dtype=dtype,
-                                                                                            device=device)
-
-    def fit(self, X: ArrayLike, y: Any = None) -> LeaveOneOutKDEOutlier:
-        super().fit(X, y)
-        if self.distance.support.shape[0] < 2:
-            raise ValueError(f"{self._name} needs at least 2 support points (locations). Got 1.")
-        return self
-
-    def distances(self, x: torch.Tensor) -> torch.Tensor:
-        """``‖x_r − u_k‖²`` (rows, N) with ``+inf`` at ``k = r mod N``."""
-        support = self.distance.support
-        index = self._self_index(x, support.shape[0])
-        h = squared_distance(x, support)
-        mask = torch.nn.functional.one_hot(index, support.shape[0]).bool()
-        return h.masked_fill(mask, math.inf)
-
-    def forward(self, x: ArrayLike) -> torch.Tensor:
-        self._check_fitted()
-        x = self._as_tensor(x)
-        n_support = self.distance.support.shape[0]
-        alpha = -float(self.gamma)
-        return (torch.logsumexp(alpha * self.distances(x), -1) - math.log(n_support - 1)) / alpha
-
-    @torch.no_grad()
-    def score(self, x: ArrayLike) -> torch.Tensor:
-        return self(x)
-
-
-class LeaveOneOutKDEOutlierRule(_BetaHook):
-    """CNN rule of :class:`LeaveOneOutKDEOutlier`: :class:`~neon_attrib.rules.KDEOutlierActivationRule` with the
-    soft-argmin over ``k ≠ r``: ``R_i = a_i (a_i − Σ_{k≠r} p_k u_ik) · R / o_r(a)``.
-    """
-
-    def relevance(self, module, x, out, relevance_out):
-        beta = self.beta if self.beta is not None else module.beta_
-        weights = torch.softmax(-beta * module.distances(x), dim=-1)
-        return x * (x - weights @ module.distance.support) * safe_divide(relevance_out, out).unsqueeze(-1)
-
-
-class LeaveOneOutKDEInlier(_SelfFitted, KDEInlier):
-    """A :class:`~neon_attrib.models.KDEInlier` for the locations of the image it was fitted on.
-
-    Row ``r`` uses the mean random feature of the support set without ``u_{r mod N}``:
-    ``μ^{(−r)} = (N μ − φ(u_r)) / (N − 1)``, so its score approximates ``1/(N−1) Σ_{k≠r} exp(−γ‖a − u_k‖²)``
-    instead of adding the constant ``1/N`` of a location's similarity to itself. CNN rule:
-    :class:`LeaveOneOutKDEInlierRule`.
-    """
-
-    @classmethod
-    def from_head(cls, head: KDEInlier) -> LeaveOneOutKDEInlier:
-        """An unfitted copy of ``head``'s hyperparameters, on its dtype and device."""
-        dtype, device = module_dtype_device(head)
-        return cls(head.gamma, head.n_features, head.seed, eps=head.eps).to(dtype=dtype, device=device)
-
-    def fit(self, X: ArrayLike, y: Any = None) -> LeaveOneOutKDEInlier:
-        super().fit(X, y)
-        if self.support.shape[0] < 2:
-            raise ValueError(f"{self._name} needs at least 2 support points (locations). Got 1.")
-        return self
-
-    def row_means(self, x: torch.Tensor) -> torch.Tensor:
-        """``μ^{(−r)}`` for every row of ``x``, (rows, H)."""
-        layer, support = self.features, self.support
-        index = self._self_index(x, support.shape[0])
-        phi = math.sqrt(2.0) * torch.cos(torch.addmm(layer.bias, support, layer.omega.T))  # (N, H)
-        n = support.shape[0]
-        return ((n * layer.mean - phi) / (n - 1))[index]
-
-    def forward(self, x: ArrayLike) -> torch.Tensor:
-        self._check_fitted()
-        x = self._as_tensor(x)
-        layer = self.features
-        phi = math.sqrt(2.0) * torch.cos(torch.addmm(layer.bias, x, layer.omega.T))
-        return (phi * self.row_means(x)).mean(-1)
-
-
-class LeaveOneOutKDEInlierRule(_EpsHook):
-    """CNN rule of :class:`LeaveOneOutKDEInlier`: :class:`~neon_attrib.rules.KDEInlierActivationRule` with the
-    row's own mean feature ``μ^{(−r)}`` in ``c_j = √2 μ_j / H``.
-    """
-
-    def relevance(self, module, x, out, relevance_out):
-        eps = self.eps if self.eps is not None else module.eps_
-        layer = module.features
-        z = x @ layer.omega.T  # (rows, H)
-        coef = math.sqrt(2.0) * module.row_means(x) / layer.omega.shape[0]
-        sin_part = -torch.sin(layer.bias) * torch.sinc(z / math.pi)  # sin(z)/z, finite at z = 0
-        sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
-        cos_part = torch.cos(layer.bias) * torch.cos(z) / (z + sign * eps)
-        g = coef * (sin_part + cos_part) * safe_divide(relevance_out, out).unsqueeze(-1)
-        return x * (g @ layer.omega)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class DeepRelevance:
     """Relevance at every stage of a :class:`DeepNeon` explanation (:meth:`DeepNeon.relevance`).
@@ -851,57 +387,49 @@ class DeepNeon(nn.Module):
         """The Zennit composite for the feature extractor (see ``composite``, ``lrp_gamma`` and ``fast``)."""
         if isinstance(self.composite, Composite):
             return self.composite
-        if self.fast:
-            try:
-                from .fast import FastEpsilonGammaBox, FastEpsilonPlusFlat
-            except ImportError as exc:  # pragma: no cover - depends on the optional module
-                raise ImportError("DeepNeon(fast=True) needs neon_attrib.fast (FastEpsilonGammaBox, "
-                                  "FastEpsilonPlusFlat), which this installation lacks. Use fast=False.") from exc
-            if self.composite == "epsilon_gamma_box":
-                low, high = self.input_bounds()
-                return FastEpsilonGammaBox(low, high, gamma=self.lrp_gamma, layer_map=layer_map)
-            return FastEpsilonPlusFlat(layer_map=layer_map)
         if self.composite == "epsilon_gamma_box":
             low, high = self.input_bounds()
-            return EpsilonGammaBox(low=low, high=high, gamma=self.lrp_gamma, layer_map=layer_map)
-        return EpsilonPlusFlat(layer_map=layer_map)
+            cls = FastEpsilonGammaBox if self.fast else EpsilonGammaBox
+            return cls(low=low, high=high, gamma=self.lrp_gamma, layer_map=layer_map)
+        return (FastEpsilonPlusFlat if self.fast else EpsilonPlusFlat)(layer_map=layer_map)
 
-    def neon_composite(self, beta: float | None = None, eps: float | None = None) -> NeonComposite:
-        """The composite :func:`~neon_attrib.explain` uses: the head's CNN rules, the pool rule, and
-        :meth:`base_composite` for everything else.
+    def neon_composite(self, beta: float | None = None, eps: float | None = None,
+                       base: Composite | None = None) -> NeonComposite:
+        """The composite every explanation of this model uses: the head's CNN rules, the pool rule, and ``base``
+        (default :meth:`base_composite`) for the feature extractor.
 
         Parameters
         ----------
         beta, eps : float, optional
             Override the head's soft-argmin sharpness / random-feature stabiliser.
+        base : zennit.core.Composite, optional
+            Rules for the feature extractor instead of :meth:`base_composite` (what ``explain(model, x,
+            composite=...)`` passes): the head and the pool keep their rules.
         """
-        ours = [
-            (LocationPool, LocationPoolRule()),
-            (LeaveOneOutKDEOutlier, LeaveOneOutKDEOutlierRule(beta=beta)),
-            (LeaveOneOutKDEInlier, LeaveOneOutKDEInlierRule(eps=eps)),
-        ]
-        return NeonComposite(beta=beta, eps=eps, mode="activation", base=self.base_composite(), layer_map=ours)
+        return NeonComposite(beta=beta, eps=eps, base=base if base is not None else self.base_composite())
 
     def explainer(self, *, beta: float | None = None, eps: float | None = None, composite: Composite | None = None,
-                  **options: Any):
+                  audit: bool = True, strict: bool = False, **options: Any) -> Explainer:
         """A reusable explainer: the composite is registered once, then every call explains one batch.
 
-        Cheaper than :func:`~neon_attrib.explain` in a loop (no hook registration and no target-probing forward pass
-        per batch). Close it (or use it as a context manager) to remove the hooks.
+        Cheaper than :func:`~neon_attrib.explain` in a loop (no hook registration per batch). The hooks live on a
+        private copy of the model: the explainer may be used with or without ``with`` and leaves nothing on the model.
 
         Parameters
         ----------
         beta, eps : float, optional
             Passed to :meth:`neon_composite`.
         composite : zennit.core.Composite, optional
-            Instead of :meth:`neon_composite`.
+            Rules for the feature extractor (a NeonComposite is used as it is), as in :func:`~neon_attrib.explain`.
+        audit, strict : bool
+            Conservation audit per batch (:class:`~neon_attrib.pipeline.Audit`; the last in ``last_audit``).
         **options
             ``channels_last``, ``autocast_dtype`` (approximate) and ``cudnn_benchmark`` of
-            :class:`~neon_attrib.fast.LRPExplainer`.
+            :class:`~neon_attrib.pipeline.Explainer`.
 
         Returns
         -------
-        neon_attrib.fast.LRPExplainer
+        neon_attrib.pipeline.Explainer
             ``explainer(images)`` returns ``(output, pixel_relevance)``; for k-means the default target (the cluster
             of highest pooled score) unless ``explainer(images, attr_output)`` says otherwise.
 
@@ -914,11 +442,13 @@ class DeepNeon(nn.Module):
         >>> relevance.shape
         torch.Size([3, 3, 32, 32])
         """
-        if composite is None:
-            composite = self.neon_composite(beta=beta, eps=eps)
-        elif beta is not None or eps is not None:
-            raise ValueError("Pass beta/eps either to explainer or to your composite, not both.")
-        return _DeepNeonExplainer(self, composite, **options)
+        from .pipeline import resolve_composite
+
+        return _DeepNeonExplainer(self, resolve_composite(self, composite, beta=beta, eps=eps), audit=audit,
+                                  strict=strict, default_target=self._explained_target, owner="DeepNeon", **options)
+
+    def _explained_target(self, output: torch.Tensor) -> torch.Tensor | None:
+        return self.default_target(output) if output.ndim > 1 else None
 
     def relevance(self, images: torch.Tensor, target: Any = None, *, beta: float | None = None,
                   eps: float | None = None, composite: Composite | None = None,
@@ -945,28 +475,17 @@ class DeepNeon(nn.Module):
         """
         dtype, device = module_dtype_device(self)
         inputs = as_float_tensor(images, dtype=dtype, device=device, owner="DeepNeon", name="images")
-        inputs = inputs.detach().clone()
-        if composite is None:
-            composite = self.neon_composite(beta=beta, eps=eps)
-        elif beta is not None or eps is not None:
-            raise ValueError("Pass beta/eps either to relevance or to your composite, not both.")
-        with torch.no_grad():
-            probe = self(inputs)
-        targets = None
-        if probe.ndim > 1:
-            targets = (self.default_target(probe) if target is None else
-                       as_targets(target, n=probe.shape[0], n_outputs=probe.shape[1], owner="DeepNeon",
-                                  device=probe.device))
-        inputs.requires_grad_(to_pixels)
-        with composite.context(self):
+        with grad_mode(), hooked(self, composite, beta=beta, eps=eps) as (work, _):
+            inputs = inputs.detach().clone().requires_grad_(to_pixels)
             with torch.set_grad_enabled(to_pixels):
-                fmap = self._feature_map(inputs)
+                fmap = work._feature_map(inputs)
             if not to_pixels:
                 fmap.requires_grad_(True)
-            scores = self._scores(fmap)
-            output = self.pool(scores)
+            scores = work._scores(fmap)
+            output = work.pool(scores)
+            targets = resolve_targets(self, output.detach(), target)
             wrt = (inputs, fmap, scores) if to_pixels else (fmap, scores)
-            grads = torch.autograd.grad(output, wrt, grad_outputs=attribution_output(output, targets))
+            grads = torch.autograd.grad(output, wrt, grad_outputs=attribution_output(output.detach(), targets))
         pixels = grads[0].detach() if to_pixels else None
         features, locations = grads[-2:]
         if locations.ndim == 3:  # (n, K, L): only the target row is non-zero
@@ -981,9 +500,8 @@ class DeepNeon(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-class _DeepNeonExplainer(LRPExplainer):
-    """:class:`~neon_attrib.fast.LRPExplainer` for a :class:`DeepNeon`: checks the images, and for k-means explains the
-    default target (the cluster of highest pooled score) unless an ``attr_output`` is given."""
+class _DeepNeonExplainer(Explainer):
+    """:class:`~neon_attrib.pipeline.Explainer` for a :class:`DeepNeon` that checks the images first."""
 
     def __call__(self, images: Any, attr_output: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         dtype, device = module_dtype_device(self.model)
@@ -991,9 +509,6 @@ class _DeepNeonExplainer(LRPExplainer):
         if images.ndim != 4:
             raise ValueError(f"DeepNeon.explainer expects a batch of images (n, channels, H, W). "
                              f"Got {tuple(images.shape)}.")
-        if attr_output is None:
-            def attr_output(output: torch.Tensor) -> torch.Tensor:
-                return attribution_output(output, self.model.default_target(output) if output.ndim > 1 else None)
         return super().__call__(images, attr_output)
 
 
@@ -1029,3 +544,6 @@ def _batch_count(images: Any, batch_size: int) -> int | None:
         return len(images)
     except TypeError:
         return None
+
+
+register_activation_children(DeepNeon, ("head",))

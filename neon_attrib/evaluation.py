@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._utils import ArrayLike, as_targets, module_dtype_device
+from ._utils import ArrayLike, module_dtype_device
+from .pipeline import resolve_targets
 
 __all__ = [
     "FlipCurve",
@@ -140,18 +141,6 @@ def model_score(model: nn.Module, x: torch.Tensor, target: Any = None) -> torch.
         return output.reshape(output.shape[0])
     flat = output.reshape(output.shape[0], -1)
     return flat.gather(1, targets.reshape(-1, 1)).squeeze(1)
-
-
-def resolve_targets(model: nn.Module, output: torch.Tensor, target: Any) -> torch.Tensor | None:
-    """:func:`neon_attrib.explain`'s target rule: None for scalar outputs (n,), else one index per example."""
-    if output.ndim <= 1:
-        return None
-    flat = output.reshape(output.shape[0], -1)
-    if target is None:
-        default = getattr(model, "default_target", None)
-        return default(output) if default is not None else flat.argmax(-1)
-    return as_targets(target, n=flat.shape[0], n_outputs=flat.shape[1], owner=type(model).__name__,
-                      device=output.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Neuralized layers: the building blocks that rewrite KDE and k-means as neural networks (SPEC §1-3).
+"""Neuralized layers: the building blocks that rewrite KDE and k-means as neural networks.
 
 Every layer is a plain :class:`torch.nn.Module`, batched over the first dimension, of any floating dtype and device.
 Support points, centroids and random weights are *buffers*, not parameters: nobody trains them by accident, Zennit's
@@ -14,35 +14,53 @@ RandomCosineFeatures   ``h_j = √2 cos(ω_jᵀx + b_j) μ_j``           KDE inl
 MeanPool               ``1/H Σ_j h_j``                             KDE inlier, layer 2
 ClusterDifference      ``h_ck = w_ckᵀx + b_ck`` for all c, k ≠ c   k-means, layer 1
 MinPool                ``min_k h_ck``                              k-means, layer 2
+LocationPool           ``Σ_l s_l`` (or mean, max, positive part)   heads on CNN feature maps
 =====================  ==========================================  ===========================
 """
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
 import torch
 from torch import nn
 
+from .functional import DEFAULT_CHUNK, fused_outlier_score, log_mean_exp, random_cosine_features, soft_min_pass
+from .functional import squared_distance
+
 __all__ = [
+    "ResizableBuffers",
     "SquaredDistance",
     "LogMeanExpPool",
     "RandomCosineFeatures",
     "MeanPool",
     "ClusterDifference",
     "MinPool",
-    "squared_distance",
-    "log_mean_exp",
-    "soft_min_pass",
-    "fused_outlier_score",
+    "LocationPool",
 ]
 
-#: Number of support points processed at once by the chunked reductions (bounds temporaries to batch × chunk).
-DEFAULT_CHUNK = 16384
+# formulas re-exported for code that imported them from here (they live in neon_attrib.functional)
+_FORMULAS = (DEFAULT_CHUNK, fused_outlier_score, log_mean_exp, soft_min_pass, squared_distance)
 
 
-class _ResizableBuffers(nn.Module):
-    """Mixin: ``load_state_dict`` resizes placeholder buffers to the stored shapes instead of failing."""
+class ResizableBuffers(nn.Module):
+    """Base class for modules whose buffers are empty placeholders until fitted.
+
+    ``load_state_dict`` resizes each placeholder buffer to the stored shape instead of failing, so a fitted module's
+    ``state_dict()`` loads into a freshly constructed, unfitted one. Subclass it for your own fitted layers.
+
+    Examples
+    --------
+    >>> class Centres(ResizableBuffers):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.register_buffer("centres", torch.empty(0, 0))
+    >>> fresh = Centres()
+    >>> fresh.load_state_dict({"centres": torch.ones(3, 2)})
+    <All keys matched successfully>
+    >>> fresh.centres.shape
+    torch.Size([3, 2])
+    """
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -54,85 +72,7 @@ class _ResizableBuffers(nn.Module):
                                       error_msgs)
 
 
-def squared_distance(x: torch.Tensor, support: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Squared Euclidean distances ``‖x_n − u_k‖²`` of shape (n, N), via ``‖x‖² + ‖u‖² − 2xᵀu``, clamped at 0.
-
-    Matrix products over chunks of support points: no (n, N, d) intermediate and no N × d temporary. The expansion
-    loses absolute precision ~ eps·‖x‖² when x and u nearly coincide (as in scikit-learn's ``euclidean_distances``);
-    use float64 where that matters.
-    """
-    x_sq = (x * x).sum(-1, keepdim=True)
-    parts = [torch.addmm(x_sq + (chunk * chunk).sum(-1), x, chunk.T, alpha=-2.0)
-             for chunk in support.split(chunk_size)]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    return out.clamp_min(0.0)
-
-
-def log_mean_exp(h: torch.Tensor, alpha: float, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Stable ``LME^α{h} = (1/α) log(1/N Σ_k exp(α h_k))`` over the last dimension, chunked over ``k``.
-
-    The maximum of ``α h`` is subtracted before exponentiating (log-sum-exp), so points far from all support points
-    give large finite values in float32, never inf or NaN. Temporaries are bounded by ``batch × chunk_size``.
-    """
-    n_support = h.shape[-1]
-    if n_support <= chunk_size:
-        return (torch.logsumexp(alpha * h, dim=-1) - math.log(n_support)) / alpha
-    scaled_max = torch.stack([(alpha * c).amax(-1) for c in h.split(chunk_size, dim=-1)], -1).amax(-1)
-    total = sum(torch.exp(alpha * c - scaled_max.unsqueeze(-1)).sum(-1) for c in h.split(chunk_size, dim=-1))
-    return (torch.log(total) + scaled_max - math.log(n_support)) / alpha
-
-
-def soft_min_pass(x: torch.Tensor, support: torch.Tensor, beta: float, chunk_size: int = DEFAULT_CHUNK,
-                  weighted_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunked pass over the support set: ``log Σ_k exp(−β h_k)`` and ``Σ_k softmin_β(h)_k u_k`` per row of x.
-
-    An online softmax (running maximum, rescaled accumulators) keeps it stable; temporaries are (n, chunk) and
-    (n, d): no (n, N) matrix. ``o(x) = −(lse − log N)/γ`` with β = γ, and ``∇o(x) = 2(x − weighted mean)``.
-
-    Returns
-    -------
-    (torch.Tensor, torch.Tensor or None)
-        The log-sum-exp (n,) and, if ``weighted_mean``, the soft-min weighted mean of the support points (n, d).
-    """
-    running_max = torch.full((x.shape[0], 1), -math.inf, dtype=x.dtype, device=x.device)
-    total = torch.zeros((x.shape[0], 1), dtype=x.dtype, device=x.device)
-    accum = torch.zeros_like(x) if weighted_mean else None
-    for chunk in support.split(chunk_size):
-        logits = -beta * squared_distance(x, chunk, chunk_size)
-        new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
-        rescale = torch.exp(running_max - new_max)
-        weights = torch.exp(logits - new_max)
-        total = total * rescale + weights.sum(-1, keepdim=True)
-        if accum is not None:
-            accum = accum * rescale + weights @ chunk
-        running_max = new_max
-    lse = (torch.log(total) + running_max).squeeze(-1)
-    return lse, (accum / total if accum is not None else None)
-
-
-class _FusedOutlierScore(torch.autograd.Function):
-    """``o(x)`` with its exact gradient, in one chunked pass (see :func:`soft_min_pass`)."""
-
-    @staticmethod
-    def forward(ctx, x, support, gamma, chunk_size):
-        lse, mean = soft_min_pass(x, support, gamma, chunk_size, weighted_mean=ctx.needs_input_grad[0])
-        if mean is not None:
-            ctx.save_for_backward(x, mean)
-        return -(lse - math.log(support.shape[0])) / gamma
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, mean = ctx.saved_tensors
-        return 2.0 * (x - mean) * grad_out.unsqueeze(-1), None, None, None
-
-
-def fused_outlier_score(x: torch.Tensor, support: torch.Tensor, gamma: float,
-                        chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """KDE outlier score ``o(x)`` (n,) and its gradient without the (n, N) distance matrix: for large N."""
-    return _FusedOutlierScore.apply(x, support, float(gamma), chunk_size)
-
-
-class SquaredDistance(_ResizableBuffers):
+class SquaredDistance(ResizableBuffers):
     """Layer 1 of the KDE outlier network: ``h_k = ‖x − u_k‖²`` for every support point ``u_k``.
 
     Parameters
@@ -190,7 +130,7 @@ class LogMeanExpPool(nn.Module):
         return f"alpha={self.alpha:g}, beta={self.beta}"
 
 
-class RandomCosineFeatures(_ResizableBuffers):
+class RandomCosineFeatures(ResizableBuffers):
     """Layer 1 of the KDE inlier network: ``h_j = √2 cos(ω_jᵀx + b_j) · μ_j`` (random Fourier features).
 
     Parameters
@@ -211,7 +151,7 @@ class RandomCosineFeatures(_ResizableBuffers):
         self.register_buffer("mean", torch.empty(0) if mean is None else mean.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return math.sqrt(2.0) * torch.cos(torch.addmm(self.bias, x, self.omega.T)) * self.mean
+        return random_cosine_features(x, self.omega, self.bias) * self.mean
 
     def extra_repr(self) -> str:
         return f"n_features={self.omega.shape[0]}, n_inputs={self.omega.shape[-1]}"
@@ -224,7 +164,7 @@ class MeanPool(nn.Module):
         return h.mean(-1)
 
 
-class ClusterDifference(_ResizableBuffers):
+class ClusterDifference(ResizableBuffers):
     """Layer 1 of the k-means network: all ``K·(K−1)`` linear cluster differences at once.
 
     ``h[n, c, j] = w_ckᵀx_n + b_ck`` where ``k = others[c, j]`` runs over the clusters other than ``c``,
@@ -296,36 +236,46 @@ class MinPool(nn.Module):
         return f"beta={self.beta:g}"
 
 
-# -- Captum bridge (owned by neon_attrib/captum.py) ----------------------------------------------------------------
-class _CaptumRule:
-    """``layer.rule``: the layer's NEON rule as a Captum ``PropagationRule``, for :class:`captum.attr.LRP`.
+PoolMode = Literal["sum", "mean", "max", "positive"]
+_POOLS = ("sum", "mean", "max", "positive")
 
-    Captum reads ``module.rule`` on every leaf module and *deletes* it after each call (Captum issue #1059). This data
-    descriptor lives on the class, so Captum's ``del layer.rule`` cannot remove it: ``LRP(model)`` works on NEON
-    models without set-up, call after call. ``layer.rule = r`` stores an override (``None`` restores the default).
-    The logic is in :mod:`neon_attrib.captum`, imported on first use.
+
+class LocationPool(nn.Module):
+    """Pool location scores ``s`` (…, L) into one score per image (…), over the last dimension.
+
+    ========== =========================== ===============================================================
+    mode       image score                 relevance of location ``l`` (:class:`~neon_attrib.rules.LocationPoolRule`)
+    ========== =========================== ===============================================================
+    sum        ``Σ_l s_l`` (the default)   ``s_l / Σ s · R``  (``= s_l`` at the top)
+    mean       ``1/L Σ_l s_l``             ``s_l / Σ s · R``  (same shares as the sum)
+    positive   ``Σ_l max(0, s_l)``         ``max(0, s_l) / Σ max(0, s) · R``: only locations with evidence
+    max        ``max_l s_l``               all of ``R`` to the (first) maximal location
+    ========== =========================== ===============================================================
+
+    ``positive`` suits k-means (``f_c > 0`` exactly on the locations assigned to cluster ``c``: the image score is
+    the cluster's total evidence, and the other locations get no relevance); ``sum`` and ``mean`` suit KDE scores,
+    which are >= 0 (outlier) or ~ >= 0 (inlier) everywhere.
+
+    Examples
+    --------
+    >>> LocationPool("positive")(torch.tensor([[1.0, -2.0, 3.0]]))
+    tensor([4.])
     """
 
-    def __get__(self, layer, owner=None):
-        if layer is None:
-            return self
-        try:
-            from .captum import _get_layer_rule
-        except ImportError as exc:  # no Captum: behave like a missing attribute (hasattr → False)
-            raise AttributeError("rule") from exc
-        return _get_layer_rule(layer)
+    def __init__(self, mode: PoolMode = "sum"):
+        super().__init__()
+        if mode not in _POOLS:
+            raise ValueError(f"The 'mode' parameter of LocationPool must be one of {_POOLS}. Got {mode!r} instead.")
+        self.mode = mode
 
-    def __set__(self, layer, rule):
-        from .captum import _set_layer_rule
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.mode == "sum":
+            return scores.sum(-1)
+        if self.mode == "mean":
+            return scores.mean(-1)
+        if self.mode == "positive":
+            return scores.clamp_min(0.0).sum(-1)
+        return scores.amax(-1)
 
-        _set_layer_rule(layer, rule)
-
-    def __delete__(self, layer):
-        from .captum import _delete_layer_rule
-
-        _delete_layer_rule(layer)
-
-
-for _layer_class in (SquaredDistance, LogMeanExpPool, RandomCosineFeatures, MeanPool, ClusterDifference, MinPool):
-    _layer_class.rule = _CaptumRule()
-del _layer_class
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"

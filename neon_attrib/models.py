@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 
 from ._utils import (
     ArrayLike,
@@ -27,32 +28,70 @@ from ._utils import (
     check_positive_float,
     module_dtype_device,
 )
-from .layers import (
+from .composites import register_rule
+from .functional import (
     DEFAULT_CHUNK,
-    ClusterDifference,
-    LogMeanExpPool,
-    MeanPool,
-    MinPool,
-    RandomCosineFeatures,
-    SquaredDistance,
-    _ResizableBuffers,
     fused_outlier_score,
     log_mean_exp,
+    random_cosine_features,
     squared_distance,
 )
+from .layers import ClusterDifference, LogMeanExpPool, MeanPool, MinPool, RandomCosineFeatures, ResizableBuffers
+from .layers import SquaredDistance
+from .rules import KDEInlierActivationRule, KDEOutlierActivationRule, KMeansActivationRule
 
-__all__ = ["KDEOutlier", "KDEInlier", "KMeansMembership"]
+__all__ = ["NeonEstimator", "KDEOutlier", "KDEInlier", "KMeansMembership"]
 
 
-class _NeonModel(_ResizableBuffers):
-    """Shared estimator plumbing: input conversion, fitted checks, hyperparameters in the state dict."""
+class NeonEstimator(ResizableBuffers, BaseEstimator):
+    """Base class of the estimators that are their neuralized networks: an ``nn.Module`` and a scikit-learn estimator.
+
+    * ``get_params``/``set_params`` come from the constructor's signature (scikit-learn's ``BaseEstimator``), so
+      ``sklearn.base.clone``, ``Pipeline`` and ``GridSearchCV`` work;
+    * setting a hyperparameter of a *fitted* estimator either takes effect everywhere (``forward``, ``score``, the
+      rules) or raises a ``ValueError`` that says to refit (hyperparameters listed in ``_refit_parameters``);
+    * inputs are converted and checked (:meth:`_as_tensor`), the fitted state lives in buffers and in attributes ending
+      in ``_``, and hyperparameters travel in ``state_dict()['_extra_state']`` as plain Python values.
+    """
 
     #: attributes saved in ``state_dict()['_extra_state']`` (hyperparameters and fitted scalars)
     _state_attributes: tuple[str, ...] = ()
+    #: hyperparameters whose change needs a new ``fit`` (setting them on a fitted model raises)
+    _refit_parameters: tuple[str, ...] = ()
 
     def __init__(self):
         super().__init__()
         self.n_features_in_: int | None = None
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.__dict__.get("n_features_in_") is not None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fitted = self.__dict__.get("n_features_in_") is not None and not self.__dict__.get("_loading", False)
+        if not fitted or name not in _param_names(type(self)):
+            super().__setattr__(name, value)
+            return
+        if name in self._refit_parameters:
+            if _same(getattr(self, name, None), value):
+                return
+            raise ValueError(f"The '{name}' parameter of this fitted {type(self).__name__} shapes its fitted state; "
+                             f"setting it to {value!r} needs a new fit. Call set_params({name}=...) and then 'fit', "
+                             f"or build a new {type(self).__name__}.")
+        old = getattr(self, name)
+        super().__setattr__(name, value)
+        try:
+            self._validate_hyperparameters()
+            self._refresh_fitted()
+        except Exception:
+            super().__setattr__(name, old)
+            raise
+
+    def _validate_hyperparameters(self) -> None:
+        """Raise a ValueError naming the parameter if a hyperparameter is invalid."""
+
+    def _refresh_fitted(self) -> None:
+        """Derive the effective hyperparameters of a fitted model again (after one was set)."""
+        self._configure_layers()
 
     # -- conversion and checks -------------------------------------------------------------------------------------
     @property
@@ -72,22 +111,48 @@ class _NeonModel(_ResizableBuffers):
 
     # -- state dict ----------------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        return {"class": self._name, **{key: getattr(self, key) for key in self._state_attributes}}
+        return {"class": self._name, **{key: _plain(getattr(self, key)) for key in self._state_attributes}}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("class", self._name) != self._name:
             raise ValueError(f"Cannot load the state of a {state['class']} into a {self._name}.")
-        for key in self._state_attributes:
-            if key in state:
-                setattr(self, key, state[key])
+        self.__dict__["_loading"] = True
+        try:
+            for key in self._state_attributes:
+                if key in state:
+                    setattr(self, key, state[key])
+        finally:
+            self.__dict__.pop("_loading", None)
         self._configure_layers()
 
     def _configure_layers(self) -> None:
         """Push hyperparameters into the layers (after ``fit`` or ``load_state_dict``)."""
 
 
+_PARAM_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _param_names(cls: type) -> frozenset[str]:
+    names = _PARAM_NAMES.get(cls)
+    if names is None:
+        names = _PARAM_NAMES[cls] = frozenset(cls._get_param_names())
+    return names
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # arrays and tensors compare element-wise
+        return a is b
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python numbers, so that ``torch.load(weights_only=True)`` reads the state dict."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-class KDEOutlier(_NeonModel):
+class KDEOutlier(NeonEstimator):
     """Kernel density outlier score ``o(x) = −(1/γ) log(1/N Σ_k exp(−γ‖x − u_k‖²))`` as a two-layer network.
 
     ``o(x) = LME^{−γ}_k {‖x − u_k‖²}``: a :class:`~neon_attrib.layers.SquaredDistance` layer followed by a
@@ -147,9 +212,10 @@ class KDEOutlier(_NeonModel):
     def _validate_hyperparameters(self) -> None:
         check_positive_float(self.gamma, owner=self._name, name="gamma")
         check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
-        if self.eps is not None and not (isinstance(self.eps, (int, float)) and self.eps >= 0):
-            raise ValueError(f"The 'eps' parameter of {self._name} must be a float >= 0. Got {self.eps!r} instead.")
+        _check_eps(self.eps, self._name)
         check_int(self.chunk_size, owner=self._name, name="chunk_size", minimum=1)
+        if not isinstance(self.fused, (bool, np.bool_)):
+            raise ValueError(f"The 'fused' parameter of {self._name} must be a bool. Got {self.fused!r} instead.")
 
     def _configure_layers(self) -> None:
         if self.n_features_in_ is None:
@@ -171,6 +237,9 @@ class KDEOutlier(_NeonModel):
     def _set_support(self, support: torch.Tensor) -> None:
         self.distance.support = support.detach().clone()
         self.n_features_in_ = int(support.shape[1])
+        self._refresh_fitted()
+
+    def _refresh_fitted(self) -> None:
         self.beta_ = float(self.beta if self.beta is not None else self.gamma)
         self.eps_ = float(self.eps if self.eps is not None else 0.01 / self.gamma)
         self._configure_layers()
@@ -188,6 +257,17 @@ class KDEOutlier(_NeonModel):
         if self.fused:
             return fused_outlier_score(x, self.distance.support, self.gamma, self.chunk_size)
         return self.pool(self.distance(x))
+
+    #: autograd's gradient of this forward is ``2(x − Σ_k p_k u_k)`` (β = γ): the activation rule reuses it
+    _softmin_gradient_forward = forward
+
+    @torch.no_grad()
+    def score_samples(self, x: ArrayLike) -> torch.Tensor:
+        """Log-density of the normalised Gaussian KDE, as scikit-learn's ``KernelDensity.score_samples``, shape (n,).
+
+        ``log p̂(x) = −γ o(x) − (d/2) log(π/γ)`` with bandwidth ``h = 1/√(2γ)``.
+        """
+        return -float(self.gamma) * self.score(x) - 0.5 * self.n_features_in_ * math.log(math.pi / self.gamma)
 
     @torch.no_grad()
     def score(self, x: ArrayLike) -> torch.Tensor:
@@ -351,7 +431,7 @@ def _check_index(index: Any, n: int, owner: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-class KDEInlier(_NeonModel):
+class KDEInlier(NeonEstimator):
     """Kernel density inlier score ``i(x) = 1/N Σ_k exp(−γ‖x − u_k‖²)`` through H random Fourier features.
 
     ``î(x) = 1/H Σ_j √2 cos(ω_jᵀx + b_j) μ_j`` with ``ω_j ~ N(0, 2γ I)``, ``b_j ~ U(0, 2π)`` and
@@ -380,6 +460,7 @@ class KDEInlier(_NeonModel):
     """
 
     _state_attributes = ("gamma", "n_features", "seed", "eps", "n_features_in_", "eps_")
+    _refit_parameters = ("gamma", "n_features", "seed")
 
     def __init__(self, gamma: float = 1.0, n_features: int = 2500, seed: int | None = None, *,
                  eps: float | None = None):
@@ -395,11 +476,7 @@ class KDEInlier(_NeonModel):
 
     def fit(self, X: ArrayLike, y: Any = None) -> KDEInlier:
         """Draw the random features (seeded) and average them over the rows of ``X``. Returns ``self``."""
-        check_positive_float(self.gamma, owner=self._name, name="gamma")
-        check_int(self.n_features, owner=self._name, name="n_features", minimum=1)
-        if self.seed is not None:
-            check_int(self.seed, owner=self._name, name="seed", minimum=0)
-        check_positive_float(self.eps, owner=self._name, name="eps", allow_none=True)
+        self._validate_hyperparameters()
         support = self._as_tensor(X, check_features=False)
         if support.shape[0] < 1:
             raise ValueError(f"{self._name} needs at least 1 sample to fit. Got 0.")
@@ -411,15 +488,25 @@ class KDEInlier(_NeonModel):
         self._set(support, omega.to(support), bias.to(support))
         return self
 
+    def _validate_hyperparameters(self) -> None:
+        check_positive_float(self.gamma, owner=self._name, name="gamma")
+        check_int(self.n_features, owner=self._name, name="n_features", minimum=1)
+        if self.seed is not None:
+            check_int(self.seed, owner=self._name, name="seed", minimum=0)
+        check_positive_float(self.eps, owner=self._name, name="eps", allow_none=True)
+
+    def _refresh_fitted(self) -> None:
+        self.eps_ = float(self.eps if self.eps is not None else 1.0)
+
     def _set(self, support: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor) -> None:
         mean = torch.zeros_like(bias)
         for chunk in support.split(4096):
-            mean += (math.sqrt(2.0) * torch.cos(torch.addmm(bias, chunk, omega.T))).sum(0)
+            mean += random_cosine_features(chunk, omega, bias).sum(0)
         self.features.omega, self.features.bias = omega.clone(), bias.clone()
         self.features.mean = mean / support.shape[0]
         self.support = support.detach().clone()
         self.n_features_in_ = int(support.shape[1])
-        self.eps_ = float(self.eps if self.eps is not None else 1.0)
+        self._refresh_fitted()
 
     def forward(self, x: ArrayLike) -> torch.Tensor:
         """Approximate inlier scores ``î(x)`` of shape (n,)."""
@@ -432,6 +519,10 @@ class KDEInlier(_NeonModel):
         self._check_fitted()
         h = squared_distance(self._as_tensor(x), self.support)
         return torch.exp(log_mean_exp(h, -float(self.gamma)) * -float(self.gamma))
+
+    def score_samples(self, x: ArrayLike) -> torch.Tensor:
+        """Log of the exact normalised Gaussian KDE density (scikit-learn's ``KernelDensity.score_samples``), (n,)."""
+        return torch.log(self.exact(x)) - 0.5 * self.n_features_in_ * math.log(math.pi / self.gamma)
 
     def uniform_relevance(self, x: ArrayLike) -> torch.Tensor:
         """The baseline explanation of the exact inlier score: ``R_i = i(x) / d`` for every feature (SPEC §2)."""
@@ -455,7 +546,7 @@ class KDEInlier(_NeonModel):
     def score_training(self, leave_one_out: bool = True) -> torch.Tensor:
         """``î`` of the support points, each left out of its own mean feature when ``leave_one_out``."""
         self._check_fitted()
-        phi = math.sqrt(2.0) * torch.cos(torch.addmm(self.features.bias, self.support, self.features.omega.T))
+        phi = random_cosine_features(self.support, self.features.omega, self.features.bias)
         mean = self.features.mean
         if leave_one_out:
             n = self.support.shape[0]
@@ -466,7 +557,7 @@ class KDEInlier(_NeonModel):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-class KMeansMembership(_NeonModel):
+class KMeansMembership(NeonEstimator):
     """k-means cluster membership evidence ``f_c(x) = min_{k≠c} {‖x − μ_k‖² − ‖x − μ_c‖²}`` for every cluster c.
 
     A :class:`~neon_attrib.layers.ClusterDifference` layer (all ``K(K−1)`` linear differences) and a
@@ -496,11 +587,12 @@ class KMeansMembership(_NeonModel):
     >>> import numpy as np
     >>> X = np.r_[np.zeros((5, 2)), np.ones((5, 2)) * 4]
     >>> model = KMeansMembership(n_clusters=2, seed=0).double().fit(X)
-    >>> model.predict(X).tolist() == model.kmeans_labels_.tolist()
+    >>> model.predict(X).tolist() == model.labels_.tolist()
     True
     """
 
     _state_attributes = ("n_clusters", "n_init", "seed", "max_iter", "centroid_norm", "beta", "n_features_in_")
+    _refit_parameters = ("n_clusters", "n_init", "seed", "max_iter", "centroid_norm")
 
     def __init__(self, n_clusters: int = 8, n_init: int = 10, seed: int | None = None, *, max_iter: int = 300,
                  centroid_norm: float | None = None, beta: float | None = None):
@@ -513,7 +605,8 @@ class KMeansMembership(_NeonModel):
         self.beta = beta
         self.difference = ClusterDifference()
         self.pool = MinPool()
-        self.kmeans_labels_: np.ndarray | None = None
+        self.labels_: np.ndarray | None = None
+        self.default_beta_: float | None = None
 
     def _validate_hyperparameters(self) -> None:
         check_int(self.n_clusters, owner=self._name, name="n_clusters", minimum=2)
@@ -536,7 +629,7 @@ class KMeansMembership(_NeonModel):
         kmeans = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, max_iter=self.max_iter,
                         random_state=self.seed).fit(data.detach().cpu().double().numpy())
         self._set_centroids(torch.as_tensor(kmeans.cluster_centers_).to(data), data)
-        self.kmeans_labels_ = kmeans.labels_
+        self.labels_ = kmeans.labels_
         self.inertia_ = float(kmeans.inertia_)
         return self
 
@@ -546,19 +639,26 @@ class KMeansMembership(_NeonModel):
             centroids = centroids * (self.centroid_norm / centroids.norm(dim=1, keepdim=True).clamp_min(1e-30))
         self.difference.set_centroids(centroids)
         self.n_features_in_ = int(centroids.shape[1])
-        beta = self.beta
-        if beta is None:
-            evidence = self.pool(self.difference(data)).amax(-1) if data is not None else None
-            mean_evidence = float(evidence.clamp_min(0).mean()) if evidence is not None else 0.0
-            beta = 1.0 / mean_evidence if mean_evidence > 0 else 1.0
-        self.pool.beta = float(beta)
+        evidence = self.pool(self.difference(data)).amax(-1) if data is not None else None
+        mean_evidence = float(evidence.clamp_min(0).mean()) if evidence is not None else 0.0
+        self.default_beta_ = 1.0 / mean_evidence if mean_evidence > 0 else 1.0
+        self._refresh_fitted()
+
+    def _refresh_fitted(self) -> None:
+        self.pool.beta = float(self.beta if self.beta is not None else self.default_beta_)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "pool_beta": self.pool.beta}
+        return {**super().get_extra_state(), "pool_beta": self.pool.beta, "default_beta_": self.default_beta_}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         self.pool.beta = state.get("pool_beta", self.pool.beta)
+        self.default_beta_ = state.get("default_beta_", self.pool.beta)
+
+    @property
+    def kmeans_labels_(self) -> np.ndarray | None:
+        """The same as :attr:`labels_` (the training assignments of k-means); kept for older code."""
+        return self.labels_
 
     @classmethod
     def from_sklearn(cls, kmeans: Any, X: ArrayLike | None = None, **kwargs: Any) -> KMeansMembership:
@@ -586,7 +686,7 @@ class KMeansMembership(_NeonModel):
             model.n_features_in_ = centers.shape[1]
             data = model._as_tensor(X)
         model._set_centroids(centers, data)
-        model.kmeans_labels_ = getattr(kmeans, "labels_", None)
+        model.labels_ = getattr(kmeans, "labels_", None)
         return model
 
     @property
@@ -608,3 +708,17 @@ class KMeansMembership(_NeonModel):
     def default_target(self, output: torch.Tensor) -> torch.Tensor:
         """The target :func:`~neon_attrib.explain` uses when none is given: the assigned cluster."""
         return output.argmax(-1)
+
+
+def _check_eps(eps: Any, owner: str) -> None:
+    ok = eps is None or (isinstance(eps, (int, float, np.floating, np.integer)) and not isinstance(eps, bool)
+                         and math.isfinite(eps) and eps >= 0)
+    if not ok:
+        raise ValueError(f"The 'eps' parameter of {owner} must be a finite float >= 0. Got {eps!r} instead.")
+
+
+register_rule(KDEOutlier, lambda beta, eps: KDEOutlierActivationRule(beta=beta), mode="activation",
+              covers_children=True)
+register_rule(KDEInlier, lambda beta, eps: KDEInlierActivationRule(eps=eps), mode="activation", covers_children=True)
+register_rule(KMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta), mode="activation",
+              covers_children=True)

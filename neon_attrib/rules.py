@@ -1,4 +1,4 @@
-"""Zennit rules for the neuralized layers (SPEC §1-3).
+"""Zennit rules for the neuralized layers.
 
 A Zennit rule is a :class:`zennit.core.Hook`: during the forward pass it stores what it needs, and during the backward
 pass it replaces the gradient with *relevance*: ``backward(module, grad_input, grad_output)`` receives the relevance of
@@ -27,11 +27,10 @@ import math
 import torch
 from zennit.core import Hook
 
-from ._utils import safe_divide
-from .layers import DEFAULT_CHUNK, soft_min_pass
-from .models import KDEOutlier
+from .functional import DEFAULT_CHUNK, cosine_activation_coefficients, safe_divide, soft_argmin, soft_min_pass
 
 __all__ = [
+    "NeonHook",
     "SoftArgminRule",
     "SquaredDifferenceRule",
     "ProportionalRule",
@@ -40,6 +39,9 @@ __all__ = [
     "KDEOutlierActivationRule",
     "KDEInlierActivationRule",
     "KMeansActivationRule",
+    "LocationPoolRule",
+    "LeaveOneOutKDEOutlierRule",
+    "LeaveOneOutKDEInlierRule",
 ]
 
 # Above this many elements (batch × support × features) the squared-difference rule switches from the direct
@@ -47,8 +49,22 @@ __all__ = [
 _DIRECT_LIMIT = 1 << 22
 
 
-class _NeonHook(Hook):
-    """Base class: stores the detached input and output, returns relevance for the first input only."""
+class NeonHook(Hook):
+    """Base class of every NEON rule: subclass it and implement :meth:`relevance` (and :meth:`_hyperparameters`).
+
+    A :class:`zennit.core.Hook` that stores the module's detached input and output in the forward pass and, in the
+    backward pass, replaces the gradient of the module's first input by ``relevance(module, x, out, R)``, where ``R``
+    is the relevance of the output. :meth:`copy` rebuilds the rule from :meth:`_hyperparameters` (Zennit copies a
+    rule once per module, and ``Hook.copy`` would drop constructor arguments).
+
+    Examples
+    --------
+    >>> class HalfRule(NeonHook):  # gives each input half of the output's relevance (for a 2-input sum)
+    ...     def relevance(self, module, x, out, relevance_out):
+    ...         return relevance_out.unsqueeze(-1).expand_as(x) / 2
+    >>> HalfRule().copy()
+    HalfRule()
+    """
 
     def forward(self, module, input, output):
         self.stored_tensors["input"] = input[0].detach()
@@ -75,7 +91,7 @@ class _NeonHook(Hook):
         return f"{type(self).__name__}({args})"
 
 
-class _BetaHook(_NeonHook):
+class _BetaHook(NeonHook):
     def __init__(self, beta: float | None = None):
         super().__init__()
         if beta is not None and not beta > 0:
@@ -86,7 +102,7 @@ class _BetaHook(_NeonHook):
         return {"beta": self.beta}
 
 
-class _EpsHook(_NeonHook):
+class _EpsHook(NeonHook):
     def __init__(self, eps: float | None = None):
         super().__init__()
         if eps is not None and not eps >= 0:
@@ -95,11 +111,6 @@ class _EpsHook(_NeonHook):
 
     def _hyperparameters(self) -> dict:
         return {"eps": self.eps}
-
-
-def _soft_argmin(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """``exp(−β h_k) / Σ_k' exp(−β h_k')`` over the last dimension (stable softmax)."""
-    return torch.softmax(-beta * h, dim=-1)
 
 
 class SoftArgminRule(_BetaHook):
@@ -125,7 +136,7 @@ class SoftArgminRule(_BetaHook):
         alpha = getattr(module, "alpha", -1.0)
         if beta is None:
             beta = abs(alpha)
-        weights = _soft_argmin(x, beta) if alpha < 0 else torch.softmax(beta * x, dim=-1)
+        weights = soft_argmin(x, beta) if alpha < 0 else torch.softmax(beta * x, dim=-1)
         return weights * relevance_out.unsqueeze(-1)
 
 
@@ -159,7 +170,7 @@ class SquaredDifferenceRule(_EpsHook):
         return x * x * coef.sum(1, keepdim=True) - 2.0 * x * first + second
 
 
-class ProportionalRule(_NeonHook):
+class ProportionalRule(NeonHook):
     """Redistribution in proportion to the summands on :class:`~neon_attrib.layers.MeanPool`:
     ``R_j = h_j / Σ_j' h_j' · R`` (LRP-0 on a linear pooling; ``R_j = h_j / H`` when ``R = î(x)``). Conserves exactly.
     """
@@ -168,7 +179,7 @@ class ProportionalRule(_NeonHook):
         return x * safe_divide(relevance_out, x.sum(-1)).unsqueeze(-1)
 
 
-class CosineShareRule(_NeonHook):
+class CosineShareRule(NeonHook):
     """ω²-share rule on :class:`~neon_attrib.layers.RandomCosineFeatures`:
     ``R_i = Σ_j ω_ij² / ‖ω_j‖² · R_j``. Conserves exactly."""
 
@@ -177,7 +188,7 @@ class CosineShareRule(_NeonHook):
         return relevance_out @ safe_divide(sq, sq.sum(-1, keepdim=True))
 
 
-class WeightShareRule(_NeonHook):
+class WeightShareRule(NeonHook):
     """w²-share rule on :class:`~neon_attrib.layers.ClusterDifference`:
     ``R_i = Σ_{c, k≠c} w_cki² / ‖w_ck‖² · R_ck``. Conserves exactly (pairs of identical centroids have w = 0 and
     pass nothing)."""
@@ -205,7 +216,7 @@ class KDEOutlierActivationRule(_BetaHook):
     def backward(self, module, grad_input, grad_output):
         beta = self.beta if self.beta is not None else module.beta_
         gradient = grad_input[0]
-        if gradient is not None and beta == module.gamma and type(module).forward is KDEOutlier.forward:
+        if gradient is not None and beta == module.gamma and _gradient_is_softmin(module):
             # With β = γ the soft-argmin weights are those of the score's gradient: autograd has just computed
             # ∇o(a)·R = 2 (a − Σ_k p_k u_k)·R (in the same pass as the score when the model is fused), so
             # R_i = a_i ∇_i o(a) R / (2 o(a)) needs no second pass over the support set.
@@ -241,14 +252,25 @@ class KDEInlierActivationRule(_EpsHook):
 
     def relevance(self, module, x, out, relevance_out):
         eps = self.eps if self.eps is not None else module.eps_
-        layer = module.features
-        z = x @ layer.omega.T  # (n, H)
-        coef = math.sqrt(2.0) * layer.mean / layer.omega.shape[0]
-        sin_part = -torch.sin(layer.bias) * torch.sinc(z / math.pi)  # sin(z)/z, finite at z = 0
-        sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
-        cos_part = torch.cos(layer.bias) * torch.cos(z) / (z + sign * eps)
-        g = coef * (sin_part + cos_part) * safe_divide(relevance_out, out).unsqueeze(-1)
-        return x * (g @ layer.omega)
+        return _cosine_relevance(x, module.features, module.features.mean, eps, out, relevance_out)
+
+
+def _gradient_is_softmin(module) -> bool:
+    """Whether autograd's gradient of ``module`` (a KDE outlier head) is ``2(a − Σ_k p_k u_k)`` with β = γ.
+
+    Heads declare it with a class attribute ``_softmin_gradient_forward`` naming their ``forward``; a subclass that
+    overrides ``forward`` no longer matches, and the rule then computes the weights itself.
+    """
+    return getattr(type(module), "_softmin_gradient_forward", None) is type(module).forward
+
+
+def _cosine_relevance(x: torch.Tensor, layer, mean: torch.Tensor, eps: float, out: torch.Tensor,
+                      relevance_out: torch.Tensor) -> torch.Tensor:
+    """``R_i = a_i Σ_j ω_ij g_j · R / î(a)``: the random-feature CNN rule with mean feature(s) ``mean``."""
+    z = x @ layer.omega.T  # (n, H)
+    coef = math.sqrt(2.0) * mean / layer.omega.shape[0]
+    g = cosine_activation_coefficients(z, layer.bias, coef, eps) * safe_divide(relevance_out, out).unsqueeze(-1)
+    return x * (g @ layer.omega)
 
 
 class KMeansActivationRule(_BetaHook):
@@ -267,5 +289,49 @@ class KMeansActivationRule(_BetaHook):
     def relevance(self, module, x, out, relevance_out):
         beta = self.beta if self.beta is not None else module.pool.beta
         h = module.difference(x)  # (n, K, K-1)
-        p = _soft_argmin(h, beta) * safe_divide(relevance_out, out).unsqueeze(-1)
+        p = soft_argmin(h, beta) * safe_divide(relevance_out, out).unsqueeze(-1)
         return x * torch.einsum("nck,ckd->nd", p, module.difference.weight)
+
+
+class LocationPoolRule(NeonHook):
+    """LRP rule of :class:`~neon_attrib.layers.LocationPool`: each location gets its share of the image's relevance.
+
+    Conserves exactly (a pool of all-zero contributions passes nothing). Unlike the gradient, which hands every
+    location the whole ``R`` under sum pooling, the shares add up to ``R``.
+
+    Examples
+    --------
+    >>> LocationPoolRule().copy()
+    LocationPoolRule()
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        if module.mode == "max":
+            winner = torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(x.dtype)
+            return winner * relevance_out.unsqueeze(-1)
+        contributions = x.clamp_min(0.0) if module.mode == "positive" else x
+        return contributions * safe_divide(relevance_out, contributions.sum(-1)).unsqueeze(-1)
+
+
+class LeaveOneOutKDEOutlierRule(_BetaHook):
+    """CNN rule of :class:`~neon_attrib.leave_one_out.LeaveOneOutKDEOutlier`: :class:`KDEOutlierActivationRule` with
+    the soft-argmin over ``k ≠ r``: ``R_i = a_i (a_i − Σ_{k≠r} p_k u_ik) · R / o_r(a)``.
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        beta = self.beta if self.beta is not None else module.beta_
+        weights = soft_argmin(module.distances(x), beta)
+        return x * (x - weights @ module.distance.support) * safe_divide(relevance_out, out).unsqueeze(-1)
+
+
+class LeaveOneOutKDEInlierRule(_EpsHook):
+    """CNN rule of :class:`~neon_attrib.leave_one_out.LeaveOneOutKDEInlier`: :class:`KDEInlierActivationRule` with
+    the row's own mean feature ``μ^{(−r)}`` in ``c_j = √2 μ_j / H``.
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        eps = self.eps if self.eps is not None else module.eps_
+        return _cosine_relevance(x, module.features, module.row_means(x), eps, out, relevance_out)
+
+# the name of the base class before it became public (kept for code written against it)
+_NeonHook = NeonHook

@@ -214,17 +214,21 @@ def test_failed_fit_changes_nothing(blobs):
     bad[3, 1] = np.inf
     with pytest.raises(ValueError, match="NaN or infinity"):
         model.fit(bad)
-    model.gamma = -2.0
+    with pytest.raises(ValueError, match="'gamma'"):  # a fitted model validates a new hyperparameter at once
+        model.gamma = -2.0
+    assert model.gamma == 0.5
+    unfitted = KDEOutlier(gamma=-2.0)
     with pytest.raises(ValueError, match="'gamma'"):
-        model.fit(blobs[:10])
-    model.gamma = 0.5
+        unfitted.fit(blobs[:10])
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     kmeans = KMeansMembership(3, seed=0).double().fit(blobs)
     centres = kmeans.cluster_centers_.clone()
-    kmeans.n_clusters = 100
+    with pytest.raises(ValueError, match="needs a new fit"):
+        kmeans.n_clusters = 100
+    unfitted = KMeansMembership(100, seed=0).double()
     with pytest.raises(ValueError):
-        kmeans.fit(blobs)
+        unfitted.fit(blobs[:50])
     assert torch.equal(kmeans.cluster_centers_, centres)
 
 

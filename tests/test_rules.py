@@ -288,10 +288,10 @@ def test_outlier_activation_rule_matches_naive(activations):
     sharp = explain(model, a, composite=NeonComposite(mode="activation", beta=2.0))
     np.testing.assert_allclose(sharp.numpy(), naive_outlier_activation(a, support, 0.5, 2.0), rtol=1e-9, atol=1e-12)
     assert not torch.allclose(sharp, rel)
-    with pytest.raises(ValueError, match="needs the layered forward"):
+    with pytest.raises(ValueError, match="need the layered forward"):
         explain(model, a)
     stacked = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(6, 6).double(), torch.nn.ReLU(), model)
-    with pytest.raises(ValueError, match="needs the layered forward"):  # fails after Zennit hooked the first layers
+    with pytest.raises(ValueError, match="need the layered forward"):  # fails after Zennit hooked the first layers
         explain(stacked, a, composite=NeonComposite(base=EpsilonPlusFlat()))
     assert_no_hooks(stacked)
 

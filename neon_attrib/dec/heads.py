@@ -36,11 +36,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from zennit.composites import EpsilonPlusFlat
-from zennit.core import Composite, Hook
+from zennit.core import Composite
 from zennit.rules import Pass
 
+from ..composites import NeonComposite, register_rule
+from ..functional import student_t_logits
 from ..layers import ClusterDifference, MinPool
-from ..rules import KMeansActivationRule
+from ..rules import KMeansActivationRule, NeonHook
 from .model import DEC, FeatureScale, SphereNorm
 
 __all__ = ["TruncatedModel", "DECMembership", "SphereMembershipRule", "DECHead", "ClassEvidence", "ClassEvidenceRule",
@@ -57,7 +59,8 @@ class TruncatedModel(nn.Module):
     Runs ``model`` and stops (by an exception caught here) as soon as all ``layers`` have produced their output, so
     nothing after them is computed; the autograd graph from the input to those outputs is the model's own, so
     gradients and LRP rules on the model's modules apply unchanged. Works for any model whose named layers run once
-    per forward pass. The model is shared, not copied.
+    per forward pass. The model is shared, not copied; it runs in eval mode (the mode DEC's activations were captured
+    in) and every module's mode is restored afterwards.
 
     Parameters
     ----------
@@ -89,6 +92,8 @@ class TruncatedModel(nn.Module):
             return hook
 
         handles = [self.model.get_submodule(name).register_forward_hook(make_hook(name)) for name in self.layers]
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()  # the activations DEC was fitted on are the classifier's in eval mode
         try:
             self.model(x)
         except _StopForward:
@@ -96,6 +101,8 @@ class TruncatedModel(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+            for module, training in modes:
+                module.training = training
         missing = [name for name in self.layers if name not in store]
         if missing:
             raise RuntimeError(f"TruncatedModel: layer(s) {missing} did not run in the model's forward pass.")
@@ -103,6 +110,15 @@ class TruncatedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers={self.layers}"
+
+
+def _eval_own(head: nn.Module) -> nn.Module:
+    """Eval mode for the head's own modules; the classifier it shares (``head.features``) keeps its mode."""
+    shared = {id(module) for module in head.features.modules()}
+    for module in head.modules():
+        if id(module) not in shared:
+            module.training = False
+    return head
 
 
 class DECMembership(nn.Module):
@@ -147,7 +163,7 @@ def _membership_relevance(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: 
     return linear + bias
 
 
-class SphereMembershipRule(Hook):
+class SphereMembershipRule(NeonHook):
     """Exactly conservative rule for :class:`DECMembership`: the k-means evidence decomposed on the embedding.
 
     For cluster ``c`` with relevance ``R_c``: ``p = softmin_beta(h_c)`` over the competitors ``k`` and
@@ -172,23 +188,17 @@ class SphereMembershipRule(Hook):
         super().__init__()
         self.beta = beta
 
-    def forward(self, module, input, output):
-        self.stored_tensors["input"] = input[0].detach()
+    def _hyperparameters(self) -> dict:
+        return {"beta": self.beta}
 
-    def backward(self, module, grad_input, grad_output):
-        z = self.stored_tensors["input"]
-        r_out = grad_output[0].detach()  # (n, K)
+    def relevance(self, module, x, out, relevance_out):
         beta = self.beta if self.beta is not None else module.pool.beta
         diff = module.difference
-        h = diff(z)  # (n, K, K-1)
-        n, k = r_out.shape
-        zz = z.unsqueeze(1).expand(n, k, z.shape[1])
-        relevance = _membership_relevance(zz, h, diff.weight.unsqueeze(0).expand(n, -1, -1, -1),
-                                          diff.bias.unsqueeze(0).expand(n, -1, -1), r_out, beta).sum(1)
-        return (relevance.to(grad_input[0].dtype),) + (None,) * (len(grad_input) - 1)
-
-    def copy(self):
-        return self.__class__(beta=self.beta)
+        h = diff(x)  # (n, K, K-1)
+        n, k = relevance_out.shape
+        zz = x.unsqueeze(1).expand(n, k, x.shape[1])
+        return _membership_relevance(zz, h, diff.weight.unsqueeze(0).expand(n, -1, -1, -1),
+                                     diff.bias.unsqueeze(0).expand(n, -1, -1), relevance_out, beta).sum(1)
 
 
 def _default_beta(dec: DEC, beta: float | None) -> float:
@@ -242,7 +252,7 @@ class DECHead(nn.Module):
         """Build the head of a fitted :class:`DEC` (``beta`` defaults to ``1 / dec.mean_evidence_``)."""
         dec._check_fitted()
         head = cls(dec.encoder_, dec.cluster_centers_, features=features, beta=_default_beta(dec, beta))
-        return head.to(next(dec.encoder_.parameters()).device).eval()
+        return _eval_own(head.to(next(dec.encoder_.parameters()).device))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The DEC embedding ``z`` of ``x``."""
@@ -257,7 +267,8 @@ class DECHead(nn.Module):
 
     def neon_composite(self, beta: float | None = None, eps: float | None = None,
                        base: Composite | None = None) -> DECHeadComposite:
-        """The composite :func:`neon_attrib.explain` uses for this head (``eps`` is unused)."""
+        """The composite every explanation of this head uses (``base``: rules for the classifier and the encoder,
+        default ``EpsilonPlusFlat``; ``eps`` is unused)."""
         return DECHeadComposite(beta=beta, base=base)
 
 
@@ -293,14 +304,14 @@ class ClassEvidence(nn.Module):
     def assignments(self, z: torch.Tensor) -> torch.Tensor:
         """``q`` per layer, ``(n, L, K)``."""
         dist2 = (z.unsqueeze(2) - self.centroids.unsqueeze(0)).pow(2).sum(-1)
-        return torch.softmax(-(self.alpha + 1.0) / 2.0 * torch.log1p(dist2 / self.alpha), dim=-1)
+        return torch.softmax(student_t_logits(dist2, self.alpha), dim=-1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         q = self.assignments(z)
         return torch.einsum("l,nlk,lkc->nc", self.weights.to(z.dtype), q, self.posteriors.to(z.dtype))
 
 
-class ClassEvidenceRule(Hook):
+class ClassEvidenceRule(NeonHook):
     """LRP rule of :class:`ClassEvidence`: the assigned cluster's share of every layer, through its membership rule.
 
     For output relevance ``R_y`` and each layer ``j`` with assigned cluster ``c`` (``argmax_k q^j_k``), the share
@@ -323,19 +334,11 @@ class ClassEvidenceRule(Hook):
         super().__init__()
         self.beta = beta
 
-    def forward(self, module, input, output):
-        self.stored_tensors["input"] = input[0].detach()
-        self.stored_tensors["output"] = output.detach()
+    def _hyperparameters(self) -> dict:
+        return {"beta": self.beta}
 
-    def backward(self, module, grad_input, grad_output):
-        z = self.stored_tensors["input"]
-        s = self.stored_tensors["output"]
-        r_out = grad_output[0].detach()
-        relevance = _class_evidence_relevance(module, z, s, r_out, self.beta)
-        return (relevance.to(grad_input[0].dtype),) + (None,) * (len(grad_input) - 1)
-
-    def copy(self):
-        return self.__class__(beta=self.beta)
+    def relevance(self, module, x, out, relevance_out):
+        return _class_evidence_relevance(module, x, out, relevance_out, self.beta)
 
 
 def _class_evidence_relevance(module: ClassEvidence, z: torch.Tensor, s: torch.Tensor, r_out: torch.Tensor,
@@ -386,7 +389,7 @@ class SurrogateClassHead(nn.Module):
             beta=torch.tensor([_default_beta(dec, beta) for dec in decs]),
         )
         head = cls(TruncatedModel(surrogate.model, list(layers)), [dec.encoder_ for dec in decs], evidence)
-        return head.to(next(decs[0].encoder_.parameters()).device).eval()
+        return _eval_own(head.to(next(decs[0].encoder_.parameters()).device))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Stacked embeddings ``(n, L, d)``."""
@@ -404,8 +407,12 @@ class SurrogateClassHead(nn.Module):
         return DECHeadComposite(beta=beta, base=base)
 
 
-class DECHeadComposite(Composite):
+class DECHeadComposite(NeonComposite):
     """Rules for :class:`DECHead` and :class:`SurrogateClassHead` (see the module docstring for what is exact).
+
+    A :class:`~neon_attrib.composites.NeonComposite` whose base defaults to ``EpsilonPlusFlat``: the DEC modules get
+    their registered rules (:class:`SphereMembershipRule`, :class:`ClassEvidenceRule`, pass-through on the
+    normalisations) in every NeonComposite, so ``NeonComposite(base=EpsilonPlusFlat())`` explains a DEC head too.
 
     Parameters
     ----------
@@ -417,8 +424,8 @@ class DECHeadComposite(Composite):
     canonizers : list, optional
         Extra Zennit canonizers (e.g. to merge batch norms).
     membership_rule : {"sphere", "dot"}
-        ``"sphere"`` (default): :class:`SphereMembershipRule`, exactly conservative on the embedding. ``"dot"``: SPEC
-        §3's activation rule (:class:`~neon_attrib.rules.KMeansActivationRule`), which dissipates the bias share.
+        ``"sphere"`` (default): :class:`SphereMembershipRule`, exactly conservative on the embedding. ``"dot"``: the
+        k-means activation rule (:class:`~neon_attrib.rules.KMeansActivationRule`), which dissipates the bias share.
     """
 
     def __init__(self, beta: float | None = None, base: Composite | None = None, canonizers: list | None = None,
@@ -427,26 +434,11 @@ class DECHeadComposite(Composite):
             raise ValueError(f"The 'membership_rule' parameter of DECHeadComposite must be 'sphere' or 'dot'. "
                              f"Got {membership_rule!r} instead.")
         self.membership_rule = membership_rule
-        if base is None:
-            base = EpsilonPlusFlat()
-        if not isinstance(base, Composite):
-            raise TypeError(f"The 'base' parameter of DECHeadComposite must be a zennit Composite. Got {type(base)}.")
-        self.beta = beta
-        self.base = base
-        super().__init__(module_map=self._map, canonizers=list(base.canonizers or []) + list(canonizers or []))
+        layer_map = [(DECMembership, KMeansActivationRule(beta=beta))] if membership_rule == "dot" else []
+        super().__init__(beta=beta, base=EpsilonPlusFlat() if base is None else base, layer_map=layer_map,
+                         canonizers=canonizers)
 
-    def _map(self, ctx: dict, name: str, module: nn.Module) -> Hook | None:
-        covered = ctx.setdefault("dec_covered", [])
-        if any(name.startswith(prefix) for prefix in covered):
-            return None
-        if isinstance(module, DECMembership):
-            covered.append(f"{name}.")
-            if self.membership_rule == "dot":
-                return KMeansActivationRule(beta=self.beta)
-            return SphereMembershipRule(beta=self.beta)
-        if isinstance(module, ClassEvidence):
-            covered.append(f"{name}.")
-            return ClassEvidenceRule(beta=self.beta)
-        if isinstance(module, (SphereNorm, FeatureScale)):
-            return Pass()
-        return self.base.module_map(ctx, name, module)
+
+register_rule(DECMembership, lambda beta, eps: SphereMembershipRule(beta=beta), mode="any", covers_children=True)
+register_rule(ClassEvidence, lambda beta, eps: ClassEvidenceRule(beta=beta), mode="any", covers_children=True)
+register_rule((SphereNorm, FeatureScale), lambda beta, eps: Pass(), mode="any")

@@ -1,0 +1,481 @@
+"""Fast exact rules for ``torch.nn.Linear`` and ConvNd layers: Epsilon, Gamma, AlphaBeta, ZPlus, ZBox, Flat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from zennit.core import Hook, RemovableHandleList, expand
+from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
+
+from ._core import (
+    FastHook,
+    StabilizerLike,
+    _check_stabilizer,
+    _clamped,
+    _gamma_mod,
+    _LinearMap,
+    _stabilize,
+    _supports,
+    _zero_params,
+)
+
+__all__ = ["FastEpsilon", "FastGamma", "FastZPlus", "FastAlphaBeta", "FastZBox", "FastFlat"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rules for Linear and ConvNd layers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _LinearRule(FastHook):
+    """Shared parts of the rules for Linear / ConvNd layers."""
+
+    #: whether :meth:`forward` computes ``min(x) >= 0`` for the non-negative-input shortcut
+    _needs_sign = False
+
+    def __init__(self, stabilizer: StabilizerLike = 1e-6, zero_params: str | Sequence[str] | None = None):
+        super().__init__()
+        self.stabilizer = _check_stabilizer(stabilizer, type(self).__name__, "stabilizer")
+        self.zero_params = _zero_params(zero_params)
+        #: ``"shortcut"`` or ``"exact"``: which computation the last backward pass used (for tests and profiling)
+        self.last_path: str | None = None
+        self._cache: dict[str, tuple[tuple, Any]] = {}
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {"stabilizer": self.stabilizer, "zero_params": list(self.zero_params) or None}
+
+    def register(self, module: nn.Module) -> RemovableHandleList:
+        if not _supports(module):
+            raise TypeError(
+                f"{type(self).__name__} supports torch.nn.Linear and Conv1d/2d/3d, not {type(module).__name__}; "
+                f"use {type(self).__name__}(...).to_zennit() for this module (the Fast composites do so)."
+            )
+        return super().register(module)
+
+    def forward(self, module, input, output):
+        """Store the input, the output and, for the shortcut, whether the input is non-negative."""
+        x = input[0].detach()
+        self.stored_tensors.update(
+            input=x, input_version=x._version, output=output.detach(), output_version=output._version
+        )
+        if self._needs_sign:
+            self.stored_tensors["nonneg"] = x.min() >= 0 if x.numel() else torch.ones((), dtype=torch.bool)
+
+    # -- helpers for backward -----------------------------------------------------------------------------------------
+
+    def _input(self) -> torch.Tensor:
+        st = self.stored_tensors
+        if st["input"]._version != st["input_version"]:
+            raise RuntimeError(
+                f"The input of a layer with {type(self).__name__} was modified in place after the forward pass; "
+                "its relevance cannot be computed. Avoid in-place operations on this tensor."
+            )
+        return self._cast(st["input"])
+
+    def _cast(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        dtype = self.stored_tensors["_autocast"]
+        if tensor is None or dtype is None or tensor.dtype == dtype:
+            return tensor
+        return tensor.to(dtype)
+
+    def _params(self, module: nn.Module, zero_params: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = self._cast(module.weight.detach())
+        bias = self._cast(module.bias.detach()) if module.bias is not None else None
+        if "weight" in zero_params:
+            weight = torch.zeros_like(weight)
+        if "bias" in zero_params:
+            bias = None
+        return weight, bias
+
+    def _stored_output(self) -> tuple[torch.Tensor, str]:
+        """The stored output and whether it is ``"intact"``, holds ``"relu"(z)`` (see :class:`FastPass`), or was
+        ``"changed"`` in place by something else."""
+        st = self.stored_tensors
+        out, version = st["output"], st["output_version"]
+        if out._version == version:
+            return out, "intact"
+        if st["_record"].relu == (version, out._version):
+            return out, "relu"
+        return out, "changed"
+
+    def _output(self, lmap: _LinearMap, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                modified: bool) -> torch.Tensor:
+        """The layer output ``W x + b``: the stored one unless it changed in place or the parameters differ."""
+        out, status = self._stored_output()
+        if modified or status != "intact":
+            return lmap.forward(x, weight, bias)
+        return out
+
+    def _nonneg(self) -> torch.Tensor:
+        return self.stored_tensors["nonneg"]
+
+    def _ratio(self, relevance: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+        """``relevance / stab(denominator)`` for a ``denominator`` the caller owns (it may be overwritten)."""
+        denominator = _stabilize(denominator, self.stabilizer, inplace=True)
+        if denominator.shape == relevance.shape and denominator.dtype == relevance.dtype:
+            return torch.div(relevance, denominator, out=denominator)
+        return relevance / denominator
+
+    def _cached(self, module: nn.Module, name: str, build: Callable[[], Any]) -> Any:
+        """Modified parameters, rebuilt only when the module's parameters (or the autocast dtype) change."""
+        key = (self.stored_tensors["_autocast"],) + tuple(
+            None if param is None else (param.data_ptr(), param._version, param.dtype, param.device)
+            for param in (module.weight, module.bias)
+        )
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self._cache[name] = (key, value)
+        return value
+
+    def remove(self) -> None:
+        """Remove the hook's handles, stored tensors and cached modified parameters."""
+        self._cache.clear()
+        super().remove()
+
+
+class FastEpsilon(_LinearRule):
+    """LRP-epsilon, equal to :class:`zennit.rules.Epsilon`: ``R_in = x * W^T (R / stab(W x + b))``.
+
+    Reuses the layer's stored output, so it costs one transposed convolution (or matrix product).
+
+    Parameters
+    ----------
+    epsilon : float or callable, optional
+        Added to the denominator with its sign (``+1`` for 0), or a function of the denominator.
+    zero_params : str or list of str, optional
+        Parameter names (``"weight"``, ``"bias"``) set to zero for the rule.
+
+    Examples
+    --------
+    >>> FastEpsilon(epsilon=0.25).copy().epsilon
+    0.25
+    """
+
+    def __init__(self, epsilon: StabilizerLike = 1e-6, zero_params: str | Sequence[str] | None = None):
+        super().__init__(stabilizer=_check_stabilizer(epsilon, "FastEpsilon", "epsilon"), zero_params=zero_params)
+
+    @property
+    def epsilon(self) -> StabilizerLike:
+        """The epsilon (stabilizer) of the rule."""
+        return self.stabilizer
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {"epsilon": self.stabilizer, "zero_params": list(self.zero_params) or None}
+
+    def backward(self, module, grad_input, grad_output):
+        """Return ``x * W^T (R / stab(z))``."""
+        lmap = _LinearMap(module)
+        x = self._input()
+        relevance = grad_output[0]
+        weight, bias = self._params(module, self.zero_params)
+        z = self._output(lmap, x, weight, bias, modified=bool(self.zero_params))
+        ratio = relevance / _stabilize(z, self.stabilizer)
+        self.last_path = "exact"
+        return (lmap.adjoint(ratio, x, weight).mul_(x),)
+
+    def to_zennit(self) -> Hook:
+        """The equivalent Zennit rule."""
+        return Epsilon(epsilon=self.stabilizer, zero_params=list(self.zero_params) or None)
+
+
+class FastGamma(_LinearRule):
+    """Generalized LRP-gamma, equal to :class:`zennit.rules.Gamma`.
+
+    With ``P = W + gamma W+`` and ``N = W + gamma W-`` (biases alike, none on the ``x-`` terms) and ``z = W x + b``::
+
+        R_in = x+ [P^T g+ + N^T g-] + x- [N^T g+ + P^T g-]
+        g+ = [z > 0] R / stab(P x+ + N x- + b_P),   g- = [z < 0] R / stab(N x+ + P x- + b_N)
+
+    **Shortcut** when ``x >= 0`` and ``R = 0`` wherever ``z <= 0``: ``R_in = x * P^T (R / stab(P x + b_P))``, one
+    modified convolution and one transposed convolution. Both conditions are checked on every backward pass (one
+    reduction each, one host synchronisation); otherwise the general formula runs. :attr:`last_path` says which ran.
+
+    Parameters
+    ----------
+    gamma : float, optional
+        Multiplier of the added positive (negative) parameters.
+    stabilizer : float or callable, optional
+        Added to the denominator with its sign (``+1`` for 0), or a function of the denominator.
+    zero_params : str or list of str, optional
+        Parameter names (``"weight"``, ``"bias"``) set to zero for the modified layers.
+
+    Examples
+    --------
+    >>> FastGamma(gamma=3).copy().gamma
+    3.0
+    """
+
+    _needs_sign = True
+
+    def __init__(self, gamma: float = 0.25, stabilizer: StabilizerLike = 1e-6,
+                 zero_params: str | Sequence[str] | None = None):
+        super().__init__(stabilizer=stabilizer, zero_params=zero_params)
+        if isinstance(gamma, bool) or not isinstance(gamma, (float, int)) or not gamma >= 0:
+            raise ValueError(f"The 'gamma' parameter of FastGamma must be a float >= 0. Got {gamma!r} instead.")
+        self.gamma = float(gamma)
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, **super()._hyperparameters()}
+
+    def backward(self, module, grad_input, grad_output):
+        """Return the input relevance (shortcut or general formula, see the class docstring)."""
+        lmap = _LinearMap(module)
+        x = self._input()
+        relevance = grad_output[0]
+        true_weight, true_bias = self._params(module)  # zennit's z: NoMod() without zero_params
+        z, status = self._stored_output()
+        if status == "changed":
+            z, status = lmap.forward(x, true_weight, true_bias), "intact"
+        weight, bias = self._params(module, self.zero_params)
+        pos_w, pos_b = self._cached(module, "positive", lambda: (
+            _gamma_mod(weight, self.gamma, True), _gamma_mod(bias, self.gamma, True)))
+        # relevance at z <= 0 (nan included) breaks the shortcut; bool masks and a uint8 max are the cheapest check.
+        # relu(z) > 0 is z > 0, so an output overwritten by an in-place ReLU serves as well
+        misplaced = (relevance != 0).gt_(z > 0).view(torch.uint8).amax()
+        if bool(self._nonneg() & (misplaced == 0)):
+            self.last_path = "shortcut"
+            ratio = self._ratio(relevance, lmap.forward(x, pos_w, pos_b))
+            return (lmap.adjoint(ratio, x, pos_w).mul_(x),)
+        self.last_path = "exact"
+        if status == "relu":
+            z = lmap.forward(x, true_weight, true_bias)
+        return (self._exact(lmap, x, z, relevance, (pos_w, pos_b), weight, bias),)
+
+    def _exact(self, lmap, x, z, relevance, positive, weight, bias):
+        pos_w, pos_b = positive
+        neg_w, neg_b = _gamma_mod(weight, self.gamma, False), _gamma_mod(bias, self.gamma, False)
+        has_negative = not bool(self._nonneg())
+        x_pos = x.clamp(min=0)
+        out_pos = lmap.forward(x_pos, pos_w, pos_b)
+        out_neg = lmap.forward(x_pos, neg_w, neg_b)
+        if has_negative:
+            x_neg = x.clamp(max=0)
+            out_pos = out_pos + lmap.forward(x_neg, neg_w, None)
+            out_neg = out_neg + lmap.forward(x_neg, pos_w, None)
+        grad_pos = (z > 0) * relevance / _stabilize(out_pos, self.stabilizer)
+        grad_neg = (z < 0) * relevance / _stabilize(out_neg, self.stabilizer)
+        # zennit's order: x+ P^T g+  +  x- N^T g+  +  x+ N^T g-  +  x- P^T g-
+        pos_pos, neg_pos = lmap.adjoint_many(grad_pos, x, [pos_w, neg_w])
+        pos_neg, neg_neg = lmap.adjoint_many(grad_neg, x, [neg_w, pos_w])
+        if not has_negative:
+            return x_pos * pos_pos + x_pos * pos_neg
+        return x_pos * pos_pos + x_neg * neg_pos + x_pos * pos_neg + x_neg * neg_neg
+
+    def to_zennit(self) -> Hook:
+        """The equivalent Zennit rule."""
+        return Gamma(gamma=self.gamma, stabilizer=self.stabilizer, zero_params=list(self.zero_params) or None)
+
+
+class FastAlphaBeta(_LinearRule):
+    """LRP-alpha-beta, equal to :class:`zennit.rules.AlphaBeta`.
+
+    With ``W+ = max(W, 0)``, ``W- = min(W, 0)`` (biases alike, none on the ``x-`` terms)::
+
+        R_in = alpha (x+ W+^T g+ + x- W-^T g+) - beta (x+ W-^T g- + x- W+^T g-)
+        g+ = R / stab(W+ x+ + W- x- + b+),   g- = R / stab(W- x+ + W+ x- + b-)
+
+    **Shortcut** when ``x >= 0`` (checked on every backward pass): the ``x-`` terms vanish, and with ``beta = 0``
+    one modified convolution and one transposed convolution remain.
+
+    Parameters
+    ----------
+    alpha, beta : float, optional
+        Weights of the positive and negative contributions; ``alpha - beta`` must be 1, both >= 0.
+    stabilizer : float or callable, optional
+        Added to the denominator with its sign (``+1`` for 0), or a function of the denominator.
+    zero_params : str or list of str, optional
+        Parameter names (``"weight"``, ``"bias"``) set to zero for the modified layers.
+
+    Raises
+    ------
+    ValueError
+        If ``alpha`` or ``beta`` is negative or ``alpha - beta != 1``.
+
+    Examples
+    --------
+    >>> FastAlphaBeta(alpha=3, beta=2).copy().beta
+    2.0
+    """
+
+    _needs_sign = True
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: StabilizerLike = 1e-6,
+                 zero_params: str | Sequence[str] | None = None):
+        super().__init__(stabilizer=stabilizer, zero_params=zero_params)
+        name = type(self).__name__
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"The 'alpha' and 'beta' parameters of {name} must be >= 0. Got {alpha}, {beta} instead.")
+        if alpha - beta != 1:
+            raise ValueError(f"The 'alpha' and 'beta' parameters of {name} must differ by 1. Got {alpha}, {beta}.")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "beta": self.beta, **super()._hyperparameters()}
+
+    def backward(self, module, grad_input, grad_output):
+        """Return the input relevance (shortcut or general formula, see the class docstring)."""
+        lmap = _LinearMap(module)
+        x = self._input()
+        relevance = grad_output[0]
+        weight, bias = self._params(module, self.zero_params)
+        pos_w, pos_b, neg_w, neg_b = self._cached(module, "clamped", lambda: (
+            _clamped(weight, True), _clamped(bias, True), _clamped(weight, False), _clamped(bias, False)))
+        if bool(self._nonneg()):
+            self.last_path = "shortcut"
+            ratio = self._ratio(relevance, lmap.forward(x, pos_w, pos_b))
+            result = lmap.adjoint(ratio, x, pos_w).mul_(x)
+            if self.alpha != 1.0:
+                result = self.alpha * result
+            if self.beta:
+                ratio = self._ratio(relevance, lmap.forward(x, neg_w, neg_b))
+                result = result - self.beta * lmap.adjoint(ratio, x, neg_w).mul_(x)
+            return (result,)
+        self.last_path = "exact"
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        ratio = relevance / _stabilize(lmap.forward(x_pos, pos_w, pos_b) + lmap.forward(x_neg, neg_w, None),
+                                       self.stabilizer)
+        pos_pos, neg_pos = lmap.adjoint_many(ratio, x, [pos_w, neg_w])
+        result = self.alpha * (x_pos * pos_pos + x_neg * neg_pos)
+        if self.beta:
+            ratio = relevance / _stabilize(lmap.forward(x_pos, neg_w, neg_b) + lmap.forward(x_neg, pos_w, None),
+                                           self.stabilizer)
+            neg_neg, pos_neg = lmap.adjoint_many(ratio, x, [neg_w, pos_w])
+            result = result - self.beta * (x_pos * neg_neg + x_neg * pos_neg)
+        return (result,)
+
+    def to_zennit(self) -> Hook:
+        """The equivalent Zennit rule."""
+        return AlphaBeta(alpha=self.alpha, beta=self.beta, stabilizer=self.stabilizer,
+                         zero_params=list(self.zero_params) or None)
+
+
+class FastZPlus(FastAlphaBeta):
+    """LRP-z+, equal to :class:`zennit.rules.ZPlus` (alpha = 1, beta = 0, negative inputs allowed).
+
+    **Shortcut** when ``x >= 0`` (checked on every backward pass): ``R_in = x * W+^T (R / stab(W+ x + b+))``.
+
+    Parameters
+    ----------
+    stabilizer : float or callable, optional
+        Added to the denominator with its sign (``+1`` for 0), or a function of the denominator.
+    zero_params : str or list of str, optional
+        Parameter names (``"weight"``, ``"bias"``) set to zero for the modified layers.
+
+    Examples
+    --------
+    >>> FastZPlus(stabilizer=1e-3).copy().stabilizer
+    0.001
+    """
+
+    def __init__(self, stabilizer: StabilizerLike = 1e-6, zero_params: str | Sequence[str] | None = None):
+        super().__init__(alpha=1.0, beta=0.0, stabilizer=stabilizer, zero_params=zero_params)
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {"stabilizer": self.stabilizer, "zero_params": list(self.zero_params) or None}
+
+    def to_zennit(self) -> Hook:
+        """The equivalent Zennit rule."""
+        return ZPlus(stabilizer=self.stabilizer, zero_params=list(self.zero_params) or None)
+
+
+class FastZBox(_LinearRule):
+    """LRP-z^B for bounded inputs (first layer), equal to :class:`zennit.rules.ZBox`::
+
+        R_in = x W^T g - (l W+^T g + h W-^T g),   g = R / stab(W x + b - (W+ l + b+) - (W- h + b-))
+
+    The bound terms are computed once per call for a batch-independent ``low``/``high`` (scalars, per-channel
+    tensors, batch size 1) and the three transposed convolutions run as one (``groups == 1``).
+
+    Parameters
+    ----------
+    low, high : float or torch.Tensor
+        Lowest and highest input values, broadcast to the input like Zennit does.
+    stabilizer : float or callable, optional
+        Added to the denominator with its sign (``+1`` for 0), or a function of the denominator.
+    zero_params : str or list of str, optional
+        Parameter names (``"weight"``, ``"bias"``) set to zero for the rule.
+
+    Examples
+    --------
+    >>> FastZBox(low=-1.0, high=2.0).copy().high
+    2.0
+    """
+
+    def __init__(self, low: float | torch.Tensor, high: float | torch.Tensor, stabilizer: StabilizerLike = 1e-6,
+                 zero_params: str | Sequence[str] | None = None):
+        super().__init__(stabilizer=stabilizer, zero_params=zero_params)
+        self.low = low
+        self.high = high
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high, **super()._hyperparameters()}
+
+    @staticmethod
+    def _bound(bound: float | torch.Tensor, x: torch.Tensor, batched: bool) -> torch.Tensor:
+        bound = expand(bound, x.shape, cut_batch_dim=True)
+        if batched and bound.shape[0] > 1 and bound.stride(0) == 0:  # same for every sample: use batch size 1
+            bound = bound[:1]
+        return bound.to(x)
+
+    def backward(self, module, grad_input, grad_output):
+        """Return the input relevance of the z^B rule."""
+        lmap = _LinearMap(module)
+        x = self._input()
+        relevance = grad_output[0]
+        weight, bias = self._params(module, self.zero_params)
+        z = self._output(lmap, x, weight, bias, modified=bool(self.zero_params))
+        pos_w, pos_b, neg_w, neg_b = self._cached(module, "clamped", lambda: (
+            _clamped(weight, True), _clamped(bias, True), _clamped(weight, False), _clamped(bias, False)))
+        batched = lmap.batched(x)
+        low, high = self._bound(self.low, x, batched), self._bound(self.high, x, batched)
+        denominator = z - (lmap.forward(low, pos_w, pos_b) + lmap.forward(high, neg_w, neg_b))
+        ratio = self._ratio(relevance, denominator)
+        grad, grad_pos, grad_neg = lmap.adjoint_many(ratio, x, [weight, pos_w, neg_w])
+        self.last_path = "exact"
+        return (x * grad - (low * grad_pos + high * grad_neg),)
+
+    def to_zennit(self) -> Hook:
+        """The equivalent Zennit rule."""
+        return ZBox(low=self.low, high=self.high, stabilizer=self.stabilizer,
+                    zero_params=list(self.zero_params) or None)
+
+
+class FastFlat(_LinearRule):
+    """LRP-flat, equal to :class:`zennit.rules.Flat`: all weights 1, no bias, inputs 1.
+
+    ``R_in = 1^T (R / stab(1 * 1))``; the denominator does not depend on the sample and is computed with batch size 1.
+
+    Parameters
+    ----------
+    stabilizer : float or callable, optional
+        Added to the denominator with its sign (``+1`` for 0), or a function of the denominator.
+    zero_params : str or list of str, optional
+        Parameter names set to zero (the bias always is).
+
+    Examples
+    --------
+    >>> FastFlat(stabilizer=1e-3).copy().stabilizer
+    0.001
+    """
+
+    def backward(self, module, grad_input, grad_output):
+        """Return the input relevance of the flat rule."""
+        lmap = _LinearMap(module)
+        x = self._input()
+        weight = self._cast(module.weight.detach())
+        weight = torch.zeros_like(weight) if "weight" in self.zero_params else torch.ones_like(weight)
+        ones = x.new_ones((1,) + tuple(x.shape[1:])) if lmap.batched(x) else x.new_ones(x.shape)
+        denominator = lmap.forward(ones, weight, None)
+        ratio = grad_output[0] / _stabilize(denominator, self.stabilizer, inplace=True)
+        self.last_path = "exact"
+        return (lmap.adjoint(ratio, x, weight),)
+
+    def to_zennit(self) -> Hook:
+        """The equivalent Zennit rule."""
+        return Flat(stabilizer=self.stabilizer, zero_params=list(self.zero_params) or None)

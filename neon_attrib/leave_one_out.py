@@ -1,0 +1,129 @@
+"""Leave-one-out heads for a model fitted on the image it explains (the book's wood example).
+
+When a head is fitted on the locations of the very image it explains (:meth:`~neon_attrib.deep.DeepNeon.fit_self`),
+each location must be scored against the *other* locations: otherwise its own support point dominates its density and
+the explanation vanishes exactly where the location is unusual. Their CNN rules are
+:class:`~neon_attrib.rules.LeaveOneOutKDEOutlierRule` and :class:`~neon_attrib.rules.LeaveOneOutKDEInlierRule`, which
+are their only rules (their forward passes do not run through their layers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ._utils import ArrayLike, module_dtype_device
+from .composites import register_rule
+from .functional import random_cosine_features, squared_distance
+from .models import KDEInlier, KDEOutlier
+from .rules import LeaveOneOutKDEInlierRule, LeaveOneOutKDEOutlierRule
+
+__all__ = ["LeaveOneOutKDEOutlier", "LeaveOneOutKDEInlier"]
+
+
+class _SelfFitted:
+    """Mixin: input row ``r`` is the location that was support point ``r mod N``; it is left out of its own model."""
+
+    _name: str
+
+    def _self_index(self, x: torch.Tensor, n_support: int) -> torch.Tensor:
+        if n_support < 2:
+            raise ValueError(f"{self._name} needs at least 2 support points (locations) to leave one out. "
+                             f"Got {n_support}.")
+        if x.shape[0] % n_support:
+            raise ValueError(f"{self._name} scores the locations it was fitted on, row r against all support points "
+                             f"but r mod {n_support}; got {x.shape[0]} rows, not a multiple of {n_support}. Explain "
+                             f"the image(s) it was fitted on (DeepNeon.fit_self), in the same order.")
+        return torch.arange(x.shape[0], device=x.device) % n_support
+
+
+class LeaveOneOutKDEOutlier(_SelfFitted, KDEOutlier):
+    """A :class:`~neon_attrib.models.KDEOutlier` for the locations of the image it was fitted on (the book's wood).
+
+    Row ``r`` of the input is scored against every support point *but* ``r mod N`` (itself, when the input is the
+    fitted data in the fitted order)::
+
+        o_r(a) = −(1/γ) log( 1/(N−1) Σ_{k ≠ r} exp(−γ ‖a − u_k‖²) )
+
+    Without leaving itself out, a location's own support point dominates its density (``exp(0) = 1``), every score
+    is close to ``log(N)/γ`` and the explanation ``a_i(a_i − Σ_k p_k u_ik)`` vanishes exactly where the location is
+    unusual. :meth:`DeepNeon.fit_self` builds one; its CNN rule is :class:`LeaveOneOutKDEOutlierRule`.
+    """
+
+    @classmethod
+    def from_head(cls, head: KDEOutlier) -> LeaveOneOutKDEOutlier:
+        """An unfitted copy of ``head``'s hyperparameters, on its dtype and device."""
+        dtype, device = module_dtype_device(head)
+        return cls(head.gamma, beta=head.beta, eps=head.eps, chunk_size=head.chunk_size).to(dtype=dtype,
+                                                                                            device=device)
+
+    def fit(self, X: ArrayLike, y: Any = None) -> LeaveOneOutKDEOutlier:
+        super().fit(X, y)
+        if self.distance.support.shape[0] < 2:
+            raise ValueError(f"{self._name} needs at least 2 support points (locations). Got 1.")
+        return self
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """``‖x_r − u_k‖²`` (rows, N) with ``+inf`` at ``k = r mod N``."""
+        support = self.distance.support
+        index = self._self_index(x, support.shape[0])
+        h = squared_distance(x, support)
+        mask = torch.nn.functional.one_hot(index, support.shape[0]).bool()
+        return h.masked_fill(mask, math.inf)
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        self._check_fitted()
+        x = self._as_tensor(x)
+        n_support = self.distance.support.shape[0]
+        alpha = -float(self.gamma)
+        return (torch.logsumexp(alpha * self.distances(x), -1) - math.log(n_support - 1)) / alpha
+
+    @torch.no_grad()
+    def score(self, x: ArrayLike) -> torch.Tensor:
+        return self(x)
+
+
+class LeaveOneOutKDEInlier(_SelfFitted, KDEInlier):
+    """A :class:`~neon_attrib.models.KDEInlier` for the locations of the image it was fitted on.
+
+    Row ``r`` uses the mean random feature of the support set without ``u_{r mod N}``:
+    ``μ^{(−r)} = (N μ − φ(u_r)) / (N − 1)``, so its score approximates ``1/(N−1) Σ_{k≠r} exp(−γ‖a − u_k‖²)``
+    instead of adding the constant ``1/N`` of a location's similarity to itself. CNN rule:
+    :class:`LeaveOneOutKDEInlierRule`.
+    """
+
+    @classmethod
+    def from_head(cls, head: KDEInlier) -> LeaveOneOutKDEInlier:
+        """An unfitted copy of ``head``'s hyperparameters, on its dtype and device."""
+        dtype, device = module_dtype_device(head)
+        return cls(head.gamma, head.n_features, head.seed, eps=head.eps).to(dtype=dtype, device=device)
+
+    def fit(self, X: ArrayLike, y: Any = None) -> LeaveOneOutKDEInlier:
+        super().fit(X, y)
+        if self.support.shape[0] < 2:
+            raise ValueError(f"{self._name} needs at least 2 support points (locations). Got 1.")
+        return self
+
+    def row_means(self, x: torch.Tensor) -> torch.Tensor:
+        """``μ^{(−r)}`` for every row of ``x``, (rows, H)."""
+        layer, support = self.features, self.support
+        index = self._self_index(x, support.shape[0])
+        phi = random_cosine_features(support, layer.omega, layer.bias)  # (N, H)
+        n = support.shape[0]
+        return ((n * layer.mean - phi) / (n - 1))[index]
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        self._check_fitted()
+        x = self._as_tensor(x)
+        layer = self.features
+        phi = random_cosine_features(x, layer.omega, layer.bias)
+        return (phi * self.row_means(x)).mean(-1)
+
+
+# their rules are the only correct ones in either family: the forward passes bypass the layers
+register_rule(LeaveOneOutKDEOutlier, lambda beta, eps: LeaveOneOutKDEOutlierRule(beta=beta), mode="any",
+              covers_children=True)
+register_rule(LeaveOneOutKDEInlier, lambda beta, eps: LeaveOneOutKDEInlierRule(eps=eps), mode="any",
+              covers_children=True)

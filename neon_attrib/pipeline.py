@@ -1,0 +1,600 @@
+"""The one explain pipeline: choose the composite, resolve the target, own the hooks, audit conservation.
+
+Every entry point (:func:`neon_attrib.explain`, :class:`~neon_attrib.captum.NeonLRP`, ``DeepNeon.explain`` /
+``relevance`` / ``explainer``, the DEC heads, the evaluation curves, the command line) runs through here:
+
+1. **Composite** (:func:`resolve_composite`): a composite that a user passes is the *base* for the layers that are not
+   NEON layers; NEON layers (heads, pools, DEC heads) always get their own rules. A :class:`NeonComposite` is used as
+   it is.
+2. **Isolation**: hooks are registered on a *structural copy* of the model (new module objects sharing the same
+   parameter and buffer tensors, :func:`isolated`), never on the user's model. Nothing is left behind, a failed call
+   changes nothing, and concurrent calls from several threads on one model cannot see each other's hooks.
+3. **Coverage**: before anything runs, every NEON module must have received its rule, and residual blocks that LRP
+   would pass as a plain gradient must have been canonized; otherwise a ``ValueError`` names the module.
+4. **One forward, one backward**: the target is resolved from the output of the hooked forward pass.
+5. **Conservation audit** (:class:`Audit`): the relevance reaching the input is compared with the score minus what
+   the rules report to have dissipated. A mismatch means relevance was created or destroyed where no rule ran
+   (e.g. a residual addition that is not a module): it warns (:class:`ConservationWarning`), or raises with
+   ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from zennit.core import Composite, Hook
+
+from ._utils import as_targets
+from .composites import NeonComposite, covers_children, is_neon_module, needs_own_rule
+
+__all__ = [
+    "attribution_output",
+    "resolve_targets",
+    "resolve_composite",
+    "isolated",
+    "check_coverage",
+    "hooked",
+    "Audit",
+    "ConservationWarning",
+    "ConservationError",
+    "Explanation",
+    "run",
+    "Explainer",
+]
+
+
+class ConservationWarning(UserWarning):
+    """The relevance reaching the input differs from what the rules promise (see :class:`Audit`)."""
+
+
+class ConservationError(ValueError):
+    """Raised instead of :class:`ConservationWarning` when an explanation is run with ``strict=True``."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# targets
+def attribution_output(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """The relevance put on the model output: the output itself for scalar heads, ``output · one-hot(target)`` else.
+
+    Starting LRP from the score (not from 1) makes the input relevance sum to the score where the rules conserve.
+    """
+    if output.ndim == 1 or target is None:
+        return output
+    flat = output.reshape(output.shape[0], -1)
+    mask = torch.zeros_like(flat)
+    mask[torch.arange(flat.shape[0], device=flat.device), target] = 1.0
+    return (flat * mask).reshape(output.shape)
+
+
+def resolve_targets(model: nn.Module, output: torch.Tensor, target: Any) -> torch.Tensor | None:
+    """The explained output index per sample: None for scalar outputs (n,); else ``target`` checked, or the model's
+    ``default_target(output)`` (the assigned cluster for k-means), or the argmax."""
+    if output.ndim <= 1:
+        return None
+    flat = output.reshape(output.shape[0], -1)
+    if target is None:
+        default = getattr(model, "default_target", None)
+        return default(output) if default is not None else flat.argmax(-1)
+    return as_targets(target, n=flat.shape[0], n_outputs=flat.shape[1], owner=type(model).__name__,
+                      device=output.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# composites
+def resolve_composite(model: nn.Module, composite: Composite | None = None, *, beta: float | None = None,
+                      eps: float | None = None) -> Composite:
+    """The composite an explanation of ``model`` uses.
+
+    * a :class:`~neon_attrib.composites.NeonComposite` (or a subclass, e.g. ``DECHeadComposite``) is used as given;
+    * any other Zennit composite becomes the **base** for the non-NEON layers: ``model.neon_composite(beta, eps,
+      base=composite)`` when the model defines it (deep heads, DEC heads), else ``NeonComposite(beta, eps,
+      base=composite)``;
+    * ``None``: the model's default, ``model.neon_composite(beta, eps)`` or ``NeonComposite(beta, eps)``.
+
+    Raises
+    ------
+    TypeError
+        If ``composite`` is not a Zennit composite.
+    ValueError
+        If ``beta``/``eps`` are given together with a ready NeonComposite.
+    """
+    if composite is not None and not isinstance(composite, Composite):
+        raise TypeError(f"The 'composite' parameter must be a zennit Composite (e.g. EpsilonGammaBox(low, high)). "
+                        f"Got {type(composite).__name__}.")
+    if isinstance(composite, NeonComposite):
+        if beta is not None or eps is not None:
+            raise ValueError("Pass beta/eps either to the explanation or to your NeonComposite, not both.")
+        return composite
+    factory = getattr(model, "neon_composite", None)
+    if factory is not None:
+        return factory(beta=beta, eps=eps, base=composite)
+    return NeonComposite(beta=beta, eps=eps, base=composite)
+
+
+def _fresh(composite: Composite) -> Composite:
+    """A copy of ``composite`` with its own handle lists, so one composite object can serve concurrent calls."""
+    import copy
+
+    clone = copy.copy(composite)
+    clone.handles = type(composite.handles)()
+    clone.hook_refs = type(composite.hook_refs)()
+    return clone
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# isolation
+def isolated(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model``: new module objects (with their own hook and submodule tables) that share every
+    parameter and buffer tensor with ``model``.
+
+    Registering hooks or applying canonizers on the copy leaves ``model`` untouched, costs no memory for weights, and
+    the copy computes exactly what ``model`` computes.
+    """
+    return _clone_module(model, {})
+
+
+def _clone_module(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
+    clone = module.__class__.__new__(module.__class__)
+    state = {}
+    for key, value in module.__dict__.items():
+        if key.startswith("_") and isinstance(value, (dict, set)):
+            value = value.copy()  # torch's tables: parameters, buffers, hooks (the tensors themselves are shared)
+        state[key] = value
+    clone.__dict__.update(state)
+    memo[id(module)] = clone
+    clone.__dict__["_modules"] = {name: None if child is None else _clone_module(child, memo)
+                                  for name, child in module._modules.items()}
+    return clone
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# coverage
+def _hooks_of(module: nn.Module) -> list[Hook]:
+    hooks = []
+    for table in (module._forward_hooks, module._forward_pre_hooks):
+        for fn in table.values():
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, Hook) and owner not in hooks:
+                hooks.append(owner)
+    return hooks
+
+
+def check_coverage(model: nn.Module) -> dict[str, Hook]:
+    """Check a model with registered rules: every NEON module has its rule, and no residual block is left as a plain
+    gradient. Returns ``{module name: rule}`` for every hooked module.
+
+    Raises
+    ------
+    ValueError
+        Naming the first NEON module without a rule, or a residual block without canonization.
+    """
+    hooked: dict[str, Hook] = {}
+    covered: list[str] = []
+    residual = _residual_types()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in covered):
+            continue
+        hooks = _hooks_of(module)
+        if hooks:
+            hooked[name] = hooks[0]
+            if covers_children(module) or is_neon_module(module) and not needs_own_rule(module):
+                covered.append(f"{name}." if name else "")
+            continue
+        label = name or "the model"
+        if needs_own_rule(module):
+            raise ValueError(f"{label} ({type(module).__name__}) received no NEON rule from the composite, so LRP would "
+                             f"pass it as a plain gradient and the relevance would be wrong. Use NeonComposite(base="
+                             f"your_composite) or pass your composite to explain(..., composite=...), which keeps the "
+                             f"NEON rules.")
+        if residual and isinstance(module, residual) and not any(
+                type(child).__name__ == "Sum" for child in module.children()):
+            raise ValueError(f"{label} ({type(module).__name__}) adds its shortcut outside any module, which LRP "
+                             f"would pass as a plain gradient (relevance duplicated on both branches). Canonize it: "
+                             f"add zennit.torchvision.ResNetCanonizer() to the composite's canonizers.")
+    return hooked
+
+
+def _residual_types() -> tuple[type, ...]:
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+    except ImportError:  # pragma: no cover - torchvision is a dependency of zennit
+        return ()
+    return (BasicBlock, Bottleneck)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# conservation audit
+@dataclass
+class Audit:
+    """Conservation audit of one explanation, per sample.
+
+    Attributes
+    ----------
+    score : torch.Tensor
+        (n,) the explained score (the relevance put on the output).
+    input_sum : torch.Tensor
+        (n,) the relevance that reached the input(s).
+    dissipated : torch.Tensor
+        (n,) what the rules report to have absorbed (biases, stabilisers, the residual shares of the CNN rules):
+        ``Σ_layers (Σ R_out − Σ R_in)``.
+    unaccounted : torch.Tensor
+        (n,) ``score − dissipated − input_sum``: relevance created or destroyed where no rule ran. ~0 (rounding)
+        for a correctly covered model.
+    per_module : dict of str to torch.Tensor
+        What each hooked module dissipated, (n,) each.
+    tolerance : float
+        The relative tolerance of :attr:`ok`.
+    """
+
+    score: torch.Tensor
+    input_sum: torch.Tensor
+    dissipated: torch.Tensor
+    unaccounted: torch.Tensor
+    per_module: dict[str, torch.Tensor] = field(repr=False)
+    tolerance: float = 1e-2
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """(n,) the magnitude the mismatch is compared with: ``|score| + |input_sum| + Σ |dissipated per module|``."""
+        total = self.score.abs() + self.input_sum.abs()
+        for value in self.per_module.values():
+            total = total + value.abs()
+        return total
+
+    @property
+    def relative_error(self) -> torch.Tensor:
+        """(n,) ``|unaccounted| / scale`` (0 where everything is 0)."""
+        scale = self.scale
+        return torch.where(scale > 0, self.unaccounted.abs() / torch.where(scale > 0, scale, 1), 0)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every sample's relative error is within :attr:`tolerance` (NaN counts as failure)."""
+        error = self.relative_error
+        return bool(((error <= self.tolerance) & torch.isfinite(error)).all())
+
+    def __str__(self) -> str:
+        worst = float(self.relative_error.max()) if self.score.numel() else 0.0
+        return (f"Audit(n={self.score.numel()}, ok={self.ok}, worst relative mismatch={worst:.2e}, "
+                f"tolerance={self.tolerance:g})")
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Relative audit tolerance: 1e-2 for 16/32-bit floats, 1e-6 for float64."""
+    return 1e-6 if dtype == torch.float64 else 1e-2
+
+
+class _AuditRecorder:
+    """Wraps each hooked module's ``backward`` to record ``Σ R_out − Σ R_in``, per sample where the batch allows."""
+
+    def __init__(self, hooked: dict[str, Hook], n: int):
+        self.n = n
+        self.per_sample: dict[str, torch.Tensor | None] = {}
+        self.totals: dict[str, torch.Tensor] = {}
+        for name, hook in hooked.items():
+            self._wrap(name, hook)
+
+    def _record(self, name: str, out: torch.Tensor, inp: torch.Tensor | None) -> None:
+        out = out.detach().to(torch.float64)
+        inp = None if inp is None else inp.detach().to(torch.float64)
+        total = out.sum() - (inp.sum() if inp is not None else 0.0)
+        self.totals[name] = self.totals[name] + total if name in self.totals else total
+        per_sample = None
+        if self.n and _batched(out, self.n) and (inp is None or _batched(inp, self.n)):
+            per_sample = out.reshape(self.n, -1).sum(1) - (inp.reshape(self.n, -1).sum(1) if inp is not None else 0)
+        previous = self.per_sample.get(name, 0)
+        self.per_sample[name] = None if per_sample is None or previous is None else previous + per_sample
+
+    def _wrap(self, name: str, hook: Hook) -> None:
+        original = hook.backward
+
+        def backward(module, grad_input, grad_output):
+            result = original(module, grad_input, grad_output)
+            out = grad_output[0] if grad_output else None
+            if out is not None:
+                self._record(name, out, result[0] if result else None)
+            return result
+
+        hook.backward = backward
+
+    def audit(self, score: torch.Tensor, input_sum: torch.Tensor, tolerance: float) -> Audit:
+        """Per sample when the score, the input and every module's record are batched alike, else in total (n = 1)."""
+        per_sample = score.shape[0] == self.n and input_sum.shape[0] == self.n and all(
+            value is not None for value in self.per_sample.values())
+        if per_sample:
+            modules = {name: value for name, value in self.per_sample.items()}
+        else:
+            score, input_sum = score.sum().reshape(1), input_sum.sum().reshape(1)
+            modules = {name: value.reshape(1) for name, value in self.totals.items()}
+        dissipated = torch.zeros_like(score)
+        for value in modules.values():
+            dissipated = dissipated + value.to(score.device)
+        return Audit(score=score, input_sum=input_sum, dissipated=dissipated,
+                     unaccounted=score - dissipated - input_sum, per_module=modules, tolerance=tolerance)
+
+
+def _batched(tensor: torch.Tensor, n: int) -> bool:
+    return tensor.ndim > 0 and tensor.shape[0] % n == 0
+
+
+def _sample_sums(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-sample sums (n,) when ``tensor`` is batched over ``n``, else its total as a (1,) tensor."""
+    values = tensor.detach().to(torch.float64)
+    if n and values.ndim and values.shape[0] == n:
+        return values.reshape(n, -1).sum(1)
+    return values.sum().reshape(1)
+
+
+def _report(audit: Audit, owner: str, strict: bool) -> None:
+    if audit.ok:
+        return
+    message = (f"{owner}: the relevance is not conserved where the rules promise it ({audit}): relevance was created "
+               f"or destroyed by operations without an LRP rule (e.g. a residual addition or a normalisation that is "
+               f"not a module, or an unsupported layer). Do not trust this heatmap; canonize the model (Zennit "
+               f"canonizers) or use a supported architecture. The audit is in the result's 'audit'.")
+    if strict:
+        raise ConservationError(message)
+    warnings.warn(message, ConservationWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# running an explanation
+@dataclass
+class Explanation:
+    """What :func:`run` returns.
+
+    Attributes
+    ----------
+    relevance : tuple of torch.Tensor
+        Relevance of every input, shaped like it.
+    output : torch.Tensor
+        The model output.
+    target : torch.Tensor or None
+        The explained output index per sample (None for scalar scores).
+    score : torch.Tensor
+        (n,) the explained score.
+    audit : Audit or None
+        The conservation audit.
+    """
+
+    relevance: tuple[torch.Tensor, ...]
+    output: torch.Tensor
+    target: torch.Tensor | None
+    score: torch.Tensor
+    audit: Audit | None
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, composite: Composite | None = None, *, beta: float | None = None,
+           eps: float | None = None) -> Iterator[tuple[nn.Module, dict[str, Hook]]]:
+    """Context manager: an isolated copy of ``model`` with the resolved composite registered and its coverage checked.
+
+    Yields ``(copy, {module name: rule})``; the hooks are removed on exit (and never touch ``model``).
+    """
+    composite = _fresh(resolve_composite(model, composite, beta=beta, eps=eps))
+    with composite.context(isolated(model)) as work:
+        yield work, check_coverage(work)
+
+
+@contextlib.contextmanager
+def grad_mode() -> Iterator[None]:
+    """Gradients on, even inside the caller's ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
+        composite: Composite | None = None, beta: float | None = None, eps: float | None = None,
+        extra_args: Sequence[Any] = (), audit: bool = True, strict: bool = False, owner: str | None = None) -> Explanation:
+    """Explain ``model(*inputs, *extra_args)`` for ``target``: the core every entry point calls.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any model with NEON layers or heads (and Zennit-covered layers around them).
+    inputs : sequence of torch.Tensor
+        Inputs in the model's dtype and device, batched over the first dimension; they are copied, never modified.
+    target : optional
+        See :func:`resolve_targets`.
+    composite, beta, eps :
+        See :func:`resolve_composite`.
+    extra_args : sequence
+        Further positional arguments of the model (no relevance).
+    audit : bool
+        Run the conservation audit (cheap: one sum per hooked module).
+    strict : bool
+        Raise :class:`ConservationError` instead of warning when the audit fails.
+    owner : str, optional
+        Name for messages (default: the model's class).
+
+    Returns
+    -------
+    Explanation
+    """
+    owner = owner or type(model).__name__
+    with grad_mode():
+        leaves = tuple(x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs)
+        n = leaves[0].shape[0] if leaves and leaves[0].ndim else 0
+        with hooked(model, composite, beta=beta, eps=eps) as (hooked_model, rules):
+            recorder = _AuditRecorder(rules, n) if audit else None
+            output = hooked_model(*leaves, *extra_args)
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"{owner} must return a tensor to be explained. Got {type(output).__name__}.")
+            targets = resolve_targets(model, output.detach(), target)
+            top = attribution_output(output.detach(), targets)
+            differentiable = [leaf for leaf in leaves if leaf.requires_grad]
+            if n == 0 or not output.requires_grad:
+                grads = [None] * len(differentiable)
+            else:
+                grads = torch.autograd.grad((output,), differentiable, grad_outputs=(top,), allow_unused=True)
+    grad_iter = iter(grads)
+    relevance = tuple(torch.zeros_like(leaf) if not leaf.requires_grad else _or_zeros(next(grad_iter), leaf)
+                      for leaf in leaves)
+    score = top.detach().reshape(top.shape[0], -1).sum(1) if top.ndim else top.detach().reshape(1)
+    result_audit = None
+    if recorder is not None:
+        input_sum = sum(_sample_sums(r, n) for r in relevance if r.is_floating_point())
+        tolerance = default_tolerance(leaves[0].dtype if leaves else torch.float32)
+        result_audit = recorder.audit(_sample_sums(top, n) if n else score.to(torch.float64), input_sum, tolerance)
+        _report(result_audit, owner, strict)
+    return Explanation(relevance=relevance, output=output.detach(), target=targets, score=score, audit=result_audit)
+
+
+def _or_zeros(grad: torch.Tensor | None, leaf: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(leaf) if grad is None else grad.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the reusable explainer
+class Explainer:
+    """Register a composite once and explain many batches: the loop-friendly form of :func:`run`.
+
+    The composite is registered on a structural copy of the model (:func:`isolated`), so the model itself never
+    carries hooks: using an explainer without ``with``, or never closing it, leaks nothing onto the model, and
+    :func:`~neon_attrib.explain` on the same model is unaffected while the explainer is open. One explainer serves
+    one batch at a time (calls from several threads are serialised); give each thread its own for parallel work.
+    Inputs are copied, never modified.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to explain.
+    composite : zennit.core.Composite
+        Used as given and registered until :meth:`close` (resolve it first with :func:`resolve_composite` for NEON
+        models); give each explainer its own composite object.
+    channels_last : bool, optional
+        Feed 4-D inputs in ``torch.channels_last`` memory format (often faster for convolutions).
+    autocast_dtype : torch.dtype, optional
+        Run under ``torch.autocast`` with this dtype (``torch.bfloat16`` or ``torch.float16``). **Approximate**.
+    cudnn_benchmark : bool, optional
+        If given, ``torch.backends.cudnn.benchmark`` is set to it during each call on CUDA and restored afterwards.
+        Default None: the process-wide flag is left alone.
+    audit : bool
+        Audit conservation on every call (:class:`Audit`); the last one is in :attr:`last_audit`.
+    strict : bool
+        Raise instead of warning when the audit fails.
+    default_target : callable, optional
+        ``default_target(output) -> targets`` used when a call gives no ``attr_output``; default: explain the output
+        itself (scalar scores) or the argmax.
+
+    Examples
+    --------
+    >>> import torch, torchvision
+    >>> from neon_attrib.fast import FastEpsilonGammaBox
+    >>> features = torchvision.models.vgg16(weights=None).features.eval()
+    >>> with Explainer(features, FastEpsilonGammaBox(low=-3.0, high=3.0), audit=False) as explainer:
+    ...     output, relevance = explainer(torch.randn(2, 3, 32, 32), lambda out: out)
+    >>> relevance.shape
+    torch.Size([2, 3, 32, 32])
+    """
+
+    def __init__(self, model: nn.Module, composite: Composite, *, channels_last: bool = False,
+                 autocast_dtype: torch.dtype | None = None, cudnn_benchmark: bool | None = None,
+                 audit: bool = True, strict: bool = False,
+                 default_target: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                 owner: str | None = None):
+        if not isinstance(composite, Composite):
+            raise TypeError(f"The 'composite' parameter of {type(self).__name__} must be a zennit.core.Composite. "
+                            f"Got {composite!r} instead.")
+        if autocast_dtype is not None and autocast_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"The 'autocast_dtype' parameter of {type(self).__name__} must be torch.bfloat16, "
+                             f"torch.float16 or None. Got {autocast_dtype!r} instead.")
+        self.model = model
+        self.composite = composite
+        self.channels_last = channels_last
+        self.autocast_dtype = autocast_dtype
+        self.cudnn_benchmark = cudnn_benchmark
+        self.audit = audit
+        self.strict = strict
+        self.default_target = default_target
+        self.owner = owner or type(model).__name__
+        self.last_audit: Audit | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._work = isolated(model)
+        self.composite.register(self._work)
+        self._hooked = check_coverage(self._work)
+
+    def __enter__(self) -> Explainer:
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> bool:
+        self.close()
+        return False
+
+    def close(self) -> None:
+        """Remove the hooks (from the internal copy); the explainer cannot be used afterwards."""
+        with self._lock:
+            if not self._closed:
+                self.composite.remove()
+                self._closed = True
+                self._work = None
+
+    @contextlib.contextmanager
+    def _context(self, device: torch.device) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(grad_mode())
+            if device.type == "cuda" and self.cudnn_benchmark is not None:
+                previous = torch.backends.cudnn.benchmark
+                torch.backends.cudnn.benchmark = self.cudnn_benchmark
+                stack.callback(setattr, torch.backends.cudnn, "benchmark", previous)
+            if self.autocast_dtype is not None:
+                stack.enter_context(torch.autocast(device_type=device.type, dtype=self.autocast_dtype))
+            yield
+
+    def __call__(self, input: torch.Tensor,
+                 attr_output: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explain a batch: returns ``(output, relevance)``, both detached; the relevance is shaped like ``input``.
+
+        ``attr_output`` is the relevance put on the output: a tensor (broadcast to the output) or a function of the
+        output. Default: the :attr:`default_target`'s score (or the output itself).
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"This {type(self).__name__} is closed; create a new one.")
+            return self._explain(input, attr_output)
+
+    def _explain(self, input, attr_output):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{self.owner} explainer expects a tensor. Got {type(input).__name__}.")
+        memory_format = torch.channels_last if self.channels_last and input.ndim == 4 else torch.preserve_format
+        with self._context(input.device):
+            leaf = input.detach().clone(memory_format=memory_format)
+            leaf.requires_grad_(True)
+            n = leaf.shape[0] if leaf.ndim else 0
+            recorder = _AuditRecorder(self._hooked, n) if self.audit else None
+            try:
+                output = self._work(leaf)
+                if attr_output is None:
+                    targets = self.default_target(output.detach()) if self.default_target is not None else None
+                    seed = attribution_output(output.detach(), targets)
+                elif callable(attr_output):
+                    seed = attr_output(output.detach())
+                else:
+                    seed = attr_output
+                seed = torch.broadcast_to(seed.to(device=output.device, dtype=output.dtype), output.shape)
+                if n == 0:
+                    relevance = torch.zeros_like(leaf)
+                else:
+                    (relevance,) = torch.autograd.grad(output, leaf, seed)
+            finally:
+                if recorder is not None:
+                    for hook in self._hooked.values():
+                        hook.__dict__.pop("backward", None)
+        relevance = relevance.contiguous(memory_format=torch.contiguous_format) if self.channels_last else relevance
+        if recorder is not None and n:
+            score, input_sum = _sample_sums(seed, n), _sample_sums(relevance, n)
+            self.last_audit = recorder.audit(score, input_sum, default_tolerance(leaf.dtype))
+            _report(self.last_audit, self.owner, self.strict)
+        return output.detach(), relevance.detach()
+
