@@ -56,10 +56,18 @@ from .evaluation import (
     model_score,
     patch_mask,
 )
-from .layers import ClusterDifference, LocationPool, LogMeanExpPool, MeanPool, MinPool, RandomCosineFeatures
-from .layers import SquaredDistance
+from .layers import (
+    ClusterDifference,
+    LocationPool,
+    LogMeanExpPool,
+    MeanPool,
+    MinPool,
+    RandomCosineFeatures,
+    SquaredDistance,
+)
 from .models import KDEInlier, KDEOutlier, KMeansMembership
-from .pipeline import resolve_composite, resolve_targets, run
+from .pipeline import resolve_composite, resolve_targets
+from .pipeline import run as run_pipeline
 from .rules import LocationPoolRule, NeonHook
 
 __all__ = ["NeonLRP", "NeonRule", "compare", "Comparison", "DEFAULT_METHODS"]
@@ -182,7 +190,7 @@ def _neon_relevance(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: 
     extra = _format_additional_forward_args(additional_forward_args) or ()
     dtype, _ = module_dtype_device(model)  # integer inputs are cast to the model's dtype, as explain does
     inputs = tuple(x if x.is_floating_point() else x.to(dtype) for x in inputs)
-    result = run(model, inputs, _captum_target(target), composite=composite, extra_args=extra, owner="NeonLRP")
+    result = run_pipeline(model, inputs, _captum_target(target), composite=composite, extra_args=extra, owner="NeonLRP")
     return result.relevance, result.score
 
 

@@ -21,10 +21,23 @@ from typing import Literal
 import torch
 from zennit.core import Composite, Hook
 
-from .layers import ClusterDifference, LocationPool, LogMeanExpPool, MeanPool, MinPool, RandomCosineFeatures
-from .layers import SquaredDistance
-from .rules import CosineShareRule, LocationPoolRule, ProportionalRule, SoftArgminRule, SquaredDifferenceRule
-from .rules import WeightShareRule
+from .layers import (
+    ClusterDifference,
+    LocationPool,
+    LogMeanExpPool,
+    MeanPool,
+    MinPool,
+    RandomCosineFeatures,
+    SquaredDistance,
+)
+from .rules import (
+    CosineShareRule,
+    LocationPoolRule,
+    ProportionalRule,
+    SoftArgminRule,
+    SquaredDifferenceRule,
+    WeightShareRule,
+)
 
 __all__ = ["NeonComposite", "register_rule", "register_activation_children", "is_neon_module", "covers_children"]
 
@@ -117,7 +130,7 @@ def covers_children(module: torch.nn.Module) -> bool:
 
 
 def needs_own_rule(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a NEON *layer* that needs a rule of its own (heads may instead leave it to their layers)."""
+    """Whether ``module`` is a NEON *layer* that needs a rule of its own (heads may leave it to their layers)."""
     return _entry(module, ("input", "any")) is not None
 
 

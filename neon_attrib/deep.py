@@ -46,11 +46,11 @@ from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.core import Composite
 
 from ._utils import ArrayLike, as_float_tensor, check_int, module_dtype_device
-from .composites import NeonComposite, register_activation_children
+from .composites import NeonComposite, is_neon_module, register_activation_children
 from .fast import FastEpsilonGammaBox, FastEpsilonPlusFlat
 from .layers import LocationPool, PoolMode
 from .leave_one_out import LeaveOneOutKDEInlier, LeaveOneOutKDEOutlier
-from .models import KDEInlier, KDEOutlier, KMeansMembership
+from .models import KDEInlier, KDEOutlier
 from .pipeline import Explainer, attribution_output, grad_mode, hooked, resolve_targets
 from .rules import LeaveOneOutKDEInlierRule, LeaveOneOutKDEOutlierRule, LocationPoolRule
 from .vision import (
@@ -206,9 +206,9 @@ class DeepNeon(nn.Module):
         super().__init__()
         if not isinstance(features, nn.Module):
             raise TypeError(f"The 'features' parameter of DeepNeon must be a torch.nn.Module. Got {type(features)}.")
-        if not isinstance(head, (KDEOutlier, KDEInlier, KMeansMembership)):
-            raise TypeError(f"The 'head' parameter of DeepNeon must be a KDEOutlier, KDEInlier or KMeansMembership. "
-                            f"Got {type(head).__name__}.")
+        if not (isinstance(head, nn.Module) and is_neon_module(head) and callable(getattr(head, "fit", None))):
+            raise TypeError(f"The 'head' parameter of DeepNeon must be a NEON estimator with a registered rule "
+                            f"(KDEOutlier, KDEInlier, KMeansMembership, ...). Got {type(head).__name__}.")
         if isinstance(composite, str) and composite not in _COMPOSITES:
             raise ValueError(f"The 'composite' parameter of DeepNeon must be one of {_COMPOSITES} or a zennit "
                              f"Composite. Got {composite!r} instead.")

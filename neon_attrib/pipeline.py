@@ -191,10 +191,10 @@ def check_coverage(model: nn.Module) -> dict[str, Hook]:
             continue
         label = name or "the model"
         if needs_own_rule(module):
-            raise ValueError(f"{label} ({type(module).__name__}) received no NEON rule from the composite, so LRP would "
-                             f"pass it as a plain gradient and the relevance would be wrong. Use NeonComposite(base="
-                             f"your_composite) or pass your composite to explain(..., composite=...), which keeps the "
-                             f"NEON rules.")
+            raise ValueError(f"{label} ({type(module).__name__}) received no NEON rule from the composite, so LRP "
+                             f"would pass it as a plain gradient and the relevance would be wrong. Use "
+                             f"NeonComposite(base=your_composite), or pass your composite to explain(..., "
+                             f"composite=...), which keeps the NEON rules.")
         if residual and isinstance(module, residual) and not any(
                 type(child).__name__ == "Sum" for child in module.children()):
             raise ValueError(f"{label} ({type(module).__name__}) adds its shortcut outside any module, which LRP "
@@ -394,7 +394,8 @@ def grad_mode() -> Iterator[None]:
 
 def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
         composite: Composite | None = None, beta: float | None = None, eps: float | None = None,
-        extra_args: Sequence[Any] = (), audit: bool = True, strict: bool = False, owner: str | None = None) -> Explanation:
+        extra_args: Sequence[Any] = (), audit: bool = True, strict: bool = False,
+        owner: str | None = None) -> Explanation:
     """Explain ``model(*inputs, *extra_args)`` for ``target``: the core every entry point calls.
 
     Parameters
