@@ -1,6 +1,8 @@
 """DEC, the activation-clustering surrogate and the attributable DEC heads (SPEC §5).
 
-Tiny synthetic data and a tiny random CNN; float64 brute-force re-implementations as ground truth.
+Tiny synthetic data and a tiny random CNN; float64 brute-force re-implementations as ground truth. The DEC models
+here are deliberately under-trained (speed), so their DECTrainingWarnings are silenced; the training diagnostics,
+scikit-learn compatibility and failure atomicity are tested in test_dec_training.py.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from neon_attrib.dec import (
     target_distribution,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore::neon_attrib.dec.model.DECTrainingWarning")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -43,6 +47,8 @@ def _one_thread():
 
 TINY = {"pretrain_epochs": 3, "max_iter": 30, "update_interval": 10, "batch_size": 32, "hidden_dims": (16,),
         "conv_channels": (4,), "dense_dim": 8, "progress": False}
+# the same for the surrogate, whose DEC minibatch size is 'dec_batch_size' ('batch_size' is the classifier's)
+SUR_TINY = {("dec_batch_size" if k == "batch_size" else k): v for k, v in TINY.items()}
 
 
 def blobs(n_per: int = 40, d: int = 6, k: int = 3, seed: int = 0, spread: float = 6.0) -> tuple[torch.Tensor, ...]:
@@ -78,7 +84,7 @@ def cnn_data():
 def surrogate(cnn_data):
     model, images, labels = cnn_data
     sur = ActivationClusteringSurrogate(model, ["relu1", "relu2"], n_clusters=4, embedding_dim=3, seed=0,
-                                        dec_params=TINY, progress=False)
+                                        **SUR_TINY)
     return sur.fit(images, labels)
 
 
@@ -164,7 +170,8 @@ def test_seeded_reproducibility_and_global_rng_untouched():
 
 def test_stopping_rule():
     x, _ = blobs(n_per=20, spread=1.0)  # overlapping blobs: assignments keep changing for a while
-    params = {**TINY, "max_iter": 50, "update_interval": 10, "finetune_lr": 0.02}
+    # keep_best=False: the fine-tuned model is kept even where it is worse (here it is; test_dec_training covers that)
+    params = {**TINY, "max_iter": 50, "update_interval": 10, "finetune_lr": 0.02, "keep_best": False}
     # tol = 0 can never be met: runs to max_iter and records one change per refresh after the first
     full = DEC(n_clusters=3, embedding_dim=3, seed=0, tol=0.0, **params).fit(x)
     assert not full.converged_ and full.n_iter_ == 50 and len(full.history_["delta_label"]) == 4
@@ -244,7 +251,8 @@ def test_weights_change_without_refitting(surrogate, cnn_data):
         assert all(surrogate.decs_[k] is v for k, v in decs.items())
     finally:
         surrogate.weights = None
-    torch.testing.assert_close(surrogate.weights, torch.ones(2, dtype=torch.float64))
+    assert surrogate.weights is None  # stored as given; layer_weights() is the checked tensor
+    torch.testing.assert_close(surrogate.layer_weights(), torch.ones(2, dtype=torch.float64))
 
 
 def test_accuracy_and_fidelity(surrogate, cnn_data):
@@ -290,7 +298,7 @@ def test_fit_from_loader_equals_fit_from_tensors(surrogate, cnn_data):
     model, images, labels = cnn_data
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=40)
     other = ActivationClusteringSurrogate(model, ["relu1", "relu2"], n_clusters=4, embedding_dim=3, seed=0,
-                                          dec_params=TINY, progress=False).fit(loader)
+                                          **SUR_TINY).fit(loader)
     for name in ["relu1", "relu2"]:
         torch.testing.assert_close(other.decs_[name].cluster_centers_, surrogate.decs_[name].cluster_centers_)
     assert other.accuracy(loader) == pytest.approx(surrogate.accuracy(images, labels))
@@ -299,13 +307,13 @@ def test_fit_from_loader_equals_fit_from_tensors(surrogate, cnn_data):
 
 def test_surrogate_errors(surrogate, cnn_data):
     model, images, labels = cnn_data
-    with pytest.raises(ValueError, match="Unknown layer name 'nope'"):
-        ActivationClusteringSurrogate(model, ["relu1", "nope"])
+    with pytest.raises(ValueError, match="Unknown layer name 'nope'"):  # checked by fit, before anything runs
+        ActivationClusteringSurrogate(model, ["relu1", "nope"]).fit(images, labels)
     with pytest.raises(ValueError, match="Unknown layer name 'nope'"):
         surrogate.concepts("nope")
     with pytest.raises(ValueError, match="Unknown layer name 'nope'"):
         surrogate.head("nope")
-    fresh = ActivationClusteringSurrogate(model, ["relu1"], dec_params=TINY, progress=False)
+    fresh = ActivationClusteringSurrogate(model, ["relu1"], **SUR_TINY)
     with pytest.raises(ValueError, match="not fitted yet"):
         fresh.predict_proba(images)
     with pytest.raises(ValueError, match="labels of shape"):
@@ -316,8 +324,12 @@ def test_surrogate_errors(surrogate, cnn_data):
         fresh.fit(images, labels + 5)
     with pytest.raises(ValueError, match="fitted with images of shape"):
         surrogate.predict_proba(torch.zeros(2, 3, 9, 9))
-    with pytest.raises(ValueError, match="one entry per layer"):
+    try:  # weights are stored as given and checked when used
         surrogate.weights = [1.0, 2.0, 3.0]
+        with pytest.raises(ValueError, match="'weights' parameter of ActivationClusteringSurrogate must have one"):
+            surrogate.predict_proba(images)
+    finally:
+        surrogate.weights = None
     with pytest.raises(ValueError, match="not all zero"):
         surrogate.predict_proba(images, weights=[0.0, 0.0])
     with pytest.raises(ValueError, match="'k' parameter"):
@@ -325,7 +337,7 @@ def test_surrogate_errors(surrogate, cnn_data):
     shared = nn.ReLU()
     twice = nn.Sequential(nn.Conv2d(3, 3, 1), shared, nn.Conv2d(3, 3, 1), shared, nn.Flatten(), nn.LazyLinear(3))
     with pytest.raises(ValueError, match="ran 2 times"):
-        ActivationClusteringSurrogate(twice, ["1"], dec_params=TINY, progress=False).fit(images, labels)
+        ActivationClusteringSurrogate(twice, ["1"], **SUR_TINY).fit(images, labels)
     assert_no_hooks(twice)
     assert_no_hooks(model)
 

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["DEC", "DECEncoder", "FeatureScale", "SphereNorm", "assignment_change", "student_t_assignment",
-           "target_distribution"]
+__all__ = ["DEC", "DECEncoder", "DECTrainingWarning", "DEFAULT_PRETRAIN_STEPS", "FeatureScale", "SphereNorm",
+           "assignment_change", "student_t_assignment", "target_distribution"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,19 +216,125 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-class DEC:
+class DECTrainingWarning(UserWarning):
+    """A DEC model trained badly: unconverged autoencoder, empty or dominant clusters, or harmful fine-tuning.
+
+    The same findings are stored in ``diagnostics_["warnings"]`` of the fitted estimator, so they can be read (or the
+    warning silenced with ``warnings.simplefilter("ignore", DECTrainingWarning)``) without losing them.
+    """
+
+
+#: Pretraining steps when neither ``pretrain_steps`` nor ``pretrain_epochs`` is given.
+DEFAULT_PRETRAIN_STEPS = 1000
+
+# Diagnostic thresholds (documented in DEC's Notes section).
+_MIN_STEPS = 100       # fewer pretraining steps are never taken as converged (plateaus can precede further drops)
+_WINDOW = 0.1          # the last two windows of this fraction of the pretraining steps are compared
+_STILL_FALLING = 0.05  # ... and the autoencoder is unconverged when the last one is more than 5 % lower
+_MIN_GAIN = 0.9        # ... or when the final loss is not below 90 % of the initial loss
+_TINY_CLUSTER = 0.01   # a cluster with fewer than 1 % of the points is "tiny" (not used)
+_QUALITY_TOL = 0.01    # fine-tuning "lowers the quality" when purity / silhouette drop by more than this
+
+
+def _nearest(z: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
+    # exactly the computation of DEC.predict (argmax of q) so that labels and predictions agree
+    return student_t_assignment(z, centers.to(z.device), alpha).argmax(dim=1)
+
+
+def _centroid_silhouette(z: torch.Tensor, centers: torch.Tensor) -> float:
+    """Simplified (centroid) silhouette: mean over points of ``(b - a) / max(a, b)``, in [0, 1].
+
+    ``a`` is the distance to the nearest centroid and ``b`` to the second nearest (Hruschka et al., 2004).
+    """
+    two = torch.cdist(z.double(), centers.double()).topk(2, dim=1, largest=False).values
+    a, b = two[:, 0], two[:, 1]
+    return float(((b - a) / torch.maximum(a, b).clamp_min(torch.finfo(torch.float64).tiny)).mean())
+
+
+def _purity(labels: torch.Tensor, y: torch.Tensor, n_clusters: int) -> float:
+    """Fraction of points whose class is the majority class of their cluster."""
+    n_classes = int(y.max()) + 1
+    counts = torch.zeros(n_clusters, n_classes, dtype=torch.float64)
+    counts.index_put_((labels, y), torch.ones(y.shape[0], dtype=torch.float64), accumulate=True)
+    return float(counts.max(dim=1).values.sum() / max(1, y.shape[0]))
+
+
+def _used_clusters(sizes: Sequence[int], n: int) -> int:
+    return sum(1 for s in sizes if s > 0 and s >= _TINY_CLUSTER * n)
+
+
+def _cluster_problems(sizes: Sequence[int], n: int) -> str | None:
+    """A sentence on empty, tiny (< 1 %) or dominant clusters, or None when the sizes look healthy.
+
+    A cluster is dominant when it holds more than ``(1 + 1/K) / 2`` of the points: more than halfway from its fair
+    share ``1/K`` to all of them (75 % for K = 2, 53 % for K = 15).
+    """
+    k = len(sizes)
+    parts = []
+    empty = [c for c, s in enumerate(sizes) if s == 0]
+    tiny = [c for c, s in enumerate(sizes) if 0 < s < _TINY_CLUSTER * n]
+    if empty:
+        parts.append(f"{len(empty)} of {k} clusters are empty ({empty})")
+    if tiny:
+        parts.append(f"{len(tiny)} of {k} clusters hold fewer than 1% of the points ({tiny})")
+    largest = int(np.argmax(sizes))
+    if n and sizes[largest] / n > (1 + 1 / k) / 2:
+        parts.append(f"cluster {largest} holds {sizes[largest] / n:.0%} of the points")
+    if not parts:
+        return None
+    return f"{'; '.join(parts)} (cluster sizes {list(sizes)})"
+
+
+def _is_int(value, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
+
+
+class _FrozenAfterFitMixin:
+    """Refuse to change constructor parameters of a fitted estimator that only take effect in ``fit``.
+
+    Parameters named in ``_settable_after_fit`` may change at any time (they take effect at once); every other
+    constructor parameter raises an ``AttributeError`` that says to refit, so that ``get_params`` always describes the
+    fitted model. Unpickling and ``copy.deepcopy`` restore ``__dict__`` directly and are not affected.
+    """
+
+    _settable_after_fit: frozenset[str] = frozenset()
+    _fitted_marker: str = ""
+
+    def __setattr__(self, name: str, value) -> None:
+        if (not name.startswith("_") and not name.endswith("_") and name not in self._settable_after_fit
+                and self._fitted_marker in self.__dict__ and name in self._get_param_names()):
+            current = self.__dict__.get(name)
+            if value is not current:
+                cls = type(self).__name__
+                raise AttributeError(
+                    f"Cannot set the '{name}' parameter of a fitted {cls} (it is {current!r}; got {value!r}): it only "
+                    f"takes effect in 'fit', and the fitted model was trained with the current value. Refit a new "
+                    f"estimator instead, e.g. sklearn.base.clone(estimator).set_params({name}=...).fit(...).")
+        super().__setattr__(name, value)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self._fitted_marker in self.__dict__
+
+
+class DEC(_FrozenAfterFitMixin, BaseEstimator):
     """Deep Embedded Clustering with embeddings on a sphere and a sparse Student-t assignment.
 
     Fitting runs three stages: (1) pretrain an autoencoder on the activations by mean squared reconstruction error
-    (of the feature-scaled input), (2) k-means (scikit-learn, ``n_init`` restarts) on the normalised embeddings gives
-    the initial centroids, (3) minimise ``KL(P || Q)`` over encoder and centroids, recomputing the target ``P`` on the
-    whole training set every ``update_interval`` steps and stopping when fewer than a fraction ``tol`` of the hard
-    assignments changed since the previous refresh (or after ``max_iter`` steps).
+    (of the feature-scaled input) for a fixed number of optimizer **steps**, (2) k-means (scikit-learn, ``n_init``
+    restarts) on the normalised embeddings gives the initial centroids, (3) minimise ``KL(P || Q)`` over encoder and
+    centroids, recomputing the target ``P`` on the whole training set every ``update_interval`` steps and stopping
+    when fewer than a fraction ``tol`` of the hard assignments changed since the previous refresh (or after
+    ``max_iter`` steps). Each stage is checked (see Notes); problems are stored in :attr:`diagnostics_` and reported
+    with a :class:`DECTrainingWarning`.
+
+    A scikit-learn estimator: parameters are stored as given and validated in :meth:`fit`, ``get_params`` /
+    ``set_params`` / ``sklearn.base.clone`` work, fitted state ends in ``_``. Parameters that shape the fitted model
+    cannot be changed after fitting (an ``AttributeError`` says to refit); only ``progress`` can.
 
     Parameters
     ----------
     n_clusters : int
-        Number of clusters ``K``.
+        Number of clusters ``K`` (>= 2).
     embedding_dim : int
         Dimension of the embedding space ``V``.
     alpha : float
@@ -247,8 +355,12 @@ class DEC:
         Feature maps larger than ``pool_to`` (height or width) are first average-pooled by the smallest integer factor
         that brings them to at most ``pool_to``; the autoencoder then reconstructs the pooled map. This quarters the
         cost on 32x32 maps (CPU budget); ``None`` disables it.
-    pretrain_epochs : int
-        Epochs of autoencoder pretraining.
+    pretrain_steps : int or None
+        Optimizer steps (minibatches) of autoencoder pretraining; 0 skips pretraining. ``None`` (with
+        ``pretrain_epochs=None``) means :data:`DEFAULT_PRETRAIN_STEPS` (1000), whatever the size of the data.
+    pretrain_epochs : int or None
+        Alternative to ``pretrain_steps``: ``pretrain_epochs * ceil(n_samples / batch_size)`` steps. Set at most one
+        of the two.
     max_iter : int
         Maximum number of fine-tuning steps (minibatches).
     update_interval : int
@@ -256,7 +368,7 @@ class DEC:
     tol : float
         Stop fine-tuning when the fraction of changed hard assignments between refreshes is below ``tol``.
     batch_size : int
-        Minibatch size for all stages.
+        Minibatch size for all stages (and the chunk size of :meth:`transform`).
     lr : float
         Adam learning rate for pretraining.
     finetune_lr : float
@@ -265,10 +377,13 @@ class DEC:
         Weight of the reconstruction loss kept during fine-tuning (0 is DEC, > 0 is IDEC of Guo et al., 2017).
     n_init : int
         Number of k-means restarts for the centroid initialisation.
+    keep_best : bool
+        If fine-tuning lowers the cluster quality (see Notes), keep the k-means initialisation (encoder weights and
+        centroids from before fine-tuning) instead of the fine-tuned model. Either way a warning is issued.
     device : str, torch.device or None
         Where to train (``None``: CUDA when available, else CPU). Data stays where it is and is moved per batch.
     progress : bool
-        Show tqdm progress bars.
+        Show tqdm progress bars (may be changed after fitting).
 
     Attributes
     ----------
@@ -282,6 +397,10 @@ class DEC:
         Hard assignments of the training data.
     input_shape_ : tuple of int
         Shape of one training example.
+    n_features_in_ : int
+        Number of values in one training example.
+    architecture_ : {"mlp", "conv"}
+        The encoder that was built.
     mean_evidence_ : float
         Mean over the training data of the assigned cluster's k-means evidence
         ``min_{k != c} |z - mu_k|^2 - |z - mu_c|^2``; its inverse is the default soft-min sharpness of the
@@ -291,16 +410,47 @@ class DEC:
     converged_ : bool
         Whether the tolerance stop triggered before ``max_iter``.
     history_ : dict
-        ``"pretrain_loss"`` per epoch, ``"delta_label"`` per refresh, ``"kl"`` per refresh.
+        ``"pretrain_loss"`` per pretraining step (minibatch loss), ``"delta_label"`` and ``"kl"`` per refresh of
+        ``P``.
+    diagnostics_ : dict
+        The training checks (see Notes): ``pretrain_steps``, ``pretrain_initial_loss``, ``pretrain_final_loss``,
+        ``pretrain_last_decrease``, ``pretrain_converged`` (``None`` when pretraining was skipped),
+        ``cluster_sizes_init``, ``cluster_sizes_finetuned``, ``cluster_sizes`` (of the kept model),
+        ``quality_measure`` (``"purity"`` with ``y``, else ``"silhouette"``), ``quality_init``,
+        ``quality_finetuned``, ``finetuning_kept`` (``False`` when ``keep_best`` reverted to the k-means
+        initialisation) and ``warnings`` (the messages, also issued as :class:`DECTrainingWarning`).
+
+    Notes
+    -----
+    The checks behind :class:`DECTrainingWarning`:
+
+    * **Unconverged autoencoder.** With ``w = max(1, steps // 10)``, the mean minibatch loss of the last ``w``
+      pretraining steps is compared with that of the ``w`` steps before: a decrease of more than 5 % means the loss
+      is still falling fast. A final loss (mean of the last ``w`` steps) not below 90 % of the initial one (the first
+      minibatch, before any update) means the autoencoder learned almost nothing. Fewer than 100 steps never count
+      as converged: reconstruction losses often plateau for a while and then fall again.
+    * **Collapsed clusters**, after the k-means initialisation and after fine-tuning: empty clusters, clusters with
+      fewer than 1 % of the points, or one cluster holding more than ``(1 + 1/K) / 2`` of them.
+    * **Harmful fine-tuning.** The quality of the clustering of the training data is measured before and after
+      fine-tuning: the class purity of the clusters when labels ``y`` are passed to :meth:`fit` (used for nothing
+      else), otherwise the centroid silhouette ``mean (b - a) / max(a, b)`` (``a``, ``b``: distances to the nearest
+      and second-nearest centroid) in the respective embedding. Fine-tuning lowered the quality when it drops by more
+      than 0.01 or fewer clusters hold at least 1 % of the points; ``keep_best`` then restores the k-means
+      initialisation (a copy of the encoder and decoder weights is kept during fine-tuning for that).
 
     Examples
     --------
-    >>> X = torch.randn(200, 8)
-    >>> dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_epochs=2, max_iter=20, seed=0,
+    >>> X = torch.cat([torch.randn(100, 8) + 6 * torch.eye(8)[i] for i in range(3)])
+    >>> dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_steps=300, max_iter=20, seed=0,
     ...           progress=False).fit(X)
     >>> dec.predict(X).shape
-    torch.Size([200])
+    torch.Size([300])
+    >>> dec.diagnostics_["pretrain_converged"], dec.diagnostics_["warnings"]
+    (True, [])
     """
+
+    _settable_after_fit = frozenset({"progress"})
+    _fitted_marker = "cluster_centers_"
 
     def __init__(
         self,
@@ -315,7 +465,8 @@ class DEC:
         conv_channels: Sequence[int] = (32, 64, 64),
         dense_dim: int = 256,
         pool_to: int | None = 16,
-        pretrain_epochs: int = 50,
+        pretrain_steps: int | None = None,
+        pretrain_epochs: int | None = None,
         max_iter: int = 2000,
         update_interval: int = 100,
         tol: float = 1e-3,
@@ -324,6 +475,7 @@ class DEC:
         finetune_lr: float = 1e-4,
         reconstruction_weight: float = 0.0,
         n_init: int = 10,
+        keep_best: bool = True,
         device: str | torch.device | None = None,
         progress: bool = True,
     ):
@@ -337,6 +489,7 @@ class DEC:
         self.conv_channels = conv_channels
         self.dense_dim = dense_dim
         self.pool_to = pool_to
+        self.pretrain_steps = pretrain_steps
         self.pretrain_epochs = pretrain_epochs
         self.max_iter = max_iter
         self.update_interval = update_interval
@@ -346,6 +499,7 @@ class DEC:
         self.finetune_lr = finetune_lr
         self.reconstruction_weight = reconstruction_weight
         self.n_init = n_init
+        self.keep_best = keep_best
         self.device = device
         self.progress = progress
 
@@ -353,49 +507,64 @@ class DEC:
     def _name(self) -> str:
         return type(self).__name__
 
-    def _validate_params(self) -> None:
-        name = self._name()
+    def _check_params(self, owner: str | None = None, aliases: Mapping[str, str] | None = None) -> None:
+        """Validate every parameter; errors name ``owner`` (default: this class) and ``aliases[param]``."""
+        name = owner or self._name()
+        aliases = aliases or {}
 
-        def _int(param: str, low: int) -> None:
+        def fail(param: str, expected: str, exc: type[Exception] = ValueError) -> None:
+            raise exc(f"The '{aliases.get(param, param)}' parameter of {name} must be {expected}. "
+                      f"Got {getattr(self, param)!r} instead.")
+
+        def _int(param: str, low: int, optional: bool = False) -> None:
             value = getattr(self, param)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"The '{param}' parameter of {name} must be an int >= {low}. Got {value!r} instead.")
+            if not (optional and value is None) and not _is_int(value, low):
+                fail(param, f"an int >= {low}" + (" or None" if optional else ""))
 
         def _pos(param: str, allow_zero: bool = False) -> None:
             value = getattr(self, param)
             ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
             ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
             if not ok:
-                bound = ">= 0" if allow_zero else "> 0"
-                raise ValueError(f"The '{param}' parameter of {name} must be a float {bound}. Got {value!r} instead.")
+                fail(param, f"a float {'>= 0' if allow_zero else '> 0'}")
 
         _int("n_clusters", 2)
         _int("embedding_dim", 1)
         _int("dense_dim", 1)
-        _int("pretrain_epochs", 0)
+        _int("pretrain_steps", 0, optional=True)
+        _int("pretrain_epochs", 0, optional=True)
         _int("max_iter", 0)
         _int("update_interval", 1)
         _int("batch_size", 1)
         _int("n_init", 1)
-        if self.pool_to is not None:
-            _int("pool_to", 1)
+        _int("pool_to", 1, optional=True)
         _pos("alpha")
         _pos("radius")
         _pos("lr")
         _pos("finetune_lr")
         _pos("tol", allow_zero=True)
         _pos("reconstruction_weight", allow_zero=True)
-        if self.architecture not in ("auto", "mlp", "conv"):
-            raise ValueError(f"The 'architecture' parameter of {name} must be one of 'auto', 'mlp', 'conv'. "
-                             f"Got {self.architecture!r} instead.")
+        if self.pretrain_steps is not None and self.pretrain_epochs is not None:
+            raise ValueError(f"The '{aliases.get('pretrain_steps', 'pretrain_steps')}' and "
+                             f"'{aliases.get('pretrain_epochs', 'pretrain_epochs')}' parameters of {name} are "
+                             f"alternatives; set at most one of them. Got pretrain_steps={self.pretrain_steps!r} and "
+                             f"pretrain_epochs={self.pretrain_epochs!r} instead.")
+        if not isinstance(self.architecture, str) or self.architecture not in ("auto", "mlp", "conv"):
+            fail("architecture", "one of 'auto', 'mlp', 'conv'")
         for param in ("hidden_dims", "conv_channels"):
             value = getattr(self, param)
-            if (not isinstance(value, Sequence) or len(value) == 0
-                    or not all(isinstance(v, (int, np.integer)) and v > 0 for v in value)):
-                raise ValueError(f"The '{param}' parameter of {name} must be a non-empty sequence of positive ints. "
-                                 f"Got {value!r} instead.")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
-            raise TypeError(f"The 'seed' parameter of {name} must be an int or None. Got {self.seed!r} instead.")
+            if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) == 0
+                    or not all(_is_int(v, 1) for v in value)):
+                fail(param, "a non-empty sequence of positive ints")
+        if self.seed is not None and not _is_int(self.seed, -(2**63)):
+            fail("seed", "an int or None", TypeError)
+        if not isinstance(self.keep_best, (bool, np.bool_)):
+            fail("keep_best", "a bool", TypeError)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                fail("device", "a torch.device, a device string such as 'cpu' or 'cuda:0', or None")
 
     def _check_input(self, X, *, fitting: bool) -> torch.Tensor:
         name = self._name()
@@ -424,8 +593,26 @@ class DEC:
                                  f"{self.input_shape_}.")
         return X
 
+    def _check_y(self, y, n: int) -> torch.Tensor | None:
+        if y is None:
+            return None
+        name = self._name()
+        try:
+            y_t = torch.as_tensor(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"The labels y of {name}.fit must be an array of ints. Got {type(y).__name__}.") from exc
+        if y_t.ndim != 1 or y_t.shape[0] != n:
+            raise ValueError(f"The labels y of {name}.fit must have shape ({n},) like X. "
+                             f"Got shape {tuple(y_t.shape)} instead.")
+        if y_t.is_floating_point() or y_t.is_complex() or y_t.dtype == torch.bool:
+            raise ValueError(f"The labels y of {name}.fit must be non-negative ints. Got dtype {y_t.dtype} instead.")
+        if n and int(y_t.min()) < 0:
+            raise ValueError(f"The labels y of {name}.fit must be non-negative ints. Got minimum {int(y_t.min())} "
+                             f"instead.")
+        return y_t.long()
+
     def _check_fitted(self) -> None:
-        if not hasattr(self, "cluster_centers_"):
+        if "cluster_centers_" not in self.__dict__:
             raise ValueError(f"This {self._name()} instance is not fitted yet. Call 'fit' first.")
 
     # ------------------------------------------------------------------ helpers
@@ -449,17 +636,28 @@ class DEC:
         # features that are always zero keep scale one
         return torch.where(rms > 0, rms, torch.ones_like(rms))
 
+    def _n_pretrain_steps(self, n: int) -> int:
+        if self.pretrain_steps is not None:
+            return int(self.pretrain_steps)
+        if self.pretrain_epochs is not None:
+            return int(self.pretrain_epochs) * -(-n // int(self.batch_size))
+        return DEFAULT_PRETRAIN_STEPS
+
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None) -> DEC:
         """Fit the autoencoder, initialise centroids with k-means and fine-tune with ``KL(P || Q)``.
+
+        Everything is validated before training, and the fitted state is assigned only at the end: a failed ``fit``
+        leaves a previously fitted estimator unchanged.
 
         Parameters
         ----------
         X : torch.Tensor or numpy.ndarray
             Activations, shape ``(n_samples, ...)``: vectors, feature maps ``(n, C, H, W)`` or anything else (that is
             flattened). Stays on its device; minibatches move to ``device``.
-        y : None
-            Ignored (scikit-learn convention).
+        y : array-like of int, optional
+            Class labels, used **only** to measure the purity of the clusters before and after fine-tuning (the
+            harmful fine-tuning check, see Notes); training is unsupervised either way.
 
         Returns
         -------
@@ -469,98 +667,200 @@ class DEC:
         Raises
         ------
         ValueError
-            Invalid parameters, fewer samples than clusters, non-finite values.
+            Invalid parameters, fewer samples than clusters, non-finite values, labels of the wrong shape.
         TypeError
-            ``X`` is not a tensor or array.
+            ``X`` is not a tensor or array, or a parameter has the wrong type.
+
+        Warns
+        -----
+        DECTrainingWarning
+            Unconverged autoencoder, empty / tiny / dominant clusters, or fine-tuning that lowered the cluster quality
+            (details in :attr:`diagnostics_`).
         """
-        self._validate_params()
+        return self._fit(X, y, emit=True)
+
+    def _fit(self, X, y=None, *, emit: bool = True) -> DEC:
+        """``fit``; with ``emit=False`` the training warnings are only stored (the surrogate re-issues them)."""
+        self._check_params()
         X = self._check_input(X, fitting=True)
+        y_t = self._check_y(y, X.shape[0])
         device = _resolve_device(self.device)
         conv = self.architecture == "conv" or (self.architecture == "auto" and X.ndim == 4)
         if conv and X.ndim != 4:
-            raise ValueError(f"The conv architecture of {self._name()} needs input of shape (n, C, H, W). "
-                             f"Got {tuple(X.shape)} instead.")
-        self._conv = conv
+            raise ValueError(f"The 'architecture' parameter of {self._name()} is 'conv', which needs input of shape "
+                             f"(n, C, H, W). Got X of shape {tuple(X.shape)} instead.")
+        n = X.shape[0]
         in_shape = tuple(X.shape[1:])
         scale = self._scale(X, conv)
+        n_pretrain = self._n_pretrain_steps(n)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             if self.seed is not None:
                 torch.manual_seed(self.seed)
             generator = torch.Generator()
             generator.manual_seed(int(self.seed) if self.seed is not None else int(torch.seed() % 2**62))
-            self._pool = 1
+            pool = 1
             if conv:
-                encoder, decoder, self._pool = _build_conv(in_shape, self.embedding_dim, self.radius, scale,
-                                                           self.conv_channels, self.dense_dim, self.pool_to)
+                encoder, decoder, pool = _build_conv(in_shape, self.embedding_dim, self.radius, scale,
+                                                     self.conv_channels, self.dense_dim, self.pool_to)
             else:
                 encoder, decoder = _build_mlp(in_shape, self.embedding_dim, self.radius, scale, self.hidden_dims)
             encoder.to(device)
             decoder.to(device)
             history: dict[str, list[float]] = {"pretrain_loss": [], "delta_label": [], "kl": []}
-            self._pretrain(X, encoder, decoder, generator, device, history)
-            centers = self._init_centroids(X, encoder, device)
-            centers, n_iter, converged, labels = self._finetune(X, encoder, decoder, centers, generator, device,
-                                                                history)
+            history["pretrain_loss"] = self._pretrain(X, encoder, decoder, generator, device, conv, pool, n_pretrain)
+            z_init = self._embed(encoder, X, device)
+            centers_init = self._init_centroids(z_init)
+            snapshot = None
+            if self.keep_best and self.max_iter > 0:  # the decoder only changes in fine-tuning with reconstruction
+                trained = (encoder, decoder) if self.reconstruction_weight > 0 else (encoder,)
+                snapshot = [(m, {k: v.detach().clone() for k, v in m.state_dict().items()}) for m in trained]
+            centers, n_iter, converged = self._finetune(X, encoder, decoder, centers_init, generator, device, conv,
+                                                        pool, history)
+        z = self._embed(encoder, X, device)
+        diagnostics, message = self._pretrain_diagnostics(history["pretrain_loss"])
+        messages = [message] if message else []
+        labels_init = _nearest(z_init, centers_init, self.alpha)
+        labels = _nearest(z, centers, self.alpha)
+        sizes_init = torch.bincount(labels_init, minlength=self.n_clusters).tolist()
+        sizes = torch.bincount(labels, minlength=self.n_clusters).tolist()
+        if y_t is not None:
+            measure = "purity"
+            q_init, q_final = _purity(labels_init, y_t, self.n_clusters), _purity(labels, y_t, self.n_clusters)
+        else:
+            measure = "silhouette"
+            q_init, q_final = _centroid_silhouette(z_init, centers_init), _centroid_silhouette(z, centers)
+        problem = _cluster_problems(sizes_init, n)
+        if problem:
+            messages.append(f"after the k-means initialisation, {problem}. Try fewer clusters (n_clusters), a longer "
+                            f"pretraining (pretrain_steps) or check the activations.")
+        kept = True
+        if n_iter > 0:
+            problem = _cluster_problems(sizes, n)
+            if problem:
+                messages.append(f"after fine-tuning, {problem}. Try a lower finetune_lr, fewer fine-tuning steps "
+                                f"(max_iter) or fewer clusters.")
+            used_init, used = _used_clusters(sizes_init, n), _used_clusters(sizes, n)
+            if q_final < q_init - _QUALITY_TOL or used < used_init:
+                kept = not self.keep_best
+                if not kept:  # back to the state k-means was run on (weights copied before fine-tuning)
+                    for module, state in snapshot:
+                        module.load_state_dict(state)
+                    z, centers, labels = z_init, centers_init, labels_init
+                what = ("kept the k-means initialisation instead (keep_best=True)" if not kept
+                        else "kept the fine-tuned model (keep_best=False)")
+                messages.append(f"fine-tuning lowered the cluster quality ({measure} {q_init:.3f} after k-means, "
+                                f"{q_final:.3f} after fine-tuning; {used_init} -> {used} clusters with at least 1% of "
+                                f"the points); {what}. Try a lower finetune_lr, fewer steps (max_iter) or "
+                                f"reconstruction_weight > 0.")
+        diagnostics.update({
+            "cluster_sizes_init": sizes_init,
+            "cluster_sizes_finetuned": sizes,
+            "cluster_sizes": torch.bincount(labels, minlength=self.n_clusters).tolist(),
+            "quality_measure": measure,
+            "quality_init": q_init,
+            "quality_finetuned": q_final,
+            "finetuning_kept": kept,
+            "warnings": messages,
+        })
+        if emit:
+            for message in messages:
+                warnings.warn(f"{self._name()}: {message}", DECTrainingWarning, stacklevel=3)
         encoder.eval()
         decoder.eval()
+        # margin of the assigned cluster, min_{k != c} |z - mu_k|^2 - |z - mu_c|^2 (the k-means evidence of SPEC §3)
+        two = torch.cdist(z.double(), centers.double()).pow(2).topk(2, dim=1, largest=False).values
+        # all state is assigned here, after everything that can fail
         self.encoder_ = encoder
         self.decoder_ = decoder
-        self.cluster_centers_ = centers.detach().cpu()
         self.input_shape_ = in_shape
         self.n_features_in_ = int(np.prod(in_shape))
         self.architecture_ = "conv" if conv else "mlp"
         self.n_iter_ = n_iter
         self.converged_ = converged
         self.history_ = history
-        z = self._embed(encoder, X, device)
-        self.labels_ = self.proba_from_embedding(z).argmax(dim=1)
-        if not torch.equal(self.labels_, labels):
-            logger.debug("%s: %d labels changed after the last fine-tuning step.", self._name(),
-                         int((self.labels_ != labels).sum()))
-        # margin of the assigned cluster, min_{k != c} |z - mu_k|^2 - |z - mu_c|^2 (the k-means evidence of SPEC §3)
-        two = torch.cdist(z.double(), self.cluster_centers_.double()).pow(2).topk(2, dim=1, largest=False).values
+        self.diagnostics_ = diagnostics
+        self.labels_ = labels
         self.mean_evidence_ = float((two[:, 1] - two[:, 0]).mean())
+        self.cluster_centers_ = centers.detach().cpu()
         return self
 
-    def _pretrain(self, X, encoder, decoder, generator, device, history) -> None:
-        if self.pretrain_epochs == 0:
-            return
+    def _pretrain(self, X, encoder, decoder, generator, device, conv: bool, pool: int, n_steps: int) -> list[float]:
+        """Adam on the reconstruction MSE for ``n_steps`` minibatches; returns the loss of every step."""
+        losses: list[float] = []
+        if n_steps == 0:
+            return losses
         params = list(encoder.parameters()) + list(decoder.parameters())
         opt = torch.optim.Adam(params, lr=self.lr)
         scale_mod = next(m for m in encoder if isinstance(m, FeatureScale))
         encoder.train()
         decoder.train()
-        bar = tqdm(range(self.pretrain_epochs), desc=f"{self._name()} pretrain", disable=not self.progress,
-                   leave=False)
-        for epoch in bar:
-            total, count = 0.0, 0
-            for idx in self._batches(X.shape[0], generator):
-                xb = X[idx].to(device, torch.float32)
-                target = _scaled(xb, scale_mod, self._conv, self._pool)
-                loss = nn.functional.mse_loss(decoder(encoder(xb)), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * xb.shape[0]
-                count += xb.shape[0]
-            history["pretrain_loss"].append(total / count)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-            logger.debug("%s pretrain epoch %d: reconstruction loss %.5f", self._name(), epoch, total / count)
-        logger.info("%s: pretrained the autoencoder for %d epochs (final loss %.5f).", self._name(),
-                    self.pretrain_epochs, history["pretrain_loss"][-1])
+        n = X.shape[0]
+        batches = iter(())
+        bar = tqdm(total=n_steps, desc=f"{self._name()} pretrain", disable=not self.progress, leave=False)
+        for step in range(n_steps):
+            try:
+                idx = next(batches)
+            except StopIteration:  # a new shuffled pass over the data (drawn only when needed: reproducible)
+                batches = self._batches(n, generator)
+                idx = next(batches)
+            xb = X[idx].to(device, torch.float32)
+            target = _scaled(xb, scale_mod, conv, pool)
+            loss = nn.functional.mse_loss(decoder(encoder(xb)), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.close()
+        logger.info("%s: pretrained the autoencoder for %d steps (loss %.5f -> %.5f).", self._name(), n_steps,
+                    losses[0], losses[-1])
+        return losses
 
-    def _init_centroids(self, X, encoder, device) -> torch.Tensor:
+    @staticmethod
+    def _pretrain_diagnostics(losses: Sequence[float]) -> tuple[dict, str | None]:
+        """The convergence check of the pretraining (see the class Notes): diagnostics and a message or None."""
+        steps = len(losses)
+        out: dict = {"pretrain_steps": steps, "pretrain_initial_loss": None, "pretrain_final_loss": None,
+                     "pretrain_last_decrease": None, "pretrain_converged": None}
+        if steps == 0:
+            return out, None
+        w = max(1, int(steps * _WINDOW))
+        final = float(np.mean(losses[-w:]))
+        initial = float(losses[0])
+        decrease = None
+        if steps >= 2 * w:
+            before = float(np.mean(losses[-2 * w:-w]))
+            decrease = 1.0 - final / before if before > 0 else 0.0
+        out.update(pretrain_initial_loss=initial, pretrain_final_loss=final, pretrain_last_decrease=decrease)
+        reasons = []
+        if steps < _MIN_STEPS:
+            reasons.append(f"fewer than {_MIN_STEPS} steps are too few to tell (the loss often plateaus and then "
+                           f"falls again)")
+        if decrease is not None and decrease > _STILL_FALLING:
+            reasons.append(f"the reconstruction loss still fell by {decrease:.2%} over the last {w} steps "
+                           f"(converged: at most {_STILL_FALLING:.0%})")
+        if initial > 1e-12 and final >= _MIN_GAIN * initial:
+            reasons.append(f"the loss is still {final / initial:.0%} of its initial value {initial:.4g} "
+                           f"(converged: below {_MIN_GAIN:.0%})")
+        out["pretrain_converged"] = not reasons
+        if not reasons:
+            return out, None
+        return out, (f"the autoencoder has not converged after {steps} pretraining steps: {'; and '.join(reasons)}. "
+                     f"Increase pretrain_steps (or lr); clusters of an untrained embedding are poor.")
+
+    def _init_centroids(self, z: torch.Tensor) -> torch.Tensor:
         from sklearn.cluster import KMeans
 
-        z = self._embed(encoder, X, device).double().numpy()
         random_state = None if self.seed is None else int(self.seed)
-        km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=random_state).fit(z)
+        km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=random_state).fit(z.double().numpy())
         logger.info("%s: k-means initialisation on %d embeddings (inertia %.3f).", self._name(), z.shape[0],
                     km.inertia_)
         return torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
 
-    def _finetune(self, X, encoder, decoder, centers, generator, device, history):
+    def _finetune(self, X, encoder, decoder, centers, generator, device, conv: bool, pool: int, history):
         mu = nn.Parameter(centers.to(device).clone())
         params = list(encoder.parameters()) + [mu]
         if self.reconstruction_weight > 0:
@@ -572,7 +872,6 @@ class DEC:
         p_all = None
         step = 0
         converged = False
-        labels = torch.zeros(n, dtype=torch.long)
         bar = tqdm(total=self.max_iter, desc=f"{self._name()} fine-tune", disable=not self.progress, leave=False)
         batches = iter(())
         while step < self.max_iter:
@@ -604,17 +903,17 @@ class DEC:
             loss = nn.functional.kl_div(q.clamp_min(1e-30).log(), p_all[idx].to(device), reduction="batchmean")
             if self.reconstruction_weight > 0:
                 loss = loss + self.reconstruction_weight * nn.functional.mse_loss(
-                    decoder(z), _scaled(xb, scale_mod, self._conv, self._pool))
+                    decoder(z), _scaled(xb, scale_mod, conv, pool))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             bar.update(1)
         bar.close()
-        if not converged:
+        if not converged and self.max_iter > 0:
             logger.info("%s: reached max_iter=%d fine-tuning steps without meeting tol=%g.", self._name(),
                         self.max_iter, self.tol)
-        return mu.detach().cpu(), step, converged, labels
+        return mu.detach().cpu(), step, converged
 
     # ------------------------------------------------------------------ inference
     def transform(self, X) -> torch.Tensor:
@@ -647,8 +946,8 @@ class DEC:
         return self.predict_proba(X).argmax(dim=1)
 
     def fit_predict(self, X, y=None) -> torch.Tensor:
-        """Fit and return the hard assignments of the training data."""
-        return self.fit(X).labels_
+        """Fit (``y`` only for the diagnostics, as in :meth:`fit`) and return the training data's hard assignments."""
+        return self.fit(X, y).labels_
 
     def proba_from_embedding(self, z: torch.Tensor) -> torch.Tensor:
         """``q`` for embeddings that were already computed with :meth:`transform`."""
@@ -664,7 +963,3 @@ class DEC:
         self.encoder_.to(device)
         self.decoder_.to(device)
         return self
-
-    def __repr__(self) -> str:
-        return (f"{self._name()}(n_clusters={self.n_clusters}, embedding_dim={self.embedding_dim}, "
-                f"alpha={self.alpha}, radius={self.radius}, seed={self.seed})")

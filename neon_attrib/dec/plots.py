@@ -1,6 +1,11 @@
-"""Figures for DEC surrogates: image grids (similar examples, concepts) and relevance heatmaps (matplotlib, Agg).
+"""Figures for DEC surrogates: image grids (similar examples, concepts) and relevance heatmaps.
 
 Images are ``(n, 3, H, W)`` tensors with values in [0, 1] (undo your normalisation first) or ``(n, H, W)`` gray.
+
+The figures are plain :class:`matplotlib.figure.Figure` objects drawn on an Agg canvas: nothing here touches
+matplotlib's global state (the backend, ``pyplot``'s list of open figures), so importing this module or saving a
+figure changes nothing for the rest of the process. A returned figure is not registered with ``pyplot``: display it
+in a notebook as the cell's value, or save it with ``fig.savefig(...)``.
 """
 
 from __future__ import annotations
@@ -8,12 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 __all__ = ["image_grid", "similar_examples_figure", "concepts_figure", "heatmap_figure"]
 
@@ -47,11 +50,12 @@ def image_grid(rows: Sequence[Sequence[torch.Tensor]], *, titles: Sequence[Seque
     title : str, optional
         Figure title.
     path : str or Path, optional
-        Save there (PNG) and close the figure; otherwise return it.
+        Save there (PNG, parent folders are created) and return None; otherwise return the figure.
 
     Returns
     -------
     matplotlib.figure.Figure or None
+        The figure (not registered with ``pyplot``) when ``path`` is None.
     """
     first = _to_hwc(rows[0][0])
     h, w = first.shape[0] * scale, first.shape[1] * scale
@@ -72,7 +76,7 @@ def image_grid(rows: Sequence[Sequence[torch.Tensor]], *, titles: Sequence[Seque
                 canvas[y0 - 2:y0 + h + 2, x0 - 2:x0 + w + 2] = (0.85, 0.0, 0.0)
             canvas[y0:y0 + h, x0:x0 + w] = array
     dpi = 100
-    fig = plt.figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
+    fig = _figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
@@ -88,7 +92,14 @@ def image_grid(rows: Sequence[Sequence[torch.Tensor]], *, titles: Sequence[Seque
     return _finish(fig, path, dpi)
 
 
-def _finish(fig, path, dpi):
+def _figure(**kwargs) -> Figure:
+    """A figure with its own Agg canvas, outside ``pyplot`` (no global registry, no backend switch)."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _finish(fig: Figure, path, dpi) -> Figure | None:
     if path is None:
         return fig
     path = Path(path)
@@ -102,8 +113,7 @@ def _finish(fig, path, dpi):
         Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     except ImportError:  # pragma: no cover - Pillow ships with matplotlib
         fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return None
+    return None  # the figure is garbage once unreferenced: pyplot never knew it
 
 
 def similar_examples_figure(queries: torch.Tensor, train_images: torch.Tensor, indices: torch.Tensor,
@@ -111,7 +121,26 @@ def similar_examples_figure(queries: torch.Tensor, train_images: torch.Tensor, i
                             path: str | Path | None = None):
     """Query images (red frame) followed by their nearest training images, one row per query.
 
-    ``indices`` is ``(n_queries, k)`` into ``train_images``; ``train_titles`` has one caption per training image.
+    Parameters
+    ----------
+    queries : torch.Tensor
+        Query images ``(n_queries, 3, H, W)`` in [0, 1].
+    train_images : torch.Tensor
+        Training images ``(n_train, 3, H, W)`` in [0, 1].
+    indices : torch.Tensor
+        ``(n_queries, k)`` indices into ``train_images`` (e.g. from ``similar_examples``).
+    query_titles : sequence of str
+        One caption per query.
+    train_titles : sequence of str
+        One caption per training image.
+    title : str, optional
+        Figure title.
+    path : str or Path, optional
+        Save there (PNG) and return None; otherwise return the figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
     """
     rows, titles = [], []
     for q, idx in enumerate(indices.tolist()):
@@ -122,7 +151,25 @@ def similar_examples_figure(queries: torch.Tensor, train_images: torch.Tensor, i
 
 def concepts_figure(train_images: torch.Tensor, indices: torch.Tensor, train_titles: Sequence[str] | None = None, *,
                     title: str | None = None, path: str | Path | None = None):
-    """One row per cluster: the training images nearest its centroid (``indices`` from ``concepts``)."""
+    """One row per cluster: the training images nearest its centroid.
+
+    Parameters
+    ----------
+    train_images : torch.Tensor
+        Training images ``(n_train, 3, H, W)`` in [0, 1].
+    indices : torch.Tensor
+        ``(n_clusters, per_cluster)`` indices into ``train_images`` (from ``concepts``).
+    train_titles : sequence of str, optional
+        One caption per training image.
+    title : str, optional
+        Figure title.
+    path : str or Path, optional
+        Save there (PNG) and return None; otherwise return the figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
+    """
     rows = [[train_images[i] for i in row] for row in indices.tolist()]
     titles = None if train_titles is None else [[train_titles[i] for i in row] for row in indices.tolist()]
     return image_grid(rows, titles=titles, row_labels=[f"concept {k}" for k in range(len(rows))], title=title,
@@ -134,12 +181,35 @@ def heatmap_figure(images: torch.Tensor, relevances: Sequence[torch.Tensor], col
                    path: str | Path | None = None, dpi: int = 80, cell: float = 0.9):
     """Images in the first row, then one row of pixel heatmaps per relevance tensor.
 
-    Each relevance tensor is ``(n, C, H, W)`` (summed over channels) or ``(n, H, W)``; heatmaps use a symmetric
-    red (positive) / blue (negative) colour scale per image.
+    Heatmaps use a symmetric red (positive) / blue (negative) colour scale per image.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``(n, 3, H, W)`` images in [0, 1].
+    relevances : sequence of torch.Tensor
+        Each ``(n, C, H, W)`` (summed over channels) or ``(n, H, W)``.
+    column_titles : sequence of str
+        One label per relevance tensor (shown left of its row).
+    image_titles : sequence of str, optional
+        One caption per image.
+    title : str, optional
+        Figure title.
+    path : str or Path, optional
+        Save there (PNG) and return None; otherwise return the figure.
+    dpi : int
+        Resolution of the saved PNG.
+    cell : float
+        Size of one image in inches.
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
     """
     n = images.shape[0]
     n_rows = 1 + len(relevances)
-    fig, axes = plt.subplots(n_rows, n, figsize=(n * cell + 1.0, n_rows * (cell + 0.15) + 0.3), squeeze=False)
+    fig = _figure(figsize=(n * cell + 1.0, n_rows * (cell + 0.15) + 0.3))
+    axes = fig.subplots(n_rows, n, squeeze=False)
     for j in range(n):
         axes[0, j].imshow(_to_hwc(images[j]), interpolation="nearest")
         if image_titles is not None:

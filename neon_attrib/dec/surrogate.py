@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model import DEC, _resolve_device
+from .heads import DECHead, SurrogateClassHead, TruncatedModel
+from .model import DEC, DECTrainingWarning, _FrozenAfterFitMixin, _is_int
 
 __all__ = ["ActivationClusteringSurrogate", "capture_activations"]
 
@@ -196,8 +199,26 @@ def _stream(model, layers, data, labels, *, batch_size, device, progress, owner)
         model.train(was_training)
 
 
-class ActivationClusteringSurrogate:
+# Constructor parameters of the surrogate that are DEC hyperparameters, and the DEC parameter each one sets.
+_DEC_PARAMS = {
+    "alpha": "alpha", "radius": "radius", "architecture": "architecture", "hidden_dims": "hidden_dims",
+    "conv_channels": "conv_channels", "dense_dim": "dense_dim", "pool_to": "pool_to",
+    "pretrain_steps": "pretrain_steps", "pretrain_epochs": "pretrain_epochs", "max_iter": "max_iter",
+    "update_interval": "update_interval", "tol": "tol", "dec_batch_size": "batch_size", "lr": "lr",
+    "finetune_lr": "finetune_lr", "reconstruction_weight": "reconstruction_weight", "n_init": "n_init",
+    "keep_best": "keep_best",
+}
+# DEC parameters the deprecated ``dec_params`` may set (n_clusters, embedding_dim, seed come from the surrogate)
+_DEC_PARAMS_KEYS = frozenset(_DEC_PARAMS.values()) | {"device", "progress"}
+
+
+class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
     """Surrogate of a classifier from Deep Embedded Clustering of its activations at several layers.
+
+    A scikit-learn estimator: every parameter is stored as given and validated in :meth:`fit`; ``get_params``,
+    ``set_params`` and ``sklearn.base.clone`` work (``clone`` shares ``model``: it is not copied). After fitting only
+    ``weights``, ``batch_size`` and ``progress`` can change (they take effect at once); changing any other parameter
+    raises an ``AttributeError`` that says to refit.
 
     Parameters
     ----------
@@ -212,13 +233,22 @@ class ActivationClusteringSurrogate:
     embedding_dim : int
         Embedding dimension per layer (``dim V_j``).
     weights : sequence of float or dict, optional
-        Layer weights ``w_j`` of the full surrogate and of the similarity; ``None`` means equal weights. Can be
-        changed after fitting (:attr:`weights`).
+        Layer weights ``w_j`` of the full surrogate and of the similarity (a sequence in the order of ``layers`` or a
+        ``{layer: weight}`` dict, missing layers weigh 0); ``None`` means equal weights. Stored as given, checked
+        when used (:meth:`layer_weights` returns the checked float64 tensor); can be changed after fitting.
+    alpha, radius, architecture, hidden_dims, conv_channels, dense_dim, pool_to : optional
+        The DEC model of every layer (see :class:`~neon_attrib.dec.DEC`).
+    pretrain_steps, pretrain_epochs : int or None
+        Autoencoder pretraining in optimizer steps (``None`` for both: 1000 steps), or in epochs; at most one.
+    max_iter, update_interval, tol, lr, finetune_lr, reconstruction_weight, n_init, keep_best : optional
+        DEC training (see :class:`~neon_attrib.dec.DEC`).
+    dec_batch_size : int
+        Minibatch size of the DEC training (DEC's ``batch_size``).
     dec_params : dict, optional
-        Extra keyword arguments for every :class:`~neon_attrib.dec.DEC` (e.g. ``pretrain_epochs``), or a dict from
-        layer name to such a dict.
+        **Deprecated** (a ``DeprecationWarning`` at :meth:`fit`): DEC keyword arguments that override the ones
+        above, for every layer or as a dict from layer name to such a dict. Use the keywords above instead.
     batch_size : int
-        Batch size of the classifier passes.
+        Batch size of the classifier passes (does not change any result).
     device : str or torch.device, optional
         Where the DEC models train and run (default: CUDA when available). Activations are kept on the CPU and moved
         there one minibatch at a time.
@@ -241,8 +271,17 @@ class ActivationClusteringSurrogate:
         (``dict`` of ``(n_train,)``).
     n_classes_ : int
         Number of classifier outputs.
+    n_train_ : int
+        Number of training images.
+    input_shape_ : tuple of int
+        Shape of one training image.
     fit_time_ : dict of str to float
         Seconds spent in the classifier pass (``"capture"``) and per layer's DEC.
+    diagnostics_ : dict
+        ``"layers"``: each layer's ``DEC.diagnostics_`` (the DECs get the training labels, so the fine-tuning check
+        uses class purity); ``"warnings"``: the :class:`~neon_attrib.dec.model.DECTrainingWarning` messages, prefixed
+        with the layer; ``"train_accuracy"`` (with the weights at fit time), ``"layer_train_accuracy"`` and
+        ``"classifier_train_accuracy"`` on the training images.
 
     Examples
     --------
@@ -250,10 +289,15 @@ class ActivationClusteringSurrogate:
     ...                           torch.nn.Linear(4 * 6 * 6, 3))
     >>> images, labels = torch.randn(60, 3, 8, 8), torch.randint(0, 3, (60,))
     >>> sur = ActivationClusteringSurrogate(net, ["1", "3"], n_clusters=3, embedding_dim=4, seed=0, progress=False,
-    ...                                     dec_params={"pretrain_epochs": 2, "max_iter": 10, "hidden_dims": (16,)})
+    ...                                     pretrain_steps=100, max_iter=10, hidden_dims=(16,), conv_channels=(4,))
     >>> sur.fit(images, labels).predict_proba(images).shape
     torch.Size([60, 3])
+    >>> sorted(sur.diagnostics_["layers"])
+    ['1', '3']
     """
+
+    _settable_after_fit = frozenset({"weights", "batch_size", "progress"})
+    _fitted_marker = "decs_"
 
     def __init__(
         self,
@@ -263,71 +307,175 @@ class ActivationClusteringSurrogate:
         embedding_dim: int = 20,
         weights: Sequence[float] | Mapping[str, float] | None = None,
         *,
+        alpha: float = 100.0,
+        radius: float = 8.0,
+        architecture: str = "auto",
+        hidden_dims: Sequence[int] = (500, 500, 2000),
+        conv_channels: Sequence[int] = (32, 64, 64),
+        dense_dim: int = 256,
+        pool_to: int | None = 16,
+        pretrain_steps: int | None = None,
+        pretrain_epochs: int | None = None,
+        max_iter: int = 2000,
+        update_interval: int = 100,
+        tol: float = 1e-3,
+        dec_batch_size: int = 256,
+        lr: float = 1e-3,
+        finetune_lr: float = 1e-4,
+        reconstruction_weight: float = 0.0,
+        n_init: int = 10,
+        keep_best: bool = True,
         dec_params: Mapping[str, Any] | None = None,
         batch_size: int = 128,
         device: str | torch.device | None = None,
         seed: int | None = None,
         progress: bool = True,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"The 'model' parameter of {type(self).__name__} must be a torch.nn.Module. "
-                            f"Got {type(model).__name__} instead.")
         self.model = model
-        self.layers = list(layers) if isinstance(layers, Sequence) and not isinstance(layers, str) else layers
-        _resolve_layers(model, self.layers, type(self).__name__)
+        self.layers = layers
         self.n_clusters = n_clusters
         self.embedding_dim = embedding_dim
+        self.weights = weights
+        self.alpha = alpha
+        self.radius = radius
+        self.architecture = architecture
+        self.hidden_dims = hidden_dims
+        self.conv_channels = conv_channels
+        self.dense_dim = dense_dim
+        self.pool_to = pool_to
+        self.pretrain_steps = pretrain_steps
+        self.pretrain_epochs = pretrain_epochs
+        self.max_iter = max_iter
+        self.update_interval = update_interval
+        self.tol = tol
+        self.dec_batch_size = dec_batch_size
+        self.lr = lr
+        self.finetune_lr = finetune_lr
+        self.reconstruction_weight = reconstruction_weight
+        self.n_init = n_init
+        self.keep_best = keep_best
         self.dec_params = dec_params
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
         self.progress = progress
-        self.weights = weights
+
+    def __sklearn_clone__(self) -> ActivationClusteringSurrogate:
+        """An unfitted copy with equal parameters that **shares** ``model`` (scikit-learn would deep-copy it)."""
+        from sklearn.base import clone
+
+        params = self.get_params(deep=False)
+        return type(self)(**{k: v if k == "model" else clone(v, safe=False) for k, v in params.items()})
 
     # ------------------------------------------------------------------ weights
-    @property
-    def weights(self) -> torch.Tensor:
-        """Layer weights (a float64 tensor in the order of :attr:`layers`); assign a sequence or dict to change them."""
-        return self._weights.clone()
+    def layer_weights(self, weights=None) -> torch.Tensor:
+        """The checked layer weights: a float64 tensor ``(len(layers),)`` in the order of :attr:`layers`.
 
-    @weights.setter
-    def weights(self, value) -> None:
-        self._weights = self._check_weights(value)
+        Parameters
+        ----------
+        weights : sequence of float or dict, optional
+            Weights to check instead of the ``weights`` parameter.
+
+        Returns
+        -------
+        torch.Tensor
+            Finite, non-negative weights, not all zero (``None`` gives ones).
+
+        Raises
+        ------
+        ValueError
+            Wrong length, unknown layer names, negative or non-finite values, or all zero.
+        TypeError
+            Values that are not numbers.
+        """
+        return self._check_weights(self.weights if weights is None else weights)
 
     def _check_weights(self, value) -> torch.Tensor:
         name = type(self).__name__
+        layers = list(self.layers)
         if value is None:
-            return torch.ones(len(self.layers), dtype=torch.float64)
+            return torch.ones(len(layers), dtype=torch.float64)
         if isinstance(value, Mapping):
-            unknown = set(value) - set(self.layers)
+            unknown = set(value) - set(layers)
             if unknown:
-                raise ValueError(f"Unknown layer name(s) {sorted(unknown)} in the weights of {name}; layers are "
-                                 f"{self.layers}.")
-            value = [float(value.get(layer, 0.0)) for layer in self.layers]
+                raise ValueError(f"The 'weights' parameter of {name} names unknown layer(s) {sorted(unknown)}; "
+                                 f"expected names from layers={layers}. Got {dict(value)!r} instead.")
+            value = [value.get(layer, 0.0) for layer in layers]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
         try:
             w = torch.as_tensor(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"The weights of {name} must be numbers. Got {value!r} instead.") from exc
-        if w.ndim != 1 or w.shape[0] != len(self.layers):
-            raise ValueError(f"The weights of {name} must have one entry per layer ({len(self.layers)}). "
+            raise TypeError(f"The 'weights' parameter of {name} must be numbers (a sequence or a dict). "
+                            f"Got {value!r} instead.") from exc
+        if w.ndim != 1 or w.shape[0] != len(layers):
+            raise ValueError(f"The 'weights' parameter of {name} must have one entry per layer ({len(layers)}). "
                              f"Got shape {tuple(w.shape)} instead.")
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise ValueError(f"The weights of {name} must be finite, >= 0 and not all zero. Got {w.tolist()} instead.")
+            raise ValueError(f"The 'weights' parameter of {name} must be finite, >= 0 and not all zero. "
+                             f"Got {w.tolist()} instead.")
         return w
 
     # ------------------------------------------------------------------ fitting
+    def _check_params(self) -> dict[str, nn.Module]:
+        name = type(self).__name__
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"The 'model' parameter of {name} must be a torch.nn.Module. "
+                            f"Got {type(self.model).__name__} instead.")
+        modules = _resolve_layers(self.model, self.layers, name)
+        if not _is_int(self.batch_size, 1):
+            raise ValueError(f"The 'batch_size' parameter of {name} must be an int >= 1. "
+                             f"Got {self.batch_size!r} instead.")
+        if self.seed is not None and not _is_int(self.seed, -(2**63)):
+            raise TypeError(f"The 'seed' parameter of {name} must be an int or None. Got {self.seed!r} instead.")
+        if self.dec_params is not None:
+            if not isinstance(self.dec_params, Mapping):
+                raise TypeError(f"The 'dec_params' parameter of {name} must be a dict or None. "
+                                f"Got {type(self.dec_params).__name__} instead.")
+            per_layer = bool(self.dec_params) and all(key in modules for key in self.dec_params)
+            for layer, params in (self.dec_params.items() if per_layer else [(None, self.dec_params)]):
+                where = "" if layer is None else f"[{layer!r}]"
+                if not isinstance(params, Mapping):
+                    raise TypeError(f"The 'dec_params' parameter of {name} must map layer names to dicts. "
+                                    f"Got {type(params).__name__} for {layer!r} instead.")
+                unknown = sorted(set(params) - _DEC_PARAMS_KEYS)
+                if unknown:
+                    raise ValueError(f"The 'dec_params{where}' parameter of {name} has unknown DEC parameter(s) "
+                                     f"{unknown}; expected some of {sorted(_DEC_PARAMS_KEYS)} or layer names from "
+                                     f"{list(self.layers)}.")
+        return modules
+
     def _dec_kwargs(self, layer: str) -> dict:
+        kwargs = {dec_name: getattr(self, name) for name, dec_name in _DEC_PARAMS.items()}
+        kwargs.update(device=self.device, progress=self.progress)
         params = dict(self.dec_params or {})
         if params and all(key in self.layers for key in params):
             params = dict(params.get(layer, {}))
-        return params
+        kwargs.update(params)
+        return kwargs
+
+    def _make_decs(self) -> dict[str, DEC]:
+        """One unfitted, validated DEC per layer (errors name this class and its parameter names)."""
+        name = type(self).__name__
+        aliases = {dec_name: name_ for name_, dec_name in _DEC_PARAMS.items()}
+        decs = {}
+        for j, layer in enumerate(self.layers):
+            seed = None if self.seed is None else int(self.seed) + j
+            dec = DEC(n_clusters=self.n_clusters, embedding_dim=self.embedding_dim, seed=seed,
+                      **self._dec_kwargs(layer))
+            dec._check_params(owner=name, aliases=aliases)
+            decs[layer] = dec
+        return decs
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "decs_"):
+        if "decs_" not in self.__dict__:
             raise ValueError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' first.")
 
     def fit(self, images: Data, labels: Any = None) -> ActivationClusteringSurrogate:
         """Capture the layers' activations on the training data, fit one DEC per layer and the class posteriors.
+
+        All parameters are validated before the classifier runs, and the fitted state is assigned only at the end: a
+        failed ``fit`` leaves a previously fitted surrogate unchanged.
 
         Parameters
         ----------
@@ -345,13 +493,30 @@ class ActivationClusteringSurrogate:
         Raises
         ------
         ValueError
-            Missing or mismatched labels, labels outside the classifier's classes, too few samples.
+            Invalid parameters, missing or mismatched labels, labels outside the classifier's classes, too few
+            samples.
+        TypeError
+            A parameter of the wrong type (e.g. ``model`` is not a module).
+
+        Warns
+        -----
+        DECTrainingWarning
+            A layer's DEC trained badly (see :class:`~neon_attrib.dec.DEC`); the message names the layer, and
+            :attr:`diagnostics_` keeps the details.
+        DeprecationWarning
+            ``dec_params`` was given.
         """
         name = type(self).__name__
+        self._check_params()
+        self.layer_weights()  # invalid weights fail now, not after training
+        decs = self._make_decs()
+        if self.dec_params is not None:
+            warnings.warn(f"The 'dec_params' parameter of {name} is deprecated; pass the DEC hyperparameters as "
+                          f"keywords (e.g. pretrain_steps=..., max_iter=..., dec_batch_size=...).", DeprecationWarning,
+                          stacklevel=2)
         if isinstance(images, (torch.Tensor, np.ndarray)) and labels is None:
             raise ValueError(f"{name}.fit needs labels with an image tensor (the class posteriors p(y|z) are "
                              f"estimated from them).")
-        device = _resolve_device(self.device)
         start = time.perf_counter()
         acts, logits, labels_t, shape = _capture_all(self.model, self.layers, images, labels,
                                                      batch_size=self.batch_size, device=None,
@@ -363,35 +528,49 @@ class ActivationClusteringSurrogate:
         if labels_t.min() < 0 or labels_t.max() >= n_classes:
             raise ValueError(f"{name}.fit: labels must lie in [0, {n_classes}) (the classifier has {n_classes} "
                              f"outputs). Got range [{int(labels_t.min())}, {int(labels_t.max())}].")
-        self.input_shape_ = shape
-        decs, posteriors, embeddings, assignments = {}, {}, {}, {}
+        posteriors, embeddings, assignments, layer_diagnostics, messages = {}, {}, {}, {}, []
         prior = torch.bincount(labels_t, minlength=n_classes).double()
         prior /= prior.sum()
-        for j, layer in enumerate(self.layers):
+        for layer, dec in decs.items():
             start = time.perf_counter()
-            kwargs = {"device": device, "progress": self.progress, **self._dec_kwargs(layer)}
-            seed = None if self.seed is None else int(self.seed) + j
-            dec = DEC(n_clusters=self.n_clusters, embedding_dim=self.embedding_dim, seed=seed, **kwargs)
             logger.info("%s: fitting DEC on layer %r with activations of shape %s.", name, layer,
                         tuple(acts[layer].shape))
-            dec.fit(acts[layer])
+            dec._fit(acts[layer], labels_t, emit=False)  # the labels only measure purity (the fine-tuning check)
             z = dec.transform(acts[layer])
             assign = dec.proba_from_embedding(z).argmax(dim=1)
             del acts[layer]  # free the activations of this layer as soon as possible
-            decs[layer] = dec
             embeddings[layer] = z
             assignments[layer] = assign
             posteriors[layer] = self._posteriors(assign, labels_t, n_classes, prior)
+            layer_diagnostics[layer] = dec.diagnostics_
+            messages += [f"layer {layer!r}: {message}" for message in dec.diagnostics_["warnings"]]
             fit_time[layer] = time.perf_counter() - start
-        self.decs_ = decs
+        layer_proba = {layer: decs[layer].proba_from_embedding(embeddings[layer]) @ posteriors[layer]
+                       for layer in self.layers}
+        mixed = self._mix(layer_proba)
+        predictions = logits.argmax(dim=1)
+        diagnostics = {
+            "layers": layer_diagnostics,
+            "warnings": messages,
+            "train_accuracy": float((mixed.argmax(1) == labels_t).double().mean()),
+            "layer_train_accuracy": {k: float((v.argmax(1) == labels_t).double().mean())
+                                     for k, v in layer_proba.items()},
+            "classifier_train_accuracy": float((predictions == labels_t).double().mean()),
+        }
+        for message in messages:
+            warnings.warn(f"{name}, {message}", DECTrainingWarning, stacklevel=2)
+        # all state is assigned here, after everything that can fail
+        self.input_shape_ = shape
         self.class_posteriors_ = posteriors
         self.train_embeddings_ = embeddings
         self.train_assignments_ = assignments
         self.train_labels_ = labels_t
-        self.train_predictions_ = logits.argmax(dim=1)
+        self.train_predictions_ = predictions
         self.n_classes_ = n_classes
         self.n_train_ = int(labels_t.shape[0])
         self.fit_time_ = fit_time
+        self.diagnostics_ = diagnostics
+        self.decs_ = decs
         return self
 
     def _posteriors(self, assign: torch.Tensor, labels: torch.Tensor, n_classes: int,
@@ -437,7 +616,7 @@ class ActivationClusteringSurrogate:
                 for layer in self.layers}
 
     def _mix(self, layer_proba: Mapping[str, torch.Tensor], weights=None) -> torch.Tensor:
-        w = self._weights if weights is None else self._check_weights(weights)
+        w = self.layer_weights(weights)
         total = sum(float(w[j]) * layer_proba[layer] for j, layer in enumerate(self.layers))
         return total / float(w.sum())
 
@@ -538,7 +717,7 @@ class ActivationClusteringSurrogate:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.n_train_:
             raise ValueError(f"The 'k' parameter of {type(self).__name__}.similar_examples must be an int in "
                              f"[1, {self.n_train_}]. Got {k!r} instead.")
-        w = self._weights if weights is None else self._check_weights(weights)
+        w = self.layer_weights(weights)
         return self._nearest(self._infer(x)["z"], w, k, chunk_size)
 
     def _nearest(self, z: Mapping[str, torch.Tensor], w: torch.Tensor, k: int,
@@ -591,28 +770,73 @@ class ActivationClusteringSurrogate:
             raise ValueError(f"Unknown layer name {layer!r} for {type(self).__name__}; fitted layers are "
                              f"{self.layers}.")
 
-    def head(self, layer: str, beta: float | None = None):
+    def _keep_modes(self):
+        """Context manager restoring the train/eval flag of every module of the classifier (heads call ``.eval()``)."""
+        return _ModeGuard(self.model)
+
+    def head(self, layer: str, beta: float | None = None) -> DECHead:
         """The attributable DEC head of ``layer``: classifier input -> layer -> encoder -> cluster evidence.
 
         See :class:`~neon_attrib.dec.heads.DECHead`; ``neon_attrib.explain(head, images)`` explains "why is this image
-        in its concept of ``layer``" in pixels.
-        """
-        from .heads import DECHead, TruncatedModel
+        in its concept of ``layer``" in pixels. The head shares the classifier; the classifier's train/eval mode (of
+        every submodule) is left as it was.
 
+        Parameters
+        ----------
+        layer : str
+            One of :attr:`layers`.
+        beta : float, optional
+            Soft-min sharpness of the membership rule (default ``1 / mean training evidence``).
+
+        Returns
+        -------
+        DECHead
+            The head, in eval mode (its classifier part keeps the classifier's mode: put the classifier in eval
+            mode yourself before explaining if it has dropout or batch norm).
+        """
         self._check_fitted()
         self._check_layer(layer)
-        return DECHead.from_dec(self.decs_[layer], features=TruncatedModel(self.model, layer), beta=beta)
+        with self._keep_modes():
+            return DECHead.from_dec(self.decs_[layer], features=TruncatedModel(self.model, layer), beta=beta)
 
-    def class_head(self, weights=None, beta: float | None = None):
+    def class_head(self, weights=None, beta: float | None = None) -> SurrogateClassHead:
         """The attributable surrogate: classifier input -> all layers -> encoders -> surrogate class probabilities.
 
-        See :class:`~neon_attrib.dec.heads.SurrogateClassHead`.
-        """
-        from .heads import SurrogateClassHead
+        See :class:`~neon_attrib.dec.heads.SurrogateClassHead`. The classifier's train/eval mode is left as it was.
 
+        Parameters
+        ----------
+        weights : sequence of float or dict, optional
+            Layer weights of the head (default: the ``weights`` parameter).
+        beta : float, optional
+            Soft-min sharpness of the membership rules.
+
+        Returns
+        -------
+        SurrogateClassHead
+            The head; its output equals :meth:`predict_proba` with the same weights.
+        """
         self._check_fitted()
-        return SurrogateClassHead.from_surrogate(self, weights=weights, beta=beta)
+        checked = self.layer_weights(weights)
+        with self._keep_modes():
+            return SurrogateClassHead.from_surrogate(self, weights=checked, beta=beta)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(layers={self.layers}, n_clusters={self.n_clusters}, "
-                f"embedding_dim={self.embedding_dim}, weights={self._weights.tolist()})")
+        return (f"{type(self).__name__}(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
+                f"embedding_dim={self.embedding_dim!r}, weights={self.weights!r})")
+
+
+class _ModeGuard:
+    """Save the ``training`` flag of every submodule of ``model`` and restore each one on exit (not recursively)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> _ModeGuard:
+        self.flags = [(module, module.training) for module in self.model.modules()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module, training in self.flags:
+            module.training = training
