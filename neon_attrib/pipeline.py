@@ -131,11 +131,12 @@ def _fresh(composite: Composite) -> Composite:
 # ---------------------------------------------------------------------------------------------------------------------
 # isolation
 def isolated(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model``: new module objects (with their own hook and submodule tables) that share every
-    parameter and buffer tensor with ``model``.
+    """A structural copy of ``model``: new module objects (with their own hook and submodule tables) and new parameter
+    and buffer objects that share their storage with ``model``'s.
 
-    Registering hooks or applying canonizers on the copy leaves ``model`` untouched, costs no memory for weights, and
-    the copy computes exactly what ``model`` computes.
+    Registering hooks or applying canonizers (which assign ``.data``) on the copy leaves ``model`` untouched, costs no
+    memory for weights, and the copy computes exactly what ``model`` computes; in-place updates of ``model``'s weights
+    are seen by the copy. Replacing a parameter of ``model`` by a new object is not (make a new copy then).
     """
     return _clone_module(model, {})
 
@@ -149,11 +150,22 @@ def _clone_module(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
         if key.startswith("_") and isinstance(value, (dict, set)):
             value = value.copy()  # torch's tables: parameters, buffers, hooks (the tensors themselves are shared)
         state[key] = value
+    # new tensor objects over the same storage: canonizers that assign ``.data`` (Zennit's batch-norm merge) change
+    # the copy only; in-place updates of the model's weights stay visible (shared storage and version counter)
+    state["_parameters"] = {name: None if p is None else _alias_parameter(p)
+                            for name, p in module._parameters.items()}
+    state["_buffers"] = {name: None if b is None else b.detach() for name, b in module._buffers.items()}
     clone.__dict__.update(state)
     memo[id(module)] = clone
     clone.__dict__["_modules"] = {name: None if child is None else _clone_module(child, memo)
                                   for name, child in module._modules.items()}
     return clone
+
+
+def _alias_parameter(parameter: torch.Tensor) -> torch.Tensor:
+    if isinstance(parameter, nn.Parameter):
+        return nn.Parameter(parameter.detach(), requires_grad=parameter.requires_grad)
+    return parameter.detach()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from .heads import (
 from .model import (
     DEC,
     DECEncoder,
+    DECTrainingWarning,
     FeatureScale,
     SphereNorm,
     assignment_change,
@@ -27,6 +28,7 @@ from .surrogate import ActivationClusteringSurrogate, capture_activations
 
 __all__ = [
     "DEC",
+    "DECTrainingWarning",
     "ActivationClusteringSurrogate",
     "DECHead",
     "SurrogateClassHead",

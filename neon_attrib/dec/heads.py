@@ -112,9 +112,13 @@ class TruncatedModel(nn.Module):
         return f"layers={self.layers}"
 
 
-def _eval_own(head: nn.Module) -> nn.Module:
-    """Eval mode for the head's own modules; the classifier it shares (``head.features``) keeps its mode."""
+def _own_device_eval(head: nn.Module, device: torch.device) -> nn.Module:
+    """Move the head's own modules to ``device`` and set them to eval mode; the classifier it shares
+    (``head.features``) keeps its device and mode."""
     shared = {id(module) for module in head.features.modules()}
+    for module in head.children():
+        if id(module) not in shared:
+            module.to(device)
     for module in head.modules():
         if id(module) not in shared:
             module.training = False
@@ -231,7 +235,7 @@ class DECHead(nn.Module):
     --------
     >>> import neon_attrib
     >>> X = torch.randn(100, 6)
-    >>> dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_epochs=2, max_iter=10, seed=0,
+    >>> dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_steps=300, max_iter=10, seed=0,
     ...           progress=False).fit(X)
     >>> head = DECHead.from_dec(dec)
     >>> bool((head(X).argmax(1) == dec.predict(X)).all())
@@ -252,7 +256,7 @@ class DECHead(nn.Module):
         """Build the head of a fitted :class:`DEC` (``beta`` defaults to ``1 / dec.mean_evidence_``)."""
         dec._check_fitted()
         head = cls(dec.encoder_, dec.cluster_centers_, features=features, beta=_default_beta(dec, beta))
-        return _eval_own(head.to(next(dec.encoder_.parameters()).device))
+        return _own_device_eval(head, next(dec.encoder_.parameters()).device)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The DEC embedding ``z`` of ``x``."""
@@ -380,7 +384,7 @@ class SurrogateClassHead(nn.Module):
         """Build the head of a fitted :class:`~neon_attrib.dec.ActivationClusteringSurrogate`."""
         layers = surrogate.layers
         decs = [surrogate.decs_[layer] for layer in layers]
-        w = surrogate.weights if weights is None else surrogate._check_weights(weights)
+        w = surrogate.layer_weights(weights)
         evidence = ClassEvidence(
             centroids=torch.stack([dec.cluster_centers_ for dec in decs]),
             posteriors=torch.stack([surrogate.class_posteriors_[layer] for layer in layers]),
@@ -389,7 +393,7 @@ class SurrogateClassHead(nn.Module):
             beta=torch.tensor([_default_beta(dec, beta) for dec in decs]),
         )
         head = cls(TruncatedModel(surrogate.model, list(layers)), [dec.encoder_ for dec in decs], evidence)
-        return _eval_own(head.to(next(decs[0].encoder_.parameters()).device))
+        return _own_device_eval(head, next(decs[0].encoder_.parameters()).device)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Stacked embeddings ``(n, L, d)``."""

@@ -33,6 +33,8 @@ from sklearn.base import BaseEstimator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..functional import student_t_logits
+
 __all__ = ["DEC", "DECEncoder", "DECTrainingWarning", "DEFAULT_PRETRAIN_STEPS", "FeatureScale", "SphereNorm",
            "assignment_change", "student_t_assignment", "target_distribution"]
 
@@ -66,7 +68,7 @@ def student_t_assignment(z: torch.Tensor, centroids: torch.Tensor, alpha: float 
     True
     """
     dist2 = torch.cdist(z, centroids.to(z.dtype)).pow(2)
-    logits = -(alpha + 1.0) / 2.0 * torch.log1p(dist2 / alpha)
+    logits = student_t_logits(dist2, alpha)
     return torch.softmax(logits, dim=1)
 
 
