@@ -23,19 +23,30 @@ from zennit.core import Composite, Hook
 
 from .layers import (
     ClusterDifference,
+    KMinPool,
+    LinearClusterDifference,
     LocationPool,
     LogMeanExpPool,
+    MahalanobisDistance,
     MeanPool,
     MinPool,
+    PositionalMahalanobisDistance,
     RandomCosineFeatures,
     SquaredDistance,
+    SquareRoot,
+    WeightedLogSumExpPool,
 )
 from .rules import (
     CosineShareRule,
+    KMinPoolRule,
     LocationPoolRule,
+    MahalanobisRule,
+    PassThroughRule,
+    PositionalMahalanobisRule,
     ProportionalRule,
     SoftArgminRule,
     SquaredDifferenceRule,
+    WeightedSoftArgminRule,
     WeightShareRule,
 )
 
@@ -251,3 +262,9 @@ register_rule(RandomCosineFeatures, lambda beta, eps: CosineShareRule())
 register_rule(MeanPool, lambda beta, eps: ProportionalRule())
 register_rule(ClusterDifference, lambda beta, eps: WeightShareRule())
 register_rule(LocationPool, lambda beta, eps: LocationPoolRule(), mode="any")
+register_rule(KMinPool, lambda beta, eps: KMinPoolRule(beta=beta))
+register_rule(SquareRoot, lambda beta, eps: PassThroughRule())
+register_rule(MahalanobisDistance, lambda beta, eps: MahalanobisRule(eps=eps))
+register_rule(WeightedLogSumExpPool, lambda beta, eps: WeightedSoftArgminRule(beta=beta))
+register_rule(LinearClusterDifference, lambda beta, eps: WeightShareRule())
+register_rule(PositionalMahalanobisDistance, lambda beta, eps: PositionalMahalanobisRule(eps=eps))

@@ -59,6 +59,7 @@ from .vision import (
     VGG16_MIN_SIZE,
     Preprocessing,
     check_image_size,
+    default_canonizers,
     get_preprocessing,
     load_image,
     vgg16_features,
@@ -217,6 +218,11 @@ class DeepNeon(nn.Module):
                             f"Got {type(composite).__name__}.")
         if (low is None) != (high is None):
             raise ValueError("Pass both 'low' and 'high' to DeepNeon, or neither (then the preprocessing's are used).")
+        if low is not None:
+            low, high = _check_bounds(low, high)
+        if isinstance(lrp_gamma, bool) or not isinstance(lrp_gamma, (int, float)) or not math.isfinite(lrp_gamma) \
+                or lrp_gamma < 0:
+            raise ValueError(f"The 'lrp_gamma' parameter of DeepNeon must be a finite float >= 0. Got {lrp_gamma!r}.")
         self.features = features
         self.head = head
         self.pool = pool if isinstance(pool, LocationPool) else LocationPool(pool)
@@ -259,7 +265,7 @@ class DeepNeon(nn.Module):
             scores = self.head(rows)
         if scores.ndim == 1:
             return scores.reshape(n, h * w)
-        return scores.reshape(n, h * w, -1).transpose(1, 2)
+        return scores.reshape(n, h * w, scores.shape[-1]).transpose(1, 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Image scores: (n,) for KDE heads, (n, K) cluster evidences for k-means."""
@@ -345,13 +351,21 @@ class DeepNeon(nn.Module):
         feature extractor can serve several heads. The head is moved to the features' dtype and device first.
         Returns ``self``.
         """
+        self._fit_head_as(self.head, rows)
+        return self
+
+    def _fit_head_as(self, head: nn.Module, rows: ArrayLike) -> None:
+        """Fit ``head`` on ``rows`` and make it this model's head; a failure leaves the model as it was."""
         dtype, device = _features_dtype_device(self.features)
-        self.head.to(dtype=dtype, device=device)
         rows = as_float_tensor(rows, dtype=dtype, device=device, owner="DeepNeon", name="rows", strict_float=False)
-        self.head.fit(rows)
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            raise ValueError(f"DeepNeon needs location rows of shape (n_rows >= 1, C) to fit its head. "
+                             f"Got {tuple(rows.shape)}.")
+        head.to(dtype=dtype, device=device)
+        head.fit(rows)
+        self.head = head
         self.n_locations_fit_ = int(rows.shape[0])
         self.n_channels_ = int(rows.shape[1])
-        return self
 
     def fit_self(self, images: torch.Tensor, *, leave_one_out: bool = True, progress: bool = False) -> DeepNeon:
         """Fit the head on the locations of the image(s) it will explain (the book's wood example, Figure 7).
@@ -365,15 +379,18 @@ class DeepNeon(nn.Module):
 
         Returns ``self``.
         """
+        head = self.head
         if leave_one_out:
-            if isinstance(self.head, KDEOutlier) and not isinstance(self.head, LeaveOneOutKDEOutlier):
-                self.head = LeaveOneOutKDEOutlier.from_head(self.head)
-            elif isinstance(self.head, KDEInlier) and not isinstance(self.head, LeaveOneOutKDEInlier):
-                self.head = LeaveOneOutKDEInlier.from_head(self.head)
+            if isinstance(head, KDEOutlier) and not isinstance(head, LeaveOneOutKDEOutlier):
+                head = LeaveOneOutKDEOutlier.from_head(head)
+            elif isinstance(head, KDEInlier) and not isinstance(head, LeaveOneOutKDEInlier):
+                head = LeaveOneOutKDEInlier.from_head(head)
         if isinstance(images, torch.Tensor) and images.ndim == 3:
             images = images.unsqueeze(0)
-        return self.fit(images, batch_size=max(1, len(images)) if isinstance(images, torch.Tensor) else 32,
-                        progress=progress)
+        batch_size = max(1, len(images)) if isinstance(images, torch.Tensor) else 32
+        rows = self.feature_rows(images, batch_size=batch_size, progress=progress)
+        self._fit_head_as(head, rows)  # the model changes only once the new head is fitted
+        return self
 
     # -- explaining ------------------------------------------------------------------------------------------------
     def input_bounds(self) -> tuple[Any, Any]:
@@ -390,8 +407,10 @@ class DeepNeon(nn.Module):
         if self.composite == "epsilon_gamma_box":
             low, high = self.input_bounds()
             cls = FastEpsilonGammaBox if self.fast else EpsilonGammaBox
-            return cls(low=low, high=high, gamma=self.lrp_gamma, layer_map=layer_map)
-        return (FastEpsilonPlusFlat if self.fast else EpsilonPlusFlat)(layer_map=layer_map)
+            return cls(low=low, high=high, gamma=self.lrp_gamma, layer_map=layer_map,
+                       canonizers=default_canonizers(self.features))
+        return (FastEpsilonPlusFlat if self.fast else EpsilonPlusFlat)(layer_map=layer_map,
+                                                                       canonizers=default_canonizers(self.features))
 
     def neon_composite(self, beta: float | None = None, eps: float | None = None,
                        base: Composite | None = None) -> NeonComposite:
@@ -500,6 +519,26 @@ class DeepNeon(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def _check_bounds(low: Any, high: Any) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """ZBox bounds: finite numbers or tensors with ``low < high`` everywhere."""
+    values = []
+    for value, name in ((low, "low"), (high, "high")):
+        tensor = torch.as_tensor(value, dtype=torch.float64) if not isinstance(value, torch.Tensor) else value
+        if not tensor.is_floating_point() and not tensor.dtype.is_signed and tensor.dtype != torch.uint8:
+            raise TypeError(f"The '{name}' parameter of DeepNeon must be numeric. Got {value!r}.")
+        if not bool(torch.isfinite(tensor.double()).all()):
+            raise ValueError(f"The '{name}' parameter of DeepNeon must be finite. Got {value!r}.")
+        values.append(tensor.double())
+    try:
+        ordered = bool((values[0] < values[1]).all())
+    except RuntimeError as exc:
+        raise ValueError(f"DeepNeon's 'low' and 'high' must broadcast against each other. Got shapes "
+                         f"{tuple(values[0].shape)} and {tuple(values[1].shape)}.") from exc
+    if not ordered:
+        raise ValueError("DeepNeon's 'low' must be below 'high' everywhere (the lowest and highest network input).")
+    return low, high
+
+
 class _DeepNeonExplainer(Explainer):
     """:class:`~neon_attrib.pipeline.Explainer` for a :class:`DeepNeon` that checks the images first."""
 

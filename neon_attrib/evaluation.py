@@ -347,8 +347,15 @@ def flip_curve(
     relevance = torch.as_tensor(relevance).detach().to(device=device, dtype=torch.float64)
     if relevance.shape != x.shape:
         raise ValueError(f"relevance has shape {tuple(relevance.shape)}, but the inputs have shape {tuple(x.shape)}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"The 'batch_size' parameter of flip_curve must be an int >= 1. Got {batch_size!r} instead.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"The 'seed' parameter of flip_curve must be an int >= 0. Got {seed!r} instead.")
     ref = _reference_tensor(model, x, reference)
     n = x.shape[0]
+    if n == 0:
+        fractions = torch.linspace(0, 1, 2, dtype=torch.float64)
+        return FlipCurve(fractions=fractions, scores=torch.zeros(0, 2, dtype=torch.float64), mode=mode, order=order)
 
     mask = _feature_mask(feature_mask, x)
     n_groups = int(mask.max()) + 1

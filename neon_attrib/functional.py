@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_CHUNK",
     "safe_divide",
     "squared_distance",
+    "support_centre",
     "log_mean_exp",
     "soft_argmin",
     "soft_min_pass",
@@ -22,6 +23,11 @@ __all__ = [
     "random_cosine_features",
     "cosine_activation_coefficients",
     "student_t_logits",
+    "k_nearest",
+    "weighted_log_sum_exp",
+    "whiten",
+    "squared_mahalanobis",
+    "precision_product",
 ]
 
 #: Number of support points processed at once by the chunked reductions (bounds temporaries to batch × chunk).
@@ -39,82 +45,120 @@ def soft_argmin(h: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.softmax(-beta * h, dim=-1)
 
 
-def squared_distance(x: torch.Tensor, support: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+def squared_distance(x: torch.Tensor, support: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
+                     centre: torch.Tensor | None = None) -> torch.Tensor:
     """Squared Euclidean distances ``‖x_n − u_k‖²`` of shape (n, N), via ``‖x‖² + ‖u‖² − 2xᵀu``, clamped at 0.
 
     Matrix products over chunks of support points: no (n, N, d) intermediate and no N × d temporary. The expansion
-    loses absolute precision ~ eps·‖x‖² when x and u nearly coincide (as in scikit-learn's ``euclidean_distances``);
-    use float64 where that matters.
+    cancels: it loses absolute precision ~ eps·(‖x‖² + ‖u‖²). Pass ``centre`` (e.g. the mean of the support points,
+    :func:`support_centre`) to expand around it instead of the origin: distances are translation invariant, and
+    data far from the origin (an offset of 10³ on unit-scale features) then keeps float32 precision.
     """
+    if centre is not None:
+        x = x - centre
     x_sq = (x * x).sum(-1, keepdim=True)
-    parts = [torch.addmm(x_sq + (chunk * chunk).sum(-1), x, chunk.T, alpha=-2.0)
-             for chunk in support.split(chunk_size)]
+    parts = []
+    for chunk in support.split(chunk_size):
+        if centre is not None:
+            chunk = chunk - centre
+        parts.append(torch.addmm(x_sq + (chunk * chunk).sum(-1), x, chunk.T, alpha=-2.0))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     return out.clamp_min(0.0)
 
 
-def log_mean_exp(h: torch.Tensor, alpha: float, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+def support_centre(support: torch.Tensor) -> torch.Tensor:
+    """The mean of the support points (d,), accumulated in float64: the expansion point of :func:`squared_distance`."""
+    if support.shape[0] == 0:
+        return torch.zeros(support.shape[-1], dtype=support.dtype, device=support.device)
+    return support.to(torch.float64).mean(0).to(support.dtype)
+
+
+def log_mean_exp(h: torch.Tensor, alpha: float, chunk_size: int = DEFAULT_CHUNK,
+                 count: torch.Tensor | int | None = None) -> torch.Tensor:
     """Stable ``LME^α{h} = (1/α) log(1/N Σ_k exp(α h_k))`` over the last dimension, chunked over ``k``.
 
-    The maximum of ``α h`` is subtracted before exponentiating (log-sum-exp), so points far from all support points
-    give large finite values in float32, never inf or NaN. Temporaries are bounded by ``batch × chunk_size``.
+    Computed as ``(m + log1p(1/N Σ_k expm1(α h_k − m))) / α`` with ``m = max_k α h_k``: the maximum is subtracted
+    before exponentiating (points far from all support points give large finite values, never inf or NaN), and
+    ``expm1``/``log1p`` keep the small differences that ``log Σ exp`` rounds away when ``|α| h`` is tiny (a very
+    wide kernel: ``o(x) → mean_k h_k`` as ``γ → 0``, where the plain formula returns ``min_k h_k`` or 0).
+    Temporaries are bounded by ``batch × chunk_size``.
+
+    Parameters
+    ----------
+    count : int or tensor, optional
+        The number ``N`` of terms in the mean (default: the size of the last dimension). Entries with
+        ``α h_k = −inf`` are excluded terms: pass the number of the others.
     """
-    n_support = h.shape[-1]
-    if n_support <= chunk_size:
-        return (torch.logsumexp(alpha * h, dim=-1) - math.log(n_support)) / alpha
-    scaled_max = torch.stack([(alpha * c).amax(-1) for c in h.split(chunk_size, dim=-1)], -1).amax(-1)
-    total = sum(torch.exp(alpha * c - scaled_max.unsqueeze(-1)).sum(-1) for c in h.split(chunk_size, dim=-1))
-    return (torch.log(total) + scaled_max - math.log(n_support)) / alpha
+    n_support = h.shape[-1] if count is None else count
+    chunks = h.split(chunk_size, dim=-1)
+    scaled_max = torch.stack([(alpha * c).amax(-1) for c in chunks], -1).amax(-1)
+    excess = sum(torch.expm1(alpha * c - scaled_max.unsqueeze(-1)).sum(-1) for c in chunks)
+    if count is not None:
+        excess = excess + (h.shape[-1] - count)  # the excluded terms contributed expm1(−inf) = −1 each
+    return (scaled_max + torch.log1p(excess / n_support)) / alpha
 
 
 def soft_min_pass(x: torch.Tensor, support: torch.Tensor, beta: float, chunk_size: int = DEFAULT_CHUNK,
-                  weighted_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunked pass over the support set: ``log Σ_k exp(−β h_k)`` and ``Σ_k softmin_β(h)_k u_k`` per row of x.
+                  weighted_mean: bool = True,
+                  centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunked pass over the support set: ``log(1/N Σ_k exp(−β h_k))`` and ``Σ_k softmin_β(h)_k u_k`` per row.
 
-    An online softmax (running maximum, rescaled accumulators) keeps it stable; temporaries are (n, chunk) and
-    (n, d): no (n, N) matrix. ``o(x) = −(lse − log N)/γ`` with β = γ, and ``∇o(x) = 2(x − weighted mean)``.
+    An online softmax (running maximum, rescaled accumulators) keeps it stable, and the sum is kept as
+    ``Σ expm1(·)`` (see :func:`log_mean_exp`) so a tiny ``β h`` keeps its precision; temporaries are (n, chunk) and
+    (n, d): no (n, N) matrix. ``o(x) = −lme / γ`` with β = γ, and ``∇o(x) = 2(x − weighted mean)``. ``centre``:
+    see :func:`squared_distance`.
 
     Returns
     -------
     (torch.Tensor, torch.Tensor or None)
-        The log-sum-exp (n,) and, if ``weighted_mean``, the soft-min weighted mean of the support points (n, d).
+        The log-mean-exp ``log(1/N Σ_k exp(−β h_k))`` (n,) and, if ``weighted_mean``, the soft-min weighted mean of
+        the support points (n, d).
     """
     running_max = torch.full((x.shape[0], 1), -math.inf, dtype=x.dtype, device=x.device)
-    total = torch.zeros((x.shape[0], 1), dtype=x.dtype, device=x.device)
+    excess = torch.zeros((x.shape[0], 1), dtype=x.dtype, device=x.device)  # Σ expm1(logit − running max)
+    seen = 0
     accum = torch.zeros_like(x) if weighted_mean else None
     for chunk in support.split(chunk_size):
-        logits = -beta * squared_distance(x, chunk, chunk_size)
+        logits = -beta * squared_distance(x, chunk, chunk_size, centre=centre)
         new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
-        rescale = torch.exp(running_max - new_max)
-        weights = torch.exp(logits - new_max)
-        total = total * rescale + weights.sum(-1, keepdim=True)
+        shift = running_max - new_max  # <= 0; -inf before the first chunk
+        rescale = torch.exp(shift)
+        excess = (excess * rescale + seen * torch.expm1(shift) if seen else excess) \
+            + torch.expm1(logits - new_max).sum(-1, keepdim=True)
         if accum is not None:
-            accum = accum * rescale + weights @ chunk
+            centred = chunk - centre if centre is not None else chunk
+            accum = accum * rescale + torch.exp(logits - new_max) @ centred
+        seen += chunk.shape[0]
         running_max = new_max
-    lse = (torch.log(total) + running_max).squeeze(-1)
-    return lse, (accum / total if accum is not None else None)
+    total = excess + seen  # Σ exp(logit − max) >= 1
+    lme = (running_max + torch.log1p(excess / seen)).squeeze(-1)
+    if accum is None:
+        return lme, None
+    mean = accum / total
+    return lme, (mean + centre if centre is not None else mean)
 
 
 class _FusedOutlierScore(torch.autograd.Function):
     """``o(x)`` with its exact gradient, in one chunked pass (see :func:`soft_min_pass`)."""
 
     @staticmethod
-    def forward(ctx, x, support, gamma, chunk_size):
-        lse, mean = soft_min_pass(x, support, gamma, chunk_size, weighted_mean=ctx.needs_input_grad[0])
+    def forward(ctx, x, support, gamma, chunk_size, centre):
+        lme, mean = soft_min_pass(x, support, gamma, chunk_size, weighted_mean=ctx.needs_input_grad[0],
+                                  centre=centre)
         if mean is not None:
             ctx.save_for_backward(x, mean)
-        return -(lse - math.log(support.shape[0])) / gamma
+        return -lme / gamma
 
     @staticmethod
     def backward(ctx, grad_out):
         x, mean = ctx.saved_tensors
-        return 2.0 * (x - mean) * grad_out.unsqueeze(-1), None, None, None
+        return 2.0 * (x - mean) * grad_out.unsqueeze(-1), None, None, None, None
 
 
-def fused_outlier_score(x: torch.Tensor, support: torch.Tensor, gamma: float,
-                        chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+def fused_outlier_score(x: torch.Tensor, support: torch.Tensor, gamma: float, chunk_size: int = DEFAULT_CHUNK,
+                        centre: torch.Tensor | None = None) -> torch.Tensor:
     """KDE outlier score ``o(x)`` (n,) and its gradient without the (n, N) distance matrix: for large N."""
-    return _FusedOutlierScore.apply(x, support, float(gamma), chunk_size)
+    return _FusedOutlierScore.apply(x, support, float(gamma), chunk_size, centre)
 
 
 def random_cosine_features(x: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -139,3 +183,70 @@ def cosine_activation_coefficients(z: torch.Tensor, bias: torch.Tensor, coef: to
 def student_t_logits(dist2: torch.Tensor, alpha: float) -> torch.Tensor:
     """Log-kernel of DEC's Student-t assignment, ``−(α + 1)/2 · log(1 + d²/α)``; a softmax over clusters gives ``q``."""
     return -(alpha + 1.0) / 2.0 * torch.log1p(dist2 / alpha)
+
+
+def k_nearest(x: torch.Tensor, support: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK,
+              centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest squared distances ``‖x_n − u_j‖²`` (n, k), ascending, and their support indices (n, k).
+
+    The neighbours are found by a chunked top-k over the support set (temporaries (n, chunk + k): no (n, N) matrix,
+    so N = 10^6 support points fit in bounded memory), then their distances are recomputed from the differences
+    ``x − u_j`` (no cancellation, unlike the expansion of :func:`squared_distance`): the values are accurate to the
+    dtype's precision. ``centre`` (d,), e.g. the support's mean, is subtracted before the expansion that ranks the
+    candidates. The distances are differentiable in ``x``; the choice of neighbours is not (the gradient of their mean
+    is that of the k-min, ``2/k Σ_j (x − u_j)``).
+    """
+    n_support = support.shape[0]
+    if not 1 <= k <= n_support:
+        raise ValueError(f"k_nearest needs 1 <= k <= {n_support} (the number of support points). Got k={k}.")
+    with torch.no_grad():
+        query = x.detach() if centre is None else x.detach() - centre
+        best_h: torch.Tensor | None = None
+        best_i: torch.Tensor | None = None
+        for start in range(0, n_support, chunk_size):
+            chunk = support[start:start + chunk_size]
+            h = squared_distance(query, chunk if centre is None else chunk - centre, chunk_size)
+            values, index = h.topk(min(k, h.shape[1]), dim=1, largest=False)
+            index = index + start
+            if best_h is not None:
+                values, pick = torch.cat([best_h, values], 1).topk(k, dim=1, largest=False)
+                index = torch.cat([best_i, index], 1).gather(1, pick)
+            best_h, best_i = values, index
+    diff = x.unsqueeze(1) - support[best_i]
+    h = (diff * diff).sum(-1)
+    order = h.detach().argsort(dim=1, stable=True)
+    return h.gather(1, order), best_i.gather(1, order)
+
+
+def weighted_log_sum_exp(h: torch.Tensor, alpha: float, log_weights: torch.Tensor,
+                         chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """``(1/α) log Σ_k w_k exp(α h_k)`` over the last dimension: :func:`log_mean_exp` with log-weights ``log w_k``
+    (``w_k = 1/N`` gives ``LME^α``), stable and chunked.
+
+    With α = −γ it is a weighted KDE outlier score (a one-class SVM's, with ``w`` its dual coefficients); with α = −1
+    on half the squared Mahalanobis distances and ``log w_k = log π_k + log det L_k − (d/2) log 2π``, the negative
+    log-likelihood of a Gaussian mixture.
+    """
+    return log_mean_exp(h + log_weights / alpha, alpha, chunk_size) + math.log(h.shape[-1]) / alpha
+
+
+def whiten(diff: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``z_nk = L_kᵀ(x_n − μ_k)``: differences (n, K, d) and precision factors (K, d, e) give (n, K, e)."""
+    return torch.einsum("nkd,kde->nke", diff, factors)
+
+
+def squared_mahalanobis(diff: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``m_nk = (x_n − μ_k)ᵀ P_k (x_n − μ_k) = ‖L_kᵀ(x_n − μ_k)‖²`` with ``P_k = L_k L_kᵀ``, shape (n, K).
+
+    ``diff`` (n, K, d) holds ``x_n − μ_k`` for K Gaussians (mixture components, or one per spatial position for
+    PaDiM), ``factors`` (K, d, e) their precision factors. A squared norm: never negative, whatever the rounding.
+    """
+    z = whiten(diff, factors)
+    return (z * z).sum(-1)
+
+
+def precision_product(diff: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``P_k(x_n − μ_k) = L_k L_kᵀ(x_n − μ_k)``, shape (n, K, d): the second factor of the Mahalanobis rules
+    (``Σ_i diff_i [P diff]_i = m``)."""
+    return torch.einsum("nke,kde->nkd", whiten(diff, factors), factors)
+

@@ -16,7 +16,7 @@ import torch
 
 from ._utils import ArrayLike, module_dtype_device
 from .composites import register_rule
-from .functional import random_cosine_features, squared_distance
+from .functional import log_mean_exp, random_cosine_features, squared_distance
 from .models import KDEInlier, KDEOutlier
 from .rules import LeaveOneOutKDEInlierRule, LeaveOneOutKDEOutlierRule
 
@@ -69,7 +69,7 @@ class LeaveOneOutKDEOutlier(_SelfFitted, KDEOutlier):
         """``‖x_r − u_k‖²`` (rows, N) with ``+inf`` at ``k = r mod N``."""
         support = self.distance.support
         index = self._self_index(x, support.shape[0])
-        h = squared_distance(x, support)
+        h = squared_distance(x, support, centre=self.distance.centre)
         mask = torch.nn.functional.one_hot(index, support.shape[0]).bool()
         return h.masked_fill(mask, math.inf)
 
@@ -78,7 +78,7 @@ class LeaveOneOutKDEOutlier(_SelfFitted, KDEOutlier):
         x = self._as_tensor(x)
         n_support = self.distance.support.shape[0]
         alpha = -float(self.gamma)
-        return (torch.logsumexp(alpha * self.distances(x), -1) - math.log(n_support - 1)) / alpha
+        return log_mean_exp(self.distances(x), alpha, self.chunk_size, count=n_support - 1)
 
     @torch.no_grad()
     def score(self, x: ArrayLike) -> torch.Tensor:

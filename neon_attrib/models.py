@@ -35,9 +35,17 @@ from .functional import (
     log_mean_exp,
     random_cosine_features,
     squared_distance,
+    support_centre,
 )
-from .layers import ClusterDifference, LogMeanExpPool, MeanPool, MinPool, RandomCosineFeatures, ResizableBuffers
-from .layers import SquaredDistance
+from .layers import (
+    ClusterDifference,
+    LogMeanExpPool,
+    MeanPool,
+    MinPool,
+    RandomCosineFeatures,
+    ResizableBuffers,
+    SquaredDistance,
+)
 from .rules import KDEInlierActivationRule, KDEOutlierActivationRule, KMeansActivationRule
 
 __all__ = ["NeonEstimator", "KDEOutlier", "KDEInlier", "KMeansMembership"]
@@ -255,7 +263,7 @@ class KDEOutlier(NeonEstimator):
         self._check_fitted()
         x = self._as_tensor(x)
         if self.fused:
-            return fused_outlier_score(x, self.distance.support, self.gamma, self.chunk_size)
+            return fused_outlier_score(x, self.distance.support, self.gamma, self.chunk_size, self.distance.centre)
         return self.pool(self.distance(x))
 
     #: autograd's gradient of this forward is ``2(x − Σ_k p_k u_k)`` (β = γ): the activation rule reuses it
@@ -276,7 +284,8 @@ class KDEOutlier(NeonEstimator):
         Use it to score large batches against large support sets (N = 10^6) in bounded memory.
         """
         self._check_fitted()
-        return fused_outlier_score(self._as_tensor(x), self.distance.support, self.gamma, self.chunk_size)
+        return fused_outlier_score(self._as_tensor(x), self.distance.support, self.gamma, self.chunk_size,
+                                   self.distance.centre)
 
     def density(self, x: ArrayLike) -> torch.Tensor:
         """The exact unnormalised density ``p(x) = exp(−γ o(x))`` (the KDE inlier score), shape (n,)."""
@@ -354,6 +363,8 @@ class KDEOutlier(NeonEstimator):
         check_int(n_support, owner=self._name, name="n_support", minimum=1)
         if n_support > n_total:
             raise ValueError(f"n_support={n_support} exceeds the {n_total} support points of this {self._name}.")
+        if n_candidates is not None:
+            check_int(n_candidates, owner=f"{self._name}.reduced", name="n_candidates", minimum=n_support)
         if method not in ("herding", "random"):
             raise ValueError(f"The 'method' parameter of {self._name}.reduced must be 'herding' or 'random'. "
                              f"Got {method!r}.")
@@ -395,11 +406,12 @@ class KDEOutlier(NeonEstimator):
         if n < 2:
             raise ValueError(f"{self._name} needs at least 2 support points to leave one out.")
         out = []
+        centre = self.distance.centre
         for start in range(0, n, 1024):
-            h = squared_distance(support[start:start + 1024], support)
+            h = squared_distance(support[start:start + 1024], support, centre=centre)
             rows = torch.arange(h.shape[0], device=h.device)
             h[rows, rows + start] = math.inf  # exp(−γ·inf) = 0: the point is out of its own sum
-            out.append((torch.logsumexp(-self.gamma * h, -1) - math.log(n - 1)) / -self.gamma)
+            out.append(log_mean_exp(h, -float(self.gamma), self.chunk_size, count=n - 1))
         return torch.cat(out)
 
 
@@ -517,7 +529,7 @@ class KDEInlier(NeonEstimator):
     def exact(self, x: ArrayLike) -> torch.Tensor:
         """The exact inlier score ``i(x) = 1/N Σ_k exp(−γ‖x − u_k‖²)`` (what ``forward`` approximates)."""
         self._check_fitted()
-        h = squared_distance(self._as_tensor(x), self.support)
+        h = squared_distance(self._as_tensor(x), self.support, centre=support_centre(self.support))
         return torch.exp(log_mean_exp(h, -float(self.gamma)) * -float(self.gamma))
 
     def score_samples(self, x: ArrayLike) -> torch.Tensor:
@@ -662,21 +674,24 @@ class KMeansMembership(NeonEstimator):
 
     @classmethod
     def from_sklearn(cls, kmeans: Any, X: ArrayLike | None = None, **kwargs: Any) -> KMeansMembership:
-        """Build from a fitted :class:`sklearn.cluster.KMeans` (float64). ``X`` (optional) sets the default β.
+        """Build from a fitted :class:`sklearn.cluster.KMeans` or ``MiniBatchKMeans`` (float64). ``X`` (optional) sets
+        the default β.
 
         Raises
         ------
         TypeError
-            If ``kmeans`` is not a KMeans.
+            If ``kmeans`` is not a KMeans or MiniBatchKMeans.
         ValueError
             If it is not fitted or has fewer than 2 clusters.
         """
-        from sklearn.cluster import KMeans
+        from sklearn.cluster import KMeans, MiniBatchKMeans
 
-        if not isinstance(kmeans, KMeans):
-            raise TypeError(f"{cls.__name__}.from_sklearn expects a fitted sklearn.cluster.KMeans. Got {type(kmeans)}.")
+        if not isinstance(kmeans, (KMeans, MiniBatchKMeans)):
+            raise TypeError(f"{cls.__name__}.from_sklearn expects a fitted sklearn.cluster.KMeans or MiniBatchKMeans. "
+                            f"Got {type(kmeans)}.")
         if not hasattr(kmeans, "cluster_centers_"):
-            raise ValueError(f"This KMeans instance is not fitted yet. Call 'fit' before {cls.__name__}.from_sklearn.")
+            raise ValueError(f"This {type(kmeans).__name__} instance is not fitted yet. Call 'fit' before "
+                             f"{cls.__name__}.from_sklearn.")
         centers = torch.as_tensor(np.asarray(kmeans.cluster_centers_, dtype=np.float64))
         model = cls(n_clusters=centers.shape[0], n_init=kmeans.n_init if isinstance(kmeans.n_init, int) else 1,
                     seed=kmeans.random_state if isinstance(kmeans.random_state, int) else None, **kwargs).double()

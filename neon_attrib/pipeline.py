@@ -21,6 +21,7 @@ Every entry point (:func:`neon_attrib.explain`, :class:`~neon_attrib.captum.Neon
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +61,12 @@ class ConservationError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # targets
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """(n, ...) -> (n, m); also for n = 0."""
+    return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
+
+
+
 def attribution_output(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     """The relevance put on the model output: the output itself for scalar heads, ``output · one-hot(target)`` else.
 
@@ -67,7 +74,7 @@ def attribution_output(output: torch.Tensor, target: torch.Tensor | None) -> tor
     """
     if output.ndim == 1 or target is None:
         return output
-    flat = output.reshape(output.shape[0], -1)
+    flat = _flat(output)
     mask = torch.zeros_like(flat)
     mask[torch.arange(flat.shape[0], device=flat.device), target] = 1.0
     return (flat * mask).reshape(output.shape)
@@ -78,7 +85,7 @@ def resolve_targets(model: nn.Module, output: torch.Tensor, target: Any) -> torc
     ``default_target(output)`` (the assigned cluster for k-means), or the argmax."""
     if output.ndim <= 1:
         return None
-    flat = output.reshape(output.shape[0], -1)
+    flat = _flat(output)
     if target is None:
         default = getattr(model, "default_target", None)
         return default(output) if default is not None else flat.argmax(-1)
@@ -154,7 +161,7 @@ def _clone_module(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     # the copy only; in-place updates of the model's weights stay visible (shared storage and version counter)
     state["_parameters"] = {name: None if p is None else _alias_parameter(p)
                             for name, p in module._parameters.items()}
-    state["_buffers"] = {name: None if b is None else b.detach() for name, b in module._buffers.items()}
+    state["_buffers"] = {name: None if b is None else _alias(b) for name, b in module._buffers.items()}
     clone.__dict__.update(state)
     memo[id(module)] = clone
     clone.__dict__["_modules"] = {name: None if child is None else _clone_module(child, memo)
@@ -162,10 +169,18 @@ def _clone_module(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     return clone
 
 
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A new tensor object over the same storage; a copy for inference tensors (autograd cannot save those)."""
+    if tensor.is_inference():
+        with torch.inference_mode(False):
+            return tensor.clone()
+    return tensor.detach()
+
+
 def _alias_parameter(parameter: torch.Tensor) -> torch.Tensor:
     if isinstance(parameter, nn.Parameter):
-        return nn.Parameter(parameter.detach(), requires_grad=parameter.requires_grad)
-    return parameter.detach()
+        return nn.Parameter(_alias(parameter), requires_grad=parameter.requires_grad)
+    return _alias(parameter)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -452,7 +467,7 @@ def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
     grad_iter = iter(grads)
     relevance = tuple(torch.zeros_like(leaf) if not leaf.requires_grad else _or_zeros(next(grad_iter), leaf)
                       for leaf in leaves)
-    score = top.detach().reshape(top.shape[0], -1).sum(1) if top.ndim else top.detach().reshape(1)
+    score = _flat(top.detach()).sum(1) if top.ndim else top.detach().reshape(1)
     result_audit = None
     if recorder is not None:
         input_sum = sum(_sample_sums(r, n) for r in relevance if r.is_floating_point())

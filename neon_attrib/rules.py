@@ -27,7 +27,17 @@ import math
 import torch
 from zennit.core import Hook
 
-from .functional import DEFAULT_CHUNK, cosine_activation_coefficients, safe_divide, soft_argmin, soft_min_pass
+from .functional import (
+    DEFAULT_CHUNK,
+    cosine_activation_coefficients,
+    k_nearest,
+    precision_product,
+    safe_divide,
+    soft_argmin,
+    soft_min_pass,
+    squared_distance,
+    squared_mahalanobis,
+)
 
 __all__ = [
     "NeonHook",
@@ -42,6 +52,15 @@ __all__ = [
     "LocationPoolRule",
     "LeaveOneOutKDEOutlierRule",
     "LeaveOneOutKDEInlierRule",
+    "KMinPoolRule",
+    "PassThroughRule",
+    "MahalanobisRule",
+    "WeightedSoftArgminRule",
+    "PositionalMahalanobisRule",
+    "KNNOutlierActivationRule",
+    "WeightedKDEOutlierActivationRule",
+    "GaussianActivationRule",
+    "PositionalMahalanobisActivationRule",
 ]
 
 # Above this many elements (batch × support × features) the squared-difference rule switches from the direct
@@ -160,11 +179,17 @@ class SquaredDifferenceRule(_EpsHook):
         n, n_support = coef.shape
         if n * n_support * x.shape[1] <= _DIRECT_LIMIT:
             return torch.einsum("nk,nkd->nd", coef, (x.unsqueeze(1) - support.unsqueeze(0)) ** 2)
-        # Σ_k c_k (x_i − u_ik)² = x_i² Σ_k c_k − 2 x_i Σ_k c_k u_ik + Σ_k c_k u_ik²: matrix products, chunked over k
+        # Σ_k c_k (x_i − u_ik)² = x_i² Σ_k c_k − 2 x_i Σ_k c_k u_ik + Σ_k c_k u_ik²: matrix products, chunked over k,
+        # around the support's centre (the differences are translation invariant; the expansion is not)
+        centre = getattr(module, "centre", None)
+        if centre is not None:
+            x = x - centre
         first = torch.zeros_like(x)
         second = torch.zeros_like(x)
         for start in range(0, n_support, DEFAULT_CHUNK):
             chunk, c = support[start:start + DEFAULT_CHUNK], coef[:, start:start + DEFAULT_CHUNK]
+            if centre is not None:
+                chunk = chunk - centre
             first += c @ chunk
             second += c @ (chunk * chunk)
         return x * x * coef.sum(1, keepdim=True) - 2.0 * x * first + second
@@ -228,7 +253,8 @@ class KDEOutlierActivationRule(_BetaHook):
 
     def relevance(self, module, x, out, relevance_out):
         beta = self.beta if self.beta is not None else module.beta_
-        _, weighted_mean = soft_min_pass(x, module.distance.support, beta, chunk_size=module.chunk_size)
+        _, weighted_mean = soft_min_pass(x, module.distance.support, beta, chunk_size=module.chunk_size,
+                                         centre=module.distance.centre)
         return x * (x - weighted_mean) * safe_divide(relevance_out, out).unsqueeze(-1)
 
 
@@ -335,3 +361,199 @@ class LeaveOneOutKDEInlierRule(_EpsHook):
 
 # the name of the base class before it became public (kept for code written against it)
 _NeonHook = NeonHook
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rules of the models of SPEC §7: k-NN, Mahalanobis, PCA, Gaussian mixtures, one-class SVM, PaDiM
+class KMinPoolRule(_BetaHook):
+    """Rule of :class:`~neon_attrib.layers.KMinPool` (``o = 1/k Σ_{j ∈ kNN} h_j``). Conserves exactly.
+
+    * hard (``beta=None``, the layer's default): each of the k smallest gets its share, ``R_j = h_j / Σ_{kNN} h ·
+      R`` (``= h_j / k`` when ``R = o``), the others nothing: exactly how the k-min computes the score;
+    * soft (a float β > 0): ``R_j = softmin_β(h)_j · R`` over all entries (smooth in x, as the book argues for
+      k-means; β → ∞ gives the k = 1 hard rule).
+
+    Examples
+    --------
+    >>> KMinPoolRule(beta=2.0).copy().beta
+    2.0
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        beta = self.beta if self.beta is not None else getattr(module, "beta", None)
+        if beta is not None:
+            return soft_argmin(x, beta) * relevance_out.unsqueeze(-1)
+        values, index = x.topk(module.k, dim=-1, largest=False)
+        shares = safe_divide(values, values.sum(-1, keepdim=True)) * relevance_out.unsqueeze(-1)
+        return torch.zeros_like(x).scatter(-1, index, shares)
+
+
+class PassThroughRule(NeonHook):
+    """Rule of a monotone scalar map on top of a score (:class:`~neon_attrib.layers.SquareRoot`): the relevance passes
+    down unchanged, ``R_in = R_out``, and the rules below share it in their own proportions. Conserves exactly."""
+
+    def relevance(self, module, x, out, relevance_out):
+        return relevance_out
+
+
+class MahalanobisRule(_EpsHook):
+    """Quadratic-form rule on :class:`~neon_attrib.layers.MahalanobisDistance` (SPEC §7):
+    ``R_i = Σ_k (x − μ_k)_i [P_k(x − μ_k)]_i / (ε + m_k) · R_k``.
+
+    ``Σ_i (x − μ)_i [P(x − μ)]_i = m``, so with ε = 0 (the default) it conserves exactly; a feature can receive
+    negative relevance through correlations (it makes x *less* unusual given the others).
+
+    Parameters
+    ----------
+    eps : float, optional
+        Stabiliser >= 0; ``None`` uses the layer's (0).
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        eps = self.eps if self.eps is not None else module.eps
+        diff = module.differences(x)
+        terms = diff * precision_product(diff, module.factors)  # (n, K, d), sums to m over d
+        return (terms * safe_divide(relevance_out, eps + out).unsqueeze(-1)).sum(1)
+
+
+class WeightedSoftArgminRule(_BetaHook):
+    """Weighted soft-argmin on :class:`~neon_attrib.layers.WeightedLogSumExpPool`:
+    ``R_k = w_k exp(−β h_k) / Σ_k' w_k' exp(−β h_k') · R`` (``+β`` for α > 0). Conserves exactly.
+
+    With β = |α| (the default) the weights are each term's share of the pooled sum: the posterior responsibilities
+    ``predict_proba`` of a Gaussian mixture, the share of each support vector in a one-class SVM's decision.
+
+    Parameters
+    ----------
+    beta : float, optional
+        Sharpness; ``None`` uses the layer's default (``|α|``).
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        beta = self.beta if self.beta is not None else module.beta
+        if beta is None:
+            beta = abs(module.alpha)
+        sign = -1.0 if module.alpha < 0 else 1.0
+        weights = torch.softmax(sign * beta * x + module.log_weights, dim=-1)
+        return weights * relevance_out.unsqueeze(-1)
+
+
+class PositionalMahalanobisRule(_EpsHook):
+    """Quadratic-form rule on :class:`~neon_attrib.layers.PositionalMahalanobisDistance` (PaDiM), position by
+    position: ``R_pi = (a_p − μ_p)_i [P_p(a_p − μ_p)]_i / (ε + m_p) · R_p``. Conserves exactly with ε = 0 (default).
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        eps = self.eps if self.eps is not None else 0.0
+        diff, _ = module.positions(x)
+        terms = diff * precision_product(diff, module.factors)  # (n, L, C)
+        coef = safe_divide(relevance_out.reshape(terms.shape[:2]), eps + out.reshape(terms.shape[:2]))
+        return module.restore(terms * coef.unsqueeze(-1), x)
+
+
+def _score_share(relevance_out: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """``R / o`` per row (0 where the score is exactly 0), as a column to scale per-feature terms."""
+    return safe_divide(relevance_out, score).unsqueeze(-1)
+
+
+def _centre(layer) -> torch.Tensor | None:
+    """The expansion point of a distance layer, if it keeps one (see :func:`~neon_attrib.functional.squared_distance`)."""
+    return getattr(layer, "centre", None)
+
+
+class KNNOutlierActivationRule(_BetaHook):
+    """Activation rule of a :class:`~neon_attrib.neighbors.KNNOutlier` head on CNN activations ``a >= 0`` (SPEC §7).
+
+    With ``p`` the k-min weights (hard: ``1/k`` on the k nearest support points; soft: ``softmin_β(h)``), each
+    ``R_j = p_j h_j`` splits into ``p_j aᵀ(a − u_j)`` (propagated) and ``p_j u_jᵀ(u_j − a)`` (dissipated), and the sum
+    over ``j`` has the closed form ``R_i = a_i (a_i − ū_i) · R / o(a)``, ``ū = Σ_j p_j u_j``. One chunked pass over
+    the support set; inactive neurons (``a_i = 0``) receive exactly 0. With ``sqrt`` the head outputs ``√o`` and its
+    relevance passes down unchanged (only the ratio ``R / o`` uses ``o``).
+
+    Parameters
+    ----------
+    beta : float, optional
+        ``None``: the head's (hard k-min unless it was given a β); a float: soft-argmin weights over all support points.
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        beta = self.beta if self.beta is not None else module.pool.beta
+        support = module.distance.support
+        score = out * out if module.sqrt else out
+        if beta is None:
+            _, index = k_nearest(x, support, module.pool.k, module.chunk_size, centre=_centre(module.distance))
+            mean = support[index].mean(1)
+        else:
+            _, mean = soft_min_pass(x, support, beta, chunk_size=module.chunk_size)
+        return x * (x - mean) * _score_share(relevance_out, score)
+
+
+class WeightedKDEOutlierActivationRule(_BetaHook):
+    """Activation rule of a :class:`~neon_attrib.kernels.WeightedKDEOutlier` (and one-class SVM) head on CNN
+    activations: §1's closed form with weighted soft-argmin weights ``p_k ∝ w_k exp(−β h_k)``,
+    ``R_i = a_i (a_i − Σ_k p_k u_ik) · R / o(a)``. Rows are processed in blocks (temporaries rows × N); inactive
+    neurons receive exactly 0.
+
+    Parameters
+    ----------
+    beta : float, optional
+        ``None``: the head's (γ by default).
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        beta = self.beta if self.beta is not None else module.beta_
+        support, log_weights = module.distance.support, module.pool.log_weights
+        centre = _centre(module.distance)
+        rows = max(1, _DIRECT_LIMIT // max(1, support.shape[0]))
+        means = []
+        for block in x.split(rows):
+            h = squared_distance(block if centre is None else block - centre,
+                                 support if centre is None else support - centre)
+            means.append(torch.softmax(-beta * h + log_weights, dim=-1) @ support)
+        mean = torch.cat(means) if means else torch.zeros_like(x)
+        return x * (x - mean) * _score_share(relevance_out, out)
+
+
+class GaussianActivationRule(_BetaHook):
+    """Activation rule of the Gaussian heads (:class:`~neon_attrib.gaussian.MahalanobisOutlier`,
+    :class:`~neon_attrib.gaussian.PCAResidual`, :class:`~neon_attrib.gaussian.GaussianMixtureOutlier`) on CNN
+    activations ``a >= 0`` (SPEC §7).
+
+    Each component's energy ``h_k = (a − μ_k)ᵀP_k(a − μ_k)`` splits into ``aᵀP_k(a − μ_k)`` (propagated) and
+    ``μ_kᵀP_k(μ_k − a)`` (dissipated); with the responsibilities ``p_k`` of the mixture's top layer (``p = 1`` for a
+    single Gaussian) ``R_i = a_i Σ_k p_k [P_k(a − μ_k)]_i · R / o(a)``. Inactive neurons receive exactly 0.
+
+    Parameters
+    ----------
+    beta : float, optional
+        Sharpness of the responsibilities; ``None``: the pool's (1: the posterior, ``predict_proba``).
+    """
+
+    def relevance(self, module, x, out, relevance_out):
+        layer, pool = module.distance, module.pool
+        diff = layer.differences(x)
+        product = precision_product(diff, layer.factors)  # (n, K, d)
+        log_weights = getattr(pool, "log_weights", None)
+        if log_weights is None or product.shape[1] == 1:
+            gradient_half = product.sum(1)
+        else:
+            beta = self.beta if self.beta is not None else (pool.beta if pool.beta is not None else abs(pool.alpha))
+            weights = torch.softmax(-beta * squared_mahalanobis(diff, layer.factors) + log_weights, dim=-1)
+            gradient_half = (weights.unsqueeze(-1) * product).sum(1)
+        return x * gradient_half * _score_share(relevance_out, out)
+
+
+class PositionalMahalanobisActivationRule(NeonHook):
+    """Activation rule of a :class:`~neon_attrib.gaussian.PositionalMahalanobis` (PaDiM) head on CNN activations:
+    per position, ``R_pi = a_pi [P_p(a_p − μ_p)]_i · R_p / m_p``; ``μ_pᵀP_p(μ_p − a_p)`` is dissipated and inactive
+    channels receive exactly 0. With ``sqrt`` the head outputs ``√m_p``, whose relevance passes down unchanged."""
+
+    def relevance(self, module, x, out, relevance_out):
+        layer = module.distance
+        rows, _ = layer.as_rows(x)
+        diff = rows - layer.means
+        product = precision_product(diff, layer.factors)  # (n, L, C)
+        score = out * out if getattr(module, "sqrt", False) else out  # √m_p on top passes its relevance unchanged
+        coef = safe_divide(relevance_out.reshape(diff.shape[:2]), score.reshape(diff.shape[:2]))
+        return layer.restore(rows * product * coef.unsqueeze(-1), x)
+

@@ -1,0 +1,268 @@
+"""No silent wrong answers: concurrency, explainer lifetime, grad modes, empty batches, float32 numerics, argument
+checks, atomic updates, uncovered architectures and the conservation audit."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_no_hooks
+from torch import nn
+from zennit.composites import EpsilonGammaBox
+
+from neon_attrib import ConservationError, ConservationWarning, KDEInlier, KDEOutlier, KMeansMembership, explain
+from neon_attrib.captum import NeonLRP
+from neon_attrib.deep import DeepNeon
+from neon_attrib.evaluation import deletion_curve
+
+
+def tiny_cnn(seed: int = 0, dtype=torch.float64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1),
+                         nn.ReLU()).to(dtype).eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def deep_kde(images, fused=False):
+    return DeepNeon(tiny_cnn(), KDEOutlier(gamma=0.5, fused=fused), low=-0.0, high=1.0).fit(images, progress=False)
+
+
+def deep_kmeans(images):
+    head = KMeansMembership(n_clusters=2, n_init=1, seed=0)
+    return DeepNeon(tiny_cnn(), head, pool="positive", low=0.0, high=1.0).fit(images, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# threads and explainer lifetime
+def _in_threads(function, inputs, n_threads=4, repeats=3):
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(repeats):
+                results[i] = function(inputs[i % len(inputs)])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("kind", ["kde", "kmeans", "deep", "neonlrp"])
+def test_concurrent_explanations_on_one_model_are_correct(kind, blobs, images):
+    if kind == "kde":
+        model = KDEOutlier(gamma=0.5).double().fit(blobs)
+        inputs = [torch.as_tensor(blobs[i:i + 3]) for i in range(4)]
+    elif kind == "kmeans":
+        model = KMeansMembership(3, seed=0).double().fit(blobs)
+        inputs = [torch.as_tensor(blobs[i::7]) for i in range(4)]
+    else:
+        model, inputs = deep_kde(images), [images[i:i + 2] for i in range(3)]
+    run = (lambda x: NeonLRP(model).attribute(x)) if kind == "neonlrp" else (lambda x: explain(model, x))
+    expected = [run(x) for x in inputs]
+    results = _in_threads(run, inputs)
+    for i, relevance in results.items():
+        torch.testing.assert_close(relevance, expected[i % len(inputs)], rtol=1e-12, atol=1e-12)
+    assert_no_hooks(model)
+
+
+def test_explainer_without_with_leaks_nothing_and_explain_inside_is_unaffected(images):
+    model = deep_kde(images)
+    expected = explain(model, images[:2])
+    _, relevance = model.explainer()(images[:2])  # never closed
+    torch.testing.assert_close(relevance, expected)
+    assert_no_hooks(model)
+    with model.explainer() as explainer:
+        torch.testing.assert_close(explain(model, images[:2]), expected)  # no stacked hooks
+        torch.testing.assert_close(explainer(images[:2])[1], expected)
+    shared = model.explainer()
+    results = _in_threads(lambda x: shared(x)[1], [images[:2]])
+    torch.testing.assert_close(results[0], expected)
+
+
+def test_explainer_does_not_modify_its_input():
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 2, 1)).double().eval()
+    from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer
+
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    before = x.clone()
+    with LRPExplainer(model, FastEpsilonGammaBox(low=-5.0, high=5.0), audit=False) as explainer:
+        explainer(x)
+    assert torch.equal(x, before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# grad modes and empty batches
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_explain_inside_no_grad_and_inference_mode(mode, blobs, images):
+    kde = KDEOutlier(gamma=0.5).double().fit(blobs)
+    deep = deep_kde(images)
+    expected = explain(kde, blobs[:3]), explain(deep, images[:2])
+    with mode():
+        torch.testing.assert_close(explain(kde, blobs[:3]), expected[0])
+        torch.testing.assert_close(explain(deep, images[:2]), expected[1])
+    with mode():  # a model built inside inference mode holds inference tensors
+        inner = KMeansMembership(3, seed=0).double().fit(blobs)
+    assert explain(inner, blobs[:2]).shape == (2, 4)
+
+
+def test_empty_batches_give_empty_results(blobs, images):
+    kde = KDEOutlier(gamma=0.5).double().fit(blobs)
+    kmeans = KMeansMembership(3, seed=0).double().fit(blobs)
+    for model in (kde, kmeans):
+        relevance, output = explain(model, blobs[:0], return_output=True)
+        assert relevance.shape == (0, 4) and output.shape[0] == 0
+        assert NeonLRP(model).attribute(torch.as_tensor(blobs[:0])).shape == (0, 4)
+    for deep in (deep_kde(images), deep_kmeans(images)):
+        assert explain(deep, images[:0]).shape == (0, 3, 8, 8)
+        with deep.explainer() as explainer:
+            assert explainer(images[:0])[1].shape == (0, 3, 8, 8)
+    curve = deletion_curve(kde, torch.as_tensor(blobs[:0]), torch.zeros(0, 4, dtype=torch.float64))
+    assert curve.scores.shape[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# float32 numerics
+def test_float32_far_from_the_origin_matches_float64(rng):
+    X = rng.normal(size=(300, 5))
+    x = X[:6] + 0.3
+    for offset in (1e3, 1e4):
+        r32 = explain(KDEOutlier(gamma=0.5).fit(X + offset), x + offset).double()
+        r64 = explain(KDEOutlier(gamma=0.5).double().fit(X + offset), x + offset)
+        # float32 cannot even hold the inputs better than eps·offset: compare at that resolution
+        assert float((r32 - r64).abs().max() / r64.abs().max()) < 200 * offset * 1.2e-7
+        m32 = KMeansMembership(4, seed=0).fit(X + offset)
+        assert (m32.predict(X + offset).numpy() == m32.labels_).all()
+
+
+def test_tiny_gamma_keeps_float32_precision(rng):
+    X = rng.normal(size=(50, 3))
+    for fused in (False, True):
+        o32 = KDEOutlier(gamma=1e-12, fused=fused).fit(X)(X[:4]).double()
+        o64 = KDEOutlier(gamma=1e-12).double().fit(X)(X[:4])
+        torch.testing.assert_close(o32, o64, rtol=1e-5, atol=0)
+        assert bool((o64 > 1).all())  # ≈ mean squared distance, not 0
+
+
+def test_batch_size_does_not_change_the_explanation():
+    torch.manual_seed(0)
+    features = tiny_cnn(dtype=torch.float32)
+    images = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        fmap = features(images)
+    from neon_attrib.deep import median_gamma
+
+    rows = fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
+    model = DeepNeon(features, KDEOutlier(gamma=median_gamma(rows)), low=0.0, high=1.0).fit(images, progress=False)
+    batched = explain(model, images)
+    alone = torch.cat([explain(model, images[i:i + 1]) for i in range(6)])
+    scale = float(batched.abs().max())
+    assert float((batched - alone).abs().max()) < 1e-5 * scale
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# arguments
+def test_bad_hyperparameters_are_refused_early(blobs):
+    with pytest.raises(ValueError, match="'eps'"):
+        KDEOutlier(gamma=1.0, eps=float("inf")).fit(blobs)
+    with pytest.raises(ValueError, match="'lrp_gamma'"):
+        DeepNeon(tiny_cnn(), KDEOutlier(gamma=1.0), lrp_gamma=float("nan"))
+    with pytest.raises(ValueError, match="'low' must be below 'high'"):
+        DeepNeon(tiny_cnn(), KDEOutlier(gamma=1.0), low=1.0, high=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        DeepNeon(tiny_cnn(), KDEOutlier(gamma=1.0), low=float("-inf"), high=0.0)
+    model = KDEOutlier(gamma=1.0).double().fit(blobs)
+    with pytest.raises(ValueError, match="'n_candidates'"):
+        model.reduced(10, n_candidates=5)
+    with pytest.raises(ValueError, match="'batch_size'"):
+        deletion_curve(model, torch.as_tensor(blobs[:2]), torch.ones(2, 4, dtype=torch.float64), batch_size=-1)
+
+
+def test_numpy_scalar_hyperparameters_give_a_weights_only_state_dict(blobs, tmp_path):
+    model = KDEOutlier(gamma=np.float64(0.5), beta=np.float32(1.0)).double().fit(blobs)
+    path = tmp_path / "kde.pt"
+    torch.save(model.state_dict(), path)
+    fresh = KDEOutlier().double()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    torch.testing.assert_close(fresh(blobs[:3]), model(blobs[:3]))
+
+
+def test_setting_a_hyperparameter_after_fit_takes_effect_everywhere(blobs):
+    model = KDEOutlier(gamma=1.0).double().fit(blobs)
+    model.gamma = 2.0
+    reference = KDEOutlier(gamma=2.0).double().fit(blobs)
+    torch.testing.assert_close(model(blobs[:3]), reference(blobs[:3]))
+    torch.testing.assert_close(model.score(blobs[:3]), reference(blobs[:3]))
+    torch.testing.assert_close(explain(model, blobs[:3]), explain(reference, blobs[:3]))
+    inlier = KDEInlier(gamma=1.0, n_features=50, seed=0).double().fit(blobs)
+    with pytest.raises(ValueError, match="needs a new fit"):
+        inlier.gamma = 2.0
+    kmeans = KMeansMembership(3, seed=0).double().fit(blobs)
+    kmeans.beta = 5.0
+    assert kmeans.pool.beta == 5.0
+    kmeans.beta = None
+    assert kmeans.pool.beta == kmeans.default_beta_
+
+
+def test_failed_fit_self_keeps_a_working_model(images):
+    model = deep_kde(images)
+    expected = model(images)
+    with pytest.raises((ValueError, RuntimeError)):
+        model.fit_self(images[:, :, :1, :1])  # no location survives the max pool
+    torch.testing.assert_close(model(images), expected)
+    assert type(model.head) is KDEOutlier
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# architectures the rules do not cover, and the audit
+def test_resnet_features_without_canonizer_raise():
+    import torchvision
+
+    resnet = torchvision.models.resnet18(weights=None).eval()
+    features = nn.Sequential(*list(resnet.children())[:-2])
+    images = torch.rand(2, 3, 32, 32)
+    model = DeepNeon(features, KDEOutlier(gamma=1e-3), composite=EpsilonGammaBox(low=-3.0, high=3.0))
+    model.fit(images, progress=False)
+    with pytest.raises(ValueError, match="ResNetCanonizer"):
+        explain(model, images)
+    assert_no_hooks(model)
+
+
+class _Doubler(nn.Module):
+    def forward(self, x):
+        return x + x  # a "residual" addition: the plain gradient hands each branch the whole relevance
+
+
+def test_audit_catches_relevance_created_without_a_rule(images):
+    features = nn.Sequential(tiny_cnn(), _Doubler(), nn.Conv2d(8, 8, 1), nn.ReLU()).double().eval()
+    model = DeepNeon(features, KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
+    good, audit = explain(deep_kde(images), images, return_audit=True)
+    assert audit.ok
+    with pytest.warns(ConservationWarning):
+        explain(model, images)
+    with pytest.raises(ConservationError):
+        explain(model, images, strict=True)
+
+
+def test_audit_reports_the_rules_dissipation(blobs):
+    model = KDEOutlier(gamma=0.5).double().fit(blobs)
+    relevance, audit = explain(model, blobs[:5] + 0.1, return_audit=True)
+    torch.testing.assert_close(audit.input_sum, relevance.sum(1))
+    torch.testing.assert_close(audit.score, model(blobs[:5] + 0.1))
+    torch.testing.assert_close(audit.dissipated, audit.score - audit.input_sum, rtol=1e-10, atol=1e-12)
+    assert bool((audit.dissipated >= 0).all())  # eps > 0 absorbs a share of near points, never creates
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explain(KMeansMembership(3, seed=0).double().fit(blobs), blobs[:4])
