@@ -13,7 +13,7 @@ integrations                                ``captum``, ``cli``, ``demo``, ``viz
 heads on feature maps, DEC, evaluation      ``deep``, ``dec``, ``evaluation``, ``vision``
 fast rules, ``explain``                     ``fast``, ``attribution``
 the explain pipeline                        ``pipeline``
-estimators                                  ``models``, ``leave_one_out``
+estimators                                  ``models`` (``kde``, ``kmeans``, ``estimator``), ``leave_one_out``
 composites                                  ``composites``
 rules                                       ``rules``
 layers                                      ``layers``
@@ -57,7 +57,8 @@ __version__ = "0.1.0"
 
 #: Subpackages and modules reachable as attributes, imported on first access (PEP 562).
 _SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
-               "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision")
+               "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
+               "gaussian", "kernels", "neighbors", "estimator", "kde", "kmeans")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {
@@ -67,7 +68,13 @@ _LAZY = {
     "deletion_curve": "evaluation", "insertion_curve": "evaluation",
     "heatmap": "viz", "overlay": "viz", "save_heatmap": "viz",
     "DEC": "dec", "ActivationClusteringSurrogate": "dec", "DECHead": "dec",
+    "neuralize": "neuralize", "KNNOutlier": "neighbors", "MahalanobisOutlier": "gaussian", "PCAResidual": "gaussian",
+    "GaussianMixtureOutlier": "gaussian", "GaussianMixtureMembership": "gaussian",
+    "PositionalMahalanobis": "gaussian", "WeightedKDEOutlier": "kernels", "OneClassSVMOutlier": "kernels",
 }
+
+# the function and its module share a name: bind the function now, or importing the module would shadow it
+from .neuralize import neuralize  # noqa: E402
 
 __all__ = [
     "explain",

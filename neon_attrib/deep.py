@@ -51,7 +51,7 @@ from .fast import FastEpsilonGammaBox, FastEpsilonPlusFlat
 from .layers import LocationPool, PoolMode
 from .leave_one_out import LeaveOneOutKDEInlier, LeaveOneOutKDEOutlier
 from .models import KDEInlier, KDEOutlier
-from .pipeline import Explainer, attribution_output, grad_mode, hooked, resolve_targets
+from .pipeline import Explainer, attribution_output, grad_mode, hooked, resolve_composite, resolve_targets
 from .rules import LeaveOneOutKDEInlierRule, LeaveOneOutKDEOutlierRule, LocationPoolRule
 from .vision import (
     IMAGE_SUFFIXES,
@@ -461,8 +461,6 @@ class DeepNeon(nn.Module):
         >>> relevance.shape
         torch.Size([3, 3, 32, 32])
         """
-        from .pipeline import resolve_composite
-
         return _DeepNeonExplainer(self, resolve_composite(self, composite, beta=beta, eps=eps), audit=audit,
                                   strict=strict, default_target=self._explained_target, owner="DeepNeon", **options)
 

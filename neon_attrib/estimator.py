@@ -1,0 +1,145 @@
+"""The base of every NEON estimator: an ``nn.Module`` that is also a scikit-learn estimator.
+
+:class:`NeonEstimator` gives input conversion and checks, fitted checks, hyperparameters in the state dict, and the
+scikit-learn contract (``get_params``/``set_params``, ``clone``; a hyperparameter set after ``fit`` takes effect
+everywhere or raises). :mod:`neon_attrib.kde`, :mod:`neon_attrib.kmeans` and the other estimator modules build on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+
+from ._utils import ArrayLike, as_float_tensor, check_2d_finite, module_dtype_device
+from .layers import ResizableBuffers
+
+__all__ = ["NeonEstimator"]
+
+
+class NeonEstimator(ResizableBuffers, BaseEstimator):
+    """Base class of the estimators that are their neuralized networks: an ``nn.Module`` and a scikit-learn estimator.
+
+    * ``get_params``/``set_params`` come from the constructor's signature (scikit-learn's ``BaseEstimator``), so
+      ``sklearn.base.clone``, ``Pipeline`` and ``GridSearchCV`` work;
+    * setting a hyperparameter of a *fitted* estimator either takes effect everywhere (``forward``, ``score``, the
+      rules) or raises a ``ValueError`` that says to refit (hyperparameters listed in ``_refit_parameters``);
+    * inputs are converted and checked (:meth:`_as_tensor`), the fitted state lives in buffers and in attributes ending
+      in ``_``, and hyperparameters travel in ``state_dict()['_extra_state']`` as plain Python values.
+    """
+
+    #: attributes saved in ``state_dict()['_extra_state']`` (hyperparameters and fitted scalars)
+    _state_attributes: tuple[str, ...] = ()
+    #: hyperparameters whose change needs a new ``fit`` (setting them on a fitted model raises)
+    _refit_parameters: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.n_features_in_: int | None = None
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.__dict__.get("n_features_in_") is not None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fitted = self.__dict__.get("n_features_in_") is not None and not self.__dict__.get("_loading", False)
+        if not fitted or name not in _param_names(type(self)):
+            super().__setattr__(name, value)
+            return
+        if name in self._refit_parameters:
+            if _same(getattr(self, name, None), value):
+                return
+            raise ValueError(f"The '{name}' parameter of this fitted {type(self).__name__} shapes its fitted state; "
+                             f"setting it to {value!r} needs a new fit. Call set_params({name}=...) and then 'fit', "
+                             f"or build a new {type(self).__name__}.")
+        old = getattr(self, name)
+        super().__setattr__(name, value)
+        try:
+            self._validate_hyperparameters()
+            self._refresh_fitted()
+        except Exception:
+            super().__setattr__(name, old)
+            raise
+
+    def _validate_hyperparameters(self) -> None:
+        """Raise a ValueError naming the parameter if a hyperparameter is invalid."""
+
+    def _refresh_fitted(self) -> None:
+        """Derive the effective hyperparameters of a fitted model again (after one was set)."""
+        self._configure_layers()
+
+    # -- conversion and checks -------------------------------------------------------------------------------------
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _as_tensor(self, x: ArrayLike, name: str = "X", check_features: bool = True) -> torch.Tensor:
+        dtype, device = module_dtype_device(self)
+        tensor = as_float_tensor(x, dtype=dtype, device=device, owner=self._name, name=name)
+        check_2d_finite(tensor, owner=self._name, name=name,
+                        n_features=self.n_features_in_ if check_features else None)
+        return tensor
+
+    def _check_fitted(self) -> None:
+        if self.n_features_in_ is None:
+            raise ValueError(f"This {self._name} instance is not fitted yet. Call 'fit' first.")
+
+    # -- state dict ----------------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"class": self._name, **{key: _plain(getattr(self, key)) for key in self._state_attributes}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("class", self._name) != self._name:
+            raise ValueError(f"Cannot load the state of a {state['class']} into a {self._name}.")
+        self.__dict__["_loading"] = True
+        try:
+            for key in self._state_attributes:
+                if key in state:
+                    setattr(self, key, state[key])
+        finally:
+            self.__dict__.pop("_loading", None)
+        self._configure_layers()
+
+    def _configure_layers(self) -> None:
+        """Push hyperparameters into the layers (after ``fit`` or ``load_state_dict``)."""
+
+
+_PARAM_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _param_names(cls: type) -> frozenset[str]:
+    names = _PARAM_NAMES.get(cls)
+    if names is None:
+        names = _PARAM_NAMES[cls] = frozenset(cls._get_param_names())
+    return names
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # arrays and tensors compare element-wise
+        return a is b
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python numbers, so that ``torch.load(weights_only=True)`` reads the state dict."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _check_eps(eps: Any, owner: str) -> None:
+    ok = eps is None or (isinstance(eps, (int, float, np.floating, np.integer)) and not isinstance(eps, bool)
+                         and math.isfinite(eps) and eps >= 0)
+    if not ok:
+        raise ValueError(f"The 'eps' parameter of {owner} must be a finite float >= 0. Got {eps!r} instead.")
+
+
+def _check_index(index: Any, n: int, owner: str) -> int:
+    if isinstance(index, torch.Tensor):
+        index = index.item()
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"index passed to {owner} must be an int. Got {index!r}.")
+    if not -n <= index < n:
+        raise ValueError(f"index passed to {owner} must lie in [0, {n}). Got {index}.")
+    return int(index) % n
