@@ -59,7 +59,6 @@ from .vision import (
     VGG16_MIN_SIZE,
     Preprocessing,
     check_image_size,
-    default_canonizers,
     get_preprocessing,
     load_image,
     vgg16_features,
@@ -407,10 +406,8 @@ class DeepNeon(nn.Module):
         if self.composite == "epsilon_gamma_box":
             low, high = self.input_bounds()
             cls = FastEpsilonGammaBox if self.fast else EpsilonGammaBox
-            return cls(low=low, high=high, gamma=self.lrp_gamma, layer_map=layer_map,
-                       canonizers=default_canonizers(self.features))
-        return (FastEpsilonPlusFlat if self.fast else EpsilonPlusFlat)(layer_map=layer_map,
-                                                                       canonizers=default_canonizers(self.features))
+            return cls(low=low, high=high, gamma=self.lrp_gamma, layer_map=layer_map)
+        return (FastEpsilonPlusFlat if self.fast else EpsilonPlusFlat)(layer_map=layer_map)
 
     def neon_composite(self, beta: float | None = None, eps: float | None = None,
                        base: Composite | None = None) -> NeonComposite:

@@ -457,7 +457,7 @@ def _score_share(relevance_out: torch.Tensor, score: torch.Tensor) -> torch.Tens
 
 
 def _centre(layer) -> torch.Tensor | None:
-    """The expansion point of a distance layer, if it keeps one (see :func:`~neon_attrib.functional.squared_distance`)."""
+    """The expansion point of a distance layer, if it keeps one (:func:`~neon_attrib.functional.squared_distance`)."""
     return getattr(layer, "centre", None)
 
 

@@ -1,0 +1,772 @@
+"""Gaussian models as neural networks (SPEC §7): Mahalanobis outlier, PCA reconstruction error, Gaussian mixture
+outlier and membership, and the per-position Gaussian head of PaDiM.
+
+All of them are quadratic forms of the input, ``m_k(x) = (x − μ_k)ᵀ P_k (x − μ_k) = ‖L_kᵀ(x − μ_k)‖²``
+(:class:`~neon_attrib.layers.MahalanobisDistance`), pooled:
+
+====================================  ==========================================  ====================================
+estimator                             score                                       scikit-learn
+====================================  ==========================================  ====================================
+:class:`MahalanobisOutlier`           ``o = (x − μ)ᵀ P (x − μ)``                   ``EmpiricalCovariance.mahalanobis``
+                                                                                  (``MinCovDet``, ``EllipticEnvelope``)
+:class:`PCAResidual`                  ``o = ‖x − x̂‖² = (x − μ)ᵀ(I − WᵀW)(x − μ)``  ``PCA`` reconstruction error
+:class:`GaussianMixtureOutlier`       ``o = −log p(x)``                            ``−GaussianMixture.score_samples``
+:class:`GaussianMixtureMembership`    ``f_c = min_{k≠c} ℓ_c − ℓ_k`` (tied)         ``GaussianMixture.predict``
+:class:`PositionalMahalanobis`        ``m_p`` per spatial position (PaDiM)         —
+====================================  ==========================================  ====================================
+
+The input rule of a quadratic form is ``R_i = (x − μ)_i [P(x − μ)]_i``: it sums to ``o`` exactly, and a feature can
+get negative relevance through correlations (given the other features, its value makes ``x`` *more* typical).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._utils import ArrayLike, as_float_tensor, check_int, check_positive_float, module_dtype_device
+from .composites import register_rule
+from .layers import (
+    LinearClusterDifference,
+    MahalanobisDistance,
+    MeanPool,
+    MinPool,
+    PositionalMahalanobisDistance,
+    SquareRoot,
+    WeightedLogSumExpPool,
+)
+from .models import NeonEstimator
+from .rules import GaussianActivationRule, KMeansActivationRule, PositionalMahalanobisActivationRule
+
+__all__ = [
+    "MahalanobisOutlier",
+    "PCAResidual",
+    "GaussianMixtureOutlier",
+    "GaussianMixtureMembership",
+    "PositionalMahalanobis",
+    "precision_factor",
+]
+
+_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def precision_factor(precision: np.ndarray) -> np.ndarray:
+    """A factor ``L`` (d, d) with ``L Lᵀ = P`` of a symmetric positive semi-definite precision matrix ``P``.
+
+    From the eigendecomposition (``L = V √Λ``, negative rounding noise in Λ clipped to 0), so singular precisions
+    (``pinvh`` of a rank-deficient covariance) work too.
+
+    Examples
+    --------
+    >>> L = precision_factor(np.array([[2.0, 1.0], [1.0, 2.0]]))
+    >>> np.allclose(L @ L.T, [[2.0, 1.0], [1.0, 2.0]])
+    True
+    """
+    precision = np.asarray(precision, dtype=np.float64)
+    values, vectors = np.linalg.eigh((precision + precision.T) / 2)
+    return vectors * np.sqrt(np.clip(values, 0.0, None))
+
+
+def _as_module_tensor(model: torch.nn.Module, array: Any) -> torch.Tensor:
+    dtype, device = module_dtype_device(model)
+    return torch.as_tensor(np.asarray(array, dtype=np.float64)).to(dtype=dtype, device=device)
+
+
+def _fit_array(model: NeonEstimator, X: ArrayLike, minimum: int) -> np.ndarray:
+    data = model._as_tensor(X, check_features=False)
+    if data.shape[0] < minimum:
+        raise ValueError(f"{model._name} needs at least {minimum} samples to fit. Got {data.shape[0]}.")
+    return data.detach().cpu().double().numpy()
+
+
+def _check_fitted_sklearn(estimator: Any, attribute: str, owner: str) -> None:
+    from sklearn.exceptions import NotFittedError
+
+    if not hasattr(estimator, attribute):
+        raise NotFittedError(f"This {type(estimator).__name__} instance is not fitted yet. Call 'fit' before "
+                             f"{owner}.from_sklearn.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class _QuadraticForm(NeonEstimator):
+    """One Gaussian: a :class:`~neon_attrib.layers.MahalanobisDistance` with K = 1 and a (trivial) mean pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.distance = MahalanobisDistance()
+        self.pool = MeanPool()
+
+    def _set_form(self, mean: np.ndarray, factor: np.ndarray) -> None:
+        self.distance.means = _as_module_tensor(self, mean).reshape(1, -1)
+        self.distance.factors = _as_module_tensor(self, factor).reshape(1, factor.shape[0], factor.shape[1])
+        self.n_features_in_ = int(factor.shape[0])
+        self._refresh_fitted()
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """The quadratic form ``o(x)`` of shape (n,) for ``x`` of shape (n, d)."""
+        self._check_fitted()
+        return self.pool(self.distance(self._as_tensor(x)))
+
+    @property
+    def location_(self) -> torch.Tensor:
+        """The centre μ (d,)."""
+        self._check_fitted()
+        return self.distance.means[0]
+
+    @property
+    def precision_(self) -> torch.Tensor:
+        """The matrix ``P = L Lᵀ`` (d, d) of the quadratic form."""
+        self._check_fitted()
+        factor = self.distance.factors[0]
+        return factor @ factor.T
+
+
+class MahalanobisOutlier(_QuadraticForm):
+    """Squared Mahalanobis distance ``o(x) = (x − μ)ᵀ P (x − μ)`` to a Gaussian fitted on the data.
+
+    Equals scikit-learn's ``EmpiricalCovariance.mahalanobis`` (and that of ``MinCovDet``, ``EllipticEnvelope`` and
+    the other covariance estimators): build it with :meth:`from_sklearn` or :func:`~neon_attrib.neuralize`.
+    Relevance: ``R_i = (x − μ)_i [P(x − μ)]_i``, exact.
+
+    Parameters
+    ----------
+    robust : bool
+        Fit with the minimum covariance determinant (``sklearn.covariance.MinCovDet``) instead of the empirical
+        covariance (robust to outliers in the training data).
+    reg : float
+        Added to the covariance's diagonal before inverting it (PaDiM uses 0.01); 0 (default) inverts it as it is
+        (a pseudo-inverse if it is singular).
+    seed : int, optional
+        Seed of MinCovDet's random subsets.
+
+    Attributes
+    ----------
+    offset_ : float or None
+        ``EllipticEnvelope``'s threshold when built from one: :meth:`decision_function` is then its decision function.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).normal(size=(200, 3))
+    >>> model = MahalanobisOutlier().double().fit(X)
+    >>> model(np.zeros((1, 3))).shape
+    torch.Size([1])
+    """
+
+    _state_attributes = ("robust", "reg", "seed", "n_features_in_", "offset_")
+    _refit_parameters = ("robust", "reg", "seed")
+
+    def __init__(self, robust: bool = False, reg: float = 0.0, seed: int | None = None):
+        super().__init__()
+        self.robust = robust
+        self.reg = reg
+        self.seed = seed
+        self.offset_: float | None = None
+
+    def _validate_hyperparameters(self) -> None:
+        if not isinstance(self.robust, (bool, np.bool_)):
+            raise ValueError(f"The 'robust' parameter of {self._name} must be a bool. Got {self.robust!r} instead.")
+        _check_reg(self.reg, self._name)
+        if self.seed is not None:
+            check_int(self.seed, owner=self._name, name="seed", minimum=0)
+
+    def fit(self, X: ArrayLike, y: Any = None) -> MahalanobisOutlier:
+        """Estimate μ and the covariance of ``X`` (n_samples >= 2), invert it. Returns ``self``."""
+        from scipy.linalg import pinvh
+        from sklearn.covariance import EmpiricalCovariance, MinCovDet
+
+        self._validate_hyperparameters()
+        data = _fit_array(self, X, 2)
+        estimator = MinCovDet(random_state=self.seed) if self.robust else EmpiricalCovariance()
+        estimator.fit(data)
+        if self.reg:
+            precision = pinvh(estimator.covariance_ + self.reg * np.eye(data.shape[1]))
+        else:
+            precision = estimator.get_precision()
+        self.offset_ = None
+        self._set_form(estimator.location_, precision_factor(precision))
+        return self
+
+    @torch.no_grad()
+    def mahalanobis(self, x: ArrayLike) -> torch.Tensor:
+        """Squared Mahalanobis distances (n,), as scikit-learn's ``mahalanobis(x)``."""
+        return self(x)
+
+    @torch.no_grad()
+    def decision_function(self, x: ArrayLike) -> torch.Tensor:
+        """``−o(x) − offset_``: ``EllipticEnvelope.decision_function`` (> 0 for inliers); needs ``offset_``."""
+        if self.offset_ is None:
+            raise ValueError(f"This {self._name} has no decision threshold ('offset_'): build it from a fitted "
+                             f"EllipticEnvelope to use decision_function.")
+        return -self(x) - self.offset_
+
+    @classmethod
+    def from_sklearn(cls, estimator: Any, **kwargs: Any) -> MahalanobisOutlier:
+        """Build from a fitted scikit-learn covariance estimator (``EmpiricalCovariance``, ``MinCovDet``,
+        ``EllipticEnvelope``, ``LedoitWolf``, ...): its ``location_`` and ``get_precision()``. float64.
+
+        Raises
+        ------
+        TypeError
+            If ``estimator`` is not an ``sklearn.covariance.EmpiricalCovariance`` (or subclass).
+        sklearn.exceptions.NotFittedError
+            If it is not fitted.
+        """
+        from sklearn.covariance import EllipticEnvelope, EmpiricalCovariance, MinCovDet
+
+        if not isinstance(estimator, EmpiricalCovariance):
+            raise TypeError(f"{cls.__name__}.from_sklearn expects a fitted sklearn.covariance estimator "
+                            f"(EmpiricalCovariance, MinCovDet, EllipticEnvelope, ...). Got {type(estimator).__name__}.")
+        _check_fitted_sklearn(estimator, "location_", cls.__name__)
+        seed = getattr(estimator, "random_state", None)
+        model = cls(robust=isinstance(estimator, MinCovDet), seed=seed if isinstance(seed, int) else None,
+                    **kwargs).double()
+        model._validate_hyperparameters()
+        model._set_form(estimator.location_, precision_factor(estimator.get_precision()))
+        model.offset_ = float(estimator.offset_) if isinstance(estimator, EllipticEnvelope) else None
+        return model
+
+
+class PCAResidual(_QuadraticForm):
+    """PCA reconstruction error ``o(x) = ‖x − x̂‖² = (x − μ)ᵀ(I − WᵀW)(x − μ)``, ``x̂`` the projection of x on the
+    principal subspace (``W`` = the components).
+
+    Equals ``‖x − pca.inverse_transform(pca.transform(x))‖²`` for a scikit-learn ``PCA(whiten=False)``. Stored as the
+    squared norm of ``Bᵀ(x − μ)``, ``B`` an orthonormal basis of the residual space (d − r columns). Relevance:
+    ``R_i = (x − μ)_i [(I − WᵀW)(x − μ)]_i = r_i (x − μ)_i`` with ``r = x − x̂`` the residual, exact.
+
+    Parameters
+    ----------
+    n_components : int
+        Number r of principal components (1 <= r < d for a non-trivial residual).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).normal(size=(100, 4))
+    >>> model = PCAResidual(n_components=2).double().fit(X)
+    >>> model.residual_basis_.shape
+    torch.Size([4, 2])
+    """
+
+    _state_attributes = ("n_components", "n_features_in_")
+    _refit_parameters = ("n_components",)
+
+    def __init__(self, n_components: int = 1):
+        super().__init__()
+        self.n_components = n_components
+
+    def _validate_hyperparameters(self) -> None:
+        check_int(self.n_components, owner=self._name, name="n_components", minimum=1)
+
+    def fit(self, X: ArrayLike, y: Any = None) -> PCAResidual:
+        """Principal components of ``X`` (scikit-learn's ``PCA``, full SVD). Returns ``self``."""
+        from sklearn.decomposition import PCA
+
+        self._validate_hyperparameters()
+        data = _fit_array(self, X, 2)
+        if self.n_components > min(data.shape):
+            raise ValueError(f"The 'n_components' parameter of {self._name} must be <= min(n_samples, n_features) "
+                             f"= {min(data.shape)}. Got {self.n_components} instead.")
+        pca = PCA(n_components=self.n_components, svd_solver="full").fit(data)
+        self._set_pca(pca.mean_, pca.components_)
+        return self
+
+    def _set_pca(self, mean: np.ndarray, components: np.ndarray) -> None:
+        components = np.asarray(components, dtype=np.float64)
+        r, d = components.shape
+        _, _, vt = np.linalg.svd(components, full_matrices=True)
+        self._set_form(mean, vt[r:].T.copy())  # (d, d − r): orthonormal, orthogonal to every component
+
+    @property
+    def residual_basis_(self) -> torch.Tensor:
+        """Orthonormal basis B (d, d − r) of the residual space: ``o(x) = ‖Bᵀ(x − μ)‖²``."""
+        self._check_fitted()
+        return self.distance.factors[0]
+
+    @torch.no_grad()
+    def reconstruction_error(self, x: ArrayLike) -> torch.Tensor:
+        """``‖x − x̂‖²`` (n,), the same as ``forward``."""
+        return self(x)
+
+    @classmethod
+    def from_sklearn(cls, pca: Any, **kwargs: Any) -> PCAResidual:
+        """Build from a fitted ``sklearn.decomposition.PCA`` (or ``IncrementalPCA``) with ``whiten=False`` (float64).
+
+        Raises
+        ------
+        TypeError
+            If ``pca`` is not a PCA / IncrementalPCA.
+        ValueError
+            If it whitens (then ``inverse_transform`` rescales, and the residual is not a fixed quadratic form of x).
+        sklearn.exceptions.NotFittedError
+            If it is not fitted.
+        """
+        from sklearn.decomposition import PCA, IncrementalPCA
+
+        if not isinstance(pca, (PCA, IncrementalPCA)):
+            raise TypeError(f"{cls.__name__}.from_sklearn expects a fitted sklearn.decomposition.PCA or "
+                            f"IncrementalPCA. Got {type(pca).__name__}.")
+        if pca.whiten:
+            raise ValueError(f"{cls.__name__}.from_sklearn needs whiten=False: the 'whiten' parameter of the "
+                             f"{type(pca).__name__} must be False. Got whiten=True.")
+        _check_fitted_sklearn(pca, "components_", cls.__name__)
+        model = cls(n_components=int(pca.components_.shape[0]), **kwargs).double()
+        model._validate_hyperparameters()
+        model._set_pca(pca.mean_, pca.components_)
+        return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _mixture_components(weights: np.ndarray, means: np.ndarray, precisions_cholesky: np.ndarray,
+                        covariance_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per component: the precision factor ``L_k`` (K, d, d) and ``c_k = log π_k + log det L_k − (d/2) log 2π``
+    (scikit-learn's ``_estimate_log_gaussian_prob`` plus the log weight)."""
+    means = np.asarray(means, dtype=np.float64)
+    chol = np.asarray(precisions_cholesky, dtype=np.float64)
+    k, d = means.shape
+    if covariance_type == "full":
+        factors = chol
+        log_det = np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(1)
+    elif covariance_type == "tied":
+        factors = np.broadcast_to(chol, (k, d, d)).copy()
+        log_det = np.full(k, np.log(np.diag(chol)).sum())
+    elif covariance_type == "diag":
+        factors = np.stack([np.diag(row) for row in chol])
+        log_det = np.log(chol).sum(1)
+    else:  # spherical
+        factors = chol[:, None, None] * np.eye(d)
+        log_det = d * np.log(chol)
+    log_weights = np.log(np.asarray(weights, dtype=np.float64)) + log_det - 0.5 * d * math.log(2 * math.pi)
+    return factors, log_weights
+
+
+def _check_mixture(gmm: Any, owner: str) -> None:
+    from sklearn.mixture import GaussianMixture
+
+    if not isinstance(gmm, GaussianMixture):
+        raise TypeError(f"{owner}.from_sklearn expects a fitted sklearn.mixture.GaussianMixture. "
+                        f"Got {type(gmm).__name__}.")
+    _check_fitted_sklearn(gmm, "precisions_cholesky_", owner)
+
+
+class _MixtureParameters:
+    """Validation of the hyperparameters the two mixture estimators share."""
+
+    def _validate_mixture(self) -> None:
+        check_int(self.n_components, owner=self._name, name="n_components", minimum=self._min_components)
+        check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
+        check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
+        if self.seed is not None:
+            check_int(self.seed, owner=self._name, name="seed", minimum=0)
+        check_positive_float(self.reg_covar, owner=self._name, name="reg_covar")
+        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
+
+    def _sklearn_mixture(self, covariance_type: str) -> Any:
+        from sklearn.mixture import GaussianMixture
+
+        return GaussianMixture(n_components=self.n_components, covariance_type=covariance_type, n_init=self.n_init,
+                               max_iter=self.max_iter, reg_covar=self.reg_covar, random_state=self.seed)
+
+
+class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
+    """Gaussian mixture outlier score ``o(x) = −log p(x) = −log Σ_k π_k N(x | μ_k, Σ_k)`` (all covariance types).
+
+    Two layers: :class:`~neon_attrib.layers.MahalanobisDistance` gives the energies ``h_k = m_k(x)/2`` (half the
+    squared Mahalanobis distances), :class:`~neon_attrib.layers.WeightedLogSumExpPool` with α = −1 and
+    ``log w_k = log π_k + ½ log det P_k − (d/2) log 2π`` gives ``o = −log Σ_k exp(log w_k − h_k)``. Equals
+    ``−GaussianMixture.score_samples(x)``.
+
+    The top rule gives component ``k`` its posterior share ``R_k = r_k(x) · o(x)`` (``predict_proba``); the
+    Mahalanobis rule then hands it to the features, ``R_i = Σ_k (x − μ_k)_i [P_k(x − μ_k)]_i / m_k · R_k``. Both
+    conserve exactly. ``o(x)`` is negative where the density exceeds 1 (narrow components, small-scale features): a
+    negative outlierness means "more typical than a unit density"; the relevance then sums to that negative score,
+    with negative relevance on the features that make x typical.
+
+    Parameters
+    ----------
+    n_components : int
+        Number of components K.
+    covariance_type : {"full", "tied", "diag", "spherical"}
+        As scikit-learn's.
+    seed : int, optional
+        Seed of the initialisation.
+    n_init, max_iter, reg_covar :
+        As scikit-learn's ``GaussianMixture``.
+    beta : float, optional
+        Sharpness of the responsibilities in the explanation; ``None`` (default) = 1: the posterior.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).normal(size=(200, 2))
+    >>> model = GaussianMixtureOutlier(n_components=2, seed=0).double().fit(X)
+    >>> model.predict_proba(X[:3]).sum(1)
+    tensor([1., 1., 1.], dtype=torch.float64)
+    """
+
+    _state_attributes = ("n_components", "covariance_type", "seed", "n_init", "max_iter", "reg_covar", "beta",
+                         "n_features_in_")
+    _refit_parameters = ("n_components", "covariance_type", "seed", "n_init", "max_iter", "reg_covar")
+    _min_components = 1
+
+    def __init__(self, n_components: int = 1, covariance_type: str = "full", seed: int | None = None, *,
+                 n_init: int = 1, max_iter: int = 100, reg_covar: float = 1e-6, beta: float | None = None):
+        super().__init__()
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.seed = seed
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.reg_covar = reg_covar
+        self.beta = beta
+        self.distance = MahalanobisDistance()
+        self.pool = WeightedLogSumExpPool(alpha=-1.0)
+
+    def _validate_hyperparameters(self) -> None:
+        self._validate_mixture()
+        if self.covariance_type not in _COVARIANCE_TYPES:
+            raise ValueError(f"The 'covariance_type' parameter of {self._name} must be one of {_COVARIANCE_TYPES}. "
+                             f"Got {self.covariance_type!r} instead.")
+
+    def _configure_layers(self) -> None:
+        self.pool.beta = None if self.beta is None else float(self.beta)
+
+    def fit(self, X: ArrayLike, y: Any = None) -> GaussianMixtureOutlier:
+        """Fit scikit-learn's ``GaussianMixture`` on ``X`` (float64) and neuralize it. Returns ``self``."""
+        self._validate_hyperparameters()
+        data = _fit_array(self, X, max(2, self.n_components))
+        gmm = self._sklearn_mixture(self.covariance_type).fit(data)
+        self._set_mixture(gmm)
+        return self
+
+    def _set_mixture(self, gmm: Any) -> None:
+        factors, log_weights = _mixture_components(gmm.weights_, gmm.means_, gmm.precisions_cholesky_,
+                                                   gmm.covariance_type)
+        self.distance.means = _as_module_tensor(self, gmm.means_)
+        self.distance.factors = _as_module_tensor(self, factors / math.sqrt(2.0))  # h_k = m_k / 2
+        self.pool.log_weights = _as_module_tensor(self, log_weights)
+        self.n_features_in_ = int(factors.shape[1])
+        self._refresh_fitted()
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """Outlier scores ``o(x) = −log p(x)`` (n,)."""
+        self._check_fitted()
+        return self.pool(self.distance(self._as_tensor(x)))
+
+    @torch.no_grad()
+    def score_samples(self, x: ArrayLike) -> torch.Tensor:
+        """``log p(x)`` (n,), as scikit-learn's ``GaussianMixture.score_samples``."""
+        return -self(x)
+
+    @torch.no_grad()
+    def predict_proba(self, x: ArrayLike) -> torch.Tensor:
+        """Posterior responsibilities (n, K), as ``GaussianMixture.predict_proba``."""
+        self._check_fitted()
+        h = self.distance(self._as_tensor(x))
+        return torch.softmax(self.pool.log_weights - h, dim=-1)
+
+    @torch.no_grad()
+    def predict(self, x: ArrayLike) -> torch.Tensor:
+        """The most probable component (n,), as ``GaussianMixture.predict``."""
+        self._check_fitted()
+        return (self.pool.log_weights - self.distance(self._as_tensor(x))).argmax(-1)
+
+    @classmethod
+    def from_sklearn(cls, gmm: Any, **kwargs: Any) -> GaussianMixtureOutlier:
+        """Build from a fitted ``sklearn.mixture.GaussianMixture`` of any covariance type (float64).
+
+        Raises
+        ------
+        TypeError
+            If ``gmm`` is not a GaussianMixture (``BayesianGaussianMixture`` weighs its components differently).
+        sklearn.exceptions.NotFittedError
+            If it is not fitted.
+        """
+        _check_mixture(gmm, cls.__name__)
+        seed = gmm.random_state if isinstance(gmm.random_state, int) else None
+        model = cls(n_components=gmm.n_components, covariance_type=gmm.covariance_type, seed=seed,
+                    n_init=gmm.n_init, max_iter=gmm.max_iter, reg_covar=gmm.reg_covar, **kwargs).double()
+        model._validate_hyperparameters()
+        model._set_mixture(gmm)
+        return model
+
+
+class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
+    """Membership evidence of a tied-covariance Gaussian mixture, ``f_c(x) = min_{k≠c} (ℓ_c(x) − ℓ_k(x))`` for every
+    component c, ``ℓ_k = log π_k N(x | μ_k, Σ)`` (SPEC §7).
+
+    With one shared covariance the log-likelihood ratios are linear in x, exactly as for k-means:
+    ``h_ck = w_ckᵀx + b_ck`` with ``w_ck = P(μ_c − μ_k)`` (:class:`~neon_attrib.layers.LinearClusterDifference`),
+    then a min pooling (:class:`~neon_attrib.layers.MinPool`). ``model(x)`` has shape (n, K); ``f_c(x) > 0`` exactly
+    for the component ``GaussianMixture.predict`` assigns x to. The k-means rules apply (w²-share in input space,
+    ``R_i = a_i Σ_k p_k w_ki`` on CNN activations).
+
+    Other covariance types give quadratic log-likelihood ratios and raise.
+
+    Parameters
+    ----------
+    n_components : int
+        K >= 2.
+    seed, n_init, max_iter, reg_covar :
+        As scikit-learn's ``GaussianMixture`` (``covariance_type="tied"``).
+    beta : float, optional
+        Soft-argmin sharpness; ``None`` = 1 / mean training evidence (as :class:`~neon_attrib.models.KMeansMembership`),
+        1 when built without data.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.r_[np.zeros((20, 2)), np.ones((20, 2)) * 5] + np.random.default_rng(0).normal(size=(40, 2))
+    >>> model = GaussianMixtureMembership(n_components=2, seed=0).double().fit(X)
+    >>> model(X).shape
+    torch.Size([40, 2])
+    """
+
+    _state_attributes = ("n_components", "seed", "n_init", "max_iter", "reg_covar", "beta", "n_features_in_",
+                         "default_beta_")
+    _refit_parameters = ("n_components", "seed", "n_init", "max_iter", "reg_covar")
+    _min_components = 2
+
+    def __init__(self, n_components: int = 2, seed: int | None = None, *, n_init: int = 1, max_iter: int = 100,
+                 reg_covar: float = 1e-6, beta: float | None = None):
+        super().__init__()
+        self.n_components = n_components
+        self.seed = seed
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.reg_covar = reg_covar
+        self.beta = beta
+        self.default_beta_: float | None = None
+        self.difference = LinearClusterDifference()
+        self.pool = MinPool()
+
+    def _validate_hyperparameters(self) -> None:
+        self._validate_mixture()
+
+    def _refresh_fitted(self) -> None:
+        self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))
+
+    def _configure_layers(self) -> None:
+        if self.n_features_in_ is not None:
+            self._refresh_fitted()
+
+    def fit(self, X: ArrayLike, y: Any = None) -> GaussianMixtureMembership:
+        """Fit a tied-covariance ``GaussianMixture`` on ``X`` (float64) and neuralize it. Returns ``self``."""
+        self._validate_hyperparameters()
+        data = _fit_array(self, X, self.n_components)
+        gmm = self._sklearn_mixture("tied").fit(data)
+        self._set_tied(gmm, data)
+        return self
+
+    @torch.no_grad()
+    def _set_tied(self, gmm: Any, data: np.ndarray | torch.Tensor | None) -> None:
+        means = np.asarray(gmm.means_, dtype=np.float64)
+        chol = np.asarray(gmm.precisions_cholesky_, dtype=np.float64)  # (d, d), P = chol cholᵀ
+        k = means.shape[0]
+        centre = means.mean(0)
+        whitened = (means - centre) @ chol  # ν_k = Lᵀ(μ_k − x₀): μ'ᵀPμ' = ‖ν‖²
+        log_pi = np.log(np.asarray(gmm.weights_, dtype=np.float64))
+        sq = (whitened**2).sum(1)
+        others = [[j for j in range(k) if j != c] for c in range(k)]
+        weight = np.stack([np.stack([(whitened[c] - whitened[j]) @ chol.T for j in row]) for c, row in
+                           enumerate(others)])
+        bias = np.stack([[0.5 * (sq[j] - sq[c]) + log_pi[c] - log_pi[j] for j in row] for c, row in enumerate(others)])
+        self.difference.weight = _as_module_tensor(self, weight)
+        self.difference.bias = _as_module_tensor(self, bias)
+        self.difference.centre = _as_module_tensor(self, centre)
+        self.difference.others = torch.tensor(others, dtype=torch.long, device=self.difference.weight.device)
+        self.n_features_in_ = int(means.shape[1])
+        self.default_beta_ = 1.0
+        if data is not None:
+            evidence = self.pool(self.difference(_as_module_tensor(self, data))).amax(-1).clamp_min(0)
+            mean_evidence = float(evidence.mean()) if evidence.numel() else 0.0
+            self.default_beta_ = 1.0 / mean_evidence if mean_evidence > 0 else 1.0
+        self._refresh_fitted()
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """Membership evidence ``f_c(x)`` for every component, shape (n, K)."""
+        self._check_fitted()
+        return self.pool(self.difference(self._as_tensor(x)))
+
+    @torch.no_grad()
+    def predict(self, x: ArrayLike) -> torch.Tensor:
+        """The component ``argmax_c f_c(x)`` (n,), as ``GaussianMixture.predict``."""
+        return self(x).argmax(-1)
+
+    def default_target(self, output: torch.Tensor) -> torch.Tensor:
+        """The target :func:`~neon_attrib.explain` uses when none is given: the predicted component."""
+        return output.argmax(-1)
+
+    @classmethod
+    def from_sklearn(cls, gmm: Any, X: ArrayLike | None = None, **kwargs: Any) -> GaussianMixtureMembership:
+        """Build from a fitted ``GaussianMixture(covariance_type="tied")`` (float64); ``X`` (optional, the training
+        data) sets the default β.
+
+        Raises
+        ------
+        TypeError
+            If ``gmm`` is not a GaussianMixture.
+        ValueError
+            If its covariance type is not ``"tied"`` (the log-likelihood ratios are then quadratic, not linear).
+        sklearn.exceptions.NotFittedError
+            If it is not fitted.
+        """
+        _check_mixture(gmm, cls.__name__)
+        if gmm.covariance_type != "tied":
+            raise ValueError(f"{cls.__name__} needs covariance_type='tied' (linear log-likelihood ratios, like "
+                             f"k-means); the 'covariance_type' parameter of the GaussianMixture is "
+                             f"{gmm.covariance_type!r}. Use GaussianMixtureOutlier (neuralize(gmm)) for the "
+                             f"outlier score of any covariance type.")
+        if gmm.n_components < 2:
+            raise ValueError(f"{cls.__name__} needs a GaussianMixture with n_components >= 2. "
+                             f"Got {gmm.n_components}.")
+        seed = gmm.random_state if isinstance(gmm.random_state, int) else None
+        model = cls(n_components=gmm.n_components, seed=seed, n_init=gmm.n_init, max_iter=gmm.max_iter,
+                    reg_covar=gmm.reg_covar, **kwargs).double()
+        model._validate_hyperparameters()
+        data = None
+        if X is not None:
+            model.n_features_in_ = int(np.asarray(gmm.means_).shape[1])
+            try:
+                data = model._as_tensor(X)
+            finally:
+                model.n_features_in_ = None
+        model._set_tied(gmm, data)
+        return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class PositionalMahalanobis(NeonEstimator):
+    """PaDiM's head: one Gaussian ``(μ_p, Σ_p + reg·I)`` per spatial position ``p`` of a feature map, and the squared
+    Mahalanobis distance ``m_p(a) = (a_p − μ_p)ᵀ P_p (a_p − μ_p)`` of each location to its own position's Gaussian
+    (``√m_p`` with ``sqrt=True``, PaDiM's patch score).
+
+    Shape contract (:class:`~neon_attrib.layers.PositionalMahalanobisDistance`): feature maps (n, C, h, w) give
+    scores (n, h, w); location rows (n·h·w, C), location-major per image (row ``i·h·w + y·w + x``, the layout of
+    :class:`~neon_attrib.deep.DeepNeon`), give scores (n·h·w,). So it works both on its own, stacked after a
+    feature extractor (explain one patch with ``target``, or all of them after a pooling), and as a ``DeepNeon`` head
+    (fit it on feature maps first, or give it ``n_positions``).
+
+    Relevance: per position the Mahalanobis rule, ``R_pi = (a_p − μ_p)_i [P_p(a_p − μ_p)]_i / m_p · R_p`` (exact), or
+    on CNN activations ``R_pi = a_pi [P_p(a_p − μ_p)]_i / m_p · R_p`` (the rest dissipated, inactive channels 0).
+
+    Parameters
+    ----------
+    reg : float
+        Added to each covariance's diagonal (PaDiM: 0.01), which makes every ``Σ_p`` invertible.
+    n_positions : int, optional
+        Number of positions ``h·w``; needed only to fit on location rows (fitting on feature maps sets it).
+    sqrt : bool
+        Output the Mahalanobis distance ``√m_p`` instead of its square (relevance passes the root unchanged).
+
+    Attributes
+    ----------
+    map_shape_ : tuple of int or None
+        ``(h, w)`` when fitted on feature maps.
+
+    Examples
+    --------
+    >>> maps = torch.rand(10, 4, 3, 3)
+    >>> head = PositionalMahalanobis().fit(maps)
+    >>> head(maps[:2]).shape
+    torch.Size([2, 3, 3])
+    """
+
+    _state_attributes = ("reg", "n_positions", "sqrt", "n_features_in_", "map_shape_")
+    _refit_parameters = ("reg", "n_positions")
+
+    def __init__(self, reg: float = 0.01, n_positions: int | None = None, *, sqrt: bool = False):
+        super().__init__()
+        self.reg = reg
+        self.n_positions = n_positions
+        self.sqrt = sqrt
+        self.map_shape_: tuple[int, int] | None = None
+        self.distance = PositionalMahalanobisDistance()
+        self.root = SquareRoot()
+
+    def _validate_hyperparameters(self) -> None:
+        _check_reg(self.reg, self._name)
+        if self.n_positions is not None:
+            check_int(self.n_positions, owner=self._name, name="n_positions", minimum=1)
+        if not isinstance(self.sqrt, (bool, np.bool_)):
+            raise ValueError(f"The 'sqrt' parameter of {self._name} must be a bool. Got {self.sqrt!r} instead.")
+
+    def _configure_layers(self) -> None:
+        self.distance.map_shape = None if self.map_shape_ is None else tuple(self.map_shape_)
+
+    def _input(self, x: ArrayLike, name: str = "X") -> torch.Tensor:
+        dtype, device = module_dtype_device(self)
+        tensor = as_float_tensor(x, dtype=dtype, device=device, owner=self._name, name=name)
+        if tensor.ndim not in (2, 4):
+            raise ValueError(f"{name} passed to {self._name} must be feature maps (n, C, h, w) or location rows "
+                             f"(n·h·w, C). Got shape {tuple(tensor.shape)}.")
+        if self.n_features_in_ is not None and tensor.shape[1] != self.n_features_in_:
+            raise ValueError(f"{name} has {tensor.shape[1]} channels, but {self._name} was fitted with "
+                             f"{self.n_features_in_} channels.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} passed to {self._name} contains NaN or infinity.")
+        return tensor
+
+    @torch.no_grad()
+    def fit(self, X: ArrayLike, y: Any = None) -> PositionalMahalanobis:
+        """Fit one Gaussian per position on feature maps (n, C, h, w), or on location rows (n·L, C) with
+        ``n_positions = L`` set; n >= 2 images. Returns ``self``."""
+        self._validate_hyperparameters()
+        data = self._input(X)
+        if data.ndim == 4:
+            n, c, h, w = data.shape
+            if self.n_positions is not None and self.n_positions != h * w:
+                raise ValueError(f"X has {h * w} positions ({h}x{w}), but the 'n_positions' parameter of "
+                                 f"{self._name} is {self.n_positions}.")
+            rows, map_shape = data.permute(0, 2, 3, 1).reshape(n, h * w, c), (h, w)
+        else:
+            if self.n_positions is None:
+                raise ValueError(f"{self._name} fits on location rows (n·L, C) only with the 'n_positions' parameter "
+                                 f"set (L = h·w); or fit it on feature maps (n, C, h, w).")
+            if data.shape[0] % self.n_positions:
+                raise ValueError(f"X has {data.shape[0]} rows, not a multiple of n_positions={self.n_positions}.")
+            rows, map_shape = data.reshape(-1, self.n_positions, data.shape[1]), None
+        if rows.shape[0] < 2:
+            raise ValueError(f"{self._name} needs at least 2 images to fit. Got {rows.shape[0]}.")
+        rows = rows.double()
+        mean = rows.mean(0)  # (L, C)
+        factors = torch.empty(rows.shape[1], rows.shape[2], rows.shape[2], dtype=torch.float64, device=rows.device)
+        identity = torch.eye(rows.shape[2], dtype=torch.float64, device=rows.device)
+        for start in range(0, rows.shape[1], 256):  # bounded (block, C, C) temporaries
+            centred = rows[:, start:start + 256] - mean[start:start + 256]
+            cov = torch.einsum("nlc,nld->lcd", centred, centred) / (rows.shape[0] - 1) + self.reg * identity
+            chol = torch.linalg.cholesky(cov)  # Σ = G Gᵀ, P = G⁻ᵀG⁻¹: L = G⁻ᵀ
+            factors[start:start + 256] = torch.linalg.solve_triangular(chol, identity, upper=False).transpose(-1, -2)
+        dtype = module_dtype_device(self)[0]
+        self.distance.means = mean.to(dtype)
+        self.distance.factors = factors.to(dtype)
+        self.map_shape_ = map_shape
+        self.n_features_in_ = int(rows.shape[2])
+        self._refresh_fitted()
+        return self
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """Scores per position: (n, h, w) for feature maps, (n·L,) for location rows."""
+        self._check_fitted()
+        scores = self.distance(self._input(x, name="x"))
+        return self.root(scores) if self.sqrt else scores
+
+
+def _check_reg(value: Any, owner: str) -> None:
+    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+          and np.isfinite(value) and value >= 0)
+    if not ok:
+        raise ValueError(f"The 'reg' parameter of {owner} must be a finite float >= 0. Got {value!r} instead.")
+
+
+for _head in (MahalanobisOutlier, PCAResidual, GaussianMixtureOutlier):
+    register_rule(_head, lambda beta, eps: GaussianActivationRule(beta=beta), mode="activation", covers_children=True)
+register_rule(GaussianMixtureMembership, lambda beta, eps: KMeansActivationRule(beta=beta), mode="activation",
+              covers_children=True)
+register_rule(PositionalMahalanobis, lambda beta, eps: PositionalMahalanobisActivationRule(), mode="activation",
+              covers_children=True)
+del _head

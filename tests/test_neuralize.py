@@ -1,0 +1,446 @@
+"""neuralize: a fitted scikit-learn estimator in, an exactly equivalent NEON network out.
+
+Ground truth is scikit-learn's own output (score_samples, decision_function, mahalanobis, kneighbors, predict, the
+PCA reconstruction error) on random data of several shapes, on points far from the data and on the Wholesale
+customers; float64 to 1e-10 relative, float32 to 1e-6 where the conditioning allows (bounds below).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_no_hooks
+from sklearn.base import clone
+from sklearn.cluster import (
+    DBSCAN,
+    AgglomerativeClustering,
+    BisectingKMeans,
+    KMeans,
+    MiniBatchKMeans,
+    SpectralClustering,
+)
+from sklearn.covariance import EllipticEnvelope, EmpiricalCovariance, LedoitWolf, MinCovDet
+from sklearn.decomposition import PCA, IncrementalPCA
+from sklearn.ensemble import IsolationForest
+from sklearn.exceptions import NotFittedError
+from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
+from sklearn.neighbors import KernelDensity, LocalOutlierFactor, NearestNeighbors
+from sklearn.svm import OneClassSVM
+from torch import nn
+
+from neon_attrib import (
+    DeepNeon,
+    GaussianMixtureMembership,
+    GaussianMixtureOutlier,
+    KDEOutlier,
+    KMeansMembership,
+    KNNOutlier,
+    MahalanobisOutlier,
+    OneClassSVMOutlier,
+    PCAResidual,
+    PositionalMahalanobis,
+    WeightedKDEOutlier,
+    explain,
+    neuralize,
+)
+from neon_attrib.datasets import load_wholesale, preprocess_wholesale
+from neon_attrib.pipeline import ConservationWarning
+
+F64 = torch.float64
+SHAPES = [(60, 2), (150, 5), (80, 12)]
+
+
+def _data(rng, n, d):
+    """Correlated Gaussian data, and queries: near the data and far from it."""
+    mixing = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+    X = rng.normal(size=(n, d)) @ mixing + rng.normal(size=d)
+    queries = np.r_[rng.normal(size=(6, d)) @ mixing, rng.normal(size=(3, d)) * 30 + 50]
+    return X, queries
+
+
+def close(ours, reference, rtol, scale=None):
+    """``|ours − ref| <= rtol · scale`` elementwise (scale: |ref| by default)."""
+    ours = ours.detach().double().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
+    scale = np.abs(reference) if scale is None else scale
+    np.testing.assert_array_less(np.abs(ours - reference), rtol * scale + 1e-300)
+
+
+@pytest.fixture(scope="module")
+def wholesale():
+    return preprocess_wholesale(load_wholesale()[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# equality with scikit-learn
+def kde_reference(x, X, bandwidth, weights=None):
+    """Brute-force float64 log-density of a (weighted) Gaussian KDE."""
+    from scipy.special import logsumexp
+
+    weights = np.ones(len(X)) if weights is None else weights
+    h = ((x[:, None] - X[None]) ** 2).sum(-1)
+    log_norm = 0.5 * X.shape[1] * np.log(2 * np.pi * bandwidth**2)
+    return logsumexp(-h / (2 * bandwidth**2), b=weights / weights.sum(), axis=1) - log_norm
+
+
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_kernel_density_plain_and_weighted(rng, n, d):
+    X, x = _data(rng, n, d)
+    near, far = x[:6], x[6:]
+    weights = rng.uniform(0.2, 3.0, size=n)
+    for sample_weight, expected in ((None, KDEOutlier), (weights, WeightedKDEOutlier)):
+        kde = KernelDensity(bandwidth=1.3).fit(X, sample_weight=sample_weight)
+        model = neuralize(kde, dtype=F64)
+        assert type(model) is expected
+        close(model.score_samples(near), kde.score_samples(near), 1e-10)
+        # far from the data scikit-learn's tree-based sums are themselves off (by 0.1 to 100 in log-density here):
+        # the reference there is the exact log-sum-exp
+        close(model.score_samples(far), kde_reference(far, X, 1.3, sample_weight), 1e-10)
+        close(neuralize(kde).score_samples(near), kde.score_samples(near), 1e-6)  # float32
+
+
+@pytest.mark.parametrize("cls", [KMeans, MiniBatchKMeans])
+def test_kmeans_and_minibatch_kmeans(rng, blobs, cls):
+    km = cls(n_clusters=3, n_init=3, random_state=0).fit(blobs)
+    model = neuralize(km, X=blobs, dtype=F64)
+    assert type(model) is KMeansMembership
+    x = np.r_[blobs, rng.normal(size=(20, 4)) * 5, rng.normal(size=(3, 4)) * 100]
+    assert (model.predict(x).numpy() == km.predict(x)).all()
+    sq = ((x[:, None] - km.cluster_centers_[None]) ** 2).sum(-1)
+    c = sq.argmin(1)
+    evidence = np.array([min(sq[i, k] - sq[i, c[i]] for k in range(3) if k != c[i]) for i in range(len(x))])
+    close(model(x).amax(1), evidence, 1e-10, scale=sq.max(1))
+    assert (neuralize(km).predict(x.astype(np.float32)).numpy() == km.predict(x)).all()
+
+
+def test_bisecting_kmeans_only_where_tree_and_centroids_agree(rng):
+    X = np.r_[rng.normal(size=(40, 2)), rng.normal(size=(40, 2)) + 20, rng.normal(size=(40, 2)) + [0, 40]]
+    agreeing = BisectingKMeans(n_clusters=3, random_state=0).fit(X)
+    model = neuralize(agreeing, X=X, dtype=F64)
+    assert (model.predict(X).numpy() == agreeing.predict(X)).all()
+    with pytest.raises(ValueError, match="needs the training data of a BisectingKMeans"):
+        neuralize(agreeing)
+    Y = rng.normal(size=(300, 2))
+    tree = BisectingKMeans(n_clusters=8, random_state=0).fit(Y)
+    nearest = ((Y[:, None] - tree.cluster_centers_[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest != tree.predict(Y)).any()  # this tree does disagree
+    with pytest.raises(ValueError, match=r"on \d+ of the 300 points of X its prediction is not the nearest centroid"):
+        neuralize(tree, X=Y)
+
+
+@pytest.mark.parametrize("n,d", SHAPES)
+@pytest.mark.parametrize("k", [1, 4])
+def test_nearest_neighbors(rng, n, d, k):
+    X, x = _data(rng, n, d)
+    nn_ = NearestNeighbors(n_neighbors=k).fit(X)
+    dist, index = nn_.kneighbors(x)
+    model = neuralize(nn_, dtype=F64)
+    assert type(model) is KNNOutlier
+    ours, our_index = model.kneighbors(x)
+    close(ours, dist, 1e-10)
+    assert (our_index.numpy() == index).all()
+    for forward in (model, model.score):
+        close(forward(x), (dist**2).mean(1), 1e-10)
+    model.fused = True
+    close(model(x), (dist**2).mean(1), 1e-10)
+    if k == 1:
+        close(neuralize(nn_, sqrt=True, dtype=F64)(x), dist[:, 0], 1e-10)  # PatchCore: Euclidean distance
+    # float32: the neighbours' distances are recomputed from differences, so they keep float32 precision
+    single = neuralize(nn_, fused=True)
+    close(single(x), (dist**2).mean(1), 1e-6)
+    close(single.kneighbors(x)[0], dist, 1e-6)
+
+
+def test_nearest_neighbors_chunked_search_and_options(rng):
+    X, x = rng.normal(size=(5000, 8)), rng.normal(size=(20, 8))
+    nn_ = NearestNeighbors(n_neighbors=3, algorithm="brute").fit(X)
+    dist, index = nn_.kneighbors(x)
+    model = neuralize(nn_, chunk_size=333, dtype=F64)  # chunks of uneven size, k across chunk borders
+    ours, our_index = model.kneighbors(x)
+    close(ours, dist, 1e-10)
+    assert (our_index.numpy() == index).all()
+    assert neuralize(nn_, k=7, dtype=F64).n_neighbors == 7
+    close(neuralize(nn_, k=7, dtype=F64)(x), (nn_.kneighbors(x, 7)[0] ** 2).mean(1), 1e-10)
+    assert neuralize(NearestNeighbors(metric="minkowski", p=2).fit(X)).n_neighbors == 5
+
+
+@pytest.mark.parametrize("cls", [EmpiricalCovariance, MinCovDet, EllipticEnvelope, LedoitWolf])
+def test_covariance_estimators(rng, cls):
+    X, x = _data(rng, 120, 4)
+    estimator = cls(random_state=0).fit(X) if cls in (MinCovDet, EllipticEnvelope) else cls().fit(X)
+    model = neuralize(estimator, dtype=F64)
+    assert type(model) is MahalanobisOutlier
+    close(model.mahalanobis(x), estimator.mahalanobis(x), 1e-10)
+    close(neuralize(estimator)(x), estimator.mahalanobis(x), 1e-6)
+    if cls is EllipticEnvelope:
+        close(model.decision_function(x), estimator.decision_function(x), 1e-10,
+              scale=np.abs(estimator.decision_function(x)) + abs(estimator.offset_))
+    else:
+        with pytest.raises(ValueError, match="no decision threshold"):
+            model.decision_function(x)
+
+
+@pytest.mark.parametrize("n,d,r", [(60, 3, 1), (150, 8, 3), (80, 12, 11)])
+def test_pca_reconstruction_error(rng, n, d, r):
+    X, x = _data(rng, n, d)
+    for pca in (PCA(n_components=r).fit(X), IncrementalPCA(n_components=r).fit(X)):
+        reference = ((x - pca.inverse_transform(pca.transform(x))) ** 2).sum(1)
+        model = neuralize(pca, dtype=F64)
+        assert type(model) is PCAResidual
+        close(model.reconstruction_error(x), reference, 1e-10)
+        close(neuralize(pca)(x), reference, 1e-5)  # a difference of the input and its projection: ~1e-6 relative
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+def test_gaussian_mixture_outlier(rng, covariance_type):
+    X, x = _data(rng, 200, 3)
+    gmm = GaussianMixture(n_components=3, covariance_type=covariance_type, random_state=0).fit(X)
+    model = neuralize(gmm, dtype=F64)
+    assert type(model) is GaussianMixtureOutlier
+    reference = gmm.score_samples(x)
+    close(model.score_samples(x), reference, 1e-10)
+    close(model(x), -reference, 1e-10)
+    assert (model.predict(x).numpy() == gmm.predict(x)).all()
+    np.testing.assert_allclose(model.predict_proba(x[:6]).numpy(), gmm.predict_proba(x[:6]), atol=1e-10)
+    # float32: −log p is a log-sum-exp of energies of size ~m/2; its error is relative to those, not to o ≈ 0
+    energies = model.distance(torch.as_tensor(x)).amin(1).numpy()
+    close(neuralize(gmm)(x), -reference, 1e-6, scale=np.abs(reference) + energies + 1)
+
+
+def test_gaussian_mixture_membership_tied(rng):
+    X = np.r_[rng.normal(size=(60, 3)), rng.normal(size=(60, 3)) + 3, rng.normal(size=(60, 3)) - [3, 0, 3]]
+    gmm = GaussianMixture(n_components=3, covariance_type="tied", random_state=0).fit(X)
+    model = neuralize(gmm, membership=True, X=X, dtype=F64)
+    assert type(model) is GaussianMixtureMembership
+    x = np.r_[X, rng.normal(size=(20, 3)) * 4, rng.normal(size=(3, 3)) * 100]
+    evidence = model(x)
+    predicted = gmm.predict(x)
+    assert (evidence.argmax(1).numpy() == predicted).all()
+    assert ((evidence > 0).numpy() == (np.arange(3) == predicted[:, None])).all()  # > 0 iff predict says so
+    log_prob = gmm._estimate_weighted_log_prob(x)  # ℓ_k (scikit-learn's own)
+    reference = np.array([min(log_prob[i, c] - log_prob[i, k] for k in range(3) if k != c)
+                          for i, c in enumerate(predicted)])
+    close(evidence.amax(1), reference, 1e-10, scale=np.abs(log_prob).max(1))
+    assert model.default_beta_ > 0
+    for covariance_type in ("full", "diag", "spherical"):
+        other = GaussianMixture(n_components=2, covariance_type=covariance_type, random_state=0).fit(X)
+        with pytest.raises(ValueError, match="needs covariance_type='tied'"):
+            neuralize(other, membership=True)
+
+
+@pytest.mark.parametrize("gamma", [0.3, "scale"])
+def test_one_class_svm(rng, gamma):
+    X, x = _data(rng, 150, 4)
+    svm = OneClassSVM(gamma=gamma, nu=0.2).fit(X)
+    model = neuralize(svm, dtype=F64)
+    assert type(model) is OneClassSVMOutlier
+    decision = svm.decision_function(x)
+    # exp(−γ o) − ρ: the subtraction is relative to ρ (decisions near the boundary are differences of ~ρ)
+    close(model.decision_function(x), decision, 1e-10, scale=np.abs(decision) + svm.offset_[0])
+    close(torch.exp(-model.gamma_ * model(x)) - model.offset_, decision, 1e-10,
+          scale=np.abs(decision) + svm.offset_[0])
+    close(model.score_samples(x), svm.score_samples(x), 1e-10, scale=np.abs(svm.score_samples(x)) + 1e-12)
+    assert (model.predict(x).numpy() == svm.predict(x)).all()
+    single = neuralize(svm)
+    close(single.decision_function(x), decision, 1e-6, scale=np.abs(decision) + svm.offset_[0])
+
+
+def test_wholesale_every_model(wholesale):
+    X = wholesale
+    far = np.r_[X[:20], X[:3] * 10]
+    kde = KernelDensity(bandwidth=1 / np.sqrt(2)).fit(X)  # γ = 1, the book's setting
+    close(neuralize(kde, dtype=F64).score_samples(X[:20]), kde.score_samples(X[:20]), 1e-10)
+    close(neuralize(kde, dtype=F64).score_samples(far), kde_reference(far, X, 1 / np.sqrt(2)), 1e-10)
+    km = KMeans(n_clusters=6, n_init=10, random_state=8).fit(X)
+    assert (neuralize(km, dtype=F64).predict(far).numpy() == km.predict(far)).all()
+    nn_ = NearestNeighbors(n_neighbors=5).fit(X)
+    close(neuralize(nn_, dtype=F64)(far), (nn_.kneighbors(far)[0] ** 2).mean(1), 1e-10)
+    cov = MinCovDet(random_state=0).fit(X)
+    close(neuralize(cov, dtype=F64)(far), cov.mahalanobis(far), 1e-10)
+    pca = PCA(n_components=2).fit(X)
+    close(neuralize(pca, dtype=F64)(far), ((far - pca.inverse_transform(pca.transform(far))) ** 2).sum(1), 1e-10)
+    gmm = GaussianMixture(n_components=4, random_state=0).fit(X)
+    close(neuralize(gmm, dtype=F64).score_samples(far), gmm.score_samples(far), 1e-10)
+    svm = OneClassSVM(gamma=0.5, nu=0.1).fit(X)
+    decision = svm.decision_function(far)
+    close(neuralize(svm, dtype=F64).decision_function(far), decision, 1e-10, scale=np.abs(decision) + svm.offset_[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# errors
+@pytest.mark.parametrize("estimator", [IsolationForest(), LocalOutlierFactor(), DBSCAN(), SpectralClustering(),
+                                       AgglomerativeClustering(), BayesianGaussianMixture()])
+def test_unsupported_estimators_list_what_is_supported(estimator):
+    with pytest.raises(TypeError, match=rf"does not support {type(estimator).__name__}.*Supported: KernelDensity"):
+        neuralize(estimator)
+
+
+def test_errors_name_class_parameter_expected_and_received(rng):
+    X = rng.normal(size=(30, 3))
+    for unfitted in (KernelDensity(), KMeans(), NearestNeighbors(), EmpiricalCovariance(), PCA(), GaussianMixture(),
+                     OneClassSVM()):
+        with pytest.raises(NotFittedError, match=f"This {type(unfitted).__name__} instance is not fitted yet"):
+            neuralize(unfitted)
+    cases = [
+        (KernelDensity(kernel="tophat").fit(X), {}, ValueError, "kernel='gaussian'. Got kernel='tophat'"),
+        (NearestNeighbors(metric="manhattan").fit(X), {}, ValueError, "Euclidean metric.*metric='manhattan'"),
+        (NearestNeighbors(metric="precomputed").fit(np.abs(X @ X.T)), {}, ValueError, "metric='precomputed'"),
+        (PCA(n_components=2, whiten=True).fit(X), {}, ValueError, "'whiten' parameter of the PCA must be False"),
+        (OneClassSVM(kernel="linear").fit(X), {}, ValueError, "needs kernel='rbf'.*is 'linear'"),
+        (GaussianMixture(2, random_state=0).fit(X), {"membership": True}, ValueError, "is 'full'"),
+        (KMeans(2, n_init=1).fit(X), {"k": 3}, TypeError, r"unexpected option\(s\) \['k'\] for KMeans"),
+        (NearestNeighbors(n_neighbors=50).fit(X), {}, ValueError, "'n_neighbors' parameter of KNNOutlier must be an "
+                                                                  "int >= 1|n_neighbors=50 needs at least"),
+        (KMeans(2, n_init=1).fit(X), {"X": X[:, :2]}, ValueError, "X has 2 features, but KMeansMembership was fitted "
+                                                                  "with 3 features"),
+        (KernelDensity().fit(X), {"dtype": torch.int64}, TypeError, "'dtype' parameter of neuralize"),
+    ]
+    for estimator, options, error, message in cases:
+        with pytest.raises(error, match=message):
+            neuralize(estimator, **options)
+
+
+@pytest.mark.parametrize("make", [
+    lambda X: neuralize(NearestNeighbors(n_neighbors=2).fit(X)),
+    lambda X: neuralize(EmpiricalCovariance().fit(X)),
+    lambda X: neuralize(PCA(2).fit(X)),
+    lambda X: neuralize(GaussianMixture(2, random_state=0).fit(X)),
+    lambda X: neuralize(GaussianMixture(2, covariance_type="tied", random_state=0).fit(X), membership=True),
+    lambda X: neuralize(OneClassSVM(gamma=0.5).fit(X)),
+    lambda X: neuralize(KernelDensity().fit(X, sample_weight=np.arange(1, len(X) + 1))),
+])
+def test_bad_inputs_raise_clearly_and_change_nothing(rng, make):
+    X = rng.normal(size=(40, 3))
+    model = make(X)
+    name = type(model).__name__
+    before = {key: value.clone() for key, value in model.state_dict().items() if isinstance(value, torch.Tensor)}
+    x = torch.as_tensor(X[:4], dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"x has 2 features, but {name} was fitted with 3 features|"
+                                         f"X has 2 features, but {name} was fitted with 3 features"):
+        model(x[:, :2])
+    with pytest.raises(ValueError, match=f"passed to {name} contains NaN"):
+        model(torch.full((2, 3), float("nan")))
+    with pytest.raises(TypeError, match="has dtype torch.float64"):
+        model(x.double())
+    with pytest.raises(ValueError, match=f"passed to {name} contains NaN"):
+        model.fit(np.full((10, 3), np.nan))
+    # a bad rule hyperparameter, or a fitted-state one set without refitting
+    param = "beta" if "beta" in model.get_params() else model._refit_parameters[0]
+    with pytest.raises(ValueError, match=f"'{param}' parameter of (this fitted )?{name}"):
+        model.set_params(**{param: -1.0})
+    after = model.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
+    assert model.get_params() == clone(model).get_params()
+
+
+def test_explain_every_model_with_no_hooks_left(rng):
+    X = rng.normal(size=(40, 3))
+    x = rng.normal(size=(5, 3))
+    for model in (neuralize(NearestNeighbors(n_neighbors=2).fit(X), dtype=F64),
+                  neuralize(MinCovDet(random_state=0).fit(X), dtype=F64),
+                  neuralize(PCA(1).fit(X), dtype=F64),
+                  neuralize(GaussianMixture(2, covariance_type="diag", random_state=0).fit(X), dtype=F64),
+                  neuralize(OneClassSVM(gamma=0.5).fit(X), eps=0.0, dtype=F64)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConservationWarning)
+            relevance, output = explain(model, x, return_output=True)
+        np.testing.assert_allclose(relevance.sum(1).numpy(), output.numpy(), rtol=1e-9, atol=1e-12)
+        assert torch.equal(explain(model, x), relevance)
+        assert_no_hooks(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the estimators' own fit, state dicts, clone
+def test_own_fit_equals_sklearn(rng):
+    X, x = _data(rng, 100, 4)
+    knn = KNNOutlier(n_neighbors=3).double().fit(X)
+    close(knn(x), (NearestNeighbors(n_neighbors=3).fit(X).kneighbors(x)[0] ** 2).mean(1), 1e-10)
+    close(MahalanobisOutlier().double().fit(X)(x), EmpiricalCovariance().fit(X).mahalanobis(x), 1e-10)
+    robust = MahalanobisOutlier(robust=True, seed=0).double().fit(X)
+    close(robust(x), MinCovDet(random_state=0).fit(X).mahalanobis(x), 1e-10)
+    padim_like = MahalanobisOutlier(reg=0.01).double().fit(X)
+    cov = np.cov(X.T, bias=True) + 0.01 * np.eye(4)
+    diff = x - X.mean(0)
+    close(padim_like(x), np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff), 1e-10)
+    pca = PCA(2).fit(X)
+    close(PCAResidual(2).double().fit(X)(x), ((x - pca.inverse_transform(pca.transform(x))) ** 2).sum(1), 1e-10)
+    gmm = GaussianMixture(2, covariance_type="diag", random_state=0).fit(X)
+    close(GaussianMixtureOutlier(2, "diag", seed=0).double().fit(X).score_samples(x), gmm.score_samples(x), 1e-10)
+    tied = GaussianMixture(2, covariance_type="tied", random_state=0).fit(X)
+    assert (GaussianMixtureMembership(2, seed=0).double().fit(X).predict(x).numpy() == tied.predict(x)).all()
+    svm = OneClassSVM(gamma=0.3, nu=0.3).fit(X)
+    ours = OneClassSVMOutlier(gamma=0.3, nu=0.3).double().fit(X)
+    close(ours.decision_function(x), svm.decision_function(x), 1e-10, scale=abs(svm.decision_function(x)) + 1)
+    uniform = WeightedKDEOutlier(gamma=0.4).double().fit(X)
+    close(uniform(x), KDEOutlier(gamma=0.4).double().fit(X)(x).numpy(), 1e-12)
+
+
+def test_positional_mahalanobis_per_position_gaussians(rng):
+    maps = torch.as_tensor(rng.normal(size=(12, 3, 2, 4)))
+    head = PositionalMahalanobis(reg=0.01).double().fit(maps)
+    queries = torch.as_tensor(rng.normal(size=(2, 3, 2, 4)) * 2)
+    scores = head(queries)
+    assert scores.shape == (2, 2, 4)
+    for y in range(2):
+        for x in range(4):
+            rows = maps[:, :, y, x].numpy()
+            precision = np.linalg.inv(np.cov(rows.T) + 0.01 * np.eye(3))
+            diff = queries[:, :, y, x].numpy() - rows.mean(0)
+            close(scores[:, y, x], np.einsum("ni,ij,nj->n", diff, precision, diff), 1e-10)
+    rows = queries.permute(0, 2, 3, 1).reshape(-1, 3)  # DeepNeon's location-major rows
+    close(head(rows), scores.reshape(-1).numpy(), 1e-12)
+    close(PositionalMahalanobis(sqrt=True).double().fit(maps)(queries), scores.sqrt().numpy(), 1e-12)
+    row_fit = PositionalMahalanobis(n_positions=8).double().fit(maps.permute(0, 2, 3, 1).reshape(-1, 3))
+    close(row_fit(rows), scores.reshape(-1).numpy(), 1e-10)
+    with pytest.raises(ValueError, match=r"expects feature maps \(n, 3, 2, 4\)"):
+        head(torch.zeros(1, 3, 4, 2, dtype=F64))
+    with pytest.raises(ValueError, match="only with the 'n_positions' parameter"):
+        PositionalMahalanobis().double().fit(rows)
+    with pytest.raises(ValueError, match="x has 5 channels, but PositionalMahalanobis was fitted with 3"):
+        head(torch.zeros(1, 5, 2, 4, dtype=F64))
+
+
+@pytest.mark.parametrize("make", [
+    lambda X: KNNOutlier(n_neighbors=3, sqrt=True, beta=0.5).fit(X),
+    lambda X: MahalanobisOutlier(reg=0.1).fit(X),
+    lambda X: PCAResidual(2).fit(X),
+    lambda X: GaussianMixtureOutlier(2, "spherical", seed=0, beta=2.0).fit(X),
+    lambda X: GaussianMixtureMembership(3, seed=0).fit(X),
+    lambda X: WeightedKDEOutlier(gamma=0.5).fit(X, sample_weight=np.arange(1, len(X) + 1)),
+    lambda X: OneClassSVMOutlier(gamma=0.5, nu=0.2).fit(X),
+    lambda X: PositionalMahalanobis(n_positions=4, sqrt=True).fit(X),
+    lambda X: neuralize(EllipticEnvelope(random_state=0).fit(X)),
+])
+def test_state_dict_round_trip_into_fresh_instance(make, blobs):
+    model = make(blobs)
+    fresh = type(model)(**clone(model).get_params())
+    fresh.load_state_dict(model.state_dict())
+    x = torch.as_tensor(blobs[:8], dtype=torch.float32)
+    assert torch.equal(fresh(x), model(x))
+    assert torch.equal(explain(fresh, x), explain(model, x))
+    assert fresh.get_params() == model.get_params()
+    assert not list(model.parameters())  # buffers, not parameters
+    double = make(blobs).double()
+    assert double(x.double()).dtype == F64
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# heads on a CNN
+@pytest.mark.parametrize("head", [
+    KNNOutlier(3), KNNOutlier(1, sqrt=True, fused=True), KNNOutlier(2, beta=1.0), MahalanobisOutlier(reg=1e-3),
+    PCAResidual(2), GaussianMixtureOutlier(2, seed=0), GaussianMixtureMembership(2, seed=0),
+    WeightedKDEOutlier(0.5), OneClassSVMOutlier(gamma=0.5, nu=0.3), PositionalMahalanobis(n_positions=64),
+], ids=lambda head: type(head).__name__)
+def test_every_head_inside_deep_neon(head):
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    images = torch.randn(6, 3, 8, 8)
+    deep = DeepNeon(features, head, preprocessing="torchvision").fit(images[:4], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConservationWarning)
+        relevance, audit = explain(deep, images[4:], return_audit=True)
+    assert relevance.shape == (2, 3, 8, 8)
+    assert bool(torch.isfinite(relevance).all()) and audit.ok
+    assert_no_hooks(deep)
