@@ -58,7 +58,8 @@ __version__ = "0.1.0"
 #: Subpackages and modules reachable as attributes, imported on first access (PEP 562).
 _SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
                "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
-               "estimator", "kde", "kmeans")
+               "estimator", "kde", "kmeans",
+               "gaussian", "kernels", "neighbors")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {
@@ -68,7 +69,13 @@ _LAZY = {
     "deletion_curve": "evaluation", "insertion_curve": "evaluation",
     "heatmap": "viz", "overlay": "viz", "save_heatmap": "viz",
     "DEC": "dec", "ActivationClusteringSurrogate": "dec", "DECHead": "dec",
+    "neuralize": "neuralize", "KNNOutlier": "neighbors", "MahalanobisOutlier": "gaussian", "PCAResidual": "gaussian",
+    "GaussianMixtureOutlier": "gaussian", "GaussianMixtureMembership": "gaussian",
+    "PositionalMahalanobis": "gaussian", "WeightedKDEOutlier": "kernels", "OneClassSVMOutlier": "kernels",
 }
+
+# the function and its module share a name: bind the function now, or importing the module would shadow it
+from .neuralize import neuralize  # noqa: E402
 
 __all__ = [
     "explain",

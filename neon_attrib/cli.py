@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``neon-attrib`` console script."""
+    """Entry point of the ``neon-attrib`` console script.
+
+    Exit codes: 0 success; 2 a usage error (bad arguments, unreadable inputs, an unusable output folder: one line on
+    stderr, as argparse does); 1 an operating-system error while writing (disk full, ...: one line on stderr);
+    130 interrupted (Ctrl-C).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -46,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"neon-attrib {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"neon-attrib {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"neon-attrib {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

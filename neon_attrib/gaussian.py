@@ -29,6 +29,7 @@ import torch
 
 from ._utils import ArrayLike, as_float_tensor, check_int, check_positive_float, module_dtype_device
 from .composites import register_rule
+from .estimator import NeonEstimator
 from .layers import (
     LinearClusterDifference,
     MahalanobisDistance,
@@ -38,7 +39,6 @@ from .layers import (
     SquareRoot,
     WeightedLogSumExpPool,
 )
-from .models import NeonEstimator
 from .rules import GaussianActivationRule, KMeansActivationRule, PositionalMahalanobisActivationRule
 
 __all__ = [

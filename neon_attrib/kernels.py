@@ -22,9 +22,9 @@ import torch
 
 from ._utils import ArrayLike, check_int, check_positive_float, module_dtype_device
 from .composites import register_rule
+from .estimator import NeonEstimator
 from .functional import DEFAULT_CHUNK
 from .layers import SquaredDistance, WeightedLogSumExpPool
-from .models import NeonEstimator
 from .rules import WeightedKDEOutlierActivationRule
 
 __all__ = ["WeightedKDEOutlier", "OneClassSVMOutlier"]

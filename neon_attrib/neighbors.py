@@ -21,9 +21,9 @@ import torch
 
 from ._utils import ArrayLike, check_int, check_positive_float
 from .composites import register_rule
+from .estimator import NeonEstimator
 from .functional import DEFAULT_CHUNK, k_nearest
 from .layers import KMinPool, SquaredDistance, SquareRoot
-from .models import NeonEstimator
 from .rules import KNNOutlierActivationRule
 
 __all__ = ["KNNOutlier"]

@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 from ._utils import ArrayLike
+from .estimator import NeonEstimator
 from .gaussian import GaussianMixtureMembership, GaussianMixtureOutlier, MahalanobisOutlier, PCAResidual
+from .kde import KDEOutlier
 from .kernels import OneClassSVMOutlier, WeightedKDEOutlier
-from .models import KDEOutlier, KMeansMembership, NeonEstimator
+from .kmeans import KMeansMembership
 from .neighbors import KNNOutlier
 
 __all__ = ["neuralize", "SUPPORTED"]

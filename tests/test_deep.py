@@ -489,7 +489,7 @@ def test_cli_explain_end_to_end(tmp_path, capsys):
     _write_pngs(tmp_path / "fit", [(64, 64, 3), (70, 64, 3)])
     out = tmp_path / "out"
     code = cli_main(["explain", targets[0], "--fit", str(tmp_path / "fit"), "--head", "kde-outlier", "--head", "kmeans",
-                     "--clusters", "2", "--size", "64", "--out", str(out), "--quiet"])
+                     "--clusters", "2", "--explain-clusters", "all", "--size", "64", "--out", str(out), "--quiet"])
     assert code == 0
     assert "RANDOM weights" in capsys.readouterr().err
     report = json.loads((out / "scores.json").read_text())
