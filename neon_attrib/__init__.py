@@ -58,8 +58,7 @@ __version__ = "0.1.0"
 #: Subpackages and modules reachable as attributes, imported on first access (PEP 562).
 _SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
                "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
-               "estimator", "kde", "kmeans",
-               "gaussian", "kernels", "neighbors")
+               "gaussian", "kernels", "neighbors", "estimator", "kde", "kmeans", "sanity")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {
