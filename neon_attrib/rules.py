@@ -456,6 +456,13 @@ def _score_share(relevance_out: torch.Tensor, score: torch.Tensor) -> torch.Tens
     return safe_divide(relevance_out, score).unsqueeze(-1)
 
 
+def _gradient_is_kmin(module) -> bool:
+    """Whether autograd's gradient of ``module`` (a k-NN head) is that of the hard k-min, ``2(a − ū)``: heads declare it
+    with a class attribute ``_kmin_gradient_forward`` naming their ``forward`` (a subclass overriding it no longer
+    matches, and the rule then searches the neighbours itself)."""
+    return getattr(type(module), "_kmin_gradient_forward", None) is type(module).forward
+
+
 def _centre(layer) -> torch.Tensor | None:
     """The expansion point of a distance layer, if it keeps one (:func:`~neon_attrib.functional.squared_distance`)."""
     return getattr(layer, "centre", None)
@@ -466,15 +473,29 @@ class KNNOutlierActivationRule(_BetaHook):
 
     With ``p`` the k-min weights (hard: ``1/k`` on the k nearest support points; soft: ``softmin_β(h)``), each
     ``R_j = p_j h_j`` splits into ``p_j aᵀ(a − u_j)`` (propagated) and ``p_j u_jᵀ(u_j − a)`` (dissipated), and the sum
-    over ``j`` has the closed form ``R_i = a_i (a_i − ū_i) · R / o(a)``, ``ū = Σ_j p_j u_j``. One chunked pass over
-    the support set; inactive neurons (``a_i = 0``) receive exactly 0. With ``sqrt`` the head outputs ``√o`` and its
-    relevance passes down unchanged (only the ratio ``R / o`` uses ``o``).
+    over ``j`` has the closed form ``R_i = a_i (a_i − ū_i) · R / o(a)``, ``ū = Σ_j p_j u_j``. With the hard weights
+    ``ū`` is read off autograd's gradient of the score (``∇o = 2(a − ū)``, computed anyway in the backward pass), so
+    the explanation costs no second search of the support set; soft weights take one chunked pass. Inactive neurons
+    (``a_i = 0``) receive exactly 0. With ``sqrt`` the head outputs ``√o`` and its relevance passes down unchanged
+    (only the ratio ``R / o`` uses ``o``).
 
     Parameters
     ----------
     beta : float, optional
         ``None``: the head's (hard k-min unless it was given a β); a float: soft-argmin weights over all support points.
     """
+
+    def backward(self, module, grad_input, grad_output):
+        beta = self.beta if self.beta is not None else module.pool.beta
+        gradient = grad_input[0]
+        if gradient is not None and beta is None and _gradient_is_kmin(module):
+            # hard k-min: autograd's ∇o(a)·R = 2(a − ū)·R is the rule's ū already (∇√o = ∇o / 2√o with sqrt), so
+            # R_i = a_i ∇_i out · R · (√o / o or 1 / 2o) needs no second search of the support set
+            x, out = self.stored_tensors["input"], self.stored_tensors["output"]
+            scale = safe_divide(torch.full_like(out, 1.0 if module.sqrt else 0.5), out).unsqueeze(-1)
+            relevance = x * gradient.detach().to(x.dtype) * scale
+            return (relevance.to(gradient.dtype),) + (None,) * (len(grad_input) - 1)
+        return super().backward(module, grad_input, grad_output)
 
     def relevance(self, module, x, out, relevance_out):
         beta = self.beta if self.beta is not None else module.pool.beta

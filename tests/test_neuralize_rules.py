@@ -243,6 +243,11 @@ def test_knn_activation_rule_matches_naive(activations, beta):
         assert bool((relevance[torch.as_tensor(a) == 0] == 0).all())
     model.fused = True  # the fused forward gives the same relevance
     np.testing.assert_allclose(explain(model, a, composite=ACTIVATION).numpy(), relevance.numpy(), rtol=1e-12)
+    # the hard rule reads ū off the score's gradient; its own search of the support set gives the same numbers
+    with torch.no_grad():
+        x = torch.as_tensor(a)
+        direct = KNNOutlierActivationRule().relevance(model, x, model(x), model(x))
+    np.testing.assert_allclose(direct.numpy(), relevance.numpy(), rtol=1e-10, atol=1e-13)
 
 
 def test_svm_activation_rule_matches_naive(activations):
