@@ -58,12 +58,18 @@ from .evaluation import (
 )
 from .layers import (
     ClusterDifference,
+    KMinPool,
+    LinearClusterDifference,
     LocationPool,
     LogMeanExpPool,
+    MahalanobisDistance,
     MeanPool,
     MinPool,
+    PositionalMahalanobisDistance,
     RandomCosineFeatures,
     SquaredDistance,
+    SquareRoot,
+    WeightedLogSumExpPool,
 )
 from .models import KDEInlier, KDEOutlier, KMeansMembership
 from .pipeline import resolve_composite, resolve_targets
@@ -697,7 +703,8 @@ def _comparison_figure(result: Comparison, x: torch.Tensor, feature_names: Seque
 
 #: NEON leaf layers that carry a class-level Captum rule once this module is imported.
 CAPTUM_LAYERS = (SquaredDistance, LogMeanExpPool, RandomCosineFeatures, MeanPool, ClusterDifference, MinPool,
-                 LocationPool)
+                 LocationPool, KMinPool, SquareRoot, MahalanobisDistance, WeightedLogSumExpPool,
+                 LinearClusterDifference, PositionalMahalanobisDistance)
 for _layer_class in CAPTUM_LAYERS:
     _layer_class.rule = _CaptumRule()
 del _layer_class

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from captum.attr import LRP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.covariance import EmpiricalCovariance
@@ -368,5 +369,16 @@ def test_rules_keep_hyperparameters_and_work_through_captum(rng):
     X = rng.normal(size=(50, 3))
     x = torch.as_tensor(rng.normal(size=(4, 3)))
     for model in (neuralize(NearestNeighbors(n_neighbors=2).fit(X), sqrt=True, dtype=F64),
-                  neuralize(GaussianMixture(2, random_state=0).fit(X), dtype=F64)):
-        assert torch.equal(NeonLRP(model).attribute(x), explain(model, x))
+                  neuralize(GaussianMixture(2, random_state=0).fit(X), dtype=F64),
+                  neuralize(PCA(1).fit(X), dtype=F64),
+                  neuralize(OneClassSVM(gamma=0.5).fit(X), dtype=F64),
+                  neuralize(GaussianMixture(2, covariance_type="tied", random_state=0).fit(X), membership=True,
+                            dtype=F64)):
+        expected = explain(model, x)
+        assert torch.equal(NeonLRP(model).attribute(x), expected)
+        # Captum's own LRP: the new layers carry a class-level rule too
+        output = model(x)
+        target = None if output.ndim == 1 else output.argmax(1)
+        with pytest.warns(UserWarning, match="did not already require gradients"):
+            torch.testing.assert_close(LRP(model).attribute(x.clone(), target=target), expected, rtol=1e-10,
+                                       atol=1e-12)
