@@ -7,7 +7,11 @@ customers; float64 to 1e-10 relative, float32 to 1e-6 where the conditioning all
 
 from __future__ import annotations
 
+import doctest
+import importlib
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -444,3 +448,28 @@ def test_every_head_inside_deep_neon(head):
     assert relevance.shape == (2, 3, 8, 8)
     assert bool(torch.isfinite(relevance).all()) and audit.ok
     assert_no_hooks(deep)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# documentation
+@pytest.mark.parametrize("name", ["neon_attrib.neighbors", "neon_attrib.gaussian", "neon_attrib.kernels",
+                                  "neon_attrib.neuralize"])
+def test_docstring_examples(name):
+    import neon_attrib
+
+    globs = {"np": np, "torch": torch, **{key: getattr(neon_attrib, key) for key in neon_attrib.__all__}}
+    result = doctest.testmod(importlib.import_module(name), extraglobs=globs,
+                             optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_models_page_examples_run():
+    """Every python block of docs/models.md, in order, in one namespace."""
+    import neon_attrib
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text(encoding="utf-8")
+    namespace = {key: getattr(neon_attrib, key) for key in neon_attrib.__all__}
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        exec(compile(block, "docs/models.md", "exec"), namespace)
