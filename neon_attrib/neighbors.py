@@ -203,9 +203,9 @@ class KNNOutlier(NeonEstimator):
         metric = getattr(neighbors, "effective_metric_", neighbors.metric)
         if neighbors.metric == "precomputed" or metric != "euclidean" or getattr(
                 neighbors, "effective_metric_params_", None):
-            raise ValueError(f"{cls.__name__}.from_sklearn needs the Euclidean metric (metric='euclidean', or "
-                             f"'minkowski' with p=2, without metric_params). Got metric={neighbors.metric!r}, "
-                             f"p={neighbors.p!r}.")
+            raise ValueError(f"{cls.__name__}.from_sklearn needs the Euclidean metric: the 'metric' parameter of the "
+                             f"NearestNeighbors must be 'euclidean' (or 'minkowski' with p=2, without metric_params). "
+                             f"Got metric={neighbors.metric!r}, p={neighbors.p!r}.")
         if sparse.issparse(neighbors._fit_X):
             raise ValueError(f"{cls.__name__}.from_sklearn needs NearestNeighbors fitted on dense data. Got a sparse "
                              f"matrix.")
