@@ -51,6 +51,8 @@ __all__ = [
 ]
 
 _COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+#: Positions whose covariances :meth:`PositionalMahalanobis.fit` estimates at once (float64 temporaries).
+_POSITION_BLOCK = 64
 
 
 def precision_factor(precision: np.ndarray) -> np.ndarray:
@@ -648,8 +650,10 @@ class PositionalMahalanobis(NeonEstimator):
     Shape contract (:class:`~neon_attrib.layers.PositionalMahalanobisDistance`): feature maps (n, C, h, w) give
     scores (n, h, w); location rows (n·h·w, C), location-major per image (row ``i·h·w + y·w + x``, the layout of
     :class:`~neon_attrib.deep.DeepNeon`), give scores (n·h·w,). So it works both on its own, stacked after a
-    feature extractor (explain one patch with ``target``, or all of them after a pooling), and as a ``DeepNeon`` head
-    (fit it on feature maps first, or give it ``n_positions``).
+    feature extractor (explain one patch with ``target``, or all of them after a pooling), and as a ``DeepNeon`` head.
+    Fit it on feature maps (``head.fit(features(images))``, then ``DeepNeon(features, head)``), or let
+    ``DeepNeon.fit`` fit it on all location rows with ``n_positions`` set; not on a sample of locations
+    (``max_locations``), which would mix the positions.
 
     Relevance: per position the Mahalanobis rule, ``R_pi = (a_p − μ_p)_i [P_p(a_p − μ_p)]_i / m_p · R_p`` (exact), or
     on CNN activations ``R_pi = a_pi [P_p(a_p − μ_p)]_i / m_p · R_p`` (the rest dissipated, inactive channels 0).
@@ -732,18 +736,27 @@ class PositionalMahalanobis(NeonEstimator):
             rows, map_shape = data.reshape(-1, self.n_positions, data.shape[1]), None
         if rows.shape[0] < 2:
             raise ValueError(f"{self._name} needs at least 2 images to fit. Got {rows.shape[0]}.")
-        rows = rows.double()
-        mean = rows.mean(0)  # (L, C)
-        factors = torch.empty(rows.shape[1], rows.shape[2], rows.shape[2], dtype=torch.float64, device=rows.device)
-        identity = torch.eye(rows.shape[2], dtype=torch.float64, device=rows.device)
-        for start in range(0, rows.shape[1], 256):  # bounded (block, C, C) temporaries
-            centred = rows[:, start:start + 256] - mean[start:start + 256]
-            cov = torch.einsum("nlc,nld->lcd", centred, centred) / (rows.shape[0] - 1) + self.reg * identity
-            chol = torch.linalg.cholesky(cov)  # Σ = G Gᵀ, P = G⁻ᵀG⁻¹: L = G⁻ᵀ
-            factors[start:start + 256] = torch.linalg.solve_triangular(chol, identity, upper=False).transpose(-1, -2)
+        n_images, n_pos, channels = rows.shape
         dtype = module_dtype_device(self)[0]
-        self.distance.means = mean.to(dtype)
-        self.distance.factors = factors.to(dtype)
+        means = torch.empty(n_pos, channels, dtype=dtype, device=rows.device)
+        factors = torch.empty(n_pos, channels, channels, dtype=dtype, device=rows.device)
+        identity = torch.eye(channels, dtype=torch.float64, device=rows.device)
+        for start in range(0, n_pos, _POSITION_BLOCK):  # float64 temporaries of one block of positions only
+            block = rows[:, start:start + _POSITION_BLOCK].double()
+            mean = block.mean(0)
+            centred = block - mean
+            cov = torch.einsum("nlc,nld->lcd", centred, centred) / (n_images - 1) + self.reg * identity
+            chol, info = torch.linalg.cholesky_ex(cov)  # Σ = G Gᵀ, P = G⁻ᵀG⁻¹: L = G⁻ᵀ
+            if bool((info > 0).any()):
+                bad = start + int(torch.nonzero(info)[0])
+                raise ValueError(f"The covariance of {self._name} at position {bad} is singular ({n_images} images, "
+                                 f"{channels} channels): the 'reg' parameter must be > 0 (PaDiM uses 0.01). "
+                                 f"Got reg={self.reg!r}.")
+            means[start:start + _POSITION_BLOCK] = mean.to(dtype)
+            factors[start:start + _POSITION_BLOCK] = torch.linalg.solve_triangular(
+                chol, identity, upper=False).transpose(-1, -2).to(dtype)
+        self.distance.means = means
+        self.distance.factors = factors
         self.map_shape_ = map_shape
         self.n_features_in_ = int(rows.shape[2])
         self._refresh_fitted()

@@ -426,6 +426,10 @@ def test_positional_mahalanobis_per_position_gaussians(rng):
         PositionalMahalanobis().double().fit(rows)
     with pytest.raises(ValueError, match="x has 5 channels, but PositionalMahalanobis was fitted with 3"):
         head(torch.zeros(1, 5, 2, 4, dtype=F64))
+    with pytest.raises(ValueError, match="at position 0 is singular .*'reg' parameter must be > 0"):
+        PositionalMahalanobis(reg=0.0).double().fit(maps[:2])
+    float32 = PositionalMahalanobis().fit(maps.float())  # float64 estimates, stored in the module's dtype
+    close(float32(queries.float()), scores.numpy(), 1e-5)
 
 
 @pytest.mark.parametrize("make", [
