@@ -58,7 +58,7 @@ __version__ = "0.1.0"
 #: Subpackages and modules reachable as attributes, imported on first access (PEP 562).
 _SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
                "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
-               "gaussian", "kernels", "neighbors", "estimator", "kde", "kmeans", "sanity")
+               "gaussian", "kernels", "neighbors", "estimator", "kde", "kmeans", "sanity", "scale")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {
@@ -71,6 +71,7 @@ _LAZY = {
     "neuralize": "neuralize", "KNNOutlier": "neighbors", "MahalanobisOutlier": "gaussian", "PCAResidual": "gaussian",
     "GaussianMixtureOutlier": "gaussian", "GaussianMixtureMembership": "gaussian",
     "PositionalMahalanobis": "gaussian", "WeightedKDEOutlier": "kernels", "OneClassSVMOutlier": "kernels",
+    "explain_dataset": "scale", "fit_dataset": "scale", "open_results": "scale",
 }
 
 # the function and its module share a name: bind the function now, or importing the module would shadow it

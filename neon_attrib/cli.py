@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_explain(commands)
+    try:
+        from ._dataset_cli import register_explain_dataset
+    except ImportError:  # pragma: no cover - zarr is missing
+        pass
+    else:
+        register_explain_dataset(commands)
     return parser
 
 
