@@ -25,8 +25,8 @@ HEADS = ("kde-outlier", "kde-inlier", "kmeans")
 _RANDOM_WEIGHTS_WARNING = """\
 ################################################################################################################
 WARNING: no --weights given: VGG-16 has RANDOM weights. The scores and heatmaps below show the pipeline working,
-         NOT what a trained network sees. Pass --weights PATH (a VGG-16 conv-base state_dict, e.g.
-         shared/data/vgg16_imagenet_features/vgg16_features_keras_imagenet.pth with --preprocessing caffe).
+         NOT what a trained network sees. Pass --weights PATH (a VGG-16 conv-base state_dict, e.g. a conversion
+         of the Keras ImageNet weights with --preprocessing caffe).
 ################################################################################################################"""
 
 _PROG = "neon-attrib explain"
@@ -63,7 +63,7 @@ def register_explain(subparsers: Any) -> argparse.ArgumentParser:
                         help="VGG-16 conv-base state_dict (torch.save); without it: random weights and a warning")
     parser.add_argument("--preprocessing", choices=sorted(PREPROCESSINGS), default="torchvision",
                         help="input normalisation the weights expect (default: %(default)s; 'caffe' for the Keras "
-                             "ImageNet weights in shared/data)")
+                             "ImageNet weights)")
     parser.add_argument("--clusters", type=int, default=5, metavar="K", help="k-means clusters (default: %(default)s)")
     parser.add_argument("--explain-clusters", choices=("assigned", "all"), default="assigned",
                         help="k-means: explain only the assigned cluster (highest pooled score; one LRP pass per "

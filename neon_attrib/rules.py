@@ -111,10 +111,13 @@ class NeonHook(Hook):
 
 
 class _BetaHook(NeonHook):
+    """A rule with a soft-min sharpness ``beta`` (None: the module's default)."""
+
     def __init__(self, beta: float | None = None):
         super().__init__()
-        if beta is not None and not beta > 0:
-            raise ValueError(f"The 'beta' parameter of {type(self).__name__} must be a float > 0. Got {beta!r}.")
+        if beta is not None and not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ValueError(f"The 'beta' parameter of {type(self).__name__} must be a finite float > 0. "
+                             f"Got {beta!r}.")
         self.beta = beta
 
     def _hyperparameters(self) -> dict:
@@ -122,9 +125,11 @@ class _BetaHook(NeonHook):
 
 
 class _EpsHook(NeonHook):
+    """A rule with a stabiliser ``eps`` (None: the module's default)."""
+
     def __init__(self, eps: float | None = None):
         super().__init__()
-        if eps is not None and not eps >= 0:
+        if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
             raise ValueError(f"The 'eps' parameter of {type(self).__name__} must be a float >= 0. Got {eps!r}.")
         self.eps = eps
 

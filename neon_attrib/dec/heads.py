@@ -42,7 +42,7 @@ from zennit.rules import Pass
 from ..composites import NeonComposite, register_rule
 from ..functional import student_t_logits
 from ..layers import ClusterDifference, MinPool
-from ..rules import KMeansActivationRule, NeonHook
+from ..rules import KMeansActivationRule, _BetaHook
 from .model import DEC, FeatureScale, SphereNorm
 
 __all__ = ["TruncatedModel", "DECMembership", "SphereMembershipRule", "DECHead", "ClassEvidence", "ClassEvidenceRule",
@@ -167,7 +167,7 @@ def _membership_relevance(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: 
     return linear + bias
 
 
-class SphereMembershipRule(NeonHook):
+class SphereMembershipRule(_BetaHook):
     """Exactly conservative rule for :class:`DECMembership`: the k-means evidence decomposed on the embedding.
 
     For cluster ``c`` with relevance ``R_c``: ``p = softmin_beta(h_c)`` over the competitors ``k`` and
@@ -187,13 +187,6 @@ class SphereMembershipRule(NeonHook):
     >>> SphereMembershipRule(beta=2.0).copy().beta
     2.0
     """
-
-    def __init__(self, beta: float | None = None):
-        super().__init__()
-        self.beta = beta
-
-    def _hyperparameters(self) -> dict:
-        return {"beta": self.beta}
 
     def relevance(self, module, x, out, relevance_out):
         beta = self.beta if self.beta is not None else module.pool.beta
@@ -315,7 +308,7 @@ class ClassEvidence(nn.Module):
         return torch.einsum("l,nlk,lkc->nc", self.weights.to(z.dtype), q, self.posteriors.to(z.dtype))
 
 
-class ClassEvidenceRule(NeonHook):
+class ClassEvidenceRule(_BetaHook):
     """LRP rule of :class:`ClassEvidence`: the assigned cluster's share of every layer, through its membership rule.
 
     For output relevance ``R_y`` and each layer ``j`` with assigned cluster ``c`` (``argmax_k q^j_k``), the share
@@ -333,13 +326,6 @@ class ClassEvidenceRule(NeonHook):
     >>> ClassEvidenceRule(beta=3.0).copy().beta
     3.0
     """
-
-    def __init__(self, beta: float | None = None):
-        super().__init__()
-        self.beta = beta
-
-    def _hyperparameters(self) -> dict:
-        return {"beta": self.beta}
 
     def relevance(self, module, x, out, relevance_out):
         return _class_evidence_relevance(module, x, out, relevance_out, self.beta)
