@@ -10,9 +10,11 @@ and checks that the attributable heads reproduce DEC's assignments.
     python benchmarks/bench_dec_cifar.py                 # CPU, one thread (~8 min), or CUDA when present
     python benchmarks/bench_dec_cifar.py --device cuda
     python benchmarks/bench_dec_cifar.py --quick         # smoke test on a few hundred images
+    python benchmarks/bench_dec_cifar.py --quick --out /tmp/dec   # ... writing nothing into the repository
 
-Writes ``benchmarks/results/dec_cifar.json`` (``dec_cifar_quick.json`` with ``--quick``), figures shown in the docs to
-``docs/figures/dec_*.png`` and the rest to ``benchmarks/results/dec_*.png``.
+Writes ``benchmarks/results/dec_cifar.json`` (``dec_cifar_quick.json`` with ``--quick``; with the surrogate's training
+diagnostics, per layer), figures shown in the docs to ``docs/figures/dec_*.png`` and the rest to
+``benchmarks/results/dec_*.png`` (everything to ``--out`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from neon_attrib.dec import (  # noqa: E402
     TruncatedModel,
     plots,  # noqa: E402
 )
+from neon_attrib.dec.mixture import layer_proba, mix_layers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = {"baseline_accuracy": 0.869, "surrogate_accuracy": 0.8448, "fidelity": 0.923}
@@ -62,12 +65,11 @@ def _rates(pred: torch.Tensor, labels: torch.Tensor, model_pred: torch.Tensor) -
 
 
 def _evaluate(sur: ActivationClusteringSurrogate, z: dict, labels, model_pred) -> dict:
-    layer_proba = {layer: sur.decs_[layer].proba_from_embedding(z[layer]) @ sur.class_posteriors_[layer]
-                   for layer in sur.layers}
-    out = {"layers": {layer: _rates(p.argmax(1), labels, model_pred) for layer, p in layer_proba.items()},
+    proba = layer_proba(sur.decs_, sur.class_posteriors_, z)
+    out = {"layers": {layer: _rates(p.argmax(1), labels, model_pred) for layer, p in proba.items()},
            "weightings": {}}
     for name, w in WEIGHTINGS.items():
-        mix = sum(wj * layer_proba[layer] for wj, layer in zip(w, sur.layers)) / sum(w)
+        mix = mix_layers(proba, sur.layers, sur.layer_weights(w))
         out["weightings"][name] = _rates(mix.argmax(1), labels, model_pred)
     return out
 
@@ -91,18 +93,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", type=Path, default=None, help="shared data folder (default: ../shared/data)")
     parser.add_argument("--n-clusters", type=int, default=15)
     parser.add_argument("--embedding-dim", type=int, default=20)
-    parser.add_argument("--pretrain-epochs", type=int, default=20)
+    pretraining = parser.add_mutually_exclusive_group()
+    pretraining.add_argument("--pretrain-epochs", type=int, default=None,
+                             help="autoencoder pretraining in epochs over the training images (default 20)")
+    pretraining.add_argument("--pretrain-steps", type=int, default=None,
+                             help="autoencoder pretraining in optimizer steps instead of epochs")
     parser.add_argument("--max-iter", type=int, default=1000, help="DEC fine-tuning steps per layer")
     parser.add_argument("--update-interval", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="DEC minibatch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine two threads wait on each other and "
                              "run up to 8x slower; use 2 on two idle cores; 0 keeps torch's default)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 600 train / 200 test images, 2 epochs")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 600 train / 200 test images, 2 pretraining epochs, 40 fine-tuning steps "
+                             "(expect DECTrainingWarnings: the training is deliberately too short)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--figures", type=Path, default=REPO / "docs" / "figures")
     args = parser.parse_args(argv)
+    if args.pretrain_epochs is None and args.pretrain_steps is None:
+        args.pretrain_epochs = 20
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,7 +126,9 @@ def main(argv=None) -> dict:
     suffix = ""
     if args.quick:
         x_train, y_train, x_test, y_test = x_train[:600], y_train[:600], x_test[:200], y_test[:200]
-        args.pretrain_epochs, args.max_iter = 2, 40
+        args.max_iter = 40
+        if args.pretrain_steps is None:
+            args.pretrain_epochs = 2
         suffix = "_quick"
     fig_docs = args.figures if not args.quick else args.out
     fig_prefix = "dec_" if not args.quick else "dec_quick_"
@@ -125,11 +137,11 @@ def main(argv=None) -> dict:
     penultimate: list[torch.Tensor] = []
     grab = model.flatten.register_forward_hook(lambda m, i, o: penultimate.append(o.detach().cpu()))
 
-    dec_params = {"pretrain_epochs": args.pretrain_epochs, "max_iter": args.max_iter,
-                  "update_interval": args.update_interval, "batch_size": args.batch_size}
     sur = ActivationClusteringSurrogate(model, list(TABLE1_LAYERS), n_clusters=args.n_clusters,
-                                        embedding_dim=args.embedding_dim, dec_params=dec_params, batch_size=256,
-                                        device=device, seed=args.seed, progress=False)
+                                        embedding_dim=args.embedding_dim, pretrain_steps=args.pretrain_steps,
+                                        pretrain_epochs=args.pretrain_epochs, max_iter=args.max_iter,
+                                        update_interval=args.update_interval, dec_batch_size=args.batch_size,
+                                        batch_size=256, device=device, seed=args.seed, progress=False)
     t0 = time.perf_counter()
     sur.fit(x_train, y_train)
     fit_s = time.perf_counter() - t0
@@ -152,7 +164,7 @@ def main(argv=None) -> dict:
     knn_idx = torch.cdist(feat_test, feat_train).topk(10, largest=False).indices
     agree = {}
     for name, w in [("equal", None), ("2,1,0,0", (2, 1, 0, 0)), ("0,0,1,2", (0, 0, 1, 2))]:
-        idx = sur._nearest(res["z"], sur._check_weights(w), 10, 1024)[0]
+        idx = sur._nearest(res["z"], sur.layer_weights(w), 10)[0]
         agree[name] = float((y_train[idx] == y_test.unsqueeze(1)).double().mean())
     agree["knn_penultimate"] = float((y_train[knn_idx] == y_test.unsqueeze(1)).double().mean())
 
@@ -179,7 +191,7 @@ def main(argv=None) -> dict:
     z_show = {layer: v[show] for layer, v in res["z"].items()}
     figures = []
     for name, w in [("equal", (1, 1, 1, 1)), ("2100", (2, 1, 0, 0)), ("0012", (0, 0, 1, 2))]:
-        idx, _ = sur._nearest(z_show, sur._check_weights(w), 10, 1024)
+        idx, _ = sur._nearest(z_show, sur.layer_weights(w), 10)
         path = fig_docs / f"{fig_prefix}similar_{name}.png"
         plots.similar_examples_figure(queries, train_img, idx, [test_titles[i] for i in show], train_titles,
                                       title=f"DEC surrogate, layer weights {w}", path=path)
@@ -221,6 +233,9 @@ def main(argv=None) -> dict:
                          title="LRP: concept membership (first/last layer) and surrogate class evidence", path=path)
     figures.append(path)
 
+    # every hyperparameter of the surrogate and its DECs (not the classifier, the device or the progress flag)
+    params = {k: v for k, v in sur.get_params(deep=False).items()
+              if k not in ("model", "device", "progress", "dec_params")}
     result = {
         "benchmark": "dec_cifar",
         "quick": args.quick,
@@ -229,8 +244,7 @@ def main(argv=None) -> dict:
                     "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
         "data": {"train": int(x_train.shape[0]), "test": int(x_test.shape[0]), "source": "cifar10_subset"},
         "model": "ResNet-56 (option A), akamaster/pytorch_resnet_cifar10",
-        "params": {"layers": list(TABLE1_LAYERS), "n_clusters": args.n_clusters, "embedding_dim": args.embedding_dim,
-                   "alpha": 100.0, "radius": 8.0, **dec_params, "seed": args.seed, "dtype": "float32"},
+        "params": {**{k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}, "dtype": "float32"},
         "paper": PAPER,
         "test": {"baseline_accuracy": baseline, "surrogate_accuracy": headline["accuracy"],
                  "fidelity": headline["fidelity"], **test_eval},
@@ -238,10 +252,13 @@ def main(argv=None) -> dict:
                   **train_eval},
         "similar_examples_label_agreement_at_10": agree,
         "dec": {layer: {"n_iter": dec.n_iter_, "converged": dec.converged_,
-                        "final_pretrain_loss": dec.history_["pretrain_loss"][-1] if dec.history_["pretrain_loss"]
-                        else None, "cluster_sizes": torch.bincount(sur.train_assignments_[layer],
-                                                                   minlength=args.n_clusters).tolist()}
+                        "pretrain_steps": dec.diagnostics_["pretrain_steps"],
+                        "final_pretrain_loss": dec.diagnostics_["pretrain_final_loss"],
+                        "cluster_sizes": torch.bincount(sur.train_assignments_[layer],
+                                                        minlength=args.n_clusters).tolist()}
                 for layer, dec in sur.decs_.items()},
+        # the training checks of every layer's DEC, their warnings and the training accuracies
+        "diagnostics": sur.diagnostics_,
         "heads": {"argmax_equals_dec_predict": head_agreement, "n_checked": n_check,
                   "class_head_max_abs_diff_to_predict_proba": class_gap, "conservation": conservation},
         "timing_s": {"fit_total": fit_s, **{f"fit_{k}": v for k, v in sur.fit_time_.items()},

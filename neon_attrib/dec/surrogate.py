@@ -9,194 +9,26 @@ similar training examples (weighted embedding distance) and concepts (training e
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 from torch import nn
-from tqdm.auto import tqdm
 
+from .activations import Data, ModeGuard, capture_activations, collect_activations, resolve_layers, stream_activations
+from .estimator import FrozenAfterFitMixin, is_int
 from .heads import DECHead, SurrogateClassHead, TruncatedModel
-from .model import DEC, DECTrainingWarning, _FrozenAfterFitMixin, _is_int
+from .mixture import check_layer_weights, class_posteriors, layer_proba, mix_layers
+from .model import DEC, DECTrainingWarning
+from .similarity import nearest_to_centroids, nearest_training_examples
 
 __all__ = ["ActivationClusteringSurrogate", "capture_activations"]
 
 logger = logging.getLogger(__name__)
-
-Data = Any  # a tensor / array of images, or an iterable (DataLoader) of batches
-
-
-def _resolve_layers(model: nn.Module, layers: Sequence[str], owner: str) -> dict[str, nn.Module]:
-    if isinstance(layers, str) or not isinstance(layers, Sequence) or len(layers) == 0:
-        raise TypeError(f"The 'layers' parameter of {owner} must be a non-empty sequence of module names. "
-                        f"Got {layers!r} instead.")
-    modules = dict(model.named_modules())
-    out = {}
-    for name in layers:
-        if not isinstance(name, str) or name == "" or name not in modules:
-            known = [n for n in modules if n][:12]
-            raise ValueError(f"Unknown layer name {name!r} for {owner}: the model has no such submodule. "
-                             f"Known names start with {known}.")
-        out[name] = modules[name]
-    if len(out) != len(layers):
-        raise ValueError(f"The 'layers' parameter of {owner} contains duplicates: {list(layers)}.")
-    return out
-
-
-class _Capture:
-    """Forward hooks that record the output of named modules for one forward call at a time."""
-
-    def __init__(self, modules: Mapping[str, nn.Module], owner: str):
-        self.modules = modules
-        self.owner = owner
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.calls: dict[str, int] = {}
-        self.handles: list = []
-
-    def __enter__(self) -> _Capture:
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"{self.owner} can only capture layers that return one tensor; {name!r} returned "
-                                f"{type(output).__name__}.")
-            self.calls[name] = self.calls.get(name, 0) + 1
-            self.outputs[name] = output.detach()
-        return hook
-
-    def reset(self) -> None:
-        self.outputs.clear()
-        self.calls.clear()
-
-    def check(self) -> None:
-        for name in self.modules:
-            count = self.calls.get(name, 0)
-            if count != 1:
-                raise ValueError(f"Layer {name!r} ran {count} times in one forward pass of the model; {self.owner} "
-                                 f"needs a module that runs exactly once (use a dedicated module, not a shared one).")
-
-
-def _iter_batches(data: Data, labels: Any, batch_size: int, owner: str) -> Iterator[tuple[torch.Tensor, Any]]:
-    """Yield ``(images, labels or None)`` from tensors/arrays or from an iterable of batches."""
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(data)
-    if isinstance(data, torch.Tensor):
-        if data.ndim < 2:
-            raise ValueError(f"{owner} expects images of shape (n, ...). Got shape {tuple(data.shape)} instead.")
-        if labels is not None:
-            labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
-            if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
-                raise ValueError(f"{owner} got {data.shape[0]} images but labels of shape {tuple(labels.shape)}; "
-                                 f"expected ({data.shape[0]},).")
-        for start in range(0, data.shape[0], batch_size):
-            yield data[start:start + batch_size], (None if labels is None else labels[start:start + batch_size])
-        return
-    if labels is not None:
-        raise ValueError(f"{owner}: pass labels only with an image tensor; a loader must yield (images, labels).")
-    if not isinstance(data, Iterable):
-        raise TypeError(f"{owner} expects a tensor of images or an iterable of batches. Got {type(data).__name__}.")
-    for batch in data:
-        if isinstance(batch, (tuple, list)):
-            if len(batch) == 0:
-                raise ValueError(f"{owner} received an empty batch.")
-            images = batch[0]
-            batch_labels = batch[1] if len(batch) > 1 else None
-        else:
-            images, batch_labels = batch, None
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"{owner} expects batches of image tensors. Got {type(images).__name__} instead.")
-        yield images, (None if batch_labels is None else torch.as_tensor(batch_labels))
-
-
-@torch.no_grad()
-def capture_activations(model: nn.Module, layers: Sequence[str], data: Data, labels: Any = None, *,
-                        batch_size: int = 128, device: str | torch.device | None = None,
-                        progress: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
-    """Run ``model`` over ``data`` and collect the outputs of the named layers on the CPU.
-
-    Only one batch lives on ``device`` at a time; the hooks are removed afterwards (also on errors), and the model's
-    train/eval mode is restored.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The classifier (run in eval mode).
-    layers : sequence of str
-        Names from ``model.named_modules()``.
-    data : torch.Tensor, numpy.ndarray or iterable
-        Images, or batches of ``(images, labels)`` / images.
-    labels : array-like, optional
-        Labels when ``data`` is a tensor.
-    batch_size : int
-        Batch size when ``data`` is a tensor.
-    device : str or torch.device, optional
-        Where the model runs (default: the model's device).
-    progress : bool
-        Show a progress bar.
-
-    Returns
-    -------
-    activations : dict of str to torch.Tensor
-        ``(n, *layer_shape)`` per layer (CPU, float32).
-    logits : torch.Tensor
-        The model outputs ``(n, n_classes)`` (CPU).
-    labels : torch.Tensor or None
-        The labels (CPU, int64) if given.
-    """
-    acts, logits, labels, _ = _capture_all(model, layers, data, labels, batch_size=batch_size, device=device,
-                                           progress=progress, owner="capture_activations")
-    return acts, logits, labels
-
-
-def _capture_all(model, layers, data, labels, *, batch_size, device, progress, owner):
-    acts, logits, labs, shape = {}, [], [], None
-    for batch_acts, batch_logits, batch_labels, images in _stream(model, layers, data, labels, batch_size=batch_size,
-                                                                  device=device, progress=progress, owner=owner):
-        for name, value in batch_acts.items():
-            acts.setdefault(name, []).append(value.float().cpu())
-        logits.append(batch_logits.float().cpu())
-        labs.append(batch_labels)
-        shape = tuple(images.shape[1:])
-    if not logits:
-        raise ValueError(f"{owner} received no data.")
-    label_tensor = None if any(lab is None for lab in labs) else torch.cat(labs).long().cpu()
-    return {k: torch.cat(v) for k, v in acts.items()}, torch.cat(logits), label_tensor, shape
-
-
-def _stream(model, layers, data, labels, *, batch_size, device, progress, owner):
-    modules = _resolve_layers(model, layers, owner)
-    if device is None:
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with _Capture(modules, owner) as capture, torch.no_grad():
-            for images, batch_labels in tqdm(_iter_batches(data, labels, batch_size, owner), desc=f"{owner} forward",
-                                             disable=not progress, leave=False):
-                capture.reset()
-                logits = model(images.to(device))
-                capture.check()
-                if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                    raise ValueError(f"{owner} expects the model to return logits of shape (n, n_classes). "
-                                     f"Got {getattr(logits, 'shape', type(logits).__name__)} instead.")
-                yield {name: capture.outputs[name] for name in modules}, logits.detach(), batch_labels, images
-    finally:
-        model.train(was_training)
 
 
 # Constructor parameters of the surrogate that are DEC hyperparameters, and the DEC parameter each one sets.
@@ -212,7 +44,7 @@ _DEC_PARAMS = {
 _DEC_PARAMS_KEYS = frozenset(_DEC_PARAMS.values()) | {"device", "progress"}
 
 
-class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
+class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
     """Surrogate of a classifier from Deep Embedded Clustering of its activations at several layers.
 
     A scikit-learn estimator: every parameter is stored as given and validated in :meth:`fit`; ``get_params``,
@@ -279,7 +111,7 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
         Seconds spent in the classifier pass (``"capture"``) and per layer's DEC.
     diagnostics_ : dict
         ``"layers"``: each layer's ``DEC.diagnostics_`` (the DECs get the training labels, so the fine-tuning check
-        uses class purity); ``"warnings"``: the :class:`~neon_attrib.dec.model.DECTrainingWarning` messages, prefixed
+        uses class purity); ``"warnings"``: the :class:`~neon_attrib.dec.DECTrainingWarning` messages, prefixed
         with the layer; ``"train_accuracy"`` (with the weights at fit time), ``"layer_train_accuracy"`` and
         ``"classifier_train_accuracy"`` on the training images.
 
@@ -362,8 +194,6 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
 
     def __sklearn_clone__(self) -> ActivationClusteringSurrogate:
         """An unfitted copy with equal parameters that **shares** ``model`` (scikit-learn would deep-copy it)."""
-        from sklearn.base import clone
-
         params = self.get_params(deep=False)
         return type(self)(**{k: v if k == "model" else clone(v, safe=False) for k, v in params.items()})
 
@@ -391,30 +221,7 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
         return self._check_weights(self.weights if weights is None else weights)
 
     def _check_weights(self, value) -> torch.Tensor:
-        name = type(self).__name__
-        layers = list(self.layers)
-        if value is None:
-            return torch.ones(len(layers), dtype=torch.float64)
-        if isinstance(value, Mapping):
-            unknown = set(value) - set(layers)
-            if unknown:
-                raise ValueError(f"The 'weights' parameter of {name} names unknown layer(s) {sorted(unknown)}; "
-                                 f"expected names from layers={layers}. Got {dict(value)!r} instead.")
-            value = [value.get(layer, 0.0) for layer in layers]
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        try:
-            w = torch.as_tensor(np.asarray(value, dtype=np.float64))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"The 'weights' parameter of {name} must be numbers (a sequence or a dict). "
-                            f"Got {value!r} instead.") from exc
-        if w.ndim != 1 or w.shape[0] != len(layers):
-            raise ValueError(f"The 'weights' parameter of {name} must have one entry per layer ({len(layers)}). "
-                             f"Got shape {tuple(w.shape)} instead.")
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise ValueError(f"The 'weights' parameter of {name} must be finite, >= 0 and not all zero. "
-                             f"Got {w.tolist()} instead.")
-        return w
+        return check_layer_weights(value, self.layers, type(self).__name__)
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self) -> dict[str, nn.Module]:
@@ -422,11 +229,11 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"The 'model' parameter of {name} must be a torch.nn.Module. "
                             f"Got {type(self.model).__name__} instead.")
-        modules = _resolve_layers(self.model, self.layers, name)
-        if not _is_int(self.batch_size, 1):
+        modules = resolve_layers(self.model, self.layers, name)
+        if not is_int(self.batch_size, 1):
             raise ValueError(f"The 'batch_size' parameter of {name} must be an int >= 1. "
                              f"Got {self.batch_size!r} instead.")
-        if self.seed is not None and not _is_int(self.seed, -(2**63)):
+        if self.seed is not None and not is_int(self.seed, -(2**63)):
             raise TypeError(f"The 'seed' parameter of {name} must be an int or None. Got {self.seed!r} instead.")
         if self.dec_params is not None:
             if not isinstance(self.dec_params, Mapping):
@@ -518,9 +325,9 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
             raise ValueError(f"{name}.fit needs labels with an image tensor (the class posteriors p(y|z) are "
                              f"estimated from them).")
         start = time.perf_counter()
-        acts, logits, labels_t, shape = _capture_all(self.model, self.layers, images, labels,
-                                                     batch_size=self.batch_size, device=None,
-                                                     progress=self.progress, owner=name)
+        acts, logits, labels_t, shape = collect_activations(self.model, self.layers, images, labels,
+                                                            batch_size=self.batch_size, device=None,
+                                                            progress=self.progress, owner=name)
         fit_time = {"capture": time.perf_counter() - start}
         if labels_t is None:
             raise ValueError(f"{name}.fit: the loader must yield (images, labels) batches.")
@@ -541,20 +348,19 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
             del acts[layer]  # free the activations of this layer as soon as possible
             embeddings[layer] = z
             assignments[layer] = assign
-            posteriors[layer] = self._posteriors(assign, labels_t, n_classes, prior)
+            posteriors[layer] = class_posteriors(assign, labels_t, self.n_clusters, n_classes, prior)
             layer_diagnostics[layer] = dec.diagnostics_
             messages += [f"layer {layer!r}: {message}" for message in dec.diagnostics_["warnings"]]
             fit_time[layer] = time.perf_counter() - start
-        layer_proba = {layer: decs[layer].proba_from_embedding(embeddings[layer]) @ posteriors[layer]
-                       for layer in self.layers}
-        mixed = self._mix(layer_proba)
+        train_proba = layer_proba(decs, posteriors, embeddings)
+        mixed = self._mix(train_proba)
         predictions = logits.argmax(dim=1)
         diagnostics = {
             "layers": layer_diagnostics,
             "warnings": messages,
             "train_accuracy": float((mixed.argmax(1) == labels_t).double().mean()),
             "layer_train_accuracy": {k: float((v.argmax(1) == labels_t).double().mean())
-                                     for k, v in layer_proba.items()},
+                                     for k, v in train_proba.items()},
             "classifier_train_accuracy": float((predictions == labels_t).double().mean()),
         }
         for message in messages:
@@ -573,14 +379,6 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
         self.decs_ = decs
         return self
 
-    def _posteriors(self, assign: torch.Tensor, labels: torch.Tensor, n_classes: int,
-                    prior: torch.Tensor) -> torch.Tensor:
-        counts = torch.zeros(self.n_clusters, n_classes, dtype=torch.float64)
-        counts.index_put_((assign, labels), torch.ones(labels.shape[0], dtype=torch.float64), accumulate=True)
-        totals = counts.sum(dim=1, keepdim=True)
-        post = torch.where(totals > 0, counts / totals.clamp_min(1), prior.unsqueeze(0))
-        return post.float()
-
     # ------------------------------------------------------------------ inference
     def _infer(self, images: Data, labels: Any = None) -> dict[str, Any]:
         """Embeddings per layer, logits and labels (one streamed pass)."""
@@ -596,9 +394,9 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
                                  f"shape {self.input_shape_}.")
         z: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.layers}
         logits, labs = [], []
-        for acts, batch_logits, batch_labels, _ in _stream(self.model, self.layers, images, labels,
-                                                        batch_size=self.batch_size, device=None, progress=False,
-                                                        owner=name):
+        for acts, batch_logits, batch_labels, _ in stream_activations(self.model, self.layers, images, labels,
+                                                                     batch_size=self.batch_size, device=None,
+                                                                     progress=False, owner=name):
             for layer in self.layers:
                 z[layer].append(self.decs_[layer].transform(acts[layer].float()))
             logits.append(batch_logits.float().cpu())
@@ -612,13 +410,10 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
         }
 
     def _layer_proba_from(self, z: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {layer: self.decs_[layer].proba_from_embedding(z[layer]) @ self.class_posteriors_[layer]
-                for layer in self.layers}
+        return layer_proba(self.decs_, self.class_posteriors_, {layer: z[layer] for layer in self.layers})
 
-    def _mix(self, layer_proba: Mapping[str, torch.Tensor], weights=None) -> torch.Tensor:
-        w = self.layer_weights(weights)
-        total = sum(float(w[j]) * layer_proba[layer] for j, layer in enumerate(self.layers))
-        return total / float(w.sum())
+    def _mix(self, proba: Mapping[str, torch.Tensor], weights=None) -> torch.Tensor:
+        return mix_layers(proba, self.layers, self.layer_weights(weights))
 
     def transform(self, images: Data) -> dict[str, torch.Tensor]:
         """Embeddings ``z^j`` (on the sphere) of ``images`` per layer, ``(n, embedding_dim)`` each."""
@@ -721,22 +516,8 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
         return self._nearest(self._infer(x)["z"], w, k, chunk_size)
 
     def _nearest(self, z: Mapping[str, torch.Tensor], w: torch.Tensor, k: int,
-                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = next(iter(z.values())).shape[0]
-        best_d = torch.full((n, 0), math.inf, dtype=torch.float64)
-        best_i = torch.zeros((n, 0), dtype=torch.long)
-        for start in range(0, self.n_train_, chunk_size):
-            stop = min(start + chunk_size, self.n_train_)
-            dist = torch.zeros(n, stop - start, dtype=torch.float64)
-            for j, layer in enumerate(self.layers):
-                if float(w[j]) != 0.0:
-                    train = self.train_embeddings_[layer][start:stop].double()
-                    dist += float(w[j]) * torch.cdist(z[layer].double(), train)
-            cand_d = torch.cat([best_d, dist], dim=1)
-            cand_i = torch.cat([best_i, torch.arange(start, stop).expand(n, -1)], dim=1)
-            top = torch.topk(cand_d, min(k, cand_d.shape[1]), dim=1, largest=False, sorted=True)
-            best_d, best_i = top.values, torch.gather(cand_i, 1, top.indices)
-        return best_i, best_d
+                 chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        return nearest_training_examples(z, self.train_embeddings_, self.layers, w, k, chunk_size)
 
     def concepts(self, layer: str, per_cluster: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """Training examples nearest to each centroid of ``layer`` (the layer's concepts).
@@ -761,9 +542,7 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
                 or not 1 <= per_cluster <= self.n_train_:
             raise ValueError(f"The 'per_cluster' parameter of {type(self).__name__}.concepts must be an int in "
                              f"[1, {self.n_train_}]. Got {per_cluster!r} instead.")
-        dist = torch.cdist(self.decs_[layer].cluster_centers_.double(), self.train_embeddings_[layer].double())
-        top = torch.topk(dist, per_cluster, dim=1, largest=False, sorted=True)
-        return top.indices, top.values
+        return nearest_to_centroids(self.decs_[layer].cluster_centers_, self.train_embeddings_[layer], per_cluster)
 
     def _check_layer(self, layer: str) -> None:
         if layer not in self.layers:
@@ -772,7 +551,7 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
 
     def _keep_modes(self):
         """Context manager restoring the train/eval flag of every module of the classifier (heads call ``.eval()``)."""
-        return _ModeGuard(self.model)
+        return ModeGuard(self.model)
 
     def head(self, layer: str, beta: float | None = None) -> DECHead:
         """The attributable DEC head of ``layer``: classifier input -> layer -> encoder -> cluster evidence.
@@ -824,19 +603,3 @@ class ActivationClusteringSurrogate(_FrozenAfterFitMixin, BaseEstimator):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(layers={self.layers!r}, n_clusters={self.n_clusters!r}, "
                 f"embedding_dim={self.embedding_dim!r}, weights={self.weights!r})")
-
-
-class _ModeGuard:
-    """Save the ``training`` flag of every submodule of ``model`` and restore each one on exit (not recursively)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> _ModeGuard:
-        self.flags = [(module, module.training) for module in self.model.modules()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for module, training in self.flags:
-            module.training = training
