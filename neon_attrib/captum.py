@@ -261,6 +261,7 @@ class NeonRule(PropagationRule):
         return hook
 
     def forward_hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], outputs: torch.Tensor) -> torch.Tensor:
+        _check_not_empty(inputs)
         hook = self._resolve(module)
         x, out = inputs[0], outputs.detach()
         x_data = x.detach()
@@ -283,6 +284,12 @@ class NeonRule(PropagationRule):
         return f"NeonRule({self.hook!r})" if self.hook is not None else "NeonRule()"
 
 
+def _check_not_empty(inputs: tuple[torch.Tensor, ...]) -> None:
+    if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim and inputs[0].shape[0] == 0:
+        raise ValueError("captum.attr.LRP cannot explain an empty batch (Captum indexes the first example). "
+                         "Use neon_attrib.captum.NeonLRP, which returns an empty relevance for an empty batch.")
+
+
 class _HeadInputRule(NeonRule):
     """The rule of a head's *input* layer when the explained model puts one rule on the whole head (activation mode).
 
@@ -299,6 +306,7 @@ class _HeadInputRule(NeonRule):
         self.head, self.top = head, top
 
     def forward_hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], outputs: torch.Tensor) -> torch.Tensor:
+        _check_not_empty(inputs)
         x, out = inputs[0], outputs.detach()
         x_data, head, top, hook = x.detach(), self.head, self.top, self.hook
 
@@ -553,6 +561,8 @@ def compare(
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
     x = x.detach().to(device=device, dtype=dtype)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"compare needs at least one example to explain. Got x of shape {tuple(x.shape)}.")
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"The 'repeats' parameter of compare must be an int >= 1. Got {repeats!r} instead.")
     with torch.no_grad():

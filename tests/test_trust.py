@@ -266,3 +266,22 @@ def test_audit_reports_the_rules_dissipation(blobs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         explain(KMeansMembership(3, seed=0).double().fit(blobs), blobs[:4])
+
+
+def test_captum_paths_refuse_what_they_cannot_do(blobs):
+    import matplotlib.pyplot as plt
+    from captum.attr import LRP
+
+    from neon_attrib.captum import compare
+
+    fused = KDEOutlier(gamma=1.0, fused=True).double().fit(blobs)
+    with pytest.raises(ValueError, match="layered forward"):  # Captum hooks leaf layers that a fused KDE skips
+        LRP(fused).attribute(torch.as_tensor(blobs[:2]))
+    layered = KDEOutlier(gamma=1.0).double().fit(blobs)
+    with pytest.raises(ValueError, match="empty batch"):
+        LRP(layered).attribute(torch.as_tensor(blobs[:0]))
+    with pytest.raises(ValueError, match="at least one example"):
+        compare(layered, torch.as_tensor(blobs[:0]), methods=["Saliency"], figure=False)
+    before = plt.get_fignums()
+    compare(layered, torch.as_tensor(blobs[:3]), methods=["Saliency"], figure=True)
+    assert plt.get_fignums() == before  # no pyplot figure left open
