@@ -59,6 +59,7 @@ from .vision import (
     VGG16_MIN_SIZE,
     Preprocessing,
     check_image_size,
+    default_canonizers,
     get_preprocessing,
     load_image,
     vgg16_features,
@@ -406,8 +407,10 @@ class DeepNeon(nn.Module):
         if self.composite == "epsilon_gamma_box":
             low, high = self.input_bounds()
             cls = FastEpsilonGammaBox if self.fast else EpsilonGammaBox
-            return cls(low=low, high=high, gamma=self.lrp_gamma, layer_map=layer_map)
-        return (FastEpsilonPlusFlat if self.fast else EpsilonPlusFlat)(layer_map=layer_map)
+            return cls(low=low, high=high, gamma=self.lrp_gamma, layer_map=layer_map,
+                       canonizers=default_canonizers(self.features))
+        return (FastEpsilonPlusFlat if self.fast else EpsilonPlusFlat)(layer_map=layer_map,
+                                                                       canonizers=default_canonizers(self.features))
 
     def neon_composite(self, beta: float | None = None, eps: float | None = None,
                        base: Composite | None = None) -> NeonComposite:

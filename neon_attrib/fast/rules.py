@@ -248,8 +248,11 @@ class FastGamma(_LinearRule):
 
     def _exact(self, lmap, x, z, relevance, positive, weight, bias):
         pos_w, pos_b = positive
-        neg_w, neg_b = _gamma_mod(weight, self.gamma, False), _gamma_mod(bias, self.gamma, False)
+        neg_w, neg_b = self._cached(lmap.module, "negative", lambda: (
+            _gamma_mod(weight, self.gamma, False), _gamma_mod(bias, self.gamma, False)))
         has_negative = not bool(self._nonneg())
+        if not has_negative:
+            return self._nonneg_input(lmap, x, z, relevance, positive, (neg_w, neg_b))
         x_pos = x.clamp(min=0)
         out_pos = lmap.forward(x_pos, pos_w, pos_b)
         out_neg = lmap.forward(x_pos, neg_w, neg_b)
@@ -262,9 +265,33 @@ class FastGamma(_LinearRule):
         # zennit's order: x+ P^T g+  +  x- N^T g+  +  x+ N^T g-  +  x- P^T g-
         pos_pos, neg_pos = lmap.adjoint_many(grad_pos, x, [pos_w, neg_w])
         pos_neg, neg_neg = lmap.adjoint_many(grad_neg, x, [neg_w, pos_w])
-        if not has_negative:
-            return x_pos * pos_pos + x_pos * pos_neg
         return x_pos * pos_pos + x_neg * neg_pos + x_pos * pos_neg + x_neg * neg_neg
+
+    def _nonneg_input(self, lmap, x, z, relevance, positive, negative):
+        """The general formula for ``x >= 0`` (relevance where ``z <= 0`` too, e.g. below a residual addition):
+        ``R_in = x * (P^T g+ + N^T g-)``, the ``x-`` terms being zero.
+
+        ``N x + b_N`` is ``(2 + gamma) z - (P x + b_P)`` (``P + N = (2 + gamma) W``, biases alike), which is
+        well-conditioned where it is used (``z < 0``: there ``|N x + b_N| >= |z|`` and ``|P x + b_P| <= (2 + gamma)
+        |N x + b_N|``), so one modified convolution serves both denominators; the two transposed convolutions run as
+        one over the stacked weights ``[P; N]`` (``groups == 1``).
+        """
+        pos_w, pos_b = positive
+        neg_w, neg_b = negative
+        out_pos = lmap.forward(x, pos_w, pos_b)
+        if self.zero_params:  # z is the unmodified output; the identity needs the modified one
+            out_neg = lmap.forward(x, neg_w, neg_b)
+        else:
+            out_neg = torch.sub(z * (2.0 + self.gamma), out_pos)
+        grad_pos = self._ratio(relevance * (z > 0), out_pos)
+        grad_neg = self._ratio(relevance * (z < 0), out_neg)
+        module = lmap.module
+        stackable = not lmap.is_conv or (module.groups == 1 and lmap.padding is not None and lmap.batched(x))
+        if stackable:
+            stacked = self._cached(module, "stacked", lambda: torch.cat([pos_w, neg_w], dim=0))
+            grad = torch.cat([grad_pos, grad_neg], dim=1 if lmap.is_conv else -1)
+            return lmap.adjoint(grad, x, stacked).mul_(x)
+        return lmap.adjoint(grad_pos, x, pos_w).add_(lmap.adjoint(grad_neg, x, neg_w)).mul_(x)
 
     def to_zennit(self) -> Hook:
         """The equivalent Zennit rule."""

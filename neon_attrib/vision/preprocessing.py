@@ -75,6 +75,9 @@ PREPROCESSINGS: dict[str, Preprocessing] = {
     "torchvision": Preprocessing("torchvision", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "caffe": Preprocessing("caffe", (103.939 / 255, 116.779 / 255, 123.68 / 255), (1 / 255,) * 3, bgr=True),
     "caffe_rgb": Preprocessing("caffe_rgb", (0.48235, 0.45882, 0.40784), (1 / 255,) * 3),
+    # CIFAR-10 training-set statistics, for CIFAR models trained with them (the akamaster ResNets are not: they use
+    # "torchvision")
+    "cifar10": Preprocessing("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 
 
