@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import zarr
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -209,8 +210,13 @@ def test_other_settings_are_refused(folder, model, reference, tmp_path):
         run(model, files(folder), reference, resume=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a store"):
-        run(model, files(folder), tmp_path / "other")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="not a store"):
+            run(model, files(folder), tmp_path / "other", overwrite=overwrite)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    zarr.open_group(str(tmp_path / "theirs.zarr"), mode="w").attrs["owner"] = "someone else"
+    with pytest.raises(ValueError, match="not a store written by"):
+        run(model, files(folder), tmp_path / "theirs.zarr", overwrite=True)
     with pytest.raises(ValueError, match="float16 or float32"):
         run(model, files(folder), tmp_path / "new.zarr", dtype="int8")
     # overwrite starts over: float16 now, same ids and (rounded) values

@@ -178,20 +178,20 @@ def _check_dtype(dtype: Any) -> str:
 def _prepare(path: Path, model: nn.Module, source: Source, wanted: dict[str, Any], *, resume: bool, overwrite: bool,
              model_dtype: torch.dtype, model_device: torch.device) -> dict[str, Any]:
     """Rank 0: probe the input shape and the output width, then create the store or check the existing one."""
-    if path.exists() and not _store.is_store(path) and not overwrite and (
-            not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not _store.is_store(path) and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"explain_dataset: {path} exists and is not a store (a file, or a folder that is not empty "
-                         f"and holds no zarr group). Choose another 'out'.")
+                         f"and holds no zarr group); it is never overwritten. Choose another 'out'.")
+    stored = _store.open_store(path, mode="r") if _store.is_store(path) else None  # refuses other zarr groups
     _, image = first_readable(source.dataset)
     with torch.no_grad():
         output = model(image.unsqueeze(0).to(device=model_device, dtype=model_dtype))
     layout = {"shape": list(image.shape), "n_outputs": int(output[0].numel()) if output.ndim > 1 else 1}
     wanted = {**wanted, **layout}
-    if _store.is_store(path) and not overwrite:
+    if stored is not None and not overwrite:
         if not resume:
             raise FileExistsError(f"explain_dataset: the store {path} exists. Pass resume=True to continue it, or "
                                   f"overwrite=True to start over.")
-        attrs = _store.get_attrs(_store.open_store(path, mode="r"))
+        attrs = _store.get_attrs(stored)
         _store.check_settings(path, attrs.get("settings", {}), wanted)
         return layout
     description = source.dataset.describe() if isinstance(source.dataset, ImageFiles) else source.description
