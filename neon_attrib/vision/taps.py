@@ -190,7 +190,8 @@ class FeatureTaps(nn.Module):
                     raise ValueError(f"FeatureTaps: layer {name!r} returned {shape}, not a feature map "
                                      f"(n, C, h, w).")
                 captured[name] = output
-                versions[name] = output._version
+                if not output.is_inference():  # inference tensors have no version counter
+                    versions[name] = output._version
                 if len(captured) == len(self.layers):
                     raise _StopBackbone
 
@@ -210,7 +211,7 @@ class FeatureTaps(nn.Module):
         if missing:
             raise ValueError(f"FeatureTaps: layer(s) {missing} of the backbone ({type(self.backbone).__name__}) did "
                              f"not run in its forward pass; tap modules that the forward calls.")
-        changed = [name for name in self.layers if captured[name]._version != versions[name]]
+        changed = [name for name in versions if captured[name]._version != versions[name]]
         if changed:
             raise ValueError(f"FeatureTaps: the output of layer(s) {changed} was overwritten in place later in the "
                              f"backbone (an in-place activation after it?); tap the module that writes it instead.")

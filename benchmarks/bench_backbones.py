@@ -1,0 +1,279 @@
+"""Benchmark: NEON heatmaps on ResNet backbones (PatchCore-style taps) against the plain gradient and Zennit.
+
+For each backbone (ResNet-18, ResNet-50, Wide-ResNet-50-2 by default; random weights, torchvision's architectures),
+a KDE outlier head (fused, N support locations) sits on :class:`~neon_attrib.vision.FeatureTaps` at ``layer2`` and
+``layer3`` (3x3 aggregation, ``layer3`` resized to ``layer2``'s resolution, concatenated), 224x224 inputs. At each
+batch size, interleaved in every repeat:
+
+* ``forward``: the score, no gradient (``torch.inference_mode``);
+* ``gradient``: forward + plain input gradient of the same score: the limit we measure against (ratio 1);
+* ``fast``: the NEON heatmap with :mod:`neon_attrib.fast`'s exact rules and the default canonizers
+  (``DeepNeon``'s default, :meth:`DeepNeon.explainer`);
+* ``zennit``: the same heatmap with Zennit's own rules, ``EpsilonGammaBox`` with ``ResNetCanonizer``
+  (``DeepNeon(fast=False)``), up to ``--zennit-max-batch``.
+
+Medians of wall-clock and process CPU time, peak memory (sampled RSS on CPU, the CUDA allocator on GPU) from one more
+call, and the fast heatmap's max relative error against Zennit's in the same run. With ``../shared/data`` present, the
+same is measured with **real weights on real images**: the CIFAR-10 ResNet-56 (akamaster, option-A shortcuts) on
+CIFAR-10 test images at 32x32, its head fitted on training images, and the Keras VGG-16 conv base tapped at the ReLUs
+closing blocks 3 and 4 (224x224, CIFAR images upsampled); these rows also report the conservation audit.
+
+    python benchmarks/bench_backbones.py                    # the default CPU run (~5 min on 2 cores)
+    python benchmarks/bench_backbones.py --device cuda --batches 1 32 --zennit-max-batch 32
+
+JSON: ``benchmarks/results/backbones_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    environment,
+    max_relative_error,
+    median,
+    peak_memory_mb,
+    time_interleaved,
+    write_result,
+)
+
+from neon_attrib import KDEOutlier  # noqa: E402
+from neon_attrib.attribution import attribution_output  # noqa: E402
+from neon_attrib.deep import DeepNeon, median_gamma  # noqa: E402
+from neon_attrib.vision import FeatureTaps, backbone, default_canonizers, get_preprocessing  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BACKBONES = ("resnet18", "resnet50", "wide_resnet50_2")
+
+
+def plain_gradient(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        output = model(leaf)
+        (grad,) = torch.autograd.grad(output, leaf, attribution_output(output, None))
+    return grad
+
+
+def plain_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
+def heatmap(explainer: Callable, x: torch.Tensor) -> torch.Tensor:
+    return explainer(x)[1]
+
+
+def frozen(module: torch.nn.Module) -> torch.nn.Module:
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module.eval()
+
+
+def support_rows(features: torch.nn.Module, images: torch.Tensor, n_support: int) -> torch.Tensor:
+    """``n_support`` location vectors: the locations of ``images``, each copied with a random multiplicative jitter
+    (zeros stay zeros, as in real ReLU features)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        rows = torch.cat([DeepNeon._rows(features(batch)) for batch in images.split(4)]).cpu()
+    picks = torch.randint(rows.shape[0], (n_support,), generator=generator)
+    jitter = torch.exp(0.2 * torch.randn(n_support, rows.shape[1], generator=generator))
+    return (rows[picks] * jitter).to(images.device)
+
+
+def build_model(features: torch.nn.Module, support: torch.Tensor, preprocessing: str) -> DeepNeon:
+    sample = support[torch.randperm(support.shape[0], generator=torch.Generator().manual_seed(1))[:2000]]
+    head = KDEOutlier(gamma=median_gamma(sample), fused=True).to(support.device).fit(support)
+    return DeepNeon(features, head, preprocessing=preprocessing)
+
+
+def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device: torch.device,
+            args: argparse.Namespace, extra: dict) -> tuple[list[dict], list[dict]]:
+    """Time every method at every batch size; check fast against Zennit; one JSON row per method."""
+    fast = model.explainer(audit=False)
+    zennit_model = copy.deepcopy(model)
+    zennit_model.fast = False
+    zennit = zennit_model.explainer(audit=False)
+    rows, checks = [], []
+    for batch, x in inputs.items():
+        methods = {"forward": partial(plain_forward, model, x), "gradient": partial(plain_gradient, model, x),
+                   "fast": partial(heatmap, fast, x)}
+        if batch <= args.zennit_max_batch:
+            methods["zennit"] = partial(heatmap, zennit, x)
+        for _ in range(args.warmup):
+            for run in methods.values():
+                run()
+        times, cpu_times = time_interleaved(methods, device, args.repeats, args.budget)
+        memory = {name: None if args.no_memory else peak_memory_mb(device, run) for name, run in methods.items()}
+        grad_s, grad_cpu = median(times["gradient"]), median(cpu_times["gradient"])
+        for name in methods:
+            wall, cpu = median(times[name]), median(cpu_times[name])
+            rows.append({"backbone": label, **extra, "batch": batch, "method": name, "median_s": wall,
+                         "times_s": times[name], "images_per_s": batch / wall, "ratio_to_gradient": grad_s / wall,
+                         "median_cpu_s": cpu, "cpu_ratio_to_gradient": grad_cpu / cpu,
+                         "peak_memory_mb": memory[name]})
+        check = {"backbone": label, "batch": batch}
+        if "zennit" in methods:
+            check["fast_vs_zennit_max_rel_error"] = max_relative_error(heatmap(fast, x), heatmap(zennit, x))
+        if extra.get("weights") != "random":
+            with model.explainer(audit=True) as audited:
+                audited(x)
+                check["audit_ok"] = audited.last_audit.ok
+                check["audit_worst_relative_mismatch"] = float(audited.last_audit.relative_error.max())
+        checks.append(check)
+        print(f"{label}, batch {batch}: " + ", ".join(
+            f"{name} {batch / median(times[name]):.3g} img/s" for name in methods) + f"; {check}", flush=True)
+    fast.close()
+    zennit.close()
+    return rows, checks
+
+
+def float64_check(label: str, model: DeepNeon, x: torch.Tensor) -> dict:
+    """Fast against Zennit in float64 (smaller inputs: Zennit is slow)."""
+    model64 = copy.deepcopy(model).double()
+    x = x.double()
+    with model64.explainer(audit=False) as explainer:
+        fast_map = explainer(x)[1]
+    model64.fast = False
+    with model64.explainer(audit=False) as explainer:
+        reference = explainer(x)[1]
+    check = {"backbone": label, "batch": x.shape[0], "size": x.shape[-1], "dtype": "float64",
+             "fast_vs_zennit_max_rel_error": max_relative_error(fast_map, reference)}
+    print(f"{label}, float64: {check}", flush=True)
+    return check
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=BACKBONES)
+    parser.add_argument("--layers", nargs="+", default=["layer2", "layer3"], help="tapped layers (FeatureTaps)")
+    parser.add_argument("--support", type=int, default=10_000, help="support locations of the KDE head")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per method first")
+    parser.add_argument("--budget", type=float, default=40.0, help="stop repeating a configuration after this many s")
+    parser.add_argument("--zennit-max-batch", type=int, default=1, help="time Zennit only up to this batch size")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
+    parser.add_argument("--no-real-weights", dest="real_weights", action="store_false",
+                        help="skip the CIFAR ResNet-56 and Keras VGG-16 rows (they need ../shared/data)")
+    parser.add_argument("--float64-check", type=int, default=0, metavar="SIZE",
+                        help="also compare fast and Zennit in float64 at this image size (batch 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/backbones_<device>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    preprocessing = get_preprocessing("torchvision")
+    generator = torch.Generator().manual_seed(0)
+    fit_images = preprocessing(torch.rand(4, 3, args.size, args.size, generator=generator)).to(device)
+    inputs = {batch: preprocessing(torch.rand(batch, 3, args.size, args.size,
+                                              generator=torch.Generator().manual_seed(batch))).to(device)
+              for batch in args.batches}
+    rows, checks = [], []
+    for name in args.backbones:
+        torch.manual_seed(0)
+        features = frozen(FeatureTaps(backbone(name), args.layers)).to(device)
+        model = build_model(features, support_rows(features, fit_images, args.support), "torchvision")
+        canonizers = [type(c).__name__ for c in default_canonizers(model)]
+        extra = {"weights": "random", "size": args.size, "layers": list(args.layers), "canonizers": canonizers}
+        new_rows, new_checks = measure(name, model, inputs, device, args, extra)
+        rows += new_rows
+        checks += new_checks
+        if args.float64_check:
+            x = preprocessing(torch.rand(1, 3, args.float64_check, args.float64_check, generator=generator))
+            checks.append(float64_check(name, model, x.to(device)))
+        del model, features
+
+    if args.real_weights and DATA.is_dir():
+        arrays = np.load(DATA / "cifar10_subset" / "cifar10_subset.npz")
+        # CIFAR-10 ResNet-56, real weights, real images at 32x32, the head fitted on 256 training images
+        features = frozen(backbone("cifar_resnet56", DATA / "cifar10_resnet" / "resnet56-4bfd9763.th")).to(device)
+        train = preprocessing(torch.from_numpy(arrays["x_train"][:256])).to(device)
+        test = {batch: preprocessing(torch.from_numpy(arrays["x_test"][:batch])).to(device) for batch in (1, 8, 64)}
+        with torch.inference_mode():
+            support = torch.cat([DeepNeon._rows(features(batch)) for batch in train.split(64)])
+        model = build_model(features, support, "torchvision")
+        extra = {"weights": "akamaster resnet56-4bfd9763.th", "size": 32, "layers": None,
+                 "canonizers": [type(c).__name__ for c in default_canonizers(model)]}
+        settings = copy.copy(args)
+        settings.zennit_max_batch = 64
+        new_rows, new_checks = measure("cifar_resnet56", model, test, device, settings, extra)
+        rows += new_rows
+        checks += new_checks
+        # Keras VGG-16 conv base, tapped at the ReLUs closing blocks 3 and 4, on CIFAR images upsampled to 224x224
+        weights = DATA / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth"
+        features = frozen(FeatureTaps(backbone("vgg16", weights), ["15", "22"])).to(device)
+        caffe = get_preprocessing("caffe")
+        rgb = F.interpolate(torch.from_numpy(arrays["x_test"][:5]).float() / 255, size=args.size, mode="bilinear")
+        x = caffe(rgb.clamp(0, 1)).to(device)
+        model = build_model(features, support_rows(features, x[1:], args.support), "caffe")
+        extra = {"weights": "Keras VGG-16 (vgg16_features_keras_imagenet.pth)", "size": args.size,
+                 "layers": ["15", "22"], "canonizers": []}
+        new_rows, new_checks = measure("vgg16_keras", model, {1: x[:1]}, device, args, extra)
+        rows += new_rows
+        checks += new_checks
+
+    result = {
+        "benchmark": "bench_backbones",
+        **environment(device),
+        "settings": {"size": args.size, "batches": args.batches, "backbones": args.backbones, "layers": args.layers,
+                     "support": args.support, "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget,
+                     "zennit_max_batch": args.zennit_max_batch, "dtype": "float32",
+                     "head": "KDEOutlier(fused=True), gamma = 1 / median squared distance of support locations",
+                     "taps": "FeatureTaps(aggregate=3), coarser maps resized bilinearly to the finest",
+                     "composite": "EpsilonGammaBox (gamma 0.25, ZBox bounds of the preprocessing) + ResNetCanonizer",
+                     "weights": "random for the named backbones (timings do not depend on them)",
+                     "memory": ("CUDA max_memory_allocated above the start" if device.type == "cuda"
+                                else "peak RSS growth, sampled every 1 ms")},
+        "rows": rows,
+        "checks": checks,
+    }
+    print(summary(result))
+    write_result(result, args.output, f"backbones_{device.type}.json")
+    return result
+
+
+def summary(result: dict) -> str:
+    """One line per backbone and batch: fast against the plain gradient and against Zennit."""
+    checks = {(c["backbone"], c["batch"]): c for c in result["checks"] if c.get("dtype") != "float64"}
+    by_config: dict[tuple, dict[str, dict]] = {}
+    for row in result["rows"]:
+        by_config.setdefault((row["backbone"], row["size"], row["batch"]), {})[row["method"]] = row
+
+    def fmt(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    lines = ["| backbone | size | batch | gradient (img/s) | fast (img/s) | fast / gradient | zennit (img/s) "
+             "| fast / zennit | fast vs zennit (max rel. err.) | peak MB gradient / fast / zennit |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (name, size, batch), methods in by_config.items():
+        fast, grad, zen = methods["fast"], methods["gradient"], methods.get("zennit")
+        check = checks.get((name, batch), {})
+        memory = " / ".join(fmt(m and m["peak_memory_mb"], ".0f") for m in (grad, fast, zen))
+        lines.append(
+            f"| {name} | {size} | {batch} | {grad['images_per_s']:.3g} | {fast['images_per_s']:.3g} | "
+            f"**{fast['ratio_to_gradient']:.2f}** | {fmt(zen and zen['images_per_s'], '.3g')} | "
+            f"{fmt(zen and zen['median_s'] / fast['median_s'], '.1f')}x | "
+            f"{fmt(check.get('fast_vs_zennit_max_rel_error'), '.1e')} | {memory} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
