@@ -307,3 +307,12 @@ def test_command_line(folder, tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
     assert main(["explain-dataset", str(tmp_path / "missing"), "--out", str(store)]) == 2
     assert os.path.isdir(store)
+
+
+@pytest.mark.parametrize("name", ["neon_attrib.scale.explain", "neon_attrib.scale.fit"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -44,6 +44,11 @@ class Ranks:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def bind(self, device: torch.device) -> None:
+        """Under NCCL, make the model's CUDA ``device`` the current one (object collectives and sums use it)."""
+        if self.distributed and device.type == "cuda" and dist.get_backend() == "nccl":
+            torch.cuda.set_device(device)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -122,6 +122,7 @@ def explain_dataset(model: nn.Module, dataset: Any, out: str | os.PathLike, *, b
     if device is not None:
         model.to(device)
     model_dtype, model_device = module_dtype_device(model)
+    ranks.bind(model_device)
     preprocessing = getattr(model, "preprocessing", None)
     source = resolve_source(dataset, ids=ids, image_size=image_size,
                             preprocessing=preprocessing if isinstance(preprocessing, Preprocessing) else None)

@@ -63,6 +63,7 @@ def sample_locations(model: nn.Module, dataset: Any, *, max_locations: int | Non
     check_int(seed, owner="sample_locations", name="seed", minimum=0)
     check_int(batch_size, owner="sample_locations", name="batch_size", minimum=1)
     features = _features(model)
+    ranks.bind(_dtype_device(features)[1])
     source = _source(model, dataset)
     kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # keys, positions, rows
     for keys, positions, rows in _stream(features, source, ranks, batch_size, num_workers, progress, seed,
