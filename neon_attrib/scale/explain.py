@@ -119,10 +119,6 @@ def explain_dataset(model: nn.Module, dataset: Any, out: str | os.PathLike, *, b
     ranks = ensure_process_group()
     owner = "explain_dataset"
     storage = _check_dtype(dtype)
-    if device is not None:
-        model.to(device)
-    model_dtype, model_device = module_dtype_device(model)
-    ranks.bind(model_device)
     preprocessing = getattr(model, "preprocessing", None)
     source = resolve_source(dataset, ids=ids, image_size=image_size,
                             preprocessing=preprocessing if isinstance(preprocessing, Preprocessing) else None)
@@ -133,6 +129,10 @@ def explain_dataset(model: nn.Module, dataset: Any, out: str | os.PathLike, *, b
     if target is not None:
         check_int(target, owner=owner, name="target", minimum=0)
     path = Path(out)
+    if device is not None:
+        model.to(device)
+    model_dtype, model_device = module_dtype_device(model)
+    ranks.bind(model_device)
     fingerprints = ranks.all_gather(_store.model_fingerprint(model))
     if len(set(fingerprints)) > 1:
         raise ValueError(f"{owner}: the ranks hold different models (fingerprints differ: rank "
