@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> dict | None:
              f"{args.threads} torch thread(s) per process in every mode; dataset_2: torchrun --nproc-per-node 2 "
              f"(gloo), so 1 vs 2 processes compares one and two cores. On this loaded 2-core machine one process with "
              f"2 OpenMP threads ran 3-4x slower than with 1 (threads wait for each other while the other core is "
-             f"busy), so 1 thread per process is the fair setting here."]
+             f"busy), so 1 thread per process is the fair setting here.",
+             "peak_rss_mb: 'self' is the process's peak resident set (VGG-16 weights and activations dominate); "
+             "'children' is its largest child's (DataLoader workers, helpers), which counts the pages a forked child "
+             "shares with its parent, so it is not memory on top of 'self'."]
     cpus = os.cpu_count() or 1
     if max(load_before + load_after) > 0.75 * cpus:
         notes.append(f"The machine was heavily loaded by other work (load average {load_before} before, "
