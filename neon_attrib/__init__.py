@@ -10,6 +10,7 @@ The package is layered; each layer imports only the layers below it:
 layer                                       modules
 ==========================================  ==============================================================
 integrations                                ``captum``, ``cli``, ``demo``, ``viz``
+anomaly detectors                           ``anomaly`` (PatchCore, PaDiM)
 heads on feature maps, DEC, evaluation      ``deep``, ``dec``, ``evaluation``, ``vision``
 fast rules, ``explain``                     ``fast``, ``attribution``
 the explain pipeline                        ``pipeline``
@@ -58,7 +59,7 @@ __version__ = "0.1.0"
 #: Subpackages and modules reachable as attributes, imported on first access (PEP 562).
 _SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
                "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
-               "gaussian", "kernels", "neighbors", "estimator", "kde", "kmeans", "sanity", "scale")
+               "gaussian", "kernels", "neighbors", "estimator", "kde", "kmeans", "sanity", "scale", "anomaly")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {
@@ -72,6 +73,7 @@ _LAZY = {
     "GaussianMixtureOutlier": "gaussian", "GaussianMixtureMembership": "gaussian",
     "PositionalMahalanobis": "gaussian", "WeightedKDEOutlier": "kernels", "OneClassSVMOutlier": "kernels",
     "explain_dataset": "scale", "fit_dataset": "scale", "open_results": "scale",
+    "PatchCore": "anomaly", "PaDiM": "anomaly",
 }
 
 # the function and its module share a name: bind the function now, or importing the module would shadow it

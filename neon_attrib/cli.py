@@ -1,4 +1,5 @@
-"""The ``neon-attrib`` command line: ``demo`` (the Wholesale analysis) and ``explain`` (pixel heatmaps on VGG-16)."""
+"""The ``neon-attrib`` command line: ``demo`` (the Wholesale analysis), ``explain`` (pixel heatmaps on VGG-16) and
+``detect`` (PatchCore / PaDiM with NEON heatmaps)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_explain_dataset(commands)
+    from ._detect_cli import register_detect
+
+    register_detect(commands)
     return parser
 
 
