@@ -316,3 +316,15 @@ def test_docstring_examples(name):
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_kmeans_targets_and_scores_are_recorded(folder, tmp_path):
+    model = fitted_kmeans(folder)
+    results = run(model, files(folder), tmp_path / "kmeans.zarr", target=None)
+    table = results.table()
+    ok = table[table["ok"]]
+    assert ok["output"].shape == (N_GOOD + 1, 3)
+    np.testing.assert_array_equal(ok["target"], ok["output"].argmax(1))  # the assigned cluster
+    np.testing.assert_array_equal(ok["score"], ok["output"][np.arange(len(ok)), ok["target"]])
+    fixed = run(model, files(folder), tmp_path / "cluster0.zarr", target=0).table()
+    assert (fixed[fixed["ok"]]["target"] == 0).all()
