@@ -9,16 +9,20 @@ The package is layered; each layer imports only the layers below it:
 ==========================================  ==============================================================
 layer                                       modules
 ==========================================  ==============================================================
-integrations                                ``captum``, ``cli``, ``demo``, ``viz``
-anomaly detectors                           ``anomaly`` (PatchCore, PaDiM)
-heads on feature maps, DEC, evaluation      ``deep``, ``dec``, ``evaluation``, ``vision``
+command line                                ``cli`` (``_explain_cli``, ``_dataset_cli``, ``_detect_cli``), ``demo``
+data-set scale                              ``scale``
+integrations                                ``captum``, ``viz``
+anomaly detectors                           ``anomaly``
+heads on feature maps, DEC, evaluation      ``deep``, ``dec``, ``evaluation``, ``sanity``
+vision                                      ``vision``
 fast rules, ``explain``                     ``fast``, ``attribution``
 the explain pipeline                        ``pipeline``
-estimators                                  ``models`` (``kde``, ``kmeans``, ``estimator``), ``leave_one_out``
+estimators                                  ``models``, ``neuralize``, ``leave_one_out``, ``kde``, ``kmeans``,
+                                            ``neighbors``, ``gaussian``, ``kernels``, ``estimator``
 composites                                  ``composites``
 rules                                       ``rules``
 layers                                      ``layers``
-formulas and checks                         ``functional``, ``_utils``
+formulas and checks                         ``functional``, ``_utils``, ``datasets``
 ==========================================  ==============================================================
 
 Submodules are attributes of the package (``neon_attrib.deep``, ``neon_attrib.dec``, ...), loaded on first access, so
