@@ -23,7 +23,7 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 from neon_attrib import KDEOutlier, explain
 from neon_attrib.deep import DeepNeon, median_gamma
-from neon_attrib.fast import FastEpsilonGammaBox, FastEpsilonPlusFlat, LRPExplainer
+from neon_attrib.fast import FastEpsilonGammaBox, FastEpsilonPlusFlat, FastResNetCanonizer, LRPExplainer
 from neon_attrib.pipeline import isolated
 from neon_attrib.vision import (
     BACKBONES,
@@ -242,12 +242,12 @@ def test_default_canonizers():
         return [type(c) for c in default_canonizers(model)]
 
     resnet = backbone("resnet18")
-    assert kinds(resnet) == [ResNetCanonizer]
-    assert kinds(torchvision.models.resnet18(weights=None)) == [ResNetCanonizer]
+    assert kinds(resnet) == [FastResNetCanonizer]
+    assert kinds(torchvision.models.resnet18(weights=None)) == [FastResNetCanonizer]
     assert kinds(backbone("vgg11_bn")) == [SequentialMergeBatchNorm]
     assert kinds(backbone("vgg11")) == []
     assert kinds(backbone("cifar_resnet20")) == [SequentialMergeBatchNorm]
-    assert kinds(FeatureTaps(resnet, ["layer2", "layer3"])) == [ResNetCanonizer]
+    assert kinds(FeatureTaps(resnet, ["layer2", "layer3"])) == [FastResNetCanonizer]
     deep = DeepNeon(FeatureTaps(backbone("cifar_resnet20"), ["layer2", "layer3"]), KDEOutlier(gamma=1.0))
     assert kinds(deep) == [SequentialMergeBatchNorm]
 
@@ -321,6 +321,20 @@ def test_fast_equals_zennit_with_canonizer(name, dtype, kind):
     assert "shortcut" in paths
     assert_no_hooks(model)
     assert_unchanged(model, before, hooks, structure)
+
+
+def test_fast_composite_with_zennits_own_canonizer():
+    """FastNorm on Zennit's Sum over a trailing stacked axis, FastResNetCanonizer under Zennit's rules: every
+    combination gives the same relevance."""
+    model = network("resnet18", F64)
+    x = torch.randn(1, 3, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(4))
+    results = []
+    for composite in (EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[ResNetCanonizer()]),
+                      EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[FastResNetCanonizer()]),
+                      FastEpsilonGammaBox(low=LOW, high=HIGH, canonizers=[ResNetCanonizer()])):
+        results.append(Gradient(isolated(model), composite)(x, lambda out: out)[1])
+    assert max_rel_error(results[1], results[0]) < 1e-12
+    assert max_rel_error(results[2], results[0]) < 1e-9
 
 
 # ---------------------------------------------------------------------------------------------------------------------

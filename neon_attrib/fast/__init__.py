@@ -21,7 +21,8 @@ Public objects
 --------------
 Rules (:class:`zennit.core.Hook` subclasses): :class:`FastEpsilon`, :class:`FastGamma`, :class:`FastZPlus`,
 :class:`FastAlphaBeta`, :class:`FastZBox`, :class:`FastFlat`, :class:`FastPass`, :class:`FastNorm`.
-Composites: :class:`FastEpsilonGammaBox`, :class:`FastEpsilonPlusFlat`. Reusable explainer: :class:`LRPExplainer` (the
+Composites: :class:`FastEpsilonGammaBox`, :class:`FastEpsilonPlusFlat`. Canonizer: :class:`FastResNetCanonizer`
+(Zennit's ``ResNetCanonizer``, faster, same numbers). Reusable explainer: :class:`LRPExplainer` (the
 :class:`neon_attrib.pipeline.Explainer`).
 
 Examples
@@ -44,6 +45,7 @@ import torch
 
 from ..pipeline import Explainer
 from ._core import FastHook, FastNorm, FastPass
+from .canonizers import FastResNetCanonizer
 from .composites import FastEpsilonGammaBox, FastEpsilonPlusFlat
 from .rules import FastAlphaBeta, FastEpsilon, FastFlat, FastGamma, FastZBox, FastZPlus
 
@@ -59,6 +61,7 @@ __all__ = [
     "FastFlat",
     "FastEpsilonGammaBox",
     "FastEpsilonPlusFlat",
+    "FastResNetCanonizer",
     "LRPExplainer",
 ]
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from zennit.core import Hook, RemovableHandle, RemovableHandleList
+from zennit.layer import Sum
 from zennit.rules import Norm, Pass
 
 __all__ = ["FastHook", "FastPass", "FastNorm"]
@@ -301,6 +302,14 @@ class FastPass(FastHook):
         return Pass()
 
 
+def _stacked_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.sum(dim)``; two stacked tensors are added as views (a reduction over a strided size-2 axis is slow)."""
+    if x.shape[dim] != 2:
+        return x.sum(dim)
+    first, second = x.unbind(dim)
+    return first + second
+
+
 class FastNorm(FastHook):
     """Zennit's :class:`~zennit.rules.Norm` (average pooling, :class:`zennit.layer.Sum`) without the input clone.
 
@@ -332,7 +341,13 @@ class FastNorm(FastHook):
         """Return ``x * J^T (R / stab(out))``."""
         st = self.stored_tensors
         x = st["input"]
-        out = st["output"] if st["output"]._version == st["output_version"] else module.forward(x)
+        intact = st["output"]._version == st["output_version"]
+        if type(module) is Sum:  # J^T broadcasts: no re-run of the module, no autograd
+            dim = module.dim
+            out = st["output"] if intact else _stacked_sum(x, dim)
+            ratio = grad_output[0] / _stabilize(out, self.stabilizer)
+            return (x * ratio.unsqueeze(dim),)
+        out = st["output"] if intact else module.forward(x)
         grad = grad_output[0] / _stabilize(out, self.stabilizer)
         with torch.enable_grad():
             leaf = x.detach().requires_grad_()

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
 from zennit.layer import Sum
-from zennit.torchvision import ResNetCanonizer
+
+from ..fast import FastResNetCanonizer
 
 __all__ = [
     "BACKBONES",
@@ -105,12 +106,12 @@ class CifarBasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = ShortcutA(planes // 4) if stride != 1 or in_planes != planes else nn.Identity()
-        self.add = Sum()
+        self.add = Sum(dim=1)  # branches stacked after the batch axis: block copies and sums (FastResNetCanonizer)
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        return self.relu2(self.add(torch.stack([out, self.shortcut(x)], dim=-1)))
+        return self.relu2(self.add(torch.stack([out, self.shortcut(x)], dim=1)))
 
 
 class CifarResNet(nn.Module):
@@ -503,8 +504,9 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     """The Zennit canonizers that make a known architecture fit for LRP (an empty list for others).
 
     * torchvision ResNets (any module containing torchvision ``BasicBlock``/``Bottleneck``):
-      ``zennit.torchvision.ResNetCanonizer()``: batch norms merged into the convolution before them, the residual
-      addition as a :class:`zennit.layer.Sum` module (Norm rule: each branch gets its proportional share);
+      :class:`~neon_attrib.fast.FastResNetCanonizer` (Zennit's ``ResNetCanonizer``, same numbers, faster): batch norms
+      merged into the convolution before them, the residual addition as a :class:`zennit.layer.Sum` module (Norm
+      rule: each branch gets its proportional share);
     * VGG with batch norm and :class:`CifarResNet` (additions are already ``Sum`` modules):
       ``zennit.canonizers.SequentialMergeBatchNorm()``;
     * nothing for models without batch norms, and for batch norms whose predecessor is not known from the module
@@ -520,7 +522,7 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     Examples
     --------
     >>> [type(c).__name__ for c in default_canonizers(backbone("resnet18"))]
-    ['ResNetCanonizer']
+    ['FastResNetCanonizer']
     >>> [type(c).__name__ for c in default_canonizers(backbone("vgg11_bn"))], default_canonizers(backbone("vgg11"))
     (['SequentialMergeBatchNorm'], [])
     """
@@ -528,7 +530,7 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
 
     modules = list(model.modules())
     if any(isinstance(module, (BasicBlock, Bottleneck)) for module in modules):
-        return [ResNetCanonizer()]
+        return [FastResNetCanonizer()]
     batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     if not any(isinstance(module, batch_norms) for module in modules):
         return []
