@@ -30,6 +30,12 @@ __all__ = ["FastEpsilon", "FastGamma", "FastZPlus", "FastAlphaBeta", "FastZBox",
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _float_mask(compare: Callable, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``compare(z, 0)`` as 1.0 / 0.0 in ``like``'s dtype: comparisons into bool tensors, and their products and
+    reductions, are several times slower on CPUs than float ones."""
+    return compare(z, 0, out=like.new_empty(z.shape))
+
+
 class _LinearRule(FastHook):
     """Shared parts of the rules for Linear / ConvNd layers."""
 
@@ -119,9 +125,10 @@ class _LinearRule(FastHook):
             return torch.div(relevance, denominator, out=denominator)
         return relevance / denominator
 
-    def _cached(self, module: nn.Module, name: str, build: Callable[[], Any]) -> Any:
-        """Modified parameters, rebuilt only when the module's parameters (or the autocast dtype) change."""
-        key = (self.stored_tensors["_autocast"],) + tuple(
+    def _cached(self, module: nn.Module, name: str, build: Callable[[], Any], extra: tuple = ()) -> Any:
+        """Modified parameters (or what depends on them and on ``extra``), rebuilt only when the module's parameters,
+        the autocast dtype or ``extra`` change."""
+        key = (self.stored_tensors["_autocast"], *extra) + tuple(
             None if param is None else (param.data_ptr(), param._version, param.dtype, param.device)
             for param in (module.weight, module.bias)
         )
@@ -234,10 +241,10 @@ class FastGamma(_LinearRule):
         weight, bias = self._params(module, self.zero_params)
         pos_w, pos_b = self._cached(module, "positive", lambda: (
             _gamma_mod(weight, self.gamma, True), _gamma_mod(bias, self.gamma, True)))
-        # relevance at z <= 0 (nan included) breaks the shortcut; bool masks and a uint8 max are the cheapest check.
-        # relu(z) > 0 is z > 0, so an output overwritten by an in-place ReLU serves as well
-        misplaced = (relevance != 0).gt_(z > 0).view(torch.uint8).amax()
-        if bool(self._nonneg() & (misplaced == 0)):
+        # relevance at z <= 0 (nan included) breaks the shortcut. relu(z) > 0 is z > 0, so an output overwritten by
+        # an in-place ReLU serves as well
+        low, high = torch.aminmax(_float_mask(torch.le, z, relevance).mul_(relevance))
+        if bool(self._nonneg() & (low == 0) & (high == 0)):
             self.last_path = "shortcut"
             ratio = self._ratio(relevance, lmap.forward(x, pos_w, pos_b))
             return (lmap.adjoint(ratio, x, pos_w).mul_(x),)
@@ -283,8 +290,8 @@ class FastGamma(_LinearRule):
             out_neg = lmap.forward(x, neg_w, neg_b)
         else:
             out_neg = torch.sub(z * (2.0 + self.gamma), out_pos)
-        grad_pos = self._ratio(relevance * (z > 0), out_pos)
-        grad_neg = self._ratio(relevance * (z < 0), out_neg)
+        grad_pos = self._ratio(_float_mask(torch.gt, z, relevance).mul_(relevance), out_pos)
+        grad_neg = self._ratio(_float_mask(torch.lt, z, relevance).mul_(relevance), out_neg)
         module = lmap.module
         stackable = not lmap.is_conv or (module.groups == 1 and lmap.padding is not None and lmap.batched(x))
         if stackable:
@@ -461,11 +468,20 @@ class FastZBox(_LinearRule):
             _clamped(weight, True), _clamped(bias, True), _clamped(weight, False), _clamped(bias, False)))
         batched = lmap.batched(x)
         low, high = self._bound(self.low, x, batched), self._bound(self.high, x, batched)
-        denominator = z - (lmap.forward(low, pos_w, pos_b) + lmap.forward(high, neg_w, neg_b))
-        ratio = self._ratio(relevance, denominator)
-        grad, grad_pos, grad_neg = lmap.adjoint_many(ratio, x, [weight, pos_w, neg_w])
+
+        def bound_terms() -> torch.Tensor:
+            return lmap.forward(low, pos_w, pos_b) + lmap.forward(high, neg_w, neg_b)
+
+        if batched and low.shape[0] == 1 and high.shape[0] == 1:  # the same for every batch: computed once
+            terms = self._cached(module, "bound_terms", bound_terms, extra=(tuple(x.shape[1:]), x.dtype, x.device))
+        else:
+            terms = bound_terms()
+        ratio = self._ratio(relevance, z - terms)
+        # x W^T g - l W+^T g - h W-^T g  =  (x - l) W+^T g + (x - h) W-^T g,  as W = W+ + W-: two transposed
+        # convolutions instead of three
+        grad_pos, grad_neg = lmap.adjoint_many(ratio, x, [pos_w, neg_w])
         self.last_path = "exact"
-        return (x * grad - (low * grad_pos + high * grad_neg),)
+        return (grad_pos.mul_(x - low).add_(grad_neg.mul_(x - high)),)
 
     def to_zennit(self) -> Hook:
         """The equivalent Zennit rule."""
