@@ -196,6 +196,7 @@ def test_torchvision_weights_offline_fail_clearly(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)  # the name torchvision calls
     monkeypatch.setattr(torch.hub, "get_dir", lambda: "/nonexistent/hub")
     with pytest.raises(RuntimeError, match="Without internet, pass the path of a local state_dict"):
         backbone("resnet18", "IMAGENET1K_V1")

@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
 from zennit.layer import Sum
 
@@ -197,8 +199,6 @@ def _vgg16_conv_stack() -> nn.Sequential:
 
 def _strip_classifier(model: nn.Module) -> nn.Module:
     """The feature extractor of a known classifier (sharing its modules); any other module as it is."""
-    import torchvision
-
     if isinstance(model, torchvision.models.VGG):
         return model.features
     if isinstance(model, torchvision.models.ResNet):
@@ -212,8 +212,6 @@ def _strip_classifier(model: nn.Module) -> nn.Module:
 
 def _architecture(name: str) -> nn.Module:
     """The feature extractor ``name`` with random weights (the architecture's own initialisation)."""
-    import torchvision
-
     if name in _CIFAR_DEPTHS:
         return _strip_classifier(CifarResNet(_CIFAR_DEPTHS[name]))
     if name.removesuffix("_bn") in _VGG_CONFIGS:
@@ -223,8 +221,6 @@ def _architecture(name: str) -> nn.Module:
 
 def _torchvision_weights(name: str, weights: Any) -> Any:
     """The torchvision weights enum member that ``weights`` names for ``name``, or None if it names none."""
-    import torchvision
-
     if name in _CIFAR_DEPTHS:
         return None
     enum = torchvision.models.get_model_weights(name)
@@ -314,8 +310,6 @@ def backbone(name: str | nn.Module, weights: Any = None) -> nn.Module:
 
 
 def _weights_names(name: str) -> str:
-    import torchvision
-
     if name in _CIFAR_DEPTHS:
         return f"{name} has no torchvision weights: pass a checkpoint's path, e.g. akamaster's resnet56-4bfd9763.th"
     names = ", ".join(torchvision.models.get_model_weights(name).__members__)
@@ -323,8 +317,6 @@ def _weights_names(name: str) -> str:
 
 
 def _download(name: str, member: Any) -> nn.Module:
-    import torchvision
-
     try:
         model = getattr(torchvision.models, name)(weights=member)
     except Exception as exc:  # urllib / hub errors of many kinds
@@ -369,8 +361,6 @@ def vgg16_features(weights: Any = None) -> nn.Sequential:
     >>> features(torch.zeros(1, 3, 64, 64)).shape
     torch.Size([1, 512, 2, 2])
     """
-    import torchvision
-
     enum = torchvision.models.VGG16_Weights
     if isinstance(weights, str) and weights in enum.__members__:
         weights = enum[weights]
@@ -415,8 +405,6 @@ def weights_preprocessing(weights: Any, name: str = "vgg16") -> str | None:
     >>> weights_preprocessing("resnet56-4bfd9763.th", "cifar_resnet56")
     'torchvision'
     """
-    import torchvision
-
     if weights is None:
         return None
     if name in _CIFAR_DEPTHS:
@@ -526,8 +514,6 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     >>> [type(c).__name__ for c in default_canonizers(backbone("vgg11_bn"))], default_canonizers(backbone("vgg11"))
     (['SequentialMergeBatchNorm'], [])
     """
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
     modules = list(model.modules())
     if any(isinstance(module, (BasicBlock, Bottleneck)) for module in modules):
         return [FastResNetCanonizer()]
