@@ -189,6 +189,26 @@ def test_padim_equals_the_plain_detector():
     assert_relative(detection.maps, maps, 1e-5)
 
 
+def test_padim_relative_regularisation_is_scale_free():
+    network = tiny_backbone()
+    scaled = tiny_backbone()  # every activation times 10: conv1 scaled, the later biases too
+    with torch.no_grad():
+        scaled.conv1.weight.mul_(10)
+        for conv in (scaled.conv1, scaled.conv2, scaled.conv3):
+            conv.bias.mul_(10)
+    train, test = images(12, 1, dtype=torch.float64), images(3, 2, dtype=torch.float64)
+    scores = {}
+    for relative in (True, False):
+        for name, net in (("plain", network), ("scaled", scaled)):
+            model = PaDiM(net, ["relu2", "relu3"], n_channels=6, reg=0.05, relative_reg=relative).double()
+            scores[relative, name] = model.fit(train, progress=False).score(test)
+        if relative:
+            fmap = plain_features(network.double(), ["relu2", "relu3"], train, aggregate=False)[:, model.channels_]
+            assert math.isclose(model.reg_, 0.05 * 100 * float(fmap.var(0).mean()), rel_tol=1e-7)
+    assert torch.allclose(scores[True, "plain"], scores[True, "scaled"], rtol=1e-6)
+    assert not torch.allclose(scores[False, "plain"], scores[False, "scaled"], rtol=1e-3)
+
+
 def test_vgg_default_taps_and_float64_equality():
     network = backbone("vgg11")  # the ReLUs before its 3rd and 4th max pool: blocks 3 and 4
     model = PatchCore(network, coreset_ratio=1.0).double()

@@ -40,7 +40,13 @@ class PaDiM(AnomalyDetector):
         than the tapped channels: all of them. Each position holds a (d, d) precision factor: memory grows as
         ``h·w·d²``.
     reg : float
-        Added to each covariance's diagonal (0.01, the paper's).
+        Added to each covariance's diagonal (0.01, the paper's, for features of ImageNet-normalised ResNets, whose
+        variances are about 1).
+    relative_reg : bool
+        Add ``reg`` times the mean variance of the training features instead (the mean over positions and kept
+        channels): the same regularisation whatever the features' scale. VGG-16 features of caffe inputs (0–255)
+        have variances of 10³–10⁴, where 0.01 regularises nothing and a few positions with nearly singular
+        covariances decide the image score.
     aggregate : int or None
         Local average pooling of each tap (default None: none, as the paper; 3 as PatchCore).
     reduce_to : int, optional
@@ -69,7 +75,8 @@ class PaDiM(AnomalyDetector):
     _kind = "padim"
 
     def __init__(self, features: Any, layers: Sequence[str] | str | None = None, *, weights: Any = None,
-                 n_channels: int | None = 100, reg: float = 0.01, aggregate: int | None = None,
+                 n_channels: int | None = 100, reg: float = 0.01, relative_reg: bool = False,
+                 aggregate: int | None = None,
                  reduce_to: int | None = None, seed: int = 0, preprocessing: Any = "torchvision",
                  explain_target: Any = "max", sigma: float | None = 4.0,
                  composite: str | Composite = "epsilon_gamma_box", lrp_gamma: float = 0.25, fast: bool = True):
@@ -79,6 +86,8 @@ class PaDiM(AnomalyDetector):
                              f"Got {n_channels!r} instead.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"The 'seed' parameter of PaDiM must be an int. Got {seed!r} instead.")
+        if not isinstance(relative_reg, bool):
+            raise ValueError(f"The 'relative_reg' parameter of PaDiM must be a bool. Got {relative_reg!r} instead.")
         head = PositionalMahalanobis(reg=reg, sqrt=True)
         head._validate_hyperparameters()
         super().__init__(features, layers, head, weights=weights, aggregate=aggregate, reduce_to=reduce_to,
@@ -86,7 +95,15 @@ class PaDiM(AnomalyDetector):
                          composite=composite, lrp_gamma=lrp_gamma, fast=fast, extra=ChannelSelect())
         self.n_channels = n_channels
         self.reg = reg
+        self.relative_reg = relative_reg
         self.seed = seed
+
+    @property
+    def reg_(self) -> float:
+        """The value added to every covariance's diagonal (``reg``, or ``reg`` × the mean variance with
+        ``relative_reg``)."""
+        self._check_fitted()
+        return float(self.head.reg)
 
     @property
     def channels_(self) -> torch.Tensor:
@@ -125,7 +142,10 @@ class PaDiM(AnomalyDetector):
                 index = self._channel_subset(fmap.shape[1]).to(fmap.device)
             maps.append(fmap.index_select(1, index).cpu())
         data = torch.cat(maps)
-        head = PositionalMahalanobis(reg=self.reg, sqrt=True).to(dtype=dtype, device=device)
+        reg = float(self.reg)
+        if self.relative_reg:
+            reg *= float(data.double().var(0).mean()) if data.shape[0] > 1 else 1.0
+        head = PositionalMahalanobis(reg=reg, sqrt=True).to(dtype=dtype, device=device)
         head.fit(data.to(device))
         self.features.select.index = index
         self.head = head
@@ -140,4 +160,5 @@ class PaDiM(AnomalyDetector):
         raise TypeError("PaDiM fits on images (the Gaussians are per patch position): call fit(images).")
 
     def extra_repr(self) -> str:
-        return f"n_channels={self.n_channels}, reg={self.reg}, seed={self.seed}, {super().extra_repr()}"
+        return (f"n_channels={self.n_channels}, reg={self.reg}, relative_reg={self.relative_reg}, seed={self.seed}, "
+                f"{super().extra_repr()}")
