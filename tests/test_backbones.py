@@ -8,6 +8,8 @@ into the convolutions matters. Errors are ``max |fast - zennit| / max |zennit|``
 from __future__ import annotations
 
 import copy
+import doctest
+import importlib
 import urllib.error
 
 import numpy as np
@@ -399,3 +401,10 @@ def test_real_cifar_resnet_weights(depth, n_test, accuracy):
         predicted = torch.cat([classifier(batch).argmax(1) for batch in x.split(256)])
         assert torch.equal(features(x[:4]), backbone(classifier)(x[:4]))
     assert (predicted == labels).double().mean() >= accuracy
+
+
+@pytest.mark.parametrize("name", ["neon_attrib.vision.backbones", "neon_attrib.fast.canonizers"])
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch},
+                             optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -8,6 +8,7 @@ for the convolutions, the gradient of max pooling), not from the code.
 from __future__ import annotations
 
 import copy
+import doctest
 from collections import OrderedDict
 
 import numpy as np
@@ -25,6 +26,7 @@ from neon_attrib.deep import DeepNeon, median_gamma
 from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer
 from neon_attrib.pipeline import isolated
 from neon_attrib.vision import BilinearResize, FeatureTaps, backbone, get_preprocessing
+from neon_attrib.vision import taps as taps_module
 
 LOW, HIGH = -2.0, 2.5
 EPS = 1e-6
@@ -337,3 +339,9 @@ def test_real_vgg16_weights_with_taps():
     relevance, audit = explain(model, x[4:], return_audit=True)
     assert audit.ok, audit
     assert relevance.shape == (2, 3, 64, 64)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(taps_module, extraglobs={"torch": torch},
+                             optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
