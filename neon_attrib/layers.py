@@ -26,6 +26,8 @@ PositionalMahalanobis  ``m_p = (a_p − μ_p)ᵀ P_p (a_p − μ_p)``      PaDiM
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Literal
 
 import torch
@@ -93,6 +95,28 @@ class ResizableBuffers(nn.Module):
                                       error_msgs)
 
 
+_CENTRES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_CENTRES_LOCK = threading.Lock()
+
+
+def _cached_centre(support: torch.Tensor) -> torch.Tensor:
+    """:func:`~neon_attrib.functional.support_centre`, remembered for the last few support sets (by storage, version
+    and shape; nothing is stored on the module). The centre is only the expansion point of the distances: any point
+    gives the same distances up to rounding, so even a stale entry could not make a result wrong."""
+    key = (support.data_ptr(), support._version, tuple(support.shape), support.dtype, support.device)
+    with _CENTRES_LOCK:
+        centre = _CENTRES.get(key)
+        if centre is not None:
+            _CENTRES.move_to_end(key)
+            return centre
+    centre = support_centre(support.detach())
+    with _CENTRES_LOCK:
+        _CENTRES[key] = centre
+        while len(_CENTRES) > 32:
+            _CENTRES.popitem(last=False)
+    return centre
+
+
 class SquaredDistance(ResizableBuffers):
     """Layer 1 of the KDE outlier network: ``h_k = ‖x − u_k‖²`` for every support point ``u_k``.
 
@@ -118,13 +142,7 @@ class SquaredDistance(ResizableBuffers):
     @property
     def centre(self) -> torch.Tensor:
         """The mean of the support points: distances are expanded around it (precision far from the origin)."""
-        key = (self.support.data_ptr(), self.support._version, self.support.shape, self.support.dtype,
-               self.support.device)
-        cached = self.__dict__.get("_centre_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, support_centre(self.support))
-            self.__dict__["_centre_cache"] = cached
-        return cached[1]
+        return _cached_centre(self.support)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return squared_distance(x, self.support, centre=self.centre)
