@@ -63,7 +63,7 @@ __version__ = "0.1.0"
 #: Subpackages and modules reachable as attributes, imported on first access (PEP 562).
 _SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
                "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
-               "gaussian", "kernels", "neighbors", "estimator", "kde", "kmeans", "sanity", "scale", "anomaly")
+               "gaussian", "kernels", "neighbors", "positional", "estimator", "kde", "kmeans", "sanity", "scale", "anomaly")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {
@@ -75,7 +75,7 @@ _LAZY = {
     "DEC": "dec", "ActivationClusteringSurrogate": "dec", "DECHead": "dec",
     "neuralize": "neuralize", "KNNOutlier": "neighbors", "MahalanobisOutlier": "gaussian", "PCAResidual": "gaussian",
     "GaussianMixtureOutlier": "gaussian", "GaussianMixtureMembership": "gaussian",
-    "PositionalMahalanobis": "gaussian", "WeightedKDEOutlier": "kernels", "OneClassSVMOutlier": "kernels",
+    "PositionalMahalanobis": "positional", "WeightedKDEOutlier": "kernels", "OneClassSVMOutlier": "kernels",
     "explain_dataset": "scale", "fit_dataset": "scale", "open_results": "scale",
     "PatchCore": "anomaly", "PaDiM": "anomaly",
 }
