@@ -63,7 +63,8 @@ __version__ = "0.1.0"
 #: Subpackages and modules reachable as attributes, imported on first access (PEP 562).
 _SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
                "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
-               "gaussian", "kernels", "neighbors", "positional", "estimator", "kde", "kmeans", "sanity", "scale", "anomaly")
+               "gaussian", "kernels", "neighbors", "positional", "estimator", "kde", "kmeans", "sanity", "scale",
+               "anomaly")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {
@@ -81,7 +82,7 @@ _LAZY = {
 }
 
 # the function and its module share a name: bind the function now, or importing the module would shadow it
-from .neuralize import neuralize  # noqa: E402
+from .neuralize import neuralize  # noqa: E402, F401
 
 __all__ = [
     "explain",

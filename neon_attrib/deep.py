@@ -143,7 +143,7 @@ class DeepRelevance:
 
 
 class DeepNeon(nn.Module):
-    """A NEON head on a CNN's feature map: every spatial location is one data point (SPEC §4).
+    """A NEON head on a CNN's feature map: every spatial location is one data point.
 
     ``model(images)`` runs ``features`` to a map (n, C, h, w), scores its rows (n·h·w, C) with ``head`` and pools the
     location scores into the image score: (n,) for KDE heads, (n, K) for k-means (one evidence per cluster).
@@ -157,7 +157,7 @@ class DeepNeon(nn.Module):
     head : KDEOutlier, KDEInlier or KMeansMembership
         Unfitted (fit it with :meth:`fit`) or fitted on location vectors of ``C`` channels.
     pool : {"sum", "mean", "positive", "max"}
-        Location pooling (:class:`LocationPool`); SPEC's default is the sum. ``"positive"`` suits k-means.
+        Location pooling (:class:`LocationPool`); the default is the sum. ``"positive"`` suits k-means.
     preprocessing : str or Preprocessing
         How the inputs were made (:data:`PREPROCESSINGS`): sets the ZBox bounds of the first convolution.
         ``"torchvision"`` (default) for torchvision's weights, ``"caffe"`` for the Keras/Caffe weights.

@@ -1,4 +1,4 @@
-"""Gaussian models as neural networks (SPEC §7): Mahalanobis outlier, PCA reconstruction error, Gaussian mixture
+"""Gaussian models as neural networks: Mahalanobis outlier, PCA reconstruction error, Gaussian mixture
 outlier and membership, and the per-position Gaussian head of PaDiM.
 
 All of them are quadratic forms of the input, ``m_k(x) = (x − μ_k)ᵀ P_k (x − μ_k) = ‖L_kᵀ(x − μ_k)‖²``
@@ -496,7 +496,7 @@ class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
 
 class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
     """Membership evidence of a tied-covariance Gaussian mixture, ``f_c(x) = min_{k≠c} (ℓ_c(x) − ℓ_k(x))`` for every
-    component c, ``ℓ_k = log π_k N(x | μ_k, Σ)`` (SPEC §7).
+    component c, ``ℓ_k = log π_k N(x | μ_k, Σ)``.
 
     With one shared covariance the log-likelihood ratios are linear in x, exactly as for k-means:
     ``h_ck = w_ckᵀx + b_ck`` with ``w_ck = P(μ_c − μ_k)`` (:class:`~neon_attrib.layers.LinearClusterDifference`),

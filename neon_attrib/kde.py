@@ -40,7 +40,7 @@ class KDEOutlier(NeonEstimator):
     gamma : float
         Kernel sharpness γ > 0 of ``exp(−γ‖x − x'‖²)`` (scikit-learn's bandwidth h gives γ = 1/(2h²)).
     beta : float, optional
-        Soft-argmin sharpness of the explanation. Default ``None`` = γ (SPEC §1): the redistribution then weighs each
+        Soft-argmin sharpness of the explanation. Default ``None`` = γ: the redistribution then weighs each
         support point by its share of the density, ``R_k = exp(−γh_k)/Σ exp(−γh_k') · o(x)``.
     eps : float, optional
         Stabiliser of the input rule. Default ``None`` = ``0.01 / γ``: a hundredth of the kernel's squared length
@@ -396,7 +396,7 @@ class KDEInlier(NeonEstimator):
         return torch.log(self.exact(x)) - 0.5 * self.n_features_in_ * math.log(math.pi / self.gamma)
 
     def uniform_relevance(self, x: ArrayLike) -> torch.Tensor:
-        """The baseline explanation of the exact inlier score: ``R_i = i(x) / d`` for every feature (SPEC §2)."""
+        """The baseline explanation of the exact inlier score: ``R_i = i(x) / d`` for every feature."""
         scores = self.exact(x)
         return scores.unsqueeze(-1).expand(-1, self.n_features_in_) / self.n_features_in_
 

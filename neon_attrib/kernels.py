@@ -1,5 +1,5 @@
 """Weighted Gaussian-kernel outlier scores as neural networks: :class:`WeightedKDEOutlier` and
-:class:`OneClassSVMOutlier` (SPEC §7).
+:class:`OneClassSVMOutlier`.
 
 Both are §1's KDE outlier with a weight per support point, the weights entering as log-weights in the pooling:
 

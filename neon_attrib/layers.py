@@ -160,7 +160,7 @@ class LogMeanExpPool(nn.Module):
         Non-zero sharpness; the KDE outlier score uses ``α = −γ``.
     beta : float, optional
         Default sharpness of the soft-argmin redistribution (:class:`~neon_attrib.rules.SoftArgminRule`);
-        ``None`` means ``|α|`` (SPEC: β = γ).
+        ``None`` means ``|α|`` (β = γ).
     chunk_size : int
         Support points reduced at once.
     """
@@ -336,7 +336,7 @@ class LocationPool(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# layers of the models of SPEC §7 (k-NN, Mahalanobis, PCA, Gaussian mixtures, one-class SVM, PaDiM)
+# layers of more models (k-NN, Mahalanobis, PCA, Gaussian mixtures, one-class SVM, PaDiM)
 class KMinPool(nn.Module):
     """k-min pooling: the mean of the ``k`` smallest entries over the last dimension (layer 2 of the k-NN outlier).
 

@@ -1,4 +1,4 @@
-"""The k-nearest-neighbour outlier score as a neural network: :class:`KNNOutlier` (SPEC §7).
+"""The k-nearest-neighbour outlier score as a neural network: :class:`KNNOutlier`.
 
 ``o(x) = 1/k Σ_{j ∈ kNN(x)} ‖x − u_j‖²`` is a :class:`~neon_attrib.layers.SquaredDistance` layer followed by a
 k-min pooling (:class:`~neon_attrib.layers.KMinPool`); ``sqrt=True`` puts a :class:`~neon_attrib.layers.SquareRoot`

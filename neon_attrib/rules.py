@@ -7,10 +7,10 @@ upper relevance, so it composes with any Zennit rule above or below it.
 
 Two families:
 
-* **Input-space rules**, one per layer, for raw feature vectors (SPEC "Input layer, raw features"):
+* **Input-space rules**, one per layer, for raw feature vectors:
   :class:`SoftArgminRule`, :class:`SquaredDifferenceRule`, :class:`ProportionalRule`, :class:`CosineShareRule`,
   :class:`WeightShareRule`.
-* **Activation rules** for heads on CNN activations ``a >= 0`` (SPEC "On CNN activations"): a neuron with
+* **Activation rules** for heads on CNN activations ``a >= 0``: a neuron with
   ``a_i = 0`` never receives relevance, the share of the score that cannot be expressed through active neurons is
   *dissipated*. They sit on the whole neuralized model (:class:`~neon_attrib.models.KDEOutlier` etc.), because their
   closed forms skip the N-sized intermediate layer entirely: :class:`KDEOutlierActivationRule`,
@@ -146,8 +146,8 @@ class SoftArgminRule(_BetaHook):
     Parameters
     ----------
     beta : float, optional
-        Sharpness. ``None`` uses the layer's default: ``|α|`` for log-mean-exp (β = γ, SPEC §1), and for min pooling
-        the value :class:`~neon_attrib.models.KMeansMembership` sets at ``fit`` (1 / mean training evidence).
+        Sharpness. ``None`` uses the layer's default: ``|α|`` for log-mean-exp (β = γ), and for min pooling the value
+        :class:`~neon_attrib.models.KMeansMembership` sets at ``fit`` (1 / mean training evidence).
 
     Examples
     --------
@@ -229,7 +229,7 @@ class WeightShareRule(NeonHook):
 
 
 class KDEOutlierActivationRule(_BetaHook):
-    """Activation rule for a :class:`~neon_attrib.models.KDEOutlier` on CNN activations (SPEC §1, a >= 0).
+    """Activation rule for a :class:`~neon_attrib.models.KDEOutlier` on CNN activations (a >= 0).
 
     ``R_k = p_k · o(a)`` with ``p = softmin_β(h)`` is split into ``R_k^dot = p_k aᵀ(a − u_k)``, propagated as
     ``R_i = a_i (a_i − u_ik) / aᵀ(a − u_k) · R_k^dot``, and ``R_k^res`` (dissipated). The sum over ``k`` has the
@@ -305,7 +305,7 @@ def _cosine_relevance(x: torch.Tensor, layer, mean: torch.Tensor, eps: float, ou
 
 
 class KMeansActivationRule(_BetaHook):
-    """Activation rule for a :class:`~neon_attrib.models.KMeansMembership` on CNN activations (SPEC §3).
+    """Activation rule for a :class:`~neon_attrib.models.KMeansMembership` on CNN activations.
 
     ``R_ck = p_ck f_c(a)`` with ``p_c = softmin_β(h_c)`` over ``k ≠ c``; its part ``R_ck^dot = p_ck aᵀw_ck`` is
     propagated as ``R_i = a_i Σ_k p_ck w_cki`` (times ``R_c / f_c(a)``), and ``R_ck^res = p_ck(b_ck + f_c − h_ck)`` is
@@ -369,7 +369,7 @@ _NeonHook = NeonHook
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# rules of the models of SPEC §7: k-NN, Mahalanobis, PCA, Gaussian mixtures, one-class SVM, PaDiM
+# rules of more models: k-NN, Mahalanobis, PCA, Gaussian mixtures, one-class SVM, PaDiM
 class KMinPoolRule(_BetaHook):
     """Rule of :class:`~neon_attrib.layers.KMinPool` (``o = 1/k Σ_{j ∈ kNN} h_j``). Conserves exactly.
 
@@ -402,7 +402,7 @@ class PassThroughRule(NeonHook):
 
 
 class MahalanobisRule(_EpsHook):
-    """Quadratic-form rule on :class:`~neon_attrib.layers.MahalanobisDistance` (SPEC §7):
+    """Quadratic-form rule on :class:`~neon_attrib.layers.MahalanobisDistance`:
     ``R_i = Σ_k (x − μ_k)_i [P_k(x − μ_k)]_i / (ε + m_k) · R_k``.
 
     ``Σ_i (x − μ)_i [P(x − μ)]_i = m``, so with ε = 0 (the default) it conserves exactly; a feature can receive
@@ -474,7 +474,7 @@ def _centre(layer) -> torch.Tensor | None:
 
 
 class KNNOutlierActivationRule(_BetaHook):
-    """Activation rule of a :class:`~neon_attrib.neighbors.KNNOutlier` head on CNN activations ``a >= 0`` (SPEC §7).
+    """Activation rule of a :class:`~neon_attrib.neighbors.KNNOutlier` head on CNN activations ``a >= 0``.
 
     With ``p`` the k-min weights (hard: ``1/k`` on the k nearest support points; soft: ``softmin_β(h)``), each
     ``R_j = p_j h_j`` splits into ``p_j aᵀ(a − u_j)`` (propagated) and ``p_j u_jᵀ(u_j − a)`` (dissipated), and the sum
@@ -543,7 +543,7 @@ class WeightedKDEOutlierActivationRule(_BetaHook):
 class GaussianActivationRule(_BetaHook):
     """Activation rule of the Gaussian heads (:class:`~neon_attrib.gaussian.MahalanobisOutlier`,
     :class:`~neon_attrib.gaussian.PCAResidual`, :class:`~neon_attrib.gaussian.GaussianMixtureOutlier`) on CNN
-    activations ``a >= 0`` (SPEC §7).
+    activations ``a >= 0``.
 
     Each component's energy ``h_k = (a − μ_k)ᵀP_k(a − μ_k)`` splits into ``aᵀP_k(a − μ_k)`` (propagated) and
     ``μ_kᵀP_k(μ_k − a)`` (dissipated); with the responsibilities ``p_k`` of the mixture's top layer (``p = 1`` for a

@@ -1,4 +1,4 @@
-"""DEC surrogates of a classifier (SPEC §5): Deep Embedded Clustering of activations, the surrogate, similar
+"""DEC surrogates of a classifier: Deep Embedded Clustering of activations, the surrogate, similar
 examples, concepts, and attributable heads that explain cluster membership and class evidence with LRP.
 
 Modules, each importing only those listed before it: ``assignment`` (Student-t ``q``, target ``p``), ``encoders``

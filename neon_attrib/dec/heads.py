@@ -1,7 +1,7 @@
 """Attributable DEC heads: explain cluster membership and the surrogate's class evidence in pixels with LRP.
 
 **Membership** (:class:`DECHead`). DEC assigns ``argmax_k q_k = argmin_k |z - mu_k|`` (the Student-t kernel is
-decreasing in the distance), so the k-means neuralization of SPEC §3 on the embedding is exactly DEC's decision::
+decreasing in the distance), so the k-means neuralization on the embedding is exactly DEC's decision::
 
     x --classifier up to layer j--> a --DEC encoder--> e --SphereNorm--> z --ClusterDifference--> h --MinPool--> f
 
@@ -11,7 +11,7 @@ decreasing in the distance), so the k-means neuralization of SPEC §3 on the emb
 * ``ClusterDifference + MinPool`` (as one :class:`DECMembership` module): :class:`SphereMembershipRule`. The
   soft-min weights ``p = softmin_beta(h_c)`` split ``R_c`` over the competitors ``k`` (exact), and each
   ``h_k = w_k^T z + b_k`` is split over the embedding coordinates as ``z_i w_ki + b_k z_i^2 / |z|^2`` (exact, since
-  the ``z_i^2 / |z|^2`` sum to one): the embedding relevance sums to ``f_c`` **exactly**. SPEC §3's dot rule
+  the ``z_i^2 / |z|^2`` sum to one): the embedding relevance sums to ``f_c`` **exactly**. The k-means activation rule
   (``R_i = z_i sum_k p_k w_ki R_c / f_c``, :class:`~neon_attrib.rules.KMeansActivationRule`) is available with
   ``membership_rule="dot"``; it dissipates ``sum_k p_k (b_k + f_c - h_k)``, which near a border is large compared
   to ``f_c``. The embedding is signed, so ``z_i < 0`` can carry relevance.
@@ -175,7 +175,8 @@ class SphereMembershipRule(_BetaHook):
     coordinates without remainder (the bias in proportion to ``z_i^2``, which sums to one after dividing by ``|z|^2``;
     on DEC's sphere ``|z|^2 = r^2`` is a constant), so ``sum_i R_i = R_c`` exactly. For the assigned cluster every
     ``h_k >= f_c > 0``, so the division is safe; for other targets a sign-matched ``1e-9`` stabilises it.
-    Compare SPEC §3's dot rule (:class:`~neon_attrib.rules.KMeansActivationRule`), which dissipates the bias share.
+    Compare the k-means activation rule (:class:`~neon_attrib.rules.KMeansActivationRule`), which dissipates the bias
+    share.
 
     Parameters
     ----------

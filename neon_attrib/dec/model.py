@@ -1,6 +1,6 @@
 """Deep Embedded Clustering (Xie et al., 2016) on activation tensors of any shape: the :class:`DEC` estimator.
 
-The variant here follows the activation-clustering surrogate paper (SPEC §5): the embedding is normalised onto a
+The variant here follows the activation-clustering surrogate paper: the embedding is normalised onto a
 sphere of radius 8 and the Student-t kernel uses ``alpha = 100`` instead of DEC's 1, which makes the soft assignments
 sparse.
 
@@ -403,7 +403,7 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
                 warnings.warn(f"{name}: {message}", DECTrainingWarning, stacklevel=3)
         encoder.eval()
         decoder.eval()
-        # margin of the assigned cluster, min_{k != c} |z - mu_k|^2 - |z - mu_c|^2 (the k-means evidence of SPEC §3)
+        # margin of the assigned cluster, min_{k != c} |z - mu_k|^2 - |z - mu_c|^2 (the k-means evidence)
         two = torch.cdist(z.double(), centers.double()).pow(2).topk(2, dim=1, largest=False).values
         # all state is assigned here, after everything that can fail
         self.encoder_ = encoder

@@ -1,4 +1,4 @@
-"""Activation-clustering surrogate of a classifier (SPEC §5): one DEC per layer, class posteriors per cluster.
+"""Activation-clustering surrogate of a classifier: one DEC per layer, class posteriors per cluster.
 
 For each selected layer ``j`` a :class:`~neon_attrib.dec.DEC` clusters the layer's activations; the surrogate of the
 layer is ``p_j(y|x) = sum_k p(y | z^j = k) q^j_k(x)`` with ``p(y | z = k)`` the class frequencies of the training
