@@ -334,8 +334,10 @@ class FastNorm(FastHook):
         return {"stabilizer": self.stabilizer}
 
     def forward(self, module, input, output):
-        """Store the input and the output."""
-        self.stored_tensors.update(input=input[0].detach(), output=output.detach(), output_version=output._version)
+        """Store the input and the output (and the module's own graph, whose backward is ``J^T``)."""
+        graph = (output, input[0]) if output.grad_fn is not None and type(module) is not Sum else None
+        self.stored_tensors.update(input=input[0].detach(), output=output.detach(), output_version=output._version,
+                                   graph=graph)
 
     def backward(self, module, grad_input, grad_output):
         """Return ``x * J^T (R / stab(out))``."""
@@ -349,6 +351,13 @@ class FastNorm(FastHook):
             return (x * ratio.unsqueeze(dim),)
         out = st["output"] if intact else module.forward(x)
         grad = grad_output[0] / _stabilize(out, self.stabilizer)
+        if intact and st["graph"] is not None:  # J^T from the graph of the forward pass: no re-run of the module
+            graph_output, graph_input = st["graph"]
+            try:
+                (vjp,) = torch.autograd.grad(graph_output, graph_input, grad)
+                return (x * vjp,)
+            except RuntimeError:  # a tensor the module saved was changed in place: run it again
+                pass
         with torch.enable_grad():
             leaf = x.detach().requires_grad_()
             (vjp,) = torch.autograd.grad(module.forward(leaf), leaf, grad)
