@@ -80,6 +80,11 @@ def register_detect(subparsers: Any) -> argparse.ArgumentParser:
                         help="PatchCore: share of the fit patches kept in the memory bank (default: %(default)s)")
     parser.add_argument("--n-channels", type=int, default=100, metavar="D",
                         help="PaDiM: random channel subset (default: %(default)s)")
+    parser.add_argument("--reg", type=float, default=0.01, metavar="R",
+                        help="PaDiM: added to every covariance's diagonal (default: %(default)s)")
+    parser.add_argument("--relative-reg", action=argparse.BooleanOptionalAction, default=True,
+                        help="PaDiM: add R times the mean feature variance, whatever the backbone's scale (default); "
+                             "--no-relative-reg adds R itself, as the paper does for ResNet features")
     parser.add_argument("--target", choices=TARGETS, default="max",
                         help="explained score: the image score (max), all patch scores (sum), or their excess over "
                              "the normal level τ (excess; needs calibration) (default: %(default)s)")
@@ -108,6 +113,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--coreset-ratio must lie in (0, 1]. Got {args.coreset_ratio}.")
     if args.n_channels < 1:
         raise ValueError(f"--n-channels must be at least 1. Got {args.n_channels}.")
+    if not (math.isfinite(args.reg) and args.reg > 0):
+        raise ValueError(f"--reg must be a finite number > 0. Got {args.reg}.")
     if not 0 <= args.holdout < 1:
         raise ValueError(f"--holdout must lie in [0, 1). Got {args.holdout}.")
     if not (math.isfinite(args.percentile) and 0 <= args.percentile <= 100):
@@ -159,8 +166,8 @@ def _build(args: argparse.Namespace, preprocessing: Any) -> Any:
         model = PatchCore(network, args.layers, coreset_ratio=args.coreset_ratio, seed=args.seed,
                           preprocessing=preprocessing, explain_target=args.target)
     else:
-        model = PaDiM(network, args.layers, n_channels=args.n_channels, seed=args.seed, preprocessing=preprocessing,
-                      explain_target=args.target)
+        model = PaDiM(network, args.layers, n_channels=args.n_channels, reg=args.reg, relative_reg=args.relative_reg,
+                      seed=args.seed, preprocessing=preprocessing, explain_target=args.target)
     return model.to(args.device)
 
 
@@ -212,7 +219,8 @@ def run_detect(args: argparse.Namespace) -> int:
             "size": None if args.no_resize else args.size, "fit": str(args.fit), "n_fit": len(fit_paths),
             "n_calibration": len(calibration_paths), "percentile": args.percentile, "target": args.target,
             "coreset_ratio": args.coreset_ratio if args.detector == "patchcore" else None,
-            "n_channels": args.n_channels if args.detector == "padim" else None, "seed": args.seed,
+            "n_channels": args.n_channels if args.detector == "padim" else None,
+            "reg": model.reg_ if args.detector == "padim" else None, "seed": args.seed,
             "threshold": float(model.threshold_) if model.is_calibrated else None,
             "tau": float(model.tau_) if model.is_calibrated else None,
         },

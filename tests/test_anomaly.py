@@ -525,6 +525,15 @@ def test_detect_command(tmp_path, capsys):
     assert arrays["anomaly_map"].shape == (32, 32) and arrays["relevance"].shape == (3, 32, 32)
     assert "score=" in capsys.readouterr().out
 
+    _write_images(tmp_path / "held", 3, 3)
+    code = cli_main(["detect", str(tests[0]), "--detector", "padim", "--fit", str(tmp_path / "good"), "--calibrate",
+                     str(tmp_path / "held"), "--backbone", "resnet18", "--size", "32", "--n-channels", "16",
+                     "--no-relative-reg", "--save-raw", "npy", "--out", str(tmp_path / "padim"), "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "padim" / "scores.json").read_text())
+    assert report["settings"]["reg"] == 0.01 and report["settings"]["n_calibration"] == 3
+    assert np.load(tmp_path / "padim" / "img0_relevance.npy").shape == (3, 32, 32)
+
     _write_images(tmp_path / "mixed", 1, 2, size=(40, 48))
     code = cli_main(["detect", str(tests[0]), str(tmp_path / "mixed" / "img0.png"), "--detector", "padim",
                      "--fit", str(tmp_path / "good"), "--backbone", "resnet18", "--no-resize", "--out", str(out),

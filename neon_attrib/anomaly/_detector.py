@@ -102,6 +102,9 @@ class _ImageBatches:
     def __len__(self) -> int:
         if isinstance(self.images, torch.Tensor):
             return math.ceil(self.images.shape[0] / self.batch_size)
+        if isinstance(self.images, (list, tuple)) and all(isinstance(item, torch.Tensor) for item in self.images):
+            count = sum(1 if item.ndim == 3 else item.shape[0] for item in self.images)
+            return math.ceil(count / self.batch_size)  # single images are gathered into batches
         return len(self.images)  # type: ignore[arg-type]  # raises TypeError for unsized iterables (tqdm copes)
 
     def _check(self, batch: Any) -> torch.Tensor:
