@@ -553,3 +553,13 @@ def test_docstring_examples(name):
     result = doctest.testmod(module, extraglobs={"np": np, "torch": torch},
                              optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_resnet_batches_of_two_pass_the_audit_per_image():
+    """Residual sums stacked after the batch axis keep the per-image audit per image (a batch of 2 once mixed them)."""
+    model = PatchCore("resnet18", coreset_ratio=0.5).fit(images(3, 1), progress=False)
+    x = images(2, 2)
+    relevance, audit = explain(model, x, return_audit=True)
+    assert audit.ok and audit.score.shape == (2,), audit
+    single = torch.cat([explain(model, x[i:i + 1]) for i in range(2)])
+    assert_relative(relevance, single, 1e-5)
