@@ -56,10 +56,12 @@ class RandomizationResult:
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks along the last dimension (ties broken by position; heatmaps of floats rarely tie)."""
-    order = values.argsort(-1)
-    ranks = torch.empty_like(order, dtype=torch.float64)
-    ranks.scatter_(-1, order, torch.arange(values.shape[-1], dtype=torch.float64).expand_as(ranks).contiguous())
+    """Ranks along the last dimension of (n, m); tied values share their average rank (a constant map has no order)."""
+    ranks = torch.empty(values.shape, dtype=torch.float64)
+    for i, row in enumerate(values):
+        _, inverse, counts = torch.unique(row, return_inverse=True, return_counts=True)
+        first = (torch.cumsum(counts, 0) - counts).to(torch.float64)
+        ranks[i] = (first + (counts.to(torch.float64) - 1) / 2)[inverse]
     return ranks
 
 

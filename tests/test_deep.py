@@ -519,7 +519,7 @@ def test_cli_explain_errors(tmp_path, capsys):
     ]
     for argv, message in cases:
         assert cli_main(["explain", *argv, "--out", str(tmp_path / "out"), "--quiet"]) == 2, argv
-        assert message in capsys.readouterr().err, argv
+        assert message.lower() in capsys.readouterr().err.lower(), argv
 
 
 # ---------------------------------------------------------------------------------------------------------------------
