@@ -26,8 +26,6 @@ PositionalMahalanobis  ``m_p = (a_p − μ_p)ᵀ P_p (a_p − μ_p)``      PaDiM
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Literal
 
 import torch
@@ -95,28 +93,6 @@ class ResizableBuffers(nn.Module):
                                       error_msgs)
 
 
-_CENTRES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_CENTRES_LOCK = threading.Lock()
-
-
-def _cached_centre(support: torch.Tensor) -> torch.Tensor:
-    """:func:`~neon_attrib.functional.support_centre`, remembered for the last few support sets (by storage, version
-    and shape; nothing is stored on the module). The centre is only the expansion point of the distances: any point
-    gives the same distances up to rounding, so even a stale entry could not make a result wrong."""
-    key = (support.data_ptr(), support._version, tuple(support.shape), support.dtype, support.device)
-    with _CENTRES_LOCK:
-        centre = _CENTRES.get(key)
-        if centre is not None:
-            _CENTRES.move_to_end(key)
-            return centre
-    centre = support_centre(support.detach())
-    with _CENTRES_LOCK:
-        _CENTRES[key] = centre
-        while len(_CENTRES) > 32:
-            _CENTRES.popitem(last=False)
-    return centre
-
-
 class SquaredDistance(ResizableBuffers):
     """Layer 1 of the KDE outlier network: ``h_k = ‖x − u_k‖²`` for every support point ``u_k``.
 
@@ -137,12 +113,24 @@ class SquaredDistance(ResizableBuffers):
     def __init__(self, support: torch.Tensor | None = None, eps: float = 0.0):
         super().__init__()
         self.register_buffer("support", torch.empty(0, 0) if support is None else support.detach().clone())
+        # the mean of the support points: distances are expanded around it (precision far from the origin); derived
+        # from the support, so not saved in the state dict
+        self.register_buffer("centre", support_centre(self.support), persistent=False)
         self.eps = eps
 
-    @property
-    def centre(self) -> torch.Tensor:
-        """The mean of the support points: distances are expanded around it (precision far from the origin)."""
-        return _cached_centre(self.support)
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "support" and "centre" in self._buffers:  # a new support set: its centre
+            self.refresh_centre()
+
+    @torch.no_grad()
+    def refresh_centre(self) -> None:
+        """Recompute :attr:`centre` from the support points (call it after changing ``support`` in place)."""
+        self._buffers["centre"] = support_centre(self._buffers["support"])
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_centre()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return squared_distance(x, self.support, centre=self.centre)

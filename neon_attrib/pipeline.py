@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 from zennit.core import Composite, Hook
+from zennit.rules import Pass
 
 from ._utils import as_targets
 from .composites import NeonComposite, covers_children, is_neon_module, needs_own_rule
@@ -308,16 +309,20 @@ class _AuditRecorder:
         self.per_sample: dict[str, torch.Tensor | None] = {}
         self.totals: dict[str, torch.Tensor] = {}
         for name, hook in hooked.items():
-            self._wrap(name, hook)
+            if not _passes_through(hook):  # a pass-through dissipates nothing: no need to sum its relevance
+                self._wrap(name, hook)
 
     def _record(self, name: str, out: torch.Tensor, inp: torch.Tensor | None) -> None:
-        out = out.detach().to(torch.float64)
-        inp = None if inp is None else inp.detach().to(torch.float64)
-        total = out.sum() - (inp.sum() if inp is not None else 0.0)
+        # sums accumulate in float64 without a float64 copy of the tensors (one reduction pass each)
+        batched = bool(self.n) and _batched(out, self.n) and (inp is None or _batched(inp, self.n))
+        if batched:
+            per_sample = _row_sums(out, self.n) - (_row_sums(inp, self.n) if inp is not None else 0.0)
+            total = per_sample.sum()
+        else:
+            per_sample = None
+            total = out.detach().sum(dtype=torch.float64) - (
+                inp.detach().sum(dtype=torch.float64) if inp is not None else 0.0)
         self.totals[name] = self.totals[name] + total if name in self.totals else total
-        per_sample = None
-        if self.n and _batched(out, self.n) and (inp is None or _batched(inp, self.n)):
-            per_sample = out.reshape(self.n, -1).sum(1) - (inp.reshape(self.n, -1).sum(1) if inp is not None else 0)
         previous = self.per_sample.get(name, 0)
         self.per_sample[name] = None if per_sample is None or previous is None else previous + per_sample
 
@@ -349,16 +354,26 @@ class _AuditRecorder:
                      unaccounted=score - dissipated - input_sum, per_module=modules, tolerance=tolerance)
 
 
+def _passes_through(hook: Hook) -> bool:
+    """Rules that hand the output relevance to the input unchanged: Zennit's ``Pass`` and rules that declare it with a
+    class attribute ``passes_relevance_through = True`` (the fast ``FastPass``)."""
+    return isinstance(hook, Pass) or getattr(type(hook), "passes_relevance_through", False) \
+        or type(hook).__name__ == "FastPass"
+
+
+def _row_sums(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    return tensor.detach().reshape(n, -1).sum(1, dtype=torch.float64)
+
+
 def _batched(tensor: torch.Tensor, n: int) -> bool:
     return tensor.ndim > 0 and tensor.shape[0] % n == 0
 
 
 def _sample_sums(tensor: torch.Tensor, n: int) -> torch.Tensor:
     """Per-sample sums (n,) when ``tensor`` is batched over ``n``, else its total as a (1,) tensor."""
-    values = tensor.detach().to(torch.float64)
-    if n and values.ndim and values.shape[0] == n:
-        return values.reshape(n, -1).sum(1)
-    return values.sum().reshape(1)
+    if n and tensor.ndim and tensor.shape[0] == n:
+        return _row_sums(tensor, n)
+    return tensor.detach().sum(dtype=torch.float64).reshape(1)
 
 
 def _report(audit: Audit, owner: str, strict: bool) -> None:
