@@ -1,4 +1,4 @@
-"""Anomaly detectors on CNN features, neuralized and explained to pixels (SPEC §8): :class:`PatchCore` and
+"""Anomaly detectors on CNN features, neuralized and explained to pixels: :class:`PatchCore` and
 :class:`PaDiM`.
 
 =========================  ===========================================================================================
