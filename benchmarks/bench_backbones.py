@@ -10,7 +10,13 @@ batch size, interleaved in every repeat:
 * ``fast``: the NEON heatmap with :mod:`neon_attrib.fast`'s exact rules and the default canonizers
   (``DeepNeon``'s default, :meth:`DeepNeon.explainer`);
 * ``zennit``: the same heatmap with Zennit's own rules, ``EpsilonGammaBox`` with ``ResNetCanonizer``
-  (``DeepNeon(fast=False)``), up to ``--zennit-max-batch``.
+  (``DeepNeon(fast=False)``), up to ``--zennit-max-batch``;
+
+and, because the head's cost is the same in all three and dilutes the comparison, the backbone alone (the LRP the fast
+rules change): ``taps_gradient``, ``taps_fast`` and ``taps_zennit``, the same three for the tapped feature map itself
+(relevance = the activations, ``attr_output = output``; fast: :class:`~neon_attrib.fast.LRPExplainer` with the default
+canonizers, Zennit: ``zennit.attribution.Gradient`` with ``EpsilonGammaBox`` and Zennit's own ``ResNetCanonizer``).
+``--forward`` adds the plain forward pass.
 
 Medians of wall-clock and process CPU time, peak memory (sampled RSS on CPU, the CUDA allocator on GPU) from one more
 call, and the fast heatmap's max relative error against Zennit's in the same run. With ``../shared/data`` present, the
@@ -48,10 +54,15 @@ from _common import (  # noqa: E402
     time_interleaved,
     write_result,
 )
+from zennit.attribution import Gradient  # noqa: E402
+from zennit.composites import EpsilonGammaBox  # noqa: E402
+from zennit.torchvision import ResNetCanonizer  # noqa: E402
 
 from neon_attrib import KDEOutlier  # noqa: E402
 from neon_attrib.attribution import attribution_output  # noqa: E402
 from neon_attrib.deep import DeepNeon, median_gamma  # noqa: E402
+from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, LRPExplainer  # noqa: E402
+from neon_attrib.pipeline import isolated  # noqa: E402
 from neon_attrib.vision import FeatureTaps, backbone, default_canonizers, get_preprocessing  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -98,26 +109,53 @@ def build_model(features: torch.nn.Module, support: torch.Tensor, preprocessing:
     return DeepNeon(features, head, preprocessing=preprocessing)
 
 
+def taps_gradient(features: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        output = features(leaf)
+        (grad,) = torch.autograd.grad(output, leaf, output.detach())
+    return grad
+
+
+def taps_heatmap(attributor: Callable, x: torch.Tensor) -> torch.Tensor:
+    return attributor(x, lambda output: output)[1]
+
+
 def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device: torch.device,
-            args: argparse.Namespace, extra: dict) -> tuple[list[dict], list[dict]]:
+            args: argparse.Namespace, extra: dict, backbone_rows: bool = True) -> tuple[list[dict], list[dict]]:
     """Time every method at every batch size; check fast against Zennit; one JSON row per method."""
     fast = model.explainer(audit=False)
     zennit_model = copy.deepcopy(model)
     zennit_model.fast = False
     zennit = zennit_model.explainer(audit=False)
+    features = model.features
+    low, high = model.input_bounds()
+    taps_fast = LRPExplainer(features, FastEpsilonGammaBox(low=low, high=high,
+                                                           canonizers=default_canonizers(features)), audit=False)
+    # registered once, on a copy (Zennit's canonizers change the modules they are applied to)
+    taps_zennit = Gradient(isolated(features), EpsilonGammaBox(low=low, high=high,
+                                                                canonizers=zennit_canonizers(features)))
+    taps_zennit.__enter__()
     rows, checks = [], []
     for batch, x in inputs.items():
-        methods = {"forward": partial(plain_forward, model, x), "gradient": partial(plain_gradient, model, x),
-                   "fast": partial(heatmap, fast, x)}
+        methods = {"forward": partial(plain_forward, model, x)} if args.forward else {}
+        methods.update({"gradient": partial(plain_gradient, model, x), "fast": partial(heatmap, fast, x)})
         if batch <= args.zennit_max_batch:
             methods["zennit"] = partial(heatmap, zennit, x)
+        if backbone_rows:
+            methods.update({"taps_gradient": partial(taps_gradient, features, x),
+                            "taps_fast": partial(taps_heatmap, taps_fast, x)})
+            if batch <= args.zennit_max_batch:
+                methods["taps_zennit"] = partial(taps_heatmap, taps_zennit, x)
         for _ in range(args.warmup):
             for run in methods.values():
                 run()
         times, cpu_times = time_interleaved(methods, device, args.repeats, args.budget)
         memory = {name: None if args.no_memory else peak_memory_mb(device, run) for name, run in methods.items()}
-        grad_s, grad_cpu = median(times["gradient"]), median(cpu_times["gradient"])
         for name in methods:
+            # ratios to the gradient of the same thing: the head's score, or the tapped map alone
+            reference = "taps_gradient" if name.startswith("taps_") else "gradient"
+            grad_s, grad_cpu = median(times[reference]), median(cpu_times[reference])
             wall, cpu = median(times[name]), median(cpu_times[name])
             rows.append({"backbone": label, **extra, "batch": batch, "method": name, "median_s": wall,
                          "times_s": times[name], "images_per_s": batch / wall, "ratio_to_gradient": grad_s / wall,
@@ -126,6 +164,9 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
         check = {"backbone": label, "batch": batch}
         if "zennit" in methods:
             check["fast_vs_zennit_max_rel_error"] = max_relative_error(heatmap(fast, x), heatmap(zennit, x))
+        if "taps_zennit" in methods:
+            check["taps_fast_vs_zennit_max_rel_error"] = max_relative_error(taps_heatmap(taps_fast, x),
+                                                                            taps_heatmap(taps_zennit, x))
         if extra.get("weights") != "random":
             with model.explainer(audit=True) as audited:
                 audited(x)
@@ -134,9 +175,16 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
         checks.append(check)
         print(f"{label}, batch {batch}: " + ", ".join(
             f"{name} {batch / median(times[name]):.3g} img/s" for name in methods) + f"; {check}", flush=True)
-    fast.close()
-    zennit.close()
+    for explainer in (fast, zennit, taps_fast):
+        explainer.close()
+    taps_zennit.__exit__(None, None, None)
     return rows, checks
+
+
+def zennit_canonizers(features: torch.nn.Module) -> list:
+    """The canonizers a Zennit user picks: Zennit's own ``ResNetCanonizer`` for torchvision ResNets."""
+    canonizers = default_canonizers(features)
+    return [ResNetCanonizer() if isinstance(c, FastResNetCanonizer) else c for c in canonizers]
 
 
 def float64_check(label: str, model: DeepNeon, x: torch.Tensor) -> dict:
@@ -164,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--support", type=int, default=10_000, help="support locations of the KDE head")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per method first")
-    parser.add_argument("--budget", type=float, default=40.0, help="stop repeating a configuration after this many s")
+    parser.add_argument("--budget", type=float, default=30.0, help="stop repeating a configuration after this many s")
+    parser.add_argument("--forward", action="store_true", help="also time the plain forward pass")
     parser.add_argument("--zennit-max-batch", type=int, default=1, help="time Zennit only up to this batch size")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     parser.add_argument("--no-real-weights", dest="real_weights", action="store_false",
@@ -206,15 +255,15 @@ def main(argv: list[str] | None = None) -> dict:
         # CIFAR-10 ResNet-56, real weights, real images at 32x32, the head fitted on 256 training images
         features = frozen(backbone("cifar_resnet56", DATA / "cifar10_resnet" / "resnet56-4bfd9763.th")).to(device)
         train = preprocessing(torch.from_numpy(arrays["x_train"][:256])).to(device)
-        test = {batch: preprocessing(torch.from_numpy(arrays["x_test"][:batch])).to(device) for batch in (1, 8, 64)}
+        test = {batch: preprocessing(torch.from_numpy(arrays["x_test"][:batch])).to(device) for batch in (1, 8)}
         with torch.inference_mode():
             support = torch.cat([DeepNeon._rows(features(batch)) for batch in train.split(64)])
         model = build_model(features, support, "torchvision")
         extra = {"weights": "akamaster resnet56-4bfd9763.th", "size": 32, "layers": None,
                  "canonizers": [type(c).__name__ for c in default_canonizers(model)]}
         settings = copy.copy(args)
-        settings.zennit_max_batch = 64
-        new_rows, new_checks = measure("cifar_resnet56", model, test, device, settings, extra)
+        settings.zennit_max_batch = 8
+        new_rows, new_checks = measure("cifar_resnet56", model, test, device, settings, extra, backbone_rows=False)
         rows += new_rows
         checks += new_checks
         # Keras VGG-16 conv base, tapped at the ReLUs closing blocks 3 and 4, on CIFAR images upsampled to 224x224
@@ -226,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(features, support_rows(features, x[1:], args.support), "caffe")
         extra = {"weights": "Keras VGG-16 (vgg16_features_keras_imagenet.pth)", "size": args.size,
                  "layers": ["15", "22"], "canonizers": []}
-        new_rows, new_checks = measure("vgg16_keras", model, {1: x[:1]}, device, args, extra)
+        new_rows, new_checks = measure("vgg16_keras", model, {1: x[:1]}, device, args, extra, backbone_rows=False)
         rows += new_rows
         checks += new_checks
 
@@ -251,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summary(result: dict) -> str:
-    """One line per backbone and batch: fast against the plain gradient and against Zennit."""
+    """Two tables, one line per backbone and batch: the NEON heatmap (head included), and the backbone's LRP alone;
+    fast against the plain gradient of the same output and against Zennit."""
     checks = {(c["backbone"], c["batch"]): c for c in result["checks"] if c.get("dtype") != "float64"}
     by_config: dict[tuple, dict[str, dict]] = {}
     for row in result["rows"]:
@@ -260,19 +310,26 @@ def summary(result: dict) -> str:
     def fmt(value, spec):
         return "—" if value is None else format(value, spec)
 
-    lines = ["| backbone | size | batch | gradient (img/s) | fast (img/s) | fast / gradient | zennit (img/s) "
-             "| fast / zennit | fast vs zennit (max rel. err.) | peak MB gradient / fast / zennit |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (name, size, batch), methods in by_config.items():
-        fast, grad, zen = methods["fast"], methods["gradient"], methods.get("zennit")
-        check = checks.get((name, batch), {})
-        memory = " / ".join(fmt(m and m["peak_memory_mb"], ".0f") for m in (grad, fast, zen))
-        lines.append(
-            f"| {name} | {size} | {batch} | {grad['images_per_s']:.3g} | {fast['images_per_s']:.3g} | "
-            f"**{fast['ratio_to_gradient']:.2f}** | {fmt(zen and zen['images_per_s'], '.3g')} | "
-            f"{fmt(zen and zen['median_s'] / fast['median_s'], '.1f')}x | "
-            f"{fmt(check.get('fast_vs_zennit_max_rel_error'), '.1e')} | {memory} |")
-    return "\n".join(lines)
+    tables = []
+    for prefix, error_key, title in (("", "fast_vs_zennit_max_rel_error", "NEON heatmap (KDE head on the taps)"),
+                                     ("taps_", "taps_fast_vs_zennit_max_rel_error", "backbone LRP alone")):
+        lines = [f"{title}:", "",
+                 "| backbone | size | batch | gradient (img/s) | fast (img/s) | fast / gradient | zennit (img/s) "
+                 "| fast / zennit | fast vs zennit (max rel. err.) | peak MB gradient / fast / zennit |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for (name, size, batch), methods in by_config.items():
+            fast, grad = methods.get(prefix + "fast"), methods.get(prefix + "gradient")
+            if fast is None or grad is None:
+                continue
+            zen, check = methods.get(prefix + "zennit"), checks.get((name, batch), {})
+            memory = " / ".join(fmt(m and m["peak_memory_mb"], ".0f") for m in (grad, fast, zen))
+            lines.append(
+                f"| {name} | {size} | {batch} | {grad['images_per_s']:.3g} | {fast['images_per_s']:.3g} | "
+                f"**{fast['ratio_to_gradient']:.2f}** | {fmt(zen and zen['images_per_s'], '.3g')} | "
+                f"{fmt(zen and zen['median_s'] / fast['median_s'], '.1f')}x | "
+                f"{fmt(check.get(error_key), '.1e')} | {memory} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 if __name__ == "__main__":

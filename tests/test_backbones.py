@@ -21,11 +21,13 @@ from torch import nn
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
+from zennit.core import stabilize as zennit_stabilize
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 from neon_attrib import KDEOutlier, explain
 from neon_attrib.deep import DeepNeon, median_gamma
 from neon_attrib.fast import FastEpsilonGammaBox, FastEpsilonPlusFlat, FastResNetCanonizer, LRPExplainer
+from neon_attrib.fast._core import _stabilize
 from neon_attrib.pipeline import isolated
 from neon_attrib.vision import (
     BACKBONES,
@@ -408,3 +410,18 @@ def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch},
                              optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fast_stabilizer_is_bit_identical_to_zennit(dtype):
+    """The fast rules' stabiliser equals zennit.core.stabilize bit for bit: signed zeros, subnormals, inf and nan."""
+    special = torch.tensor([0.0, -0.0, 1e-7, -1e-7, 3.0, -3.0, float("inf"), -float("inf"), float("nan"), 1e-45,
+                            -1e-45], dtype=dtype)
+    values = torch.cat([special, torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(dtype) * 1e-6])
+    for eps in (1e-6, 0.25):
+        ours, theirs = _stabilize(values, eps), zennit_stabilize(values, eps)
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        finite = ~theirs.isnan()
+        assert torch.equal(ours[finite], theirs[finite])
+        assert torch.equal(torch.signbit(ours[finite]), torch.signbit(theirs[finite]))
+        assert torch.equal(_stabilize(values.clone(), eps, inplace=True)[finite], theirs[finite])

@@ -37,13 +37,14 @@ def _stabilize(tensor: torch.Tensor, stabilizer: StabilizerLike, inplace: bool =
     """Zennit's stabilizer: ``t + eps * sign(t)`` with ``sign(0) = +1``, or a user callable.
 
     With a float, the result is bit-identical to :func:`zennit.core.stabilize` (for every dtype, signed zeros, inf and
-    nan included) and takes three light passes instead of five: ``(|t| + eps) * sign(t)``, after ``t + 0.0`` turned
-    ``-0.0`` into ``+0.0``. ``inplace``: the caller owns ``tensor``, which may be overwritten.
+    nan included) and takes three light passes instead of five: ``t + copysign(eps, t)``, after ``t + 0.0`` turned
+    ``-0.0`` into ``+0.0`` (``t - eps`` for ``t < 0`` is ``-(|t| + eps)`` exactly: rounding is symmetric).
+    ``inplace``: the caller owns ``tensor``, which may be overwritten.
     """
     if callable(stabilizer):
         return stabilizer(tensor)
     tensor = tensor.add_(0.0) if inplace else tensor + 0.0
-    return tensor.abs().add_(stabilizer).copysign_(tensor)
+    return tensor.add_(torch.copysign(tensor.new_full((), stabilizer), tensor))
 
 
 def _zero_params(zero_params: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -289,14 +289,22 @@ class FastGamma(_LinearRule):
         if self.zero_params:  # z is the unmodified output; the identity needs the modified one
             out_neg = lmap.forward(x, neg_w, neg_b)
         else:
-            out_neg = torch.sub(z * (2.0 + self.gamma), out_pos)
-        grad_pos = self._ratio(_float_mask(torch.gt, z, relevance).mul_(relevance), out_pos)
-        grad_neg = self._ratio(_float_mask(torch.lt, z, relevance).mul_(relevance), out_neg)
+            out_neg = torch.mul(z, 2.0 + self.gamma).sub_(out_pos)
         module = lmap.module
         stackable = not lmap.is_conv or (module.groups == 1 and lmap.padding is not None and lmap.batched(x))
+        dim = 1 if lmap.is_conv else -1
+        if stackable:  # g+ and g- written side by side: the input of one transposed convolution over [P; N]
+            shape = list(z.shape)
+            shape[dim] *= 2
+            grad = relevance.new_empty(shape)
+            grad_pos, grad_neg = grad.split(z.shape[dim], dim=dim)
+        else:
+            grad_pos, grad_neg = relevance.new_empty(z.shape), relevance.new_empty(z.shape)
+        # zennit's [z > 0] R / stab(P x + b_P) and [z < 0] R / stab(N x + b_N), masks as floats (fast on CPUs)
+        torch.gt(z, 0, out=grad_pos).mul_(relevance).div_(_stabilize(out_pos, self.stabilizer, inplace=True))
+        torch.lt(z, 0, out=grad_neg).mul_(relevance).div_(_stabilize(out_neg, self.stabilizer, inplace=True))
         if stackable:
             stacked = self._cached(module, "stacked", lambda: torch.cat([pos_w, neg_w], dim=0))
-            grad = torch.cat([grad_pos, grad_neg], dim=1 if lmap.is_conv else -1)
             return lmap.adjoint(grad, x, stacked).mul_(x)
         return lmap.adjoint(grad_pos, x, pos_w).add_(lmap.adjoint(grad_neg, x, neg_w)).mul_(x)
 
