@@ -220,3 +220,14 @@ def test_score_samples_equals_scikit_learn(blobs):
     np.testing.assert_allclose(model.score_samples(blobs[:6]).numpy(), kde.score_samples(blobs[:6]), rtol=1e-10)
     kmeans = KMeansMembership(3, seed=0).double().fit(blobs)
     assert kmeans.labels_.shape == (60,)
+
+
+def test_docs_and_docstrings_speak_to_users():
+    """No references to internal planning documents or to data folders outside the package."""
+    offenders = []
+    for path in list(PACKAGE.rglob("*.py")) + list((PACKAGE.parent / "docs").glob("*.md")) + [PACKAGE.parent /
+                                                                                              "README.md"]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "SPEC §" in line or "shared/data" in line or "shared/seeds" in line or "../shared" in line:
+                offenders.append(f"{path.name}:{number}")
+    assert not offenders, offenders

@@ -395,7 +395,7 @@ def weights_preprocessing(weights: Any, name: str = "vgg16") -> str | None:
     * torchvision's weights (a name of ``name``'s weights enum, or any torchvision weights member): ``"torchvision"``,
       except VGG-16's ``IMAGENET1K_FEATURES`` (``"caffe_rgb"``);
     * any weights of a CIFAR ResNet (``name = "cifar_resnet*"``): ``"torchvision"``, the normalisation the akamaster
-      checkpoints were trained with (ImageNet statistics, not CIFAR's; see ``shared/data/cifar10_resnet/SOURCE.md``);
+      checkpoints were trained with (ImageNet statistics, not CIFAR's);
     * None for random weights and for other paths (the file does not say).
 
     Examples

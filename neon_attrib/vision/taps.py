@@ -1,4 +1,4 @@
-"""Features read at several layers of a backbone, as PatchCore and PaDiM read them (SPEC §8, multi-layer taps).
+"""Features read at several layers of a backbone, as PatchCore and PaDiM read them (multi-layer taps).
 
 :class:`FeatureTaps` runs a backbone up to the last of the named layers and no further, averages every tapped map
 over a small neighbourhood (3x3 average pooling, stride 1, padding 1), resizes the coarser maps bilinearly to the
