@@ -289,7 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "zennit_max_batch": args.zennit_max_batch, "dtype": "float32",
                      "head": "KDEOutlier(fused=True), gamma = 1 / median squared distance of support locations",
                      "taps": "FeatureTaps(aggregate=3), coarser maps resized bilinearly to the finest",
-                     "composite": "EpsilonGammaBox (gamma 0.25, ZBox bounds of the preprocessing) + ResNetCanonizer",
+                     "composite": "EpsilonGammaBox (gamma 0.25, ZBox bounds of the preprocessing); fast and zennit: "
+                                  "DeepNeon's default canonizers (FastResNetCanonizer); taps_zennit: Zennit's own "
+                                  "ResNetCanonizer",
                      "weights": "random for the named backbones (timings do not depend on them)",
                      "memory": ("CUDA max_memory_allocated above the start" if device.type == "cuda"
                                 else "peak RSS growth, sampled every 1 ms")},
