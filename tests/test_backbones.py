@@ -79,7 +79,9 @@ def network(name: str, dtype: torch.dtype) -> nn.Module:
 
 def zennit_canonizers(name: str) -> list:
     """The canonizers a Zennit user would pick by hand (the reference does not use ours)."""
-    return [VGGCanonizer()] if name.startswith("vgg") else [ResNetCanonizer()]
+    if name.startswith("vgg") or name.startswith("cifar"):  # CifarResNet's additions are modules already
+        return [VGGCanonizer()]
+    return [ResNetCanonizer()]
 
 
 def hook_tables(model: nn.Module) -> list[tuple[str, int, int, int]]:
@@ -299,7 +301,8 @@ EGB, EPF = "epsilon_gamma_box", "epsilon_plus_flat"
 F32, F64 = torch.float32, torch.float64
 CASES = [("resnet18", F32, EGB), ("resnet18", F64, EGB), ("resnet50", F32, EGB), ("resnet50", F64, EGB),
          ("wide_resnet50_2", F64, EGB), ("vgg16_bn", F32, EGB), ("vgg16_bn", F64, EGB),
-         ("resnet18", F64, EPF), ("resnet50", F32, EPF), ("vgg16_bn", F32, EPF)]
+         ("resnet18", F64, EPF), ("resnet50", F32, EPF), ("vgg16_bn", F32, EPF),
+         ("cifar_resnet20", F64, EGB), ("cifar_resnet20", F32, EPF)]
 
 
 @pytest.mark.parametrize("name, dtype, kind", CASES)
@@ -348,7 +351,7 @@ def test_fast_composite_with_zennits_own_canonizer():
 
 
 @pytest.mark.parametrize("name, dtype", [("resnet18", F32), ("resnet18", F64), ("resnet50", F32),
-                                         ("wide_resnet50_2", F32), ("vgg16_bn", F64)])
+                                         ("wide_resnet50_2", F32), ("vgg16_bn", F64), ("cifar_resnet20", F64)])
 def test_deep_neon_on_backbones(name, dtype):
     """A KDE head on each backbone, explained with DeepNeon's defaults: the canonizers come from
     default_canonizers, the pixel relevance sums to the score minus what the rules dissipate (the audit), and the
@@ -360,17 +363,18 @@ def test_deep_neon_on_backbones(name, dtype):
         rows = DeepNeon._rows(features(x))
     model = DeepNeon(features, KDEOutlier(gamma=median_gamma(rows))).fit(x, progress=False)
     before, hooks, structure = snapshot(model), hook_tables(model), [n for n, _ in model.named_modules()]
-    relevance, output, audit = explain(model, x[:1], return_output=True, return_audit=True)
-    again = explain(model, x[:1])
-    assert relevance.shape == (1, 3, 32, 32) and relevance.dtype == dtype
+    n = 1 if name == "wide_resnet50_2" else 2  # two images: the audit is per image
+    relevance, output, audit = explain(model, x[:n], return_output=True, return_audit=True)
+    again = explain(model, x[:n])
+    assert relevance.shape == (n, 3, 32, 32) and relevance.dtype == dtype
     assert torch.equal(relevance, again)
     assert audit.ok, audit
-    assert torch.allclose(audit.score, output.to(torch.float64))
+    assert audit.score.shape == (n,) and torch.allclose(audit.score, output.to(torch.float64))
     assert_no_hooks(model)
     assert_unchanged(model, before, hooks, structure)
-    if dtype == torch.float64 and name == "resnet18":  # the reference path (Zennit's rules, same canonizers)
+    if dtype == torch.float64 and name in ("resnet18", "cifar_resnet20"):  # the reference path: Zennit's rules
         model.fast = False
-        assert max_rel_error(relevance, explain(model, x[:1])) < 1e-9
+        assert max_rel_error(relevance, explain(model, x[:n])) < 1e-9
 
 
 # ---------------------------------------------------------------------------------------------------------------------
