@@ -21,68 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from zennit.layer import Sum
+
+# the architecture lives in the package; re-exported for the scripts that import it from here
+from neon_attrib.vision.backbones import CifarBasicBlock as BasicBlock  # noqa: F401
+from neon_attrib.vision.backbones import CifarResNet, ShortcutA  # noqa: F401
 
 MEAN = (0.485, 0.456, 0.406)  # the ImageNet statistics the checkpoints were trained with (see SOURCE.md)
 STD = (0.229, 0.224, 0.225)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TABLE1_LAYERS = ("relu", "layer1", "layer2", "layer3")
-
-
-class ShortcutA(nn.Module):
-    """Parameter-free option-A shortcut: subsample by 2 and zero-pad ``pad`` channels on both sides."""
-
-    def __init__(self, pad: int):
-        super().__init__()
-        self.pad = pad
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = ShortcutA(planes // 4) if stride != 1 or in_planes != planes else nn.Identity()
-        self.add = Sum()
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        return self.relu2(self.add(torch.stack([out, self.shortcut(x)], dim=-1)))
-
-
-class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 CIFAR images; ``n = 9`` gives ResNet-56, ``n = 3`` ResNet-20."""
-
-    def __init__(self, n: int = 9, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.relu = nn.ReLU()
-        self.layer1 = self._stage(16, 16, n, 1)
-        self.layer2 = self._stage(16, 32, n, 2)
-        self.layer3 = self._stage(32, 64, n, 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.linear = nn.Linear(64, num_classes)
-
-    @staticmethod
-    def _stage(in_planes: int, planes: int, n: int, stride: int) -> nn.Sequential:
-        blocks = [BasicBlock(in_planes, planes, stride)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
-        return nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(self.flatten(self.avgpool(x)))
 
 
 def data_root() -> Path:
@@ -97,7 +45,7 @@ def load_resnet(depth: int = 56, root: Path | None = None) -> CifarResNet:
     files = {56: "resnet56-4bfd9763.th", 20: "resnet20-12fca82f.th"}
     ckpt = torch.load(root / "cifar10_resnet" / files[depth], map_location="cpu", weights_only=True)
     state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    model = CifarResNet(n=(depth - 2) // 6)
+    model = CifarResNet(depth=depth)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
