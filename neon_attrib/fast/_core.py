@@ -259,6 +259,9 @@ class FastPass(FastHook):
     FastPass()
     """
 
+    #: the relevance passes unchanged: the conservation audit has nothing to sum here
+    passes_relevance_through = True
+
     def __init__(self) -> None:
         super().__init__()
         self._pending: tuple[torch.Tensor, int] | None = None
