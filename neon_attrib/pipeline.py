@@ -142,9 +142,12 @@ def isolated(model: nn.Module) -> nn.Module:
     """A structural copy of ``model``: new module objects (with their own hook and submodule tables) and new parameter
     and buffer objects that share their storage with ``model``'s.
 
-    Registering hooks or applying canonizers (which assign ``.data``) on the copy leaves ``model`` untouched, costs no
-    memory for weights, and the copy computes exactly what ``model`` computes; in-place updates of ``model``'s weights
-    are seen by the copy. Replacing a parameter of ``model`` by a new object is not (make a new copy then).
+    Registering hooks or applying canonizers on the copy leaves ``model`` untouched, costs no memory for weights, and
+    the copy computes exactly what ``model`` computes; in-place updates of ``model``'s weights are seen by the copy.
+    Replacing a parameter of ``model`` by a new object is not (make a new copy then). This matters most with Zennit 1.0:
+    its batch-norm merge replaces the module's weights by plain tensors and its rules reload parameters with
+    ``load_state_dict``, which together leave the merged weights in the ``state_dict`` of a model they are applied to
+    directly; on the copy they never reach ``model``. (Zennit 0.5 assigns ``.data``, which the copy isolates too.)
     """
     return _clone_module(model, {})
 
@@ -158,8 +161,9 @@ def _clone_module(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
         if key.startswith("_") and isinstance(value, (dict, set)):
             value = value.copy()  # torch's tables: parameters, buffers, hooks (the tensors themselves are shared)
         state[key] = value
-    # new tensor objects over the same storage: canonizers that assign ``.data`` (Zennit's batch-norm merge) change
-    # the copy only; in-place updates of the model's weights stay visible (shared storage and version counter)
+    # new tensor objects over the same storage: canonizers that assign ``.data`` or replace parameters (Zennit's
+    # batch-norm merge) and rules that reload parameters change the copy only; in-place updates of the model's weights
+    # stay visible (shared storage and version counter)
     state["_parameters"] = {name: None if p is None else _alias_parameter(p)
                             for name, p in module._parameters.items()}
     state["_buffers"] = {name: None if b is None else _alias(b) for name, b in module._buffers.items()}

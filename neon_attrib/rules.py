@@ -76,6 +76,10 @@ class NeonHook(Hook):
     is the relevance of the output. :meth:`copy` rebuilds the rule from :meth:`_hyperparameters` (Zennit copies a
     rule once per module, and ``Hook.copy`` would drop constructor arguments).
 
+    The module's positional arguments must be tensors, and the first one is the one explained; keyword arguments are
+    free. A call that breaks this while a gradient is needed raises a ``TypeError`` / ``ValueError`` before the forward
+    pass, with Zennit 0.5 and 1.0 alike (the two versions would otherwise fail or route the relevance differently).
+
     Examples
     --------
     >>> class HalfRule(NeonHook):  # gives each input half of the output's relevance (for a 2-input sum)
@@ -84,6 +88,12 @@ class NeonHook(Hook):
     >>> HalfRule().copy()
     HalfRule()
     """
+
+    def pre_forward(self, module, args, *maybe_kwargs):
+        # (module, args) on Zennit 0.5, (module, args, kwargs) on Zennit 1.0, which reads the signature to decide
+        if torch.is_grad_enabled():
+            _check_first_input(self, module, args)
+        return super().pre_forward(module, args, *maybe_kwargs)
 
     def forward(self, module, input, output):
         self.stored_tensors["input"] = input[0].detach()
@@ -108,6 +118,26 @@ class NeonHook(Hook):
     def __repr__(self) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in self._hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+
+def _check_first_input(hook: Hook, module: torch.nn.Module, args: tuple) -> None:
+    """Refuse a call whose relevance would have nowhere to go, or go to different places on different Zennit versions.
+
+    The rule gives the relevance to the first positional argument. When that one needs no gradient but another one
+    does, Zennit 0.5 leaves the module to its plain gradient while Zennit 1.0 runs the rule and the other inputs get
+    nothing; a positional argument that is not a tensor breaks Zennit's hook (0.5 in the forward pass, 1.0 in the
+    backward pass). Both are errors here, raised before Zennit's part of the hook runs, the same on either version.
+    """
+    if not any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args):
+        return  # no gradient through this module: the rule does not run
+    name = f"{type(hook).__name__} on {type(module).__name__}"
+    if not all(isinstance(arg, torch.Tensor) for arg in args):
+        kinds = ", ".join(type(arg).__name__ for arg in args)
+        raise TypeError(f"{name}: the positional arguments of the module must be tensors (the first one receives the "
+                        f"relevance); pass other arguments by keyword. Got ({kinds}).")
+    if not args[0].requires_grad:
+        raise ValueError(f"{name}: the rule gives the relevance to the module's first input, which does not require a "
+                         f"gradient here while another input does. Make the explained tensor the first argument.")
 
 
 class _BetaHook(NeonHook):

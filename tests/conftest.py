@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -31,9 +32,23 @@ def blobs(rng) -> np.ndarray:
     return np.concatenate([c + rng.normal(size=(20, 4)) for c in centres])
 
 
+def pytest_report_header(config) -> str:
+    """The Zennit the suite runs against (0.5 and 1.0 are supported; 1.0's hooks also receive keyword arguments)."""
+    import zennit
+
+    try:
+        version = importlib.metadata.version("zennit")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source checkout on the path
+        version = "unknown version"
+    return f"zennit {version} from {Path(zennit.__file__).parent}"
+
+
 def assert_no_hooks(model: torch.nn.Module) -> None:
-    """No forward, pre-forward or backward hooks left on any submodule."""
+    """No forward, pre-forward or backward hooks left on any submodule (nor their keyword-argument flags, which
+    Zennit 1.0's hooks use)."""
     for name, module in model.named_modules():
         assert not module._forward_hooks, f"forward hook left on {name or 'root'}"
         assert not module._forward_pre_hooks, f"forward pre-hook left on {name or 'root'}"
         assert not module._backward_hooks, f"backward hook left on {name or 'root'}"
+        for table in ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            assert not getattr(module, table, None), f"{table} left on {name or 'root'}"

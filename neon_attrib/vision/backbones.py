@@ -504,8 +504,11 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     :class:`~neon_attrib.deep.DeepNeon` is found. Canonizers are applied by the composite to the private copy the
     explain pipeline hooks, never to ``model`` itself.
 
-    Note that Zennit's merge leaves each batch norm computing ``x / sqrt(1 + eps)``: the canonized network's output
+    Note that Zennit 0.5's merge leaves each batch norm computing ``x / sqrt(1 + eps)``: the canonized network's output
     differs from the model's by a relative ~``eps / 2`` per batch norm (5e-6 with PyTorch's default ``eps = 1e-5``).
+    Zennit 1.0 also sets the merged batch norm's ``eps`` to 0, so its canonized network computes the model's output up
+    to rounding. Relevance therefore differs between the two Zennit versions by about that much; within one version
+    the fast rules and Zennit's agree.
 
     Examples
     --------
