@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
@@ -10,11 +12,20 @@ import resource
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import flop_registry
+
+try:  # private: the allocation events of PyTorch's profiler (peak_memory_mb falls back to the resident set without it)
+    from torch.profiler._memory_profiler import _EventType
+except ImportError:
+    _EventType = None
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -24,9 +35,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: glibc ``mallopt`` parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def steady_allocator() -> bool:
+    """Keep freed memory in the process (glibc: no mmapped blocks, no trimming), as a long-running process reaches
+    after warm-up: no method pays page faults for memory another method has just returned to the system, which on a
+    CPU otherwise adds tens of per cent, depending on what ran before. Returns whether it could (glibc only)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def peak_memory_mb(device: torch.device, run: Callable[[], object]) -> float:
-    """Peak memory of one call above the memory before it: the CUDA allocator's peak, or on Linux CPUs the resident
-    set size sampled every millisecond (a close lower bound)."""
+    """Peak memory of one call above the memory before it: the CUDA allocator's peak; on CPUs the peak of the sum of
+    the allocations and frees PyTorch's profiler records (the resident set size follows neither, as the C library
+    keeps freed blocks), or, where that private API is missing, the resident set size sampled every millisecond."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -35,6 +62,34 @@ def peak_memory_mb(device: torch.device, run: Callable[[], object]) -> float:
         run()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    peak = _profiled_peak_mb(run)
+    return peak if peak is not None else _sampled_rss_peak_mb(run)
+
+
+def _profiled_peak_mb(run: Callable[[], object]) -> float | None:
+    """Peak of the CPU memory allocated during ``run`` above its start: the profiler's allocation and free events,
+    summed in time order."""
+    if _EventType is None:
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
+                                with_stack=True) as prof:
+        run()
+    try:
+        tree = prof._memory_profile()._op_tree
+        events = sorted((event.start_time_ns, event.typed[1].alloc_size) for event in tree.dfs()
+                        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu")
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    live = peak = 0
+    for _, size in events:  # negative sizes are frees
+        live += size
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _sampled_rss_peak_mb(run: Callable[[], object]) -> float:
+    """Resident set size growth during ``run``, sampled every millisecond (a lower bound: freed heap blocks stay)."""
     statm = Path("/proc/self/statm")
     if not statm.exists():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -47,7 +102,7 @@ def peak_memory_mb(device: torch.device, run: Callable[[], object]) -> float:
 
     base, peak, done = rss(), [0], threading.Event()
 
-    def sample() -> None:  # large tensors are mmapped and returned on free, so RSS follows the live tensors
+    def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], rss())
             time.sleep(0.001)
@@ -60,6 +115,38 @@ def peak_memory_mb(device: torch.device, run: Callable[[], object]) -> float:
         done.set()
         sampler.join()
     return max(0, max(peak[0], rss()) - base) / 2**20
+
+
+class _FlopCounter(TorchDispatchMode):
+    """Floating-point operations of the matrix products and convolutions (forward and backward) run inside it,
+    counted by PyTorch's own formulas (:data:`torch.utils.flop_counter.flop_registry`); also inside autograd's
+    backward, which :class:`torch.utils.flop_counter.FlopCounterMode` cannot follow through ``autograd.grad`` of a
+    leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            def shape(value):
+                return value.shape if isinstance(value, torch.Tensor) else value
+
+            self.counts[str(packet)] += flop_registry[packet](*tree_map(shape, args), **tree_map(shape, kwargs),
+                                                              out_val=tree_map(shape, out))
+        return out
+
+
+def count_flops(run: Callable[[], object]) -> dict[str, int]:
+    """FLOPs of one call of ``run`` by operation (``aten.convolution``, ``aten.convolution_backward``, ``aten.mm``,
+    ...): the arithmetic a method needs whatever the device, the bound its speed ratios cannot beat where these
+    products dominate the time. Inference-mode calls may run kernels the counter does not see; count with autograd."""
+    with _FlopCounter() as counter:
+        run()
+    return dict(counter.counts)
 
 
 def time_interleaved(methods: dict[str, Callable[[], object]], device: torch.device, repeats: int,

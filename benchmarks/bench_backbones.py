@@ -18,13 +18,17 @@ rules change): ``taps_gradient``, ``taps_fast`` and ``taps_zennit``, the same th
 canonizers, Zennit: ``zennit.attribution.Gradient`` with ``EpsilonGammaBox`` and Zennit's own ``ResNetCanonizer``).
 ``--forward`` adds the plain forward pass.
 
-Medians of wall-clock and process CPU time, peak memory (sampled RSS on CPU, the CUDA allocator on GPU) from one more
-call, and the fast heatmap's max relative error against Zennit's in the same run. With ``../shared/data`` present, the
-same is measured with **real weights on real images**: the CIFAR-10 ResNet-56 (akamaster, option-A shortcuts) on
-CIFAR-10 test images at 32x32, its head fitted on training images, and the Keras VGG-16 conv base tapped at the ReLUs
-closing blocks 3 and 4 (224x224, CIFAR images upsampled); these rows also report the conservation audit.
+Medians of wall-clock and process CPU time; peak memory from one more call (the CUDA allocator's peak on GPU, the peak
+of the allocations the profiler records on CPU); the FLOPs of one more call (matrix products and
+convolutions, forward and backward: the arithmetic bound of every speed ratio); and the fast heatmap's max relative
+error against Zennit's in the same run. On CPUs the C library's allocator keeps freed memory (``--system-allocator``
+to leave it alone), so that no method pays page faults for what the method before it returned. With ``../shared/data``
+present, the same is measured with **real weights on real images**: the CIFAR-10 ResNet-56 (akamaster, option-A
+shortcuts) on CIFAR-10 test images at 32x32, its head fitted on training images, and the Keras VGG-16 conv base tapped
+at the ReLUs closing blocks 3 and 4 (224x224, CIFAR images upsampled); these rows also report the conservation audit.
 
-    python benchmarks/bench_backbones.py                    # the default CPU run (~5 min on 2 cores)
+    python benchmarks/bench_backbones.py                    # the default CPU run (~9 min on 2 cores)
+    python benchmarks/bench_backbones.py --float64-check 32 --repeats 5 --budget 150   # the committed run
     python benchmarks/bench_backbones.py --device cuda --batches 1 32 --zennit-max-batch 32
 
 JSON: ``benchmarks/results/backbones_<device>.json``.
@@ -47,10 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    count_flops,
     environment,
     max_relative_error,
     median,
     peak_memory_mb,
+    steady_allocator,
     time_interleaved,
     write_result,
 )
@@ -152,15 +158,19 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
                 run()
         times, cpu_times = time_interleaved(methods, device, args.repeats, args.budget)
         memory = {name: None if args.no_memory else peak_memory_mb(device, run) for name, run in methods.items()}
+        # the arithmetic of each method (inference-mode kernels escape the counter: no count for the forward)
+        flops = {name: 0 if name == "forward" else sum(count_flops(run).values()) for name, run in methods.items()}
         for name in methods:
             # ratios to the gradient of the same thing: the head's score, or the tapped map alone
             reference = "taps_gradient" if name.startswith("taps_") else "gradient"
             grad_s, grad_cpu = median(times[reference]), median(cpu_times[reference])
             wall, cpu = median(times[name]), median(cpu_times[name])
+            gflop = flops[name] / 1e9 if flops[name] else None
             rows.append({"backbone": label, **extra, "batch": batch, "method": name, "median_s": wall,
                          "times_s": times[name], "images_per_s": batch / wall, "ratio_to_gradient": grad_s / wall,
                          "median_cpu_s": cpu, "cpu_ratio_to_gradient": grad_cpu / cpu,
-                         "peak_memory_mb": memory[name]})
+                         "peak_memory_mb": memory[name], "gflop": gflop,
+                         "flop_ratio_to_gradient": flops[reference] / flops[name] if flops[name] else None})
         check = {"backbone": label, "batch": batch}
         if "zennit" in methods:
             check["fast_vs_zennit_max_rel_error"] = max_relative_error(heatmap(fast, x), heatmap(zennit, x))
@@ -222,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip the CIFAR ResNet-56 and Keras VGG-16 rows (they need ../shared/data)")
     parser.add_argument("--float64-check", type=int, default=0, metavar="SIZE",
                         help="also compare fast and Zennit in float64 at this image size (batch 1)")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="CPU: leave the C library's allocator as it is (default: freed memory stays in the "
+                             "process, no page faults that depend on which method ran before)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/backbones_<device>.json)")
     args = parser.parse_args(argv)
@@ -231,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    allocator = "system default"
+    if device.type == "cpu" and not args.system_allocator and steady_allocator():
+        allocator = "steady: glibc keeps freed memory (M_MMAP_MAX 0, no trimming), as after warm-up"
     preprocessing = get_preprocessing("torchvision")
     generator = torch.Generator().manual_seed(0)
     fit_images = preprocessing(torch.rand(4, 3, args.size, args.size, generator=generator)).to(device)
@@ -293,8 +309,12 @@ def main(argv: list[str] | None = None) -> dict:
                                   "DeepNeon's default canonizers (FastResNetCanonizer); taps_zennit: Zennit's own "
                                   "ResNetCanonizer",
                      "weights": "random for the named backbones (timings do not depend on them)",
-                     "memory": ("CUDA max_memory_allocated above the start" if device.type == "cuda"
-                                else "peak RSS growth, sampled every 1 ms")},
+                     "allocator": allocator,
+                     "memory": ("CUDA max_memory_allocated above the start" if device.type == "cuda" else
+                                "peak of the CPU allocations above the start (PyTorch profiler's allocation events)"),
+                     "gflop": "FLOPs of the matrix products and convolutions (forward and backward) of one call, "
+                              "PyTorch's flop_counter formulas; flop_ratio_to_gradient: the gradient's FLOPs / the "
+                              "method's, the bound of ratio_to_gradient where these products dominate"},
         "rows": rows,
         "checks": checks,
     }
@@ -319,18 +339,22 @@ def summary(result: dict) -> str:
                                      ("taps_", "taps_fast_vs_zennit_max_rel_error", "backbone LRP alone")):
         lines = [f"{title}:", "",
                  "| backbone | size | batch | gradient (img/s) | fast (img/s) | fast / gradient | zennit (img/s) "
-                 "| fast / zennit | fast vs zennit (max rel. err.) | peak MB gradient / fast / zennit |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                 "| fast / zennit | FLOPs: fast / gradient, zennit / fast | fast vs zennit (max rel. err.) "
+                 "| peak MB gradient / fast / zennit |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (name, size, batch), methods in by_config.items():
             fast, grad = methods.get(prefix + "fast"), methods.get(prefix + "gradient")
             if fast is None or grad is None:
                 continue
             zen, check = methods.get(prefix + "zennit"), checks.get((name, batch), {})
             memory = " / ".join(fmt(m and m["peak_memory_mb"], ".0f") for m in (grad, fast, zen))
+            flop_bound = fmt(fast.get("flop_ratio_to_gradient"), ".2f") + ", " + (
+                fmt(zen["gflop"] / fast["gflop"], ".1f") + "x" if zen and zen.get("gflop") and fast.get("gflop")
+                else "—")
             lines.append(
                 f"| {name} | {size} | {batch} | {grad['images_per_s']:.3g} | {fast['images_per_s']:.3g} | "
                 f"**{fast['ratio_to_gradient']:.2f}** | {fmt(zen and zen['images_per_s'], '.3g')} | "
-                f"{fmt(zen and zen['median_s'] / fast['median_s'], '.1f')}x | "
+                f"{fmt(zen and zen['median_s'] / fast['median_s'], '.1f')}x | {flop_bound} | "
                 f"{fmt(check.get(error_key), '.1e')} | {memory} |")
         tables.append("\n".join(lines))
     return "\n\n".join(tables)
