@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 ArrayLike = Any  # numpy arrays, torch tensors, nested sequences
 
@@ -131,3 +132,9 @@ def as_targets(target: Any, *, n: int, n_outputs: int, owner: str, device: torch
     if bool(((values < 0) | (values >= n_outputs)).any()):
         raise ValueError(f"target passed to {owner} must lie in [0, {n_outputs}). Got {values.tolist()}.")
     return values.expand(n).to(device)
+
+
+#: The batch norms LRP treats alike whatever Zennit version is installed: merged into the layer before them by the
+#: canonizers, relevance passed through (Pass rule). Zennit 1.0's ``zennit.types.BatchNorm`` includes torchvision's
+#: ``FrozenBatchNorm2d`` (detection backbones, many anomaly-detection code bases); Zennit 0.5's does not.
+BATCH_NORMS: tuple[type, ...] = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, FrozenBatchNorm2d)

@@ -44,8 +44,9 @@ import torch
 from torch import nn
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.core import Composite
+from zennit.rules import Pass
 
-from ._utils import ArrayLike, as_float_tensor, check_int, module_dtype_device
+from ._utils import BATCH_NORMS, ArrayLike, as_float_tensor, check_int, module_dtype_device
 from .composites import NeonComposite, is_neon_module, register_activation_children
 from .fast import FastEpsilonGammaBox, FastEpsilonPlusFlat
 from .layers import LocationPool, PoolMode
@@ -404,6 +405,8 @@ class DeepNeon(nn.Module):
         """The Zennit composite for the feature extractor (see ``composite``, ``lrp_gamma`` and ``fast``)."""
         if isinstance(self.composite, Composite):
             return self.composite
+        if not self.fast:  # every batch norm passes relevance, as in Zennit 1.0 (0.5 leaves FrozenBatchNorm2d out)
+            layer_map = list(layer_map or []) + [(BATCH_NORMS, Pass())]
         if self.composite == "epsilon_gamma_box":
             low, high = self.input_bounds()
             cls = FastEpsilonGammaBox if self.fast else EpsilonGammaBox

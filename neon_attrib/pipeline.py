@@ -33,7 +33,7 @@ from torch import nn
 from zennit.core import Composite, Hook
 from zennit.rules import Pass
 
-from ._utils import as_targets
+from ._utils import BATCH_NORMS, as_targets
 from .composites import NeonComposite, covers_children, is_neon_module, needs_own_rule
 
 __all__ = [
@@ -201,13 +201,14 @@ def _hooks_of(module: nn.Module) -> list[Hook]:
 
 
 def check_coverage(model: nn.Module) -> dict[str, Hook]:
-    """Check a model with registered rules: every NEON module has its rule, and no residual block is left as a plain
-    gradient. Returns ``{module name: rule}`` for every hooked module.
+    """Check a model with registered rules: every NEON module has its rule, and no residual block or batch norm is
+    left as a plain gradient. Returns ``{module name: rule}`` for every hooked module.
 
     Raises
     ------
     ValueError
-        Naming the first NEON module without a rule, or a residual block without canonization.
+        Naming the first NEON module without a rule, residual block without canonization, or batch norm without a rule
+        (its gradient would scale the relevance by the batch norm's factor).
     """
     hooked: dict[str, Hook] = {}
     covered: list[str] = []
@@ -232,6 +233,12 @@ def check_coverage(model: nn.Module) -> dict[str, Hook]:
             raise ValueError(f"{label} ({type(module).__name__}) adds its shortcut outside any module, which LRP "
                              f"would pass as a plain gradient (relevance duplicated on both branches). Canonize it: "
                              f"add zennit.torchvision.ResNetCanonizer() to the composite's canonizers.")
+        if isinstance(module, BATCH_NORMS):
+            raise ValueError(f"{label} ({type(module).__name__}) received no rule from the composite, so LRP would "
+                             f"pass it as a plain gradient, scaling the relevance by the batch norm's factor. Merge it "
+                             f"into the layer before it (neon_attrib.fast.MergeBatchNorms() in the canonizers) and map "
+                             f"it to Pass (add ({type(module).__name__}, zennit.rules.Pass()) to the composite's "
+                             f"layer_map).")
     return hooked
 
 

@@ -18,15 +18,24 @@ import torch
 import torchvision
 from conftest import assert_no_hooks, shared_data_dir
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
-from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
+from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
 from zennit.core import stabilize as zennit_stabilize
+from zennit.rules import Epsilon, Pass
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+from zennit.types import Activation, Convolution
 
 from neon_attrib import KDEOutlier, explain
 from neon_attrib.deep import DeepNeon, median_gamma
-from neon_attrib.fast import FastEpsilonGammaBox, FastEpsilonPlusFlat, FastResNetCanonizer, LRPExplainer
+from neon_attrib.fast import (
+    FastEpsilonGammaBox,
+    FastEpsilonPlusFlat,
+    FastResNetCanonizer,
+    LRPExplainer,
+    MergeBatchNorms,
+)
 from neon_attrib.fast._core import _stabilize
 from neon_attrib.pipeline import isolated
 from neon_attrib.vision import (
@@ -251,12 +260,13 @@ def test_default_canonizers():
     resnet = backbone("resnet18")
     assert kinds(resnet) == [FastResNetCanonizer]
     assert kinds(torchvision.models.resnet18(weights=None)) == [FastResNetCanonizer]
-    assert kinds(backbone("vgg11_bn")) == [SequentialMergeBatchNorm]
+    assert kinds(backbone("vgg11_bn")) == [MergeBatchNorms]
     assert kinds(backbone("vgg11")) == []
-    assert kinds(backbone("cifar_resnet20")) == [SequentialMergeBatchNorm]
+    assert kinds(backbone("cifar_resnet20")) == [MergeBatchNorms]
     assert kinds(FeatureTaps(resnet, ["layer2", "layer3"])) == [FastResNetCanonizer]
     deep = DeepNeon(FeatureTaps(backbone("cifar_resnet20"), ["layer2", "layer3"]), KDEOutlier(gamma=1.0))
-    assert kinds(deep) == [SequentialMergeBatchNorm]
+    assert kinds(deep) == [MergeBatchNorms]
+    assert issubclass(MergeBatchNorms, SequentialMergeBatchNorm)  # Zennit's merge, with more batch-norm types
 
     class Unknown(nn.Module):  # registration order says nothing about the data flow
         def __init__(self):
@@ -275,6 +285,71 @@ def test_residual_blocks_need_the_canonizer():
     with pytest.raises(ValueError, match="ResNetCanonizer"):
         with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as explainer:
             explainer(x, lambda out: out)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm2d replaced by torchvision's FrozenBatchNorm2d holding the same statistics (the
+    batch norm of torchvision's detection backbones; Zennit 0.5 does not know it, Zennit 1.0 does)."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.weight.dtype)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, key).copy_(getattr(child, key).detach())
+                setattr(parent, name, frozen)
+    return model
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_frozen_batch_norms_are_merged_like_batch_norms(fast):
+    """A ResNet with FrozenBatchNorm2d explains like the same ResNet with BatchNorm2d, with the fast rules and with
+    Zennit's, whatever the Zennit version (0.5 alone would leave the frozen batch norms as a plain gradient: relevance
+    scaled by their factors); the model is left as it was."""
+    dtype = torch.float64
+    plain = FeatureTaps(network("resnet18", dtype), ["layer2"])
+    frozen = FeatureTaps(frozen_copy(plain.backbone), ["layer2"])
+    x = get_preprocessing("torchvision")(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    x = x.to(dtype)
+    with torch.no_grad():
+        rows = DeepNeon._rows(plain(x))
+        assert torch.allclose(frozen(x), plain(x), rtol=1e-12, atol=1e-12)
+    head = KDEOutlier(gamma=median_gamma(rows)).double().fit(rows)
+    reference = explain(DeepNeon(plain, copy.deepcopy(head), fast=fast), x)
+    model = DeepNeon(frozen, head, fast=fast)
+    before, hooks, structure = snapshot(model), hook_tables(model), [n for n, _ in model.named_modules()]
+    relevance, audit = explain(model, x, return_audit=True)
+    assert audit.ok, audit
+    assert max_rel_error(relevance, reference) < 1e-9
+    assert_unchanged(model, before, hooks, structure)
+
+
+def test_merge_batch_norms_restores_frozen_batch_norms():
+    model = frozen_copy(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    randomize = model[1]
+    with torch.no_grad():
+        randomize.running_var.uniform_(0.5, 2.0)
+        randomize.weight.uniform_(0.5, 2.0)
+    x = torch.rand(2, 3, 8, 8)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    expected = model(x)
+    instances = MergeBatchNorms().apply(model)
+    assert len(instances) == 1
+    assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)  # merged: the same function
+    assert torch.equal(model[1].weight, torch.ones(4))  # the batch norm is now (almost) the identity
+    for instance in instances:
+        instance.remove()
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_batch_norm_without_a_rule_is_refused():
+    """A composite that gives a batch norm no rule would leave it as a plain gradient (relevance scaled by its
+    factor): a clear error, on either Zennit version."""
+    features = backbone("vgg11_bn")[:3]
+    model = DeepNeon(features, KDEOutlier(gamma=1.0).fit(torch.rand(5, 64)))
+    composite = LayerMapComposite([(Activation, Pass()), (Convolution, Epsilon())])
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm2d\) received no rule.*MergeBatchNorms"):
+        explain(model, torch.rand(1, 3, 16, 16), composite=composite)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

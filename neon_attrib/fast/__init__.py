@@ -45,7 +45,7 @@ import torch
 
 from ..pipeline import Explainer
 from ._core import FastHook, FastNorm, FastPass
-from .canonizers import FastResNetCanonizer
+from .canonizers import FastResNetCanonizer, MergeBatchNorms
 from .composites import FastEpsilonGammaBox, FastEpsilonPlusFlat
 from .rules import FastAlphaBeta, FastEpsilon, FastFlat, FastGamma, FastZBox, FastZPlus
 
@@ -62,6 +62,7 @@ __all__ = [
     "FastEpsilonGammaBox",
     "FastEpsilonPlusFlat",
     "FastResNetCanonizer",
+    "MergeBatchNorms",
     "LRPExplainer",
 ]
 

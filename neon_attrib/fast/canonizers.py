@@ -17,7 +17,27 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, SequentialMergeBatchNorm
 from zennit.layer import Sum
 
-__all__ = ["FastResNetCanonizer"]
+from .._utils import BATCH_NORMS
+
+__all__ = ["FastResNetCanonizer", "MergeBatchNorms"]
+
+
+class MergeBatchNorms(SequentialMergeBatchNorm):
+    """Zennit's :class:`~zennit.canonizers.SequentialMergeBatchNorm`, also for torchvision's ``FrozenBatchNorm2d``.
+
+    Zennit 1.0 merges ``FrozenBatchNorm2d`` (the batch norm of torchvision's detection backbones); Zennit 0.5 leaves it
+    as a plain gradient, which scales the relevance by the batch norm's factor. This canonizer merges it with either
+    version, exactly as Zennit merges ``BatchNorm2d`` (the same parameters, restored on removal).
+
+    Examples
+    --------
+    >>> from torchvision.ops.misc import FrozenBatchNorm2d
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4))
+    >>> len(MergeBatchNorms().apply(model))
+    1
+    """
+
+    batch_norm_type = BATCH_NORMS
 
 
 def _basic_block_forward(self: BasicBlock, x: torch.Tensor) -> torch.Tensor:
@@ -64,8 +84,8 @@ class _ResidualSumCanonizer(AttributeCanonizer):
 class FastResNetCanonizer(CompositeCanonizer):
     """Zennit's :class:`~zennit.torchvision.ResNetCanonizer` with the residual sum stacked after the batch axis.
 
-    Merges every batch norm into the convolution before it (:class:`~zennit.canonizers.SequentialMergeBatchNorm`) and
-    replaces the forward of torchvision's ``BasicBlock``/``Bottleneck`` by one whose residual addition is a
+    Merges every batch norm (``FrozenBatchNorm2d`` included, :class:`MergeBatchNorms`) into the convolution before it
+    and replaces the forward of torchvision's ``BasicBlock``/``Bottleneck`` by one whose residual addition is a
     ``zennit.layer.Sum(dim=1)`` module (attribute ``canonizer_sum``, as in Zennit). Every rule gives the same relevance
     as with Zennit's canonizer; the canonized forward and the Norm rule on the sum are faster.
 
@@ -82,4 +102,4 @@ class FastResNetCanonizer(CompositeCanonizer):
     """
 
     def __init__(self) -> None:
-        super().__init__((SequentialMergeBatchNorm(), _ResidualSumCanonizer()))
+        super().__init__((MergeBatchNorms(), _ResidualSumCanonizer()))

@@ -11,6 +11,7 @@ from zennit.core import Hook
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 
+from .._utils import BATCH_NORMS
 from ._core import FastNorm, FastPass, LayerMap, StabilizerLike, _supports
 from .rules import FastEpsilon, FastFlat, FastGamma, FastZBox, FastZPlus, _LinearRule
 
@@ -28,7 +29,7 @@ def _layer_map_base(stabilizer: StabilizerLike) -> LayerMap:
         (Activation, FastPass()),
         (Sum, FastNorm(stabilizer=stabilizer)),
         (AvgPool, FastNorm(stabilizer=stabilizer)),
-        (BatchNorm, FastPass()),
+        ((BatchNorm, *BATCH_NORMS), FastPass()),
     ]
 
 

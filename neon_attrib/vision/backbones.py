@@ -28,10 +28,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
+from zennit.canonizers import Canonizer
 from zennit.layer import Sum
 
-from ..fast import FastResNetCanonizer
+from .._utils import BATCH_NORMS
+from ..fast import FastResNetCanonizer, MergeBatchNorms
 
 __all__ = [
     "BACKBONES",
@@ -496,7 +497,8 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
       merged into the convolution before them, the residual addition as a :class:`zennit.layer.Sum` module (Norm
       rule: each branch gets its proportional share);
     * VGG with batch norm and :class:`CifarResNet` (additions are already ``Sum`` modules):
-      ``zennit.canonizers.SequentialMergeBatchNorm()``;
+      :class:`~neon_attrib.fast.MergeBatchNorms` (Zennit's ``SequentialMergeBatchNorm``, also for torchvision's
+      ``FrozenBatchNorm2d``);
     * nothing for models without batch norms, and for batch norms whose predecessor is not known from the module
       structure (merging follows the registration order of modules, which only known architectures guarantee).
 
@@ -515,17 +517,16 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     >>> [type(c).__name__ for c in default_canonizers(backbone("resnet18"))]
     ['FastResNetCanonizer']
     >>> [type(c).__name__ for c in default_canonizers(backbone("vgg11_bn"))], default_canonizers(backbone("vgg11"))
-    (['SequentialMergeBatchNorm'], [])
+    (['MergeBatchNorms'], [])
     """
     modules = list(model.modules())
     if any(isinstance(module, (BasicBlock, Bottleneck)) for module in modules):
         return [FastResNetCanonizer()]
-    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    if not any(isinstance(module, batch_norms) for module in modules):
+    if not any(isinstance(module, BATCH_NORMS) for module in modules):
         return []
     if all(_mergeable(parent, name) for parent in modules for name, child in parent.named_children()
-           if isinstance(child, batch_norms)):
-        return [SequentialMergeBatchNorm()]
+           if isinstance(child, BATCH_NORMS)):
+        return [MergeBatchNorms()]
     return []
 
 

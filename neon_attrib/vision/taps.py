@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from zennit.core import collect_leaves
 
+from .._utils import BATCH_NORMS
+
 __all__ = ["FeatureTaps", "BilinearResize", "ChannelPool"]
 
 
@@ -236,7 +238,7 @@ class FeatureTaps(nn.Module):
 def _check_not_merged(backbone: nn.Module, layers: Sequence[str]) -> None:
     """Refuse taps on a convolution / linear layer that a batch norm follows (canonization would change them)."""
     leaves = list(collect_leaves(backbone))
-    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    batch_norms = BATCH_NORMS
     linear = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     following = {id(leaf): after for leaf, after in zip(leaves, leaves[1:])}
     for name in layers:
