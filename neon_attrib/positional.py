@@ -1,4 +1,9 @@
-"""PaDiM's head as a network: :class:`PositionalMahalanobis`, one Gaussian per spatial position of a feature map."""
+"""PaDiM's head as a network: :class:`PositionalMahalanobis`, one Gaussian per spatial position of a feature map.
+
+The Gaussians are estimated from running statistics (count, mean and centred scatter matrix per position, float64),
+so the head also fits on data that do not fit in memory, chunk by chunk (:meth:`PositionalMahalanobis.partial_fit`),
+with the same result as one :meth:`~PositionalMahalanobis.fit` on all of it.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,12 @@ import torch
 from ._utils import ArrayLike, as_float_tensor, check_int, module_dtype_device
 from .composites import register_rule
 from .estimator import NeonEstimator
-from .layers import PositionalMahalanobisDistance, SquareRoot
+from .layers import PositionalMahalanobisDistance, ResizableBuffers, SquareRoot
 from .rules import PositionalMahalanobisActivationRule
 
-__all__ = ["PositionalMahalanobis"]
+__all__ = ["PositionalMahalanobis", "PositionalMoments"]
 
-#: Positions whose covariances :meth:`PositionalMahalanobis.fit` estimates at once (float64 temporaries).
+#: Positions whose statistics and covariances are computed at once (float64 temporaries).
 _POSITION_BLOCK = 64
 
 
@@ -24,6 +29,87 @@ def _check_reg(value: Any, owner: str) -> None:
           and np.isfinite(value) and value >= 0)
     if not ok:
         raise ValueError(f"The 'reg' parameter of {owner} must be a finite float >= 0. Got {value!r} instead.")
+
+
+class PositionalMoments(ResizableBuffers):
+    """Running statistics of per-position Gaussians, always in float64: the number of images ``count``, the means
+    ``mean`` (L, C) and the centred scatter matrices ``scatter`` (L, C, C), ``Σ_i (a_ip − μ_p)(a_ip − μ_p)ᵀ``.
+
+    Buffers, so that ``state_dict()`` carries them and ``.to(device)`` moves them; a dtype conversion of the model
+    (``.float()``, ``.half()``) leaves them in float64. Empty placeholders mean "no statistics"; a state dict saved
+    without them (by an older version) loads as "no statistics" too.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("mean", torch.empty(0, 0, dtype=torch.float64))
+        self.register_buffer("scatter", torch.empty(0, 0, 0, dtype=torch.float64))
+
+    @property
+    def empty(self) -> bool:
+        return self.scatter.numel() == 0
+
+    def set(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        self.count = torch.tensor(count, dtype=torch.int64, device=mean.device)
+        self.mean, self.scatter = mean, scatter
+
+    def clear(self) -> None:
+        device = self.mean.device
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.mean = torch.empty(0, 0, dtype=torch.float64, device=device)
+        self.scatter = torch.empty(0, 0, 0, dtype=torch.float64, device=device)
+
+    def _apply(self, fn, recurse=True):
+        before = dict(self._buffers)
+        result = super()._apply(fn, recurse)
+        for name, old in before.items():  # keep float64 (and the values), follow the device
+            new = self._buffers[name]
+            if old is not None and new is not None and old.is_floating_point() and new.dtype != torch.float64:
+                self._buffers[name] = old.to(device=new.device)
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        absent = [prefix + name for name in self._buffers if prefix + name not in state_dict]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if absent:  # saved without statistics: the Gaussians load, a later partial_fit raises (never continues wrong)
+            missing_keys[:] = [key for key in missing_keys if key not in absent]
+            self.clear()
+
+    def extra_repr(self) -> str:
+        return f"count={int(self.count)}, shape={tuple(self.mean.shape)}"
+
+
+def _merge(count: int, mean: torch.Tensor | None, scatter: torch.Tensor | None, rows: torch.Tensor, *,
+           in_place: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The statistics of the accumulated images ``(count, mean, scatter)`` and of ``rows`` (n, L, C) together.
+
+    Chan, Golub & LeVeque's pairwise update, per position: the chunk's own mean and centred scatter (two passes, in
+    float64), then ``μ = μ_a + δ·n_b/n`` and ``M = M_a + M_b + δδᵀ·n_a·n_b/n`` with ``δ = μ_b − μ_a``. No raw sums
+    of ``a aᵀ``, which cancel catastrophically on data far from the origin.
+    """
+    n_b, n_pos, channels = rows.shape
+    total = count + n_b
+    if count == 0 or not in_place:
+        out_mean = torch.empty(n_pos, channels, dtype=torch.float64, device=rows.device)
+        out_scatter = torch.empty(n_pos, channels, channels, dtype=torch.float64, device=rows.device)
+    else:
+        out_mean, out_scatter = mean, scatter
+    for start in range(0, n_pos, _POSITION_BLOCK):
+        part = slice(start, start + _POSITION_BLOCK)
+        block = rows[:, part].double()
+        block_mean = block.mean(0)
+        centred = block - block_mean
+        block_scatter = torch.einsum("nlc,nld->lcd", centred, centred)
+        if count == 0:
+            out_mean[part], out_scatter[part] = block_mean, block_scatter
+            continue
+        delta = block_mean - mean[part]
+        out_scatter[part] = scatter[part] + block_scatter + (count * n_b / total) * (delta[:, :, None] * delta[:, None])
+        out_mean[part] = mean[part] + (n_b / total) * delta
+    return total, out_mean, out_scatter
 
 
 class PositionalMahalanobis(NeonEstimator):
@@ -42,6 +128,12 @@ class PositionalMahalanobis(NeonEstimator):
     Relevance: per position the Mahalanobis rule, ``R_pi = (a_p − μ_p)_i [P_p(a_p − μ_p)]_i / m_p · R_p`` (exact), or
     on CNN activations ``R_pi = a_pi [P_p(a_p − μ_p)]_i / m_p · R_p`` (the rest dissipated, inactive channels 0).
 
+    **Streaming.** :meth:`partial_fit` adds a chunk of images to running statistics (per position: count, mean and
+    centred scatter matrix, float64, merged with Chan et al.'s update) and recomputes the Gaussians from them, so after
+    ``partial_fit`` over chunks the model equals ``fit`` on their concatenation, in any order of the chunks (float64:
+    to rounding). Memory: ``L·C²`` float64 for the statistics, whatever the number of images. ``fit`` starts over;
+    ``reg`` is applied when the Gaussians are computed, never stored in the statistics.
+
     Parameters
     ----------
     reg : float
@@ -55,6 +147,11 @@ class PositionalMahalanobis(NeonEstimator):
     ----------
     map_shape_ : tuple of int or None
         ``(h, w)`` when fitted on feature maps.
+    n_images_seen_ : int
+        Images in the running statistics (0 when there are none: before fitting, after
+        ``finalize(keep_statistics=False)``, or loaded from a state saved without them).
+    moments : PositionalMoments
+        The running statistics (saved in ``state_dict()``, so that ``partial_fit`` continues after loading).
 
     Examples
     --------
@@ -62,6 +159,14 @@ class PositionalMahalanobis(NeonEstimator):
     >>> head = PositionalMahalanobis().fit(maps)
     >>> head(maps[:2]).shape
     torch.Size([2, 3, 3])
+
+    Streaming, chunk by chunk, gives the same model:
+
+    >>> chunked = PositionalMahalanobis()
+    >>> for chunk in maps.split(4):
+    ...     chunked = chunked.partial_fit(chunk)
+    >>> chunked.n_images_seen_, torch.allclose(chunked(maps), head(maps), rtol=1e-4)
+    (10, True)
     """
 
     _state_attributes = ("reg", "n_positions", "sqrt", "n_features_in_", "map_shape_")
@@ -75,6 +180,7 @@ class PositionalMahalanobis(NeonEstimator):
         self.map_shape_: tuple[int, int] | None = None
         self.distance = PositionalMahalanobisDistance()
         self.root = SquareRoot()
+        self.moments = PositionalMoments()  # after `distance`: the model's dtype is that of the Gaussians
 
     def _validate_hyperparameters(self) -> None:
         _check_reg(self.reg, self._name)
@@ -85,6 +191,30 @@ class PositionalMahalanobis(NeonEstimator):
 
     def _configure_layers(self) -> None:
         self.distance.map_shape = None if self.map_shape_ is None else tuple(self.map_shape_)
+
+    @property
+    def n_images_seen_(self) -> int:
+        return max(int(self.moments.count), 0)
+
+    @property
+    def variances_(self) -> torch.Tensor:
+        """(L, C) float64: the per-position variances of the running statistics (the covariances' diagonals, without
+        ``reg``; unbiased). Their mean is the mean per-element variance of the feature maps seen."""
+        self._check_statistics()
+        if self.n_images_seen_ < 2:
+            raise ValueError(f"{self._name} needs at least 2 images for variances. Got {self.n_images_seen_}.")
+        return self.moments.scatter.diagonal(dim1=-2, dim2=-1) / (self.n_images_seen_ - 1)
+
+    def _check_statistics(self) -> None:
+        if int(self.moments.count) < 0:
+            raise ValueError(f"The running statistics of this {self._name} were left half-updated by an interrupted "
+                             f"partial_fit(..., finalize=False); its Gaussians are those of before. Call 'fit' on all "
+                             f"the data, or 'partial_fit' chunk by chunk from a new model.")
+        if self.moments.empty:
+            fitted = "was fitted, but has" if self.n_features_in_ is not None else "has"
+            raise ValueError(f"This {self._name} {fitted} no running statistics to continue from (discarded with "
+                             f"finalize(keep_statistics=False), or loaded from a state saved without them). Call "
+                             f"'fit' on all the data, or 'partial_fit' chunk by chunk from a new model.")
 
     def _input(self, x: ArrayLike, name: str = "X") -> torch.Tensor:
         dtype, device = module_dtype_device(self)
@@ -99,52 +229,165 @@ class PositionalMahalanobis(NeonEstimator):
             raise ValueError(f"{name} passed to {self._name} contains NaN or infinity.")
         return tensor
 
-    @torch.no_grad()
-    def fit(self, X: ArrayLike, y: Any = None) -> PositionalMahalanobis:
-        """Fit one Gaussian per position on feature maps (n, C, h, w), or on location rows (n·L, C) with
-        ``n_positions = L`` set; n >= 2 images. Returns ``self``."""
-        self._validate_hyperparameters()
-        data = self._input(X)
+    def _rows(self, X: ArrayLike, continuing: bool) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """``X`` as (n, L, C) per-position rows and its map shape; checked against the running statistics when
+        ``continuing``. Changes nothing."""
+        dtype, device = module_dtype_device(self)
+        data = as_float_tensor(X, dtype=dtype, device=device, owner=self._name, name="X")
+        if data.ndim not in (2, 4):
+            raise ValueError(f"X passed to {self._name} must be feature maps (n, C, h, w) or location rows "
+                             f"(n·h·w, C). Got shape {tuple(data.shape)}.")
+        n_pos, channels = self.moments.mean.shape if continuing else (self.n_positions, None)
+        if channels is not None and data.shape[1] != channels:
+            raise ValueError(f"X has {data.shape[1]} channels, but {self._name} has statistics of {channels} "
+                             f"channels.")
+        if not bool(torch.isfinite(data).all()):
+            raise ValueError(f"X passed to {self._name} contains NaN or infinity.")
         if data.ndim == 4:
             n, c, h, w = data.shape
-            if self.n_positions is not None and self.n_positions != h * w:
+            if continuing and self.map_shape_ is not None and (h, w) != tuple(self.map_shape_):
+                raise ValueError(f"X has {h}x{w} maps, but {self._name} has statistics of {self.map_shape_[0]}x"
+                                 f"{self.map_shape_[1]} maps.")
+            if n_pos is not None and n_pos != h * w:
                 raise ValueError(f"X has {h * w} positions ({h}x{w}), but the 'n_positions' parameter of "
-                                 f"{self._name} is {self.n_positions}.")
-            rows, map_shape = data.permute(0, 2, 3, 1).reshape(n, h * w, c), (h, w)
-        else:
-            if self.n_positions is None:
-                raise ValueError(f"{self._name} fits on location rows (n·L, C) only with the 'n_positions' parameter "
-                                 f"set (L = h·w); or fit it on feature maps (n, C, h, w).")
-            if data.shape[0] % self.n_positions:
-                raise ValueError(f"X has {data.shape[0]} rows, not a multiple of n_positions={self.n_positions}.")
-            rows, map_shape = data.reshape(-1, self.n_positions, data.shape[1]), None
-        if rows.shape[0] < 2:
-            raise ValueError(f"{self._name} needs at least 2 images to fit. Got {rows.shape[0]}.")
-        n_images, n_pos, channels = rows.shape
+                                 f"{self._name} is {n_pos}." if not continuing else
+                                 f"X has {h * w} positions ({h}x{w}), but {self._name} has statistics of {n_pos}.")
+            map_shape = self.map_shape_ if continuing else (h, w)
+            return data.permute(0, 2, 3, 1).reshape(n, h * w, c), map_shape
+        if n_pos is None:
+            raise ValueError(f"{self._name} fits on location rows (n·L, C) only with the 'n_positions' parameter "
+                             f"set (L = h·w); or fit it on feature maps (n, C, h, w).")
+        if continuing and self.n_positions is not None and self.n_positions != n_pos:
+            raise ValueError(f"The 'n_positions' parameter of {self._name} is {self.n_positions}, but its statistics "
+                             f"have {n_pos} positions.")
+        if data.shape[0] % n_pos:
+            raise ValueError(f"X has {data.shape[0]} rows, not a multiple of n_positions={n_pos}.")
+        return data.reshape(-1, n_pos, data.shape[1]), self.map_shape_ if continuing else None
+
+    def _gaussians(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means and precision factors (module dtype) from the statistics, ``reg`` added; raises, changing nothing."""
+        if count < 2:
+            raise ValueError(f"{self._name} needs at least 2 images to fit. Got {count} in all; accumulate more "
+                             f"first with partial_fit(X, finalize=False).")
+        n_pos, channels = mean.shape
         dtype = module_dtype_device(self)[0]
-        means = torch.empty(n_pos, channels, dtype=dtype, device=rows.device)
-        factors = torch.empty(n_pos, channels, channels, dtype=dtype, device=rows.device)
-        identity = torch.eye(channels, dtype=torch.float64, device=rows.device)
+        factors = torch.empty(n_pos, channels, channels, dtype=dtype, device=mean.device)
+        identity = torch.eye(channels, dtype=torch.float64, device=mean.device)
         for start in range(0, n_pos, _POSITION_BLOCK):  # float64 temporaries of one block of positions only
-            block = rows[:, start:start + _POSITION_BLOCK].double()
-            mean = block.mean(0)
-            centred = block - mean
-            cov = torch.einsum("nlc,nld->lcd", centred, centred) / (n_images - 1) + self.reg * identity
+            part = slice(start, start + _POSITION_BLOCK)
+            cov = scatter[part] / (count - 1) + self.reg * identity
             chol, info = torch.linalg.cholesky_ex(cov)  # Σ = G Gᵀ, P = G⁻ᵀG⁻¹: L = G⁻ᵀ
             if bool((info > 0).any()):
                 bad = start + int(torch.nonzero(info)[0])
-                raise ValueError(f"The covariance of {self._name} at position {bad} is singular ({n_images} images, "
+                raise ValueError(f"The covariance of {self._name} at position {bad} is singular ({count} images, "
                                  f"{channels} channels): the 'reg' parameter must be > 0 (PaDiM uses 0.01). "
                                  f"Got reg={self.reg!r}.")
-            means[start:start + _POSITION_BLOCK] = mean.to(dtype)
-            factors[start:start + _POSITION_BLOCK] = torch.linalg.solve_triangular(
-                chol, identity, upper=False).transpose(-1, -2).to(dtype)
+            factors[part] = torch.linalg.solve_triangular(chol, identity, upper=False).transpose(-1, -2).to(dtype)
+        return mean.to(dtype=dtype, copy=True), factors  # a copy: the statistics may be updated in place later
+
+    def _install(self, count: int, mean: torch.Tensor, scatter: torch.Tensor, map_shape: tuple[int, int] | None,
+                 keep_statistics: bool) -> PositionalMahalanobis:
+        """Compute the Gaussians from the statistics, then (only if that succeeds) replace the fitted state."""
+        means, factors = self._gaussians(count, mean, scatter)
         self.distance.means = means
         self.distance.factors = factors
+        if keep_statistics:
+            self.moments.set(count, mean, scatter)
+        else:
+            self.moments.clear()
         self.map_shape_ = map_shape
-        self.n_features_in_ = int(rows.shape[2])
+        self.n_features_in_ = int(mean.shape[1])
         self._refresh_fitted()
         return self
+
+    @torch.no_grad()
+    def fit(self, X: ArrayLike, y: Any = None) -> PositionalMahalanobis:
+        """Fit one Gaussian per position on feature maps (n, C, h, w), or on location rows (n·L, C) with
+        ``n_positions = L`` set; n >= 2 images. Starts over: earlier fits and running statistics are replaced (the new
+        statistics are kept, so :meth:`partial_fit` can continue). A failure leaves the model as it was. Returns
+        ``self``."""
+        self._validate_hyperparameters()
+        rows, map_shape = self._rows(X, continuing=False)
+        count, mean, scatter = _merge(0, None, None, rows, in_place=False)
+        return self._install(count, mean, scatter, map_shape, keep_statistics=True)
+
+    @torch.no_grad()
+    def partial_fit(self, X: ArrayLike, y: Any = None, *, finalize: bool = True) -> PositionalMahalanobis:
+        """Add a chunk of images to the running statistics and recompute the Gaussians from them.
+
+        After ``partial_fit`` over chunks, the model equals :meth:`fit` on their concatenation, in any order of the
+        chunks. The first chunk decides the layout (feature maps, or location rows with ``n_positions`` set); later
+        ones must have its channels and positions (and map shape).
+
+        Parameters
+        ----------
+        X : array-like
+            Feature maps (n, C, h, w), or location rows (n·L, C) (``L`` = ``n_positions``, or that of the statistics).
+        y : ignored
+        finalize : bool
+            Recompute the Gaussians (default), so that the model is usable after every chunk; that needs >= 2 images
+            in all; the statistics are updated on a copy (``L·C²`` float64 more, for a moment), so that a failure
+            keeps them. ``False`` only accumulates, in place (no copy, and one Cholesky factorisation per position
+            saved per chunk); the Gaussians stay as they were until :meth:`finalize` or a later ``partial_fit``. If
+            that update is interrupted (``KeyboardInterrupt``, out of memory), the statistics are marked as
+            half-updated and continuing from them raises.
+
+        Returns
+        -------
+        PositionalMahalanobis
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            For a chunk with other channels, positions or map shape than the statistics, NaN or infinity, fewer than
+            2 images in all (when finalizing), a singular covariance (``reg=0``), or a fitted model without running
+            statistics. The model is left as it was.
+        TypeError
+            For a floating chunk of another dtype than the model's (as in ``forward``).
+        """
+        self._validate_hyperparameters()
+        continuing = not self.moments.empty
+        if continuing or self.n_features_in_ is not None:
+            self._check_statistics()  # a fitted model without statistics, or half-updated ones: raise
+        rows, map_shape = self._rows(X, continuing=continuing)
+        count = self.n_images_seen_
+        mean, scatter = (self.moments.mean, self.moments.scatter) if continuing else (None, None)
+        if finalize:  # new statistics (copies): a failing finalisation keeps the old ones
+            return self._install(*_merge(count, mean, scatter, rows, in_place=False), map_shape,
+                                 keep_statistics=True)
+        try:  # the chunk is checked: only an interruption (or running out of memory) can stop the update now
+            merged = _merge(count, mean, scatter, rows, in_place=True)
+        except BaseException:
+            if continuing:  # some blocks of positions updated, others not: never continue from them
+                self.moments.count.fill_(-1)
+            raise
+        self.moments.set(*merged)
+        self.map_shape_ = map_shape
+        self._configure_layers()
+        return self
+
+    @torch.no_grad()
+    def finalize(self, *, keep_statistics: bool = True) -> PositionalMahalanobis:
+        """Compute the Gaussians from the running statistics (after ``partial_fit(..., finalize=False)``), with the
+        current ``reg``.
+
+        ``keep_statistics=False`` frees them afterwards (``L·C²`` float64; ``state_dict()`` then holds empty
+        placeholders); the model can then no longer ``partial_fit`` (it raises; ``fit`` starts over). A failure
+        (fewer than 2 images, a singular covariance) leaves the model as it was. Returns ``self``.
+
+        Examples
+        --------
+        >>> head = PositionalMahalanobis()
+        >>> for chunk in torch.rand(9, 4, 2, 2).split(1):   # one image at a time
+        ...     head = head.partial_fit(chunk, finalize=False)
+        >>> head.finalize(keep_statistics=False).n_images_seen_, head.n_features_in_
+        (0, 4)
+        """
+        self._validate_hyperparameters()
+        self._check_statistics()
+        return self._install(self.n_images_seen_, self.moments.mean, self.moments.scatter, self.map_shape_,
+                             keep_statistics)
 
     def forward(self, x: ArrayLike) -> torch.Tensor:
         """Scores per position: (n, h, w) for feature maps, (n·L,) for location rows."""

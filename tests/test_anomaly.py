@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import assert_no_hooks
 from torch import nn
 
-from neon_attrib import PaDiM, PatchCore, explain
+from neon_attrib import PaDiM, PatchCore, PositionalMahalanobis, explain
 from neon_attrib.anomaly import (
     ChannelSelect,
     PatchPool,
@@ -208,6 +208,30 @@ def test_padim_relative_regularisation_is_scale_free():
     assert torch.allclose(scores[True, "plain"], scores[True, "scaled"], rtol=1e-6)
     assert not torch.allclose(scores[False, "plain"], scores[False, "scaled"], rtol=1e-3)
 
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_padim_streaming_fit_equals_the_fit_on_all_feature_maps(relative):
+    """PaDiM.fit streams batches into the head's running statistics; the Gaussians, and relative_reg's mean variance,
+    equal the former in-memory fit: the head fitted on all feature maps at once, reg × their mean variance."""
+    network = tiny_backbone()
+    train, test = images(10, 1, dtype=torch.float64), images(3, 2, dtype=torch.float64)
+    model = PaDiM(network, ["relu2", "relu3"], n_channels=6, reg=0.05, relative_reg=relative).double()
+    model.fit(train, batch_size=3, progress=False)  # batches of 3, 3, 3 and 1 image
+    maps = plain_features(network.double(), ["relu2", "relu3"], train, aggregate=False)[:, model.channels_]
+    reg = 0.05 * float(maps.var(0).mean()) if relative else 0.05  # the in-memory formula
+    assert math.isclose(model.reg_, reg, rel_tol=1e-12)
+    assert not relative or not math.isclose(reg, 0.05, rel_tol=1e-3)
+    reference = PositionalMahalanobis(reg=reg, sqrt=True).double().fit(maps)
+    for name in ("means", "factors"):
+        ours, theirs = getattr(model.head.distance, name), getattr(reference.distance, name)
+        assert float((ours - theirs).abs().max()) <= 1e-10 * float(theirs.abs().max()), name
+    test_maps = plain_features(network.double(), ["relu2", "relu3"], test, aggregate=False)[:, model.channels_]
+    assert_relative(model.patch_scores(test), reference(test_maps), 1e-10)
+    assert model.n_locations_fit_ == 10 * maps.shape[2] * maps.shape[3] and model.n_channels_ == 6
+    assert model.head.n_images_seen_ == 0 and model.head.moments.scatter.numel() == 0  # statistics freed
+    fresh = PaDiM(network, ["relu2", "relu3"], n_channels=6, reg=0.05, relative_reg=relative).double()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.patch_scores(test), model.patch_scores(test))
 
 def test_vgg_default_taps_and_float64_equality():
     network = backbone("vgg11")  # the ReLUs before its 3rd and 4th max pool: blocks 3 and 4

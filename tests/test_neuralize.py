@@ -7,8 +7,10 @@ customers; float64 to 1e-10 relative, float32 to 1e-6 where the conditioning all
 
 from __future__ import annotations
 
+import copy
 import doctest
 import importlib
+import io
 import re
 import warnings
 from pathlib import Path
@@ -432,6 +434,249 @@ def test_positional_mahalanobis_per_position_gaussians(rng):
     close(float32(queries.float()), scores.numpy(), 1e-5)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# PositionalMahalanobis streaming: partial_fit over chunks equals fit on their concatenation
+def _gaussians_close(ours, reference, rtol):
+    """Means and precision factors agree to ``rtol`` relative to their largest entry."""
+    for name in ("means", "factors"):
+        a, b = getattr(ours.distance, name).double(), getattr(reference.distance, name).double()
+        assert a.shape == b.shape
+        assert float((a - b).abs().max()) <= rtol * float(b.abs().max()), name
+
+
+def _snapshot(model):
+    return {key: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+            for key, value in model.state_dict().items()}
+
+
+def _assert_same_state(model, snapshot):
+    state = model.state_dict()
+    assert list(state) == list(snapshot)
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == snapshot[key].dtype and torch.equal(value, snapshot[key]), key
+        else:
+            assert value == snapshot[key], key
+
+
+def _statistics(maps):
+    """Reference statistics in float64: per position the mean and the centred scatter (two passes, numpy)."""
+    rows = maps.double().permute(0, 2, 3, 1).reshape(maps.shape[0], -1, maps.shape[1]).numpy()
+    centred = rows - rows.mean(0)
+    return rows.mean(0), np.einsum("nlc,nld->lcd", centred, centred)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_positional_partial_fit_equals_fit_on_the_concatenation(rng, dtype, rtol):
+    maps = torch.as_tensor(rng.normal(size=(13, 3, 2, 3)) + rng.normal(size=(1, 3, 2, 3)) * 3).to(dtype)
+    sizes = [2, 5, 1, 4, 1]  # single images too; the model is usable (and right) after every chunk
+    head, seen = PositionalMahalanobis(reg=0.01).to(dtype), 0
+    for chunk in maps.split(sizes):
+        assert head.partial_fit(chunk) is head
+        seen += chunk.shape[0]
+        assert head.n_images_seen_ == seen
+        _gaussians_close(head, PositionalMahalanobis(reg=0.01).to(dtype).fit(maps[:seen]), rtol)
+    assert head.map_shape_ == (2, 3) and head.n_features_in_ == 3
+    reference = PositionalMahalanobis(reg=0.01).double().fit(maps.double())  # float64 on the same values
+    _gaussians_close(head, reference, rtol)
+    queries = torch.as_tensor(rng.normal(size=(4, 3, 2, 3)) * 2).to(dtype)
+    close(head(queries), reference(queries.double()).numpy(), 10 * rtol)
+    mean, scatter = _statistics(maps)  # float64 statistics, whatever the model's dtype
+    assert head.moments.mean.dtype == head.moments.scatter.dtype == F64
+    close(head.moments.mean, mean, 1e-12, scale=np.abs(mean).max())
+    close(head.moments.scatter, scatter, 1e-12, scale=np.abs(scatter).max())
+    close(head.variances_, np.diagonal(scatter, axis1=1, axis2=2) / 12, 1e-12)
+    # the order of the images and of the chunks does not matter; neither does deferring the Gaussians to the end
+    order = torch.as_tensor(rng.permutation(13))
+    permuted = PositionalMahalanobis(reg=0.01).to(dtype)
+    for chunk in maps[order].split([3, 1, 7, 2]):
+        assert permuted.partial_fit(chunk, finalize=False).n_features_in_ is None  # not fitted before finalize
+    _gaussians_close(permuted.finalize(), head, rtol)
+    # location rows (DeepNeon's layout) with n_positions, chunk by chunk
+    rows = maps.permute(0, 2, 3, 1).reshape(-1, 3)
+    by_rows = PositionalMahalanobis(reg=0.01, n_positions=6).to(dtype)
+    for chunk in rows.split([12, 30, 36]):
+        by_rows.partial_fit(chunk)
+    assert by_rows.map_shape_ is None and by_rows.n_images_seen_ == 13
+    _gaussians_close(by_rows, head, rtol)
+    # fit starts over (exactly as on a new model), and partial_fit continues from it
+    head.fit(maps[:4])
+    assert head.n_images_seen_ == 4
+    _gaussians_close(head, PositionalMahalanobis(reg=0.01).to(dtype).fit(maps[:4]), 0.0)
+    _gaussians_close(head.partial_fit(maps[4:]), reference, rtol)
+    means, factors = head.distance.means.clone(), head.distance.factors.clone()
+    head.partial_fit(maps[:2] + 1, finalize=False)  # only accumulates: the Gaussians stay as they were
+    assert torch.equal(head.distance.means, means) and torch.equal(head.distance.factors, factors)
+    _gaussians_close(head.finalize(), PositionalMahalanobis(reg=0.01).to(dtype).fit(torch.cat([maps, maps[:2] + 1])),
+                     rtol)
+
+
+def test_positional_partial_fit_far_from_the_origin(rng):
+    """Data far from the origin: no cancellation (raw sums of a aᵀ would lose every digit of the covariances)."""
+    mixing = torch.as_tensor(rng.normal(size=(3, 3)) / 2 + np.eye(3))
+    centred = torch.einsum("nchw,dc->ndhw", torch.as_tensor(rng.normal(size=(40, 3, 2, 2))), mixing)
+    queries = torch.as_tensor(rng.normal(size=(5, 3, 2, 2)) * 2)
+    # float32 maps at 1e3: the float64 statistics of the float32 values are exact to float64 rounding
+    maps32 = (1e3 + centred).float()
+    head = PositionalMahalanobis(reg=0.01)
+    for chunk in maps32.split(7):
+        head.partial_fit(chunk)
+    mean, scatter = _statistics(maps32)
+    close(head.moments.scatter, scatter, 1e-10, scale=np.abs(scatter).max())
+    reference = PositionalMahalanobis(reg=0.01).double().fit(maps32.double())
+    close(head(1e3 + queries.float()), reference(1e3 + queries).numpy(), 2e-3)  # float32 rounding of 1e3 + q
+    # float64 maps at 1e8 (ulp 1.5e-8): the scores equal those of the same data moved to the origin
+    far = PositionalMahalanobis(reg=0.01).double()
+    for chunk in (1e8 + centred).split(7):
+        far.partial_fit(chunk)
+    near = PositionalMahalanobis(reg=0.01).double().fit(centred)
+    close(far(1e8 + queries), near(queries).numpy(), 1e-5)
+
+
+def test_positional_partial_fit_errors_leave_the_model_as_it_was(rng):
+    maps = torch.as_tensor(rng.normal(size=(9, 3, 2, 3)))
+    head = PositionalMahalanobis().double().partial_fit(maps[:5])
+    snapshot = _snapshot(head)
+    bad = {
+        "X has 4 channels, but PositionalMahalanobis has statistics of 3 channels": maps[:2, :1].repeat(1, 4, 1, 1),
+        "X has 3x2 maps, but PositionalMahalanobis has statistics of 2x3 maps": maps[:2].reshape(2, 3, 3, 2),
+        "X has 2x2 maps, but PositionalMahalanobis has statistics of 2x3 maps": maps[:2, :, :, :2],
+        "contains NaN or infinity": torch.where(maps[:3] > 1.5, float("nan"), maps[:3]),
+        "X has 10 rows, not a multiple of n_positions=6": maps[:2].permute(0, 2, 3, 1).reshape(-1, 3)[:10],
+        r"feature maps \(n, C, h, w\) or location rows": maps[:2, :, 0],
+    }
+    for message, chunk in bad.items():
+        for finalize in (True, False):
+            with pytest.raises(ValueError, match=message):
+                head.partial_fit(chunk, finalize=finalize)
+            _assert_same_state(head, snapshot)
+    with pytest.raises(TypeError, match="has dtype torch.float32"):
+        head.partial_fit(maps[5:].float())
+    _assert_same_state(head, snapshot)
+    by_rows = PositionalMahalanobis(n_positions=6).double().partial_fit(maps[:3].permute(0, 2, 3, 1).reshape(-1, 3))
+    rows_state = _snapshot(by_rows)
+    with pytest.raises(ValueError, match=r"X has 4 positions \(2x2\), but PositionalMahalanobis has statistics of 6"):
+        by_rows.partial_fit(maps[:2, :, :, :2])
+    _assert_same_state(by_rows, rows_state)
+    by_rows.partial_fit(maps[3:].reshape(6, 3, 3, 2))  # fitted on rows: any map of 6 positions, as in forward
+    close(head.partial_fit(maps[5:])(maps), PositionalMahalanobis().double().fit(maps)(maps).numpy(), 1e-10)
+
+    # fewer than 2 images in all when finalizing: nothing is accumulated, or (finalize) nothing changes
+    fresh = PositionalMahalanobis().double()
+    empty = _snapshot(fresh)
+    with pytest.raises(ValueError, match="needs at least 2 images to fit. Got 1 in all"):
+        fresh.partial_fit(maps[:1])
+    _assert_same_state(fresh, empty)
+    fresh.partial_fit(maps[:1], finalize=False)
+    one = _snapshot(fresh)
+    with pytest.raises(ValueError, match="needs at least 2 images to fit. Got 1 in all"):
+        fresh.finalize()
+    _assert_same_state(fresh, one)
+    with pytest.raises(ValueError, match="not fitted yet"):
+        fresh(maps[:1])
+    close(fresh.partial_fit(maps[1:])(maps), PositionalMahalanobis().double().fit(maps)(maps).numpy(), 1e-10)
+
+    # a singular covariance (reg=0, 2 images, 3 channels) at finalisation: the statistics before it stay
+    singular = PositionalMahalanobis(reg=0.0).double()
+    blank = _snapshot(singular)
+    with pytest.raises(ValueError, match="at position 0 is singular"):
+        singular.partial_fit(maps[:2])
+    _assert_same_state(singular, blank)
+    singular.partial_fit(maps[:2], finalize=False)
+    pending = _snapshot(singular)
+    with pytest.raises(ValueError, match="at position 0 is singular"):
+        singular.finalize()
+    _assert_same_state(singular, pending)
+    one_pending = PositionalMahalanobis(reg=0.0).double().partial_fit(maps[:1], finalize=False)
+    before = _snapshot(one_pending)
+    with pytest.raises(ValueError, match="at position 0 is singular"):  # the merged statistics were a copy
+        one_pending.partial_fit(maps[1:2])
+    _assert_same_state(one_pending, before)
+    singular.reg = 0.01  # not fitted yet: reg may still change, and applies at finalisation
+    close(singular.finalize()(maps), PositionalMahalanobis().double().fit(maps[:2])(maps).numpy(), 1e-10)
+
+    # a failing fit keeps the old model and its statistics
+    fitted = _snapshot(head)
+    with pytest.raises(ValueError, match="needs at least 2 images"):
+        head.fit(maps[:1])
+    with pytest.raises(ValueError, match="contains NaN"):
+        head.fit(maps * float("nan"))
+    _assert_same_state(head, fitted)
+    with pytest.raises(ValueError, match="no running statistics to continue from"):
+        PositionalMahalanobis().finalize()
+    with pytest.raises(ValueError, match="was fitted, but has no running statistics to continue from"):
+        head.finalize(keep_statistics=False).partial_fit(maps[:2])
+    assert head.n_images_seen_ == 0 and head.moments.scatter.numel() == 0
+    _gaussians_close(head, PositionalMahalanobis().double().fit(maps), 1e-10)  # the Gaussians are kept
+
+
+def test_positional_partial_fit_interrupted(rng, monkeypatch):
+    """An interruption in the middle of the update (here in the second block of 64 positions): with finalize, the
+    model is as it was; without, the half-updated statistics are marked and continuing from them raises."""
+    maps = torch.as_tensor(rng.normal(size=(8, 2, 9, 8)))  # 72 positions: two blocks
+    head = PositionalMahalanobis().double().partial_fit(maps[:4])
+    einsum, calls = torch.einsum, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return einsum(*args, **kwargs)
+
+    before = _snapshot(head)
+    monkeypatch.setattr(torch, "einsum", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        head.partial_fit(maps[4:])
+    _assert_same_state(head, before)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        head.partial_fit(maps[4:], finalize=False)
+    monkeypatch.setattr(torch, "einsum", einsum)
+    assert len(calls) == 2 and head.n_images_seen_ == 0
+    assert torch.equal(head.distance.factors, before["distance.factors"])  # the Gaussians of before stay usable
+    for call in (lambda: head.partial_fit(maps[4:]), head.finalize):
+        with pytest.raises(ValueError, match="half-updated by an interrupted partial_fit"):
+            call()
+    _gaussians_close(head.fit(maps), PositionalMahalanobis().double().fit(maps), 0.0)  # fit starts over
+    _gaussians_close(head.partial_fit(maps[:3]), PositionalMahalanobis().double().fit(torch.cat([maps, maps[:3]])),
+                     1e-10)
+
+def test_positional_statistics_survive_save_and_load(rng):
+    maps = torch.as_tensor(rng.normal(size=(10, 3, 2, 2)))
+    everything = PositionalMahalanobis(sqrt=True).double().fit(maps)
+    head = PositionalMahalanobis(sqrt=True).double().partial_fit(maps[:4])
+    buffer = io.BytesIO()
+    torch.save(head.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = PositionalMahalanobis(sqrt=True).double()
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    assert loaded.n_images_seen_ == 4 and torch.equal(loaded(maps), head(maps))
+    _gaussians_close(loaded.partial_fit(maps[4:]), everything, 1e-10)  # continues exactly after loading
+
+    # a state without the statistics (saved by an older version, or after finalize(keep_statistics=False)): the
+    # Gaussians load; continuing raises instead of merging into nothing, even over a model that had statistics
+    old = {key: value for key, value in head.state_dict().items() if not key.startswith("moments.")}
+    for target in (PositionalMahalanobis(sqrt=True).double(), PositionalMahalanobis(sqrt=True).double().fit(maps)):
+        target.load_state_dict(old)
+        assert target.n_images_seen_ == 0 and torch.equal(target(maps), head(maps))
+        with pytest.raises(ValueError, match="was fitted, but has no running statistics"):
+            target.partial_fit(maps[4:])
+        _gaussians_close(target.fit(maps), everything, 0.0)  # fit starts over
+    freed = copy.deepcopy(head).finalize(keep_statistics=False).state_dict()
+    assert freed["moments.scatter"].numel() == 0
+    target = PositionalMahalanobis(sqrt=True).double().fit(maps)
+    target.load_state_dict(freed)
+    with pytest.raises(ValueError, match="no running statistics"):
+        target.partial_fit(maps[4:])
+
+    # dtype conversions keep the statistics in float64 (and the model's dtype that of its Gaussians)
+    single = copy.deepcopy(head).float()
+    assert single.distance.means.dtype == torch.float32 and single.moments.scatter.dtype == F64
+    assert torch.equal(single.moments.scatter, head.moments.scatter)
+    single.partial_fit(maps[4:].float())
+    _gaussians_close(single, everything, 2e-6)
+
+
 @pytest.mark.parametrize("make", [
     lambda X: KNNOutlier(n_neighbors=3, sqrt=True, beta=0.5).fit(X),
     lambda X: MahalanobisOutlier(reg=0.1).fit(X),
@@ -479,7 +724,7 @@ def test_every_head_inside_deep_neon(head):
 # ---------------------------------------------------------------------------------------------------------------------
 # documentation
 @pytest.mark.parametrize("name", ["neon_attrib.neighbors", "neon_attrib.gaussian", "neon_attrib.kernels",
-                                  "neon_attrib.neuralize"])
+                                  "neon_attrib.neuralize", "neon_attrib.positional"])
 def test_docstring_examples(name):
     import neon_attrib
 

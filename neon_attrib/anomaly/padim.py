@@ -128,30 +128,35 @@ class PaDiM(AnomalyDetector):
     def fit(self, images: Any, y: Any = None, *, batch_size: int = 16, progress: bool = True) -> PaDiM:
         """Fit one Gaussian per patch position on normal images (at least 2, all of one size). Returns ``self``.
 
-        ``images`` as in :meth:`PatchCore.fit <neon_attrib.anomaly.PatchCore.fit>`. A failure leaves the model as it
-        was.
+        ``images`` as in :meth:`PatchCore.fit <neon_attrib.anomaly.PatchCore.fit>`. The batches are streamed: each
+        batch's feature maps update per-position running statistics (count, mean, centred scatter; float64,
+        :meth:`PositionalMahalanobis.partial_fit <neon_attrib.positional.PositionalMahalanobis.partial_fit>`), so
+        memory grows with ``h·w·d²``, not with the number of images; the Gaussians (and ``relative_reg``'s mean
+        variance) equal those of a fit on all feature maps at once. The statistics are freed after the fit. A failure
+        leaves the model as it was.
         """
         from tqdm.auto import tqdm
 
         batches = self._batches(images, batch_size, "fit")
         dtype, device = module_dtype_device(self.taps)
-        index, maps = None, []
+        # streamed: each batch's maps go into the head's running statistics (L·d² float64), never all maps at once
+        head = PositionalMahalanobis(reg=float(self.reg), sqrt=True).to(dtype=dtype, device=device)
+        index = None
         for batch in tqdm(batches, desc="PaDiM.fit: features", unit="batch", disable=not progress):
             fmap = self.taps(batch.to(device=device, dtype=dtype))
             if index is None:
                 index = self._channel_subset(fmap.shape[1]).to(fmap.device)
-            maps.append(fmap.index_select(1, index).cpu())
-        data = torch.cat(maps)
-        reg = float(self.reg)
-        if self.relative_reg:
-            reg *= float(data.double().var(0).mean()) if data.shape[0] > 1 else 1.0
-        head = PositionalMahalanobis(reg=reg, sqrt=True).to(dtype=dtype, device=device)
-        head.fit(data.to(device))
+            head.partial_fit(fmap.index_select(1, index), finalize=False)
+        n_images = head.n_images_seen_
+        if self.relative_reg and n_images > 1:  # the mean per-element variance = the mean of the covariance diagonals
+            head.reg = float(self.reg) * float(head.variances_.mean())
+        n_locations = n_images * head.moments.mean.shape[0]
+        head.finalize(keep_statistics=False)  # reg added here; the statistics (L·d² float64) are freed
         self.features.select.index = index
         self.head = head
         self.image_size_.copy_(torch.tensor(batches.size))
-        self.n_locations_fit_ = int(data.shape[0] * data.shape[2] * data.shape[3])
-        self.n_channels_ = int(data.shape[1])
+        self.n_locations_fit_ = int(n_locations)
+        self.n_channels_ = int(head.n_features_in_)
         self._reset_calibration()
         return self
 
