@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sklearn.base import clone
 from torch import nn
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.core import Composite
@@ -329,7 +330,8 @@ class DeepNeon(nn.Module):
         max_locations : int, optional
             Fit on a uniform random sample of this many location vectors (without replacement, streamed: memory stays
             bounded by ``max_locations`` + one batch). Seeded by ``seed``: the same data in the same batches gives the
-            same sample.
+            same sample. A head that models each position of the map (``PositionalMahalanobis``) is fitted on whole
+            maps instead, streamed into its ``partial_fit``; ``max_locations`` is refused for it.
         seed : int
             Seed of the location sample (the head has its own seed for k-means / random features).
         batch_size : int
@@ -343,9 +345,38 @@ class DeepNeon(nn.Module):
         to a fixed norm (``KMeansMembership(n_clusters=5, centroid_norm=1.0)``: with equal norms the membership
         ``f_c`` is linear, ``2aᵀ(μ_c − μ_k)``, and its bias-free relevance all goes to active channels).
         """
+        if getattr(self.head, "_fits_on_feature_maps", False):
+            return self._fit_head_on_maps(images, max_locations, batch_size, progress)
         rows = self.feature_rows(images, batch_size=batch_size, max_locations=max_locations, seed=seed,
                                  progress=progress)
         return self.fit_head(rows)
+
+    @torch.no_grad()
+    def _fit_head_on_maps(self, images: Any, max_locations: int | None, batch_size: int, progress: bool) -> DeepNeon:
+        """Fit a head that models each position of the feature map (``PositionalMahalanobis``) on whole maps,
+        streamed batch by batch into its ``partial_fit`` (memory: its running statistics + one batch); a failure
+        leaves the model as it was."""
+        name = type(self.head).__name__
+        if max_locations is not None:
+            raise ValueError(f"DeepNeon.fit: a {name} head models each position of the feature map, so it fits on "
+                             f"whole maps, not on a sample of locations; leave max_locations=None.")
+        check_int(batch_size, owner="DeepNeon", name="batch_size", minimum=1)
+        from tqdm.auto import tqdm
+
+        dtype, device = _features_dtype_device(self.features)
+        head = clone(self.head).to(dtype=dtype, device=device)  # unfitted, same hyperparameters: starts over
+        locations = 0
+        for batch in tqdm(_iter_batches(images, batch_size), total=_batch_count(images, batch_size),
+                          desc="DeepNeon.fit: features", unit="batch", disable=not progress):
+            fmap = self._feature_map(batch.to(device=device, dtype=dtype))
+            head.partial_fit(fmap, finalize=False)  # refuses maps of another shape than the first
+            locations += fmap.shape[0] * fmap.shape[2] * fmap.shape[3]
+        if locations == 0:
+            raise ValueError("DeepNeon.fit got no images (an empty tensor or iterable).")
+        self.head = head.finalize()
+        self.n_locations_fit_ = locations
+        self.n_channels_ = int(head.n_features_in_)
+        return self
 
     def fit_head(self, rows: ArrayLike) -> DeepNeon:
         """Fit the head on location vectors (rows, C) computed before (:meth:`feature_rows`): one pass of the

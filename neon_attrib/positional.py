@@ -122,8 +122,8 @@ class PositionalMahalanobis(NeonEstimator):
     :class:`~neon_attrib.deep.DeepNeon`), give scores (n·h·w,). So it works both on its own, stacked after a
     feature extractor (explain one patch with ``target``, or all of them after a pooling), and as a ``DeepNeon`` head.
     Fit it on feature maps (``head.fit(features(images))``, then ``DeepNeon(features, head)``), or let
-    ``DeepNeon.fit`` fit it on all location rows with ``n_positions`` set; not on a sample of locations
-    (``max_locations``), which would mix the positions.
+    ``DeepNeon.fit`` stream whole feature maps into :meth:`partial_fit`; never on a sample of locations, which would
+    mix the positions (``DeepNeon.fit(..., max_locations=...)`` and :func:`~neon_attrib.scale.fit_dataset` refuse it).
 
     Relevance: per position the Mahalanobis rule, ``R_pi = (a_p − μ_p)_i [P_p(a_p − μ_p)]_i / m_p · R_p`` (exact), or
     on CNN activations ``R_pi = a_pi [P_p(a_p − μ_p)]_i / m_p · R_p`` (the rest dissipated, inactive channels 0).
@@ -170,6 +170,8 @@ class PositionalMahalanobis(NeonEstimator):
     """
 
     _state_attributes = ("reg", "n_positions", "sqrt", "n_features_in_", "map_shape_")
+    #: fitted on whole feature maps (``DeepNeon.fit`` streams them into :meth:`partial_fit`), never on a sample
+    _fits_on_feature_maps = True
     _refit_parameters = ("reg", "n_positions")
 
     def __init__(self, reg: float = 0.01, n_positions: int | None = None, *, sqrt: bool = False):

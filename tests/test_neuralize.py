@@ -55,6 +55,7 @@ from neon_attrib import (
 )
 from neon_attrib.datasets import load_wholesale, preprocess_wholesale
 from neon_attrib.pipeline import ConservationWarning
+from neon_attrib.scale import fit_dataset
 
 F64 = torch.float64
 SHAPES = [(60, 2), (150, 5), (80, 12)]
@@ -432,6 +433,33 @@ def test_positional_mahalanobis_per_position_gaussians(rng):
         PositionalMahalanobis(reg=0.0).double().fit(maps[:2])
     float32 = PositionalMahalanobis().fit(maps.float())  # float64 estimates, stored in the module's dtype
     close(float32(queries.float()), scores.numpy(), 1e-5)
+
+
+def test_deep_neon_fits_a_positional_head_on_whole_maps(rng):
+    """DeepNeon.fit streams whole feature maps into a PositionalMahalanobis head (batch by batch), equal to fitting
+    it on all maps at once; a location sample (max_locations), maps with other positions than n_positions, and
+    fit_dataset (which samples locations) are refused instead of mixing positions; a failure keeps the old head."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4)).double()
+    images = torch.as_tensor(rng.random((8, 3, 16, 16)))
+    with torch.no_grad():
+        maps = cnn(images)
+    reference = PositionalMahalanobis().double().fit(maps)
+    model = DeepNeon(cnn, PositionalMahalanobis()).fit(images, batch_size=3, progress=False)
+    _gaussians_close(model.head, reference, 1e-12)
+    assert model.n_locations_fit_ == 8 * 16 and model.n_channels_ == 4
+    with torch.no_grad():
+        close(model.location_scores(images[:2]).reshape(-1), reference(maps[:2]).reshape(-1).numpy(), 1e-10)
+    fitted = model.head
+    with pytest.raises(ValueError, match="fits on whole maps, not on a sample of locations"):
+        model.fit(images, max_locations=32, progress=False)
+    with pytest.raises(ValueError, match=r"has 64 positions \(8x8\), but the 'n_positions' parameter .* is 16"):
+        DeepNeon(cnn, PositionalMahalanobis(n_positions=16)).fit(torch.rand(4, 3, 32, 32, dtype=F64), progress=False)
+    with pytest.raises(ValueError, match="X has 2x2 maps, but .* 4x4 maps"):  # a second batch of another size
+        model.fit([images[:2], images[:2, :, :8, :8]], progress=False)
+    assert model.head is fitted
+    with pytest.raises(ValueError, match="needs whole maps: fit it with model.fit"):
+        fit_dataset(model, images, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -119,6 +119,10 @@ def fit_dataset(model: nn.Module, dataset: Any = None, *, max_locations: int | N
     if head is None or not callable(getattr(model, "fit_head", None)):
         raise TypeError(f"fit_dataset fits the head of a DeepNeon (a model with 'features', 'head' and 'fit_head'). "
                         f"Got {type(model).__name__}.")
+    if getattr(head, "_fits_on_feature_maps", False):
+        raise ValueError(f"fit_dataset fits heads on a sample of location vectors; a {type(head).__name__} head models "
+                         f"each position of the feature map and needs whole maps: fit it with model.fit(images) "
+                         f"(a DataLoader is streamed batch by batch).")
     if lloyd_steps and not isinstance(head, KMeansMembership):
         raise ValueError(f"The 'lloyd_steps' parameter of fit_dataset applies to k-means heads only. Got a "
                          f"{type(head).__name__} head.")
