@@ -256,6 +256,9 @@ class DeepNeon(nn.Module):
     def _scores(self, fmap: torch.Tensor) -> torch.Tensor:
         """Location scores (n, L) for KDE heads, (n, K, L) for k-means."""
         n, _, h, w = fmap.shape
+        check_map_shape = getattr(self.head, "check_map_shape", None)
+        if check_map_shape is not None:  # heads with one model per position: rows alone cannot tell the map shape
+            check_map_shape((h, w))
         rows = self._rows(fmap)
         if torch.is_autocast_enabled(rows.device.type):
             # reduced-precision features (autocast): the head runs in its own precision, outside autocast, since its

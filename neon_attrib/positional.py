@@ -391,6 +391,18 @@ class PositionalMahalanobis(NeonEstimator):
         return self._install(self.n_images_seen_, self.moments.mean, self.moments.scatter, self.map_shape_,
                              keep_statistics)
 
+    def check_map_shape(self, map_shape: tuple[int, int]) -> None:
+        """Raise a ``ValueError`` unless feature maps of ``map_shape`` (h, w) fit the fitted Gaussians: the same
+        shape as the maps it was fitted on, or ``h·w`` positions when it was fitted on rows. ``DeepNeon`` calls it
+        before handing the head location rows, whose count alone cannot tell 2 maps of 8x8 from 8 maps of 4x4."""
+        self._check_fitted()
+        h, w = int(map_shape[0]), int(map_shape[1])
+        fitted = None if self.map_shape_ is None else tuple(self.map_shape_)
+        if (fitted is not None and (h, w) != fitted) or h * w != self.distance.n_positions:
+            expected = f"{fitted[0]}x{fitted[1]}" if fitted is not None else f"{self.distance.n_positions} positions"
+            raise ValueError(f"{self._name} was fitted on feature maps of {expected}, one Gaussian per position; got "
+                             f"maps of {h}x{w}. Use images of the size it was fitted on.")
+
     def forward(self, x: ArrayLike) -> torch.Tensor:
         """Scores per position: (n, h, w) for feature maps, (n·L,) for location rows."""
         self._check_fitted()

@@ -460,6 +460,10 @@ def test_deep_neon_fits_a_positional_head_on_whole_maps(rng):
     assert model.head is fitted
     with pytest.raises(ValueError, match="needs whole maps: fit it with model.fit"):
         fit_dataset(model, images, progress=False)
+    # 2 maps of 8x8 give as many rows as 8 maps of 4x4: the map shape is checked, not the row count
+    for run in (model, model.location_scores, lambda x: explain(model, x)):
+        with pytest.raises(ValueError, match="fitted on feature maps of 4x4, one Gaussian per position; got maps of"):
+            run(torch.rand(2, 3, 32, 32, dtype=F64))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
