@@ -136,5 +136,7 @@ def as_targets(target: Any, *, n: int, n_outputs: int, owner: str, device: torch
 
 #: The batch norms LRP treats alike whatever Zennit version is installed: merged into the layer before them by the
 #: canonizers, relevance passed through (Pass rule). Zennit 1.0's ``zennit.types.BatchNorm`` includes torchvision's
-#: ``FrozenBatchNorm2d`` (detection backbones, many anomaly-detection code bases); Zennit 0.5's does not.
-BATCH_NORMS: tuple[type, ...] = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, FrozenBatchNorm2d)
+#: ``FrozenBatchNorm2d`` (detection backbones, many anomaly-detection code bases); Zennit 0.5's does not, and neither
+#: includes ``SyncBatchNorm`` (what ``convert_sync_batchnorm`` makes of a model for distributed training).
+BATCH_NORMS: tuple[type, ...] = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                                 torch.nn.SyncBatchNorm, FrozenBatchNorm2d)

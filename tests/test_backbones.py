@@ -287,28 +287,31 @@ def test_residual_blocks_need_the_canonizer():
             explainer(x, lambda out: out)
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """``model`` with every BatchNorm2d replaced by torchvision's FrozenBatchNorm2d holding the same statistics (the
-    batch norm of torchvision's detection backbones; Zennit 0.5 does not know it, Zennit 1.0 does)."""
+def frozen_copy(model: nn.Module, norm: type = FrozenBatchNorm2d) -> nn.Module:
+    """``model`` with every BatchNorm2d replaced by ``norm`` holding the same statistics: torchvision's
+    FrozenBatchNorm2d (the batch norm of its detection backbones; Zennit 0.5 does not know it, Zennit 1.0 does) or
+    SyncBatchNorm (distributed training; neither version knows it)."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.BatchNorm2d):
-                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.weight.dtype)
-                for key in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(frozen, key).copy_(getattr(child, key).detach())
+                frozen = norm(child.num_features, eps=child.eps).to(child.weight.dtype).eval()
+                with torch.no_grad():
+                    for key in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(frozen, key).copy_(getattr(child, key).detach())
                 setattr(parent, name, frozen)
     return model
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_frozen_batch_norms_are_merged_like_batch_norms(fast):
+@pytest.mark.parametrize("fast, norm", [(True, FrozenBatchNorm2d), (False, FrozenBatchNorm2d),
+                                        (True, nn.SyncBatchNorm), (False, nn.SyncBatchNorm)])
+def test_frozen_batch_norms_are_merged_like_batch_norms(fast, norm):
     """A ResNet with FrozenBatchNorm2d explains like the same ResNet with BatchNorm2d, with the fast rules and with
     Zennit's, whatever the Zennit version (0.5 alone would leave the frozen batch norms as a plain gradient: relevance
     scaled by their factors); the model is left as it was."""
     dtype = torch.float64
     plain = FeatureTaps(network("resnet18", dtype), ["layer2"])
-    frozen = FeatureTaps(frozen_copy(plain.backbone), ["layer2"])
+    frozen = FeatureTaps(frozen_copy(plain.backbone, norm), ["layer2"])
     x = get_preprocessing("torchvision")(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
     x = x.to(dtype)
     with torch.no_grad():

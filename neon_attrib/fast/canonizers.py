@@ -23,11 +23,12 @@ __all__ = ["FastResNetCanonizer", "MergeBatchNorms"]
 
 
 class MergeBatchNorms(SequentialMergeBatchNorm):
-    """Zennit's :class:`~zennit.canonizers.SequentialMergeBatchNorm`, also for torchvision's ``FrozenBatchNorm2d``.
+    """Zennit's :class:`~zennit.canonizers.SequentialMergeBatchNorm`, also for ``FrozenBatchNorm2d``, ``SyncBatchNorm``.
 
-    Zennit 1.0 merges ``FrozenBatchNorm2d`` (the batch norm of torchvision's detection backbones); Zennit 0.5 leaves it
-    as a plain gradient, which scales the relevance by the batch norm's factor. This canonizer merges it with either
-    version, exactly as Zennit merges ``BatchNorm2d`` (the same parameters, restored on removal).
+    Zennit 1.0 merges torchvision's ``FrozenBatchNorm2d`` (the batch norm of its detection backbones), Zennit 0.5 does
+    not, and neither merges ``torch.nn.SyncBatchNorm``; unmerged, a batch norm without a rule is a plain gradient, which
+    scales the relevance by its factor. This canonizer merges them with either version, exactly as Zennit merges
+    ``BatchNorm2d`` (the same parameters, restored on removal).
 
     Examples
     --------
