@@ -137,7 +137,9 @@ class PositionalMahalanobis(NeonEstimator):
     Parameters
     ----------
     reg : float
-        Added to each covariance's diagonal (PaDiM: 0.01), which makes every ``Σ_p`` invertible.
+        Added to each covariance's diagonal (PaDiM: 0.01), which makes every ``Σ_p`` invertible. Setting it on a fitted
+        model recomputes the Gaussians from the running statistics (a new fit with that ``reg``); without them (freed
+        by ``finalize(keep_statistics=False)``) it needs a new fit.
     n_positions : int, optional
         Number of positions ``h·w``; needed only to fit on location rows (fitting on feature maps sets it).
     sqrt : bool
@@ -183,6 +185,22 @@ class PositionalMahalanobis(NeonEstimator):
         self.distance = PositionalMahalanobisDistance()
         self.root = SquareRoot()
         self.moments = PositionalMoments()  # after `distance`: the model's dtype is that of the Gaussians
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a new 'reg' on a fitted model with running statistics: the Gaussians are recomputed from them (reg is added
+        # only there); without statistics (freed, or an old saved state) it needs a new fit, as any refit parameter
+        fitted = self.__dict__.get("n_features_in_") is not None and not self.__dict__.get("_loading", False)
+        if name != "reg" or not fitted or self.moments.empty or int(self.moments.count) < 0 or value == self.reg:
+            super().__setattr__(name, value)
+            return
+        _check_reg(value, self._name)
+        old = self.reg
+        object.__setattr__(self, "reg", value)  # past the refit guard: finalize reads it
+        try:
+            self.finalize()
+        except Exception:
+            object.__setattr__(self, "reg", old)
+            raise
 
     def _validate_hyperparameters(self) -> None:
         _check_reg(self.reg, self._name)

@@ -435,6 +435,29 @@ def test_positional_mahalanobis_per_position_gaussians(rng):
     close(float32(queries.float()), scores.numpy(), 1e-5)
 
 
+def test_positional_reg_takes_effect_from_the_statistics(rng):
+    """Setting 'reg' on a fitted head recomputes the Gaussians from its running statistics (= a new fit with that
+    reg); a reg that fails (negative, singular covariances) changes nothing; without statistics it needs a new fit."""
+    maps = torch.as_tensor(rng.normal(size=(10, 3, 2, 2)) + 5.0)
+    head = PositionalMahalanobis(reg=0.01).double().fit(maps)
+    head.set_params(reg=0.5)
+    _gaussians_close(head, PositionalMahalanobis(reg=0.5).double().fit(maps), 1e-12)
+    assert head.get_params()["reg"] == 0.5
+    before = _snapshot(head)
+    with pytest.raises(ValueError, match="must be a finite float >= 0"):
+        head.reg = -1.0
+    _assert_same_state(head, before)
+    two = PositionalMahalanobis(reg=0.01).double().fit(maps[:2])  # 2 images, 3 channels: singular without reg
+    kept = _snapshot(two)
+    with pytest.raises(ValueError, match="singular"):
+        two.reg = 0.0
+    assert two.reg == 0.01
+    _assert_same_state(two, kept)
+    freed = PositionalMahalanobis().double().partial_fit(maps, finalize=False).finalize(keep_statistics=False)
+    with pytest.raises(ValueError, match="needs a new fit"):
+        freed.reg = 0.2
+
+
 def test_deep_neon_fits_a_positional_head_on_whole_maps(rng):
     """DeepNeon.fit streams whole feature maps into a PositionalMahalanobis head (batch by batch), equal to fitting
     it on all maps at once; a location sample (max_locations), maps with other positions than n_positions, and
