@@ -388,6 +388,50 @@ class PositionalMahalanobis(NeonEstimator):
         return self
 
     @torch.no_grad()
+    def merge_statistics(self, other: PositionalMahalanobis) -> PositionalMahalanobis:
+        """Add ``other``'s running statistics (e.g. those of another process's shard of the data) to this model's,
+        with Chan et al.'s pairwise update (``μ = μ_a + δ n_b/n``, ``M = M_a + M_b + δδᵀ n_a n_b/n``); the Gaussians
+        are not recomputed (call :meth:`finalize`). A model without statistics takes ``other``'s; ``other`` without
+        any adds nothing. Raises (changing nothing) for statistics of other channels, positions or map shape.
+        Returns ``self``.
+
+        Examples
+        --------
+        >>> maps = torch.rand(12, 3, 2, 2, dtype=torch.float64)
+        >>> a = PositionalMahalanobis().double().partial_fit(maps[:5], finalize=False)
+        >>> b = PositionalMahalanobis().double().partial_fit(maps[5:], finalize=False)
+        >>> merged = a.merge_statistics(b).finalize()
+        >>> bool(torch.allclose(merged(maps), PositionalMahalanobis().double().fit(maps)(maps)))
+        True
+        """
+        if int(other.moments.count) < 0:
+            other._check_statistics()  # raises: half-updated statistics
+        if other.moments.empty:
+            return self
+        count_b, mean_b, scatter_b = other.n_images_seen_, other.moments.mean, other.moments.scatter
+        if self.moments.empty:
+            if self.n_features_in_ is not None or int(self.moments.count) < 0:
+                self._check_statistics()
+            self.moments.set(count_b, mean_b.to(self.moments.mean.device, copy=True),
+                             scatter_b.to(self.moments.mean.device, copy=True))
+            self.map_shape_ = other.map_shape_
+            self._configure_layers()
+            return self
+        self._check_statistics()
+        mean_a, scatter_a, count_a = self.moments.mean, self.moments.scatter, self.n_images_seen_
+        if mean_b.shape != mean_a.shape or (self.map_shape_ is not None and other.map_shape_ is not None
+                                            and tuple(self.map_shape_) != tuple(other.map_shape_)):
+            raise ValueError(f"{self._name}.merge_statistics: statistics of {tuple(mean_b.shape)} (positions, "
+                             f"channels), maps {other.map_shape_}, do not match this model's {tuple(mean_a.shape)}, "
+                             f"maps {self.map_shape_}.")
+        mean_b, scatter_b = mean_b.to(mean_a.device), scatter_b.to(mean_a.device)
+        total = count_a + count_b
+        delta = mean_b - mean_a
+        scatter = scatter_a + scatter_b + (count_a * count_b / total) * (delta[:, :, None] * delta[:, None])
+        self.moments.set(total, mean_a + (count_b / total) * delta, scatter)
+        return self
+
+    @torch.no_grad()
     def finalize(self, *, keep_statistics: bool = True) -> PositionalMahalanobis:
         """Compute the Gaussians from the running statistics (after ``partial_fit(..., finalize=False)``), with the
         current ``reg``.

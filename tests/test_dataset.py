@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import neon_attrib
 from neon_attrib import DeepNeon, KDEOutlier, KMeansMembership
+from neon_attrib.positional import PositionalMahalanobis
 from neon_attrib.scale import ImageFiles, explain_dataset, fit_dataset, open_results, sample_locations
 
 N_GOOD = 10
@@ -63,6 +64,11 @@ def fitted_kmeans(folder: str | Path) -> DeepNeon:
     return fit_dataset(model, files(folder), max_locations=60, seed=1, lloyd_steps=1, batch_size=3, progress=False)
 
 
+def fitted_positional(folder: str | Path) -> DeepNeon:
+    """PaDiM's head: one Gaussian per map position, from every location of every image (streamed statistics)."""
+    return fit_dataset(DeepNeon(tiny_cnn(), PositionalMahalanobis()), files(folder), batch_size=3, progress=False)
+
+
 def run(model: nn.Module, data, out: Path, **kwargs):
     kwargs = {"batch_size": BATCH, "num_workers": 0, "progress": False, **kwargs}
     return explain_dataset(model, data, out, **kwargs)
@@ -85,8 +91,10 @@ def _rank_main(rank: int, world_size: int, init_file: str, folder: str, out: str
         model = fitted_kde(folder)
         run(model, files(folder), Path(out) / "run.zarr")
         kmeans = fitted_kmeans(folder)
-        torch.save({"support": model.head.support_, "centroids": kmeans.head.cluster_centers_},
-                   Path(out) / f"rank{rank}.pt")
+        positional = fitted_positional(folder)
+        torch.save({"support": model.head.support_, "centroids": kmeans.head.cluster_centers_,
+                    "means": positional.head.distance.means, "factors": positional.head.distance.factors,
+                    "locations": positional.n_locations_fit_}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -156,6 +164,25 @@ def test_two_gloo_ranks_equal_one_process(folder, model, reference, tmp_path):
     assert torch.equal(ranks[0]["centroids"], ranks[1]["centroids"])
     torch.testing.assert_close(ranks[0]["centroids"], fitted_kmeans(folder).head.cluster_centers_,
                                rtol=1e-6, atol=1e-7)
+    # a positional head: every rank's statistics merged on rank 0 = one process over all images
+    single = fitted_positional(folder)
+    for name in ("means", "factors"):
+        assert torch.equal(ranks[0][name], ranks[1][name])
+        torch.testing.assert_close(ranks[0][name], getattr(single.head.distance, name), rtol=1e-5, atol=1e-6)
+    assert ranks[0]["locations"] == single.n_locations_fit_ == (N_GOOD + 1) * 16
+
+
+def test_fit_dataset_positional_head_equals_fit_on_all_maps(folder):
+    data = files(folder)
+    images = torch.stack([data[i] for i in range(len(data)) if data.ids[i] not in ("broken.png", "tiny.png")])
+    model = fitted_positional(folder)
+    with torch.no_grad():
+        maps = model.features(images)
+    reference = PositionalMahalanobis().fit(maps)
+    torch.testing.assert_close(model.head.distance.means, reference.distance.means, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.head.distance.factors, reference.distance.factors, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fitted on the whole maps of the dataset.*without max_locations"):
+        fit_dataset(DeepNeon(tiny_cnn(), PositionalMahalanobis()), data, max_locations=10, progress=False)
 
 
 class Killed(BaseException):

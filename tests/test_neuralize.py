@@ -481,8 +481,10 @@ def test_deep_neon_fits_a_positional_head_on_whole_maps(rng):
     with pytest.raises(ValueError, match="X has 2x2 maps, but .* 4x4 maps"):  # a second batch of another size
         model.fit([images[:2], images[:2, :, :8, :8]], progress=False)
     assert model.head is fitted
-    with pytest.raises(ValueError, match="needs whole maps: fit it with model.fit"):
-        fit_dataset(model, images, progress=False)
+    with pytest.raises(ValueError, match="fitted on the whole maps of the dataset: pass the dataset, without"):
+        fit_dataset(model, images, max_locations=32, progress=False)
+    _gaussians_close(fit_dataset(DeepNeon(cnn, PositionalMahalanobis()), images, batch_size=3, progress=False).head,
+                     reference, 1e-12)
     # 2 maps of 8x8 give as many rows as 8 maps of 4x4: the map shape is checked, not the row count
     for run in (model, model.location_scores, lambda x: explain(model, x)):
         with pytest.raises(ValueError, match="fitted on feature maps of 4x4, one Gaussian per position; got maps of"):

@@ -9,7 +9,9 @@ only, the sample is the same for any number of ranks, any batch size and any ord
 **The head.** Rank 0 fits it on the sample (KDE: the support set; k-means: scikit-learn's k-means on the sample),
 optionally refines k-means centroids by ``lloyd_steps`` Lloyd iterations over *all* locations (each a full pass:
 every rank sums its locations per nearest centroid, the sums and counts are all-reduced), and broadcasts the head's
-state, so that every rank explains with the same model.
+state, so that every rank explains with the same model. A head with one model per map position
+(``PositionalMahalanobis``) is fitted on every location instead: each rank streams its maps into running statistics,
+rank 0 merges them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import clone
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -104,6 +107,10 @@ def fit_dataset(model: nn.Module, dataset: Any = None, *, max_locations: int | N
         k-means heads only: after k-means on the sample, this many Lloyd iterations over every location of the data
         set (one pass each, all-reduced over the ranks). 0 (default): the sample's k-means.
 
+    A head with one model per map position (``PositionalMahalanobis``, PaDiM's) is fitted on every location of the
+    whole maps (``max_locations``, ``rows`` and ``lloyd_steps`` are refused): one streamed pass, running statistics
+    per rank, merged on rank 0 (:meth:`~neon_attrib.positional.PositionalMahalanobis.merge_statistics`).
+
     Examples
     --------
     >>> from neon_attrib import DeepNeon, KDEOutlier
@@ -120,9 +127,12 @@ def fit_dataset(model: nn.Module, dataset: Any = None, *, max_locations: int | N
         raise TypeError(f"fit_dataset fits the head of a DeepNeon (a model with 'features', 'head' and 'fit_head'). "
                         f"Got {type(model).__name__}.")
     if getattr(head, "_fits_on_feature_maps", False):
-        raise ValueError(f"fit_dataset fits heads on a sample of location vectors; a {type(head).__name__} head models "
-                         f"each position of the feature map and needs whole maps: fit it with model.fit(images) "
-                         f"(a DataLoader is streamed batch by batch).")
+        if max_locations is not None or rows is not None or lloyd_steps or dataset is None:
+            raise ValueError(f"fit_dataset: a {type(head).__name__} head models each position of the feature map, so "
+                             f"it is fitted on the whole maps of the dataset: pass the dataset, without "
+                             f"max_locations, rows or lloyd_steps.")
+        _fit_positional(model, _source(model, dataset), ranks, batch_size, num_workers, progress)
+        return model
     if lloyd_steps and not isinstance(head, KMeansMembership):
         raise ValueError(f"The 'lloyd_steps' parameter of fit_dataset applies to k-means heads only. Got a "
                          f"{type(head).__name__} head.")
@@ -165,9 +175,9 @@ def _dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-def _stream(features: nn.Module, source, ranks: Ranks, batch_size: int, num_workers: int, progress: bool,
-            seed: int | None, label: str):
-    """``(keys, positions, rows)`` per group of images of this rank's shard (keys None without a seed)."""
+def _feature_maps(features: nn.Module, source, ranks: Ranks, batch_size: int, num_workers: int, progress: bool,
+                  label: str):
+    """``(indices, feature maps)`` per group of same-size images of this rank's shard."""
     dtype, device = _dtype_device(features)
     n = len(source.ids)
     blocks = blocks_of_rank(n, batch_size, ranks.rank, ranks.world_size)
@@ -178,17 +188,63 @@ def _stream(features: nn.Module, source, ranks: Ranks, batch_size: int, num_work
         for batch in loader:
             for indices, images in batch.groups:
                 with torch.no_grad():
-                    fmap = features(images.to(device=device, dtype=dtype, non_blocking=True))
-                locations = fmap.shape[-2] * fmap.shape[-1]
-                rows = fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1]).cpu()
-                positions = torch.as_tensor([i * _STRIDE + l for i in indices for l in range(locations)],
-                                            dtype=torch.int64)
-                keys = None
-                if seed is not None:
-                    keys = torch.from_numpy(np.concatenate([np.random.default_rng([seed, i]).random(locations)
-                                                            for i in indices]))
-                yield keys, positions, rows
+                    yield indices, features(images.to(device=device, dtype=dtype, non_blocking=True))
             bar.update(len(batch.indices))
+
+
+def _stream(features: nn.Module, source, ranks: Ranks, batch_size: int, num_workers: int, progress: bool,
+            seed: int | None, label: str):
+    """``(keys, positions, rows)`` per group of images of this rank's shard (keys None without a seed)."""
+    for indices, fmap in _feature_maps(features, source, ranks, batch_size, num_workers, progress, label):
+        locations = fmap.shape[-2] * fmap.shape[-1]
+        rows = fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1]).cpu()
+        positions = torch.as_tensor([i * _STRIDE + l for i in indices for l in range(locations)], dtype=torch.int64)
+        keys = None
+        if seed is not None:
+            keys = torch.from_numpy(np.concatenate([np.random.default_rng([seed, i]).random(locations)
+                                                    for i in indices]))
+        yield keys, positions, rows
+
+
+def _fit_positional(model: nn.Module, source, ranks: Ranks, batch_size: int, num_workers: int,
+                    progress: bool) -> None:
+    """A head with one model per map position (PositionalMahalanobis) on every location of the dataset: each rank
+    streams its shard's maps into running statistics, rank 0 merges them (Chan et al.'s update, float64), fits the
+    Gaussians and gives every rank the head. A failure on any rank raises on every rank."""
+    dtype, device = _dtype_device(model.features)
+    local = clone(model.head).to(dtype=dtype, device=device)  # unfitted, the same hyperparameters
+    locations = 0
+    try:
+        for _, fmap in _feature_maps(model.features, source, ranks, batch_size, num_workers, progress,
+                                     "fit_dataset: feature maps"):
+            local.partial_fit(fmap, finalize=False)
+            locations += fmap.shape[0] * fmap.shape[2] * fmap.shape[3]
+        outcome: tuple[str, Any] = ("ok", (local.cpu(), locations))
+    except Exception as exc:  # every rank must learn of it: reported through rank 0
+        if not ranks.distributed:
+            raise
+        outcome = ("error", (type(exc).__name__, f"rank {ranks.rank}: {exc}"))
+    parts = ranks.gather(outcome)
+
+    def merge() -> dict[str, Any]:
+        errors = [detail for kind, detail in parts if kind == "error"]
+        if errors:
+            name, message = errors[0]
+            raise (ValueError if name == "ValueError" else TypeError if name == "TypeError" else RuntimeError)(
+                message)
+        head = clone(model.head).to(dtype=dtype, device=device)
+        for _, (shard, _) in parts:
+            head.merge_statistics(shard)
+        if head.moments.empty:
+            raise ValueError("fit_dataset got no images.")
+        model.head = head.finalize()
+        model.n_locations_fit_ = sum(count for _, (_, count) in parts)
+        model.n_channels_ = int(head.n_features_in_)
+        return _head_state(model)
+
+    state = on_rank0(ranks, merge)
+    if not ranks.is_main:
+        _load_head(model, state)
 
 
 def _smallest(kept, new, limit: int | None):
