@@ -49,7 +49,7 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
             super().__setattr__(name, value)
             return
         if name in self._refit_parameters:
-            if _same(getattr(self, name, None), value):
+            if _same(getattr(self, name, None), value) or self._refit_in_place(name, value):
                 return
             raise ValueError(f"The '{name}' parameter of this fitted {type(self).__name__} shapes its fitted state; "
                              f"setting it to {value!r} needs a new fit. Call set_params({name}=...) and then 'fit', "
@@ -62,6 +62,11 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
         except Exception:
             super().__setattr__(name, old)
             raise
+
+    def _refit_in_place(self, name: str, value: Any) -> bool:
+        """Apply a new value of the refit parameter ``name`` to the fitted model without the data, if the model can
+        (then return True, or raise leaving the model as it was); False: it needs a new fit (the default)."""
+        return False
 
     def _validate_hyperparameters(self) -> None:
         """Raise a ValueError naming the parameter if a hyperparameter is invalid."""

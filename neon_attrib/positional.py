@@ -186,13 +186,11 @@ class PositionalMahalanobis(NeonEstimator):
         self.root = SquareRoot()
         self.moments = PositionalMoments()  # after `distance`: the model's dtype is that of the Gaussians
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # a new 'reg' on a fitted model with running statistics: the Gaussians are recomputed from them (reg is added
-        # only there); without statistics (freed, or an old saved state) it needs a new fit, as any refit parameter
-        fitted = self.__dict__.get("n_features_in_") is not None and not self.__dict__.get("_loading", False)
-        if name != "reg" or not fitted or self.moments.empty or int(self.moments.count) < 0 or value == self.reg:
-            super().__setattr__(name, value)
-            return
+    def _refit_in_place(self, name: str, value: Any) -> bool:
+        # a new 'reg': the Gaussians are recomputed from the running statistics (reg is added only there); without
+        # them (freed, half-updated, or an old saved state) it needs a new fit
+        if name != "reg" or self.moments.empty or int(self.moments.count) < 0:
+            return False
         _check_reg(value, self._name)
         old = self.reg
         object.__setattr__(self, "reg", value)  # past the refit guard: finalize reads it
@@ -201,6 +199,7 @@ class PositionalMahalanobis(NeonEstimator):
         except Exception:
             object.__setattr__(self, "reg", old)
             raise
+        return True
 
     def _validate_hyperparameters(self) -> None:
         _check_reg(self.reg, self._name)
