@@ -219,7 +219,8 @@ def _fit_positional(model: nn.Module, source, ranks: Ranks, batch_size: int, num
                                      "fit_dataset: feature maps"):
             local.partial_fit(fmap, finalize=False)
             locations += fmap.shape[0] * fmap.shape[2] * fmap.shape[3]
-        outcome: tuple[str, Any] = ("ok", (local.cpu(), locations))
+        # other ranks' statistics travel pickled through the CPU; one process keeps them where they are
+        outcome: tuple[str, Any] = ("ok", (local.cpu() if ranks.distributed else local, locations))
     except Exception as exc:  # every rank must learn of it: reported through rank 0
         if not ranks.distributed:
             raise
