@@ -30,6 +30,19 @@ except ImportError:
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def data_dir() -> Path:
+    """The real data and weights the benchmarks read: ``$NEON_ATTRIB_DATA``, else ``<repo>/../shared/data``."""
+    env = os.environ.get("NEON_ATTRIB_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def evenly_spaced(items: list, count: int) -> list:
+    """``count`` items at evenly spaced positions (all of them if fewer): deterministic, spread over the groups."""
+    if count >= len(items):
+        return list(items)
+    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -53,21 +52,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import data_dir, evenly_spaced  # noqa: E402
+
 CLASSES = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
 TARGETS = ("max", "sum", "excess")
 GXI_TARGETS = ("max", "excess")
 LAYERS = ["15", "22"]
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("NEON_ATTRIB_DATA")
-    return Path(env) if env else ROOT.parent / "shared" / "data"
-
-
-def evenly_spaced(items: list, count: int) -> list:
-    if count >= len(items):
-        return list(items)
-    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
 
 
 def load_tile(path: Path, size: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -272,7 +264,7 @@ def figure(path: Path, data: dict, examples: dict, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="shared/data folder")
+    parser.add_argument("--data", type=Path, default=data_dir(), help="shared/data folder")
     parser.add_argument("--size", type=int, default=128, help="tiles are resized to SIZE x SIZE (default 128)")
     parser.add_argument("--fit-images", type=int, default=80, help="Free tiles to fit on (default 80)")
     parser.add_argument("--calibration-images", type=int, default=16, help="other Free tiles to calibrate on")

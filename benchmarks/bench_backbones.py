@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     count_flops,
+    data_dir,
     environment,
     max_relative_error,
     median,
@@ -71,7 +72,7 @@ from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, LRPExplai
 from neon_attrib.pipeline import isolated  # noqa: E402
 from neon_attrib.vision import FeatureTaps, backbone, default_canonizers, get_preprocessing  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = data_dir()
 BACKBONES = ("resnet18", "resnet50", "wide_resnet50_2")
 
 

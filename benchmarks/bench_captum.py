@@ -47,7 +47,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("NEON_ATTRIB_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import data_dir  # noqa: E402
+
+DATA = data_dir()
 METHODS = ("NEON", "IntegratedGradients", "KernelShap", "Occlusion", "Saliency")
 DEFECTS = ("MT_Break", "MT_Blowhole", "MT_Crack", "MT_Uneven", "MT_Fray")
 

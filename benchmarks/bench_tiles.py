@@ -43,21 +43,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import data_dir, evenly_spaced  # noqa: E402
+
 CLASSES = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
 METHODS = ("neon", "neon_max", "gradient_x_input", "integrated_gradients", "location_map")
 METRICS = ("positive_share", "pointing_game", "pixel_auroc")
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("NEON_ATTRIB_DATA")
-    return Path(env) if env else ROOT.parent / "shared" / "data"
-
-
-def evenly_spaced(items: list, count: int) -> list:
-    """``count`` items at evenly spaced positions (all of them if fewer): deterministic, spread over the groups."""
-    if count >= len(items):
-        return list(items)
-    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
 
 
 def load_tile(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +87,7 @@ def _mean(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="shared/data folder")
+    parser.add_argument("--data", type=Path, default=data_dir(), help="shared/data folder")
     parser.add_argument("--size", type=int, default=160, help="tiles are resized to SIZE x SIZE (default 160)")
     parser.add_argument("--fit-images", type=int, default=80, help="Free tiles to fit the KDE on (default 80)")
     parser.add_argument("--holdout", type=int, default=40, help="other Free tiles for the image AUROC (default 40)")

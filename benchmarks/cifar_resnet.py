@@ -16,11 +16,11 @@ Activations of the activation-clustering paper's Table 1 (Keras names in bracket
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import data_dir
 from torch import nn
 
 # the architecture lives in the package; re-exported for the scripts that import it from here
@@ -35,8 +35,7 @@ TABLE1_LAYERS = ("relu", "layer1", "layer2", "layer3")
 
 def data_root() -> Path:
     """``$NEON_ATTRIB_DATA`` or ``<repo>/../shared/data``."""
-    env = os.environ.get("NEON_ATTRIB_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return data_dir()
 
 
 def load_resnet(depth: int = 56, root: Path | None = None) -> CifarResNet:

@@ -13,7 +13,6 @@ Usage: ``python benchmarks/sanity_randomization.py [--data DIR] [--size 160]``; 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import environment, write_result  # noqa: E402
+from _common import data_dir, environment, write_result  # noqa: E402
 
 from neon_attrib import KDEOutlier, explain  # noqa: E402
 from neon_attrib.deep import DeepNeon, median_gamma  # noqa: E402
@@ -31,11 +30,6 @@ from neon_attrib.sanity import model_randomization  # noqa: E402
 from neon_attrib.vision import get_preprocessing, load_image, vgg16_features  # noqa: E402
 
 IMAGES = ("coffee.png", "astronaut.png", "chelsea.png", "rocket.jpg")
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("NEON_ATTRIB_DATA")
-    return Path(env) if env else ROOT.parent / "shared" / "data"
 
 
 def refit_then(method: str):
@@ -57,7 +51,7 @@ def refit_then(method: str):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="folder with the weights and photos")
+    parser.add_argument("--data", type=Path, default=data_dir(), help="folder with the weights and photos")
     parser.add_argument("--size", type=int, default=160, help="shorter image side (pixels)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
