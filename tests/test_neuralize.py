@@ -458,6 +458,29 @@ def test_positional_reg_takes_effect_from_the_statistics(rng):
         freed.reg = 0.2
 
 
+def test_positional_merge_statistics(rng):
+    """Merging two shards' statistics = one fit on both (in either order); statistics of another shape are refused,
+    changing nothing; a model without statistics takes the other's; empty statistics add nothing."""
+    maps = torch.as_tensor(rng.normal(size=(9, 3, 2, 2)) + 100.0)
+    reference = PositionalMahalanobis().double().fit(maps)
+    for first, second in ((maps[:4], maps[4:]), (maps[4:], maps[:4])):
+        a = PositionalMahalanobis().double().partial_fit(first, finalize=False)
+        b = PositionalMahalanobis().double().partial_fit(second, finalize=False)
+        _gaussians_close(a.merge_statistics(b).finalize(), reference, 1e-10)
+    empty = PositionalMahalanobis().double()
+    _gaussians_close(empty.merge_statistics(reference).finalize(), reference, 1e-12)
+    assert reference.merge_statistics(PositionalMahalanobis().double()).n_images_seen_ == 9
+    before = _snapshot(reference)
+    other = PositionalMahalanobis().double().partial_fit(maps[:, :2], finalize=False)  # 2 channels
+    with pytest.raises(ValueError, match="do not match this model's"):
+        reference.merge_statistics(other)
+    _assert_same_state(reference, before)
+    freed = PositionalMahalanobis().double().fit(maps)
+    freed.finalize(keep_statistics=False)
+    with pytest.raises(ValueError, match="no running statistics to continue from"):
+        freed.merge_statistics(other)
+
+
 def test_deep_neon_fits_a_positional_head_on_whole_maps(rng):
     """DeepNeon.fit streams whole feature maps into a PositionalMahalanobis head (batch by batch), equal to fitting
     it on all maps at once; a location sample (max_locations), maps with other positions than n_positions, and
