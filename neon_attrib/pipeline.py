@@ -256,6 +256,12 @@ def _residual_types() -> tuple[type, ...]:
 class Audit:
     """Conservation audit of one explanation, per sample.
 
+    A sample passes when every recorded value is finite and the relevance that no rule accounts for is within
+    :attr:`tolerance` of :attr:`scale`, the score and the heatmap's mass: ``|unaccounted| <= tolerance · (|score| +
+    Σ|relevance at the input|)``. What the rules dissipate does not widen the tolerance, so relevance that leaks where
+    no rule ran cannot hide behind rules that absorb much; a NaN or an infinity in the score, the heatmap or any
+    module's record fails.
+
     Attributes
     ----------
     score : torch.Tensor
@@ -272,6 +278,15 @@ class Audit:
         What each hooked module dissipated, (n,) each.
     tolerance : float
         The relative tolerance of :attr:`ok`.
+    input_mass : torch.Tensor, optional
+        (n,) ``Σ |relevance at the input|``, the heatmap's mass; ``|input_sum|`` when not given.
+
+    Examples
+    --------
+    >>> audit = Audit(score=torch.tensor([1.0]), input_sum=torch.tensor([0.2]), dissipated=torch.tensor([0.3]),
+    ...               unaccounted=torch.tensor([0.5]), per_module={"a": torch.tensor([1e3]), "b": torch.tensor([-1e3])})
+    >>> audit.ok   # half the score unaccounted for: fails, however much the modules moved
+    False
     """
 
     score: torch.Tensor
@@ -280,31 +295,48 @@ class Audit:
     unaccounted: torch.Tensor
     per_module: dict[str, torch.Tensor] = field(repr=False)
     tolerance: float = 1e-2
+    input_mass: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def scale(self) -> torch.Tensor:
-        """(n,) the magnitude the mismatch is compared with: ``|score| + |input_sum| + Σ |dissipated per module|``."""
-        total = self.score.abs() + self.input_sum.abs()
+        """(n,) the magnitude the mismatch is compared with: ``|score| + Σ|relevance at the input|``."""
+        mass = self.input_sum.abs() if self.input_mass is None else self.input_mass
+        return self.score.abs() + mass
+
+    @property
+    def finite(self) -> torch.Tensor:
+        """(n,) bool: the score, the input relevance and every module's record are finite."""
+        finite = torch.isfinite(self.score) & torch.isfinite(self.input_sum) & torch.isfinite(self.dissipated)
+        if self.input_mass is not None:
+            finite = finite & torch.isfinite(self.input_mass)
         for value in self.per_module.values():
-            total = total + value.abs()
-        return total
+            finite = finite & torch.isfinite(value).to(finite.device)
+        return finite
 
     @property
     def relative_error(self) -> torch.Tensor:
-        """(n,) ``|unaccounted| / scale`` (0 where everything is 0)."""
-        scale = self.scale
-        return torch.where(scale > 0, self.unaccounted.abs() / torch.where(scale > 0, scale, 1), 0)
+        """(n,) ``|unaccounted| / scale``: 0 where both are 0, inf where the scale is 0 alone or a value is not
+        finite."""
+        unaccounted, scale = self.unaccounted.abs(), self.scale
+        error = unaccounted / torch.where(scale > 0, scale, 1)
+        error = torch.where(scale > 0, error, torch.where(unaccounted > 0, math.inf, 0.0))
+        return torch.where(self.finite, error, math.inf)
+
+    @property
+    def passed(self) -> torch.Tensor:
+        """(n,) bool: which samples pass (finite, relative error within :attr:`tolerance`)."""
+        return self.finite & (self.relative_error <= self.tolerance)
 
     @property
     def ok(self) -> bool:
-        """Whether every sample's relative error is within :attr:`tolerance` (NaN counts as failure)."""
-        error = self.relative_error
-        return bool(((error <= self.tolerance) & torch.isfinite(error)).all())
+        """Whether every sample passes (:attr:`passed`)."""
+        return bool(self.passed.all())
 
     def __str__(self) -> str:
         worst = float(self.relative_error.max()) if self.score.numel() else 0.0
+        finite = "" if bool(self.finite.all()) else f", {int((~self.finite).sum())} with NaN or inf"
         return (f"Audit(n={self.score.numel()}, ok={self.ok}, worst relative mismatch={worst:.2e}, "
-                f"tolerance={self.tolerance:g})")
+                f"tolerance={self.tolerance:g}{finite})")
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
@@ -349,20 +381,21 @@ class _AuditRecorder:
 
         hook.backward = backward
 
-    def audit(self, score: torch.Tensor, input_sum: torch.Tensor, tolerance: float) -> Audit:
+    def audit(self, score: torch.Tensor, input_sum: torch.Tensor, input_mass: torch.Tensor, tolerance: float) -> Audit:
         """Per sample when the score, the input and every module's record are batched alike, else in total (n = 1)."""
         per_sample = score.shape[0] == self.n and input_sum.shape[0] == self.n and all(
             value is not None for value in self.per_sample.values())
         if per_sample:
             modules = {name: value for name, value in self.per_sample.items()}
         else:
-            score, input_sum = score.sum().reshape(1), input_sum.sum().reshape(1)
+            score, input_sum, input_mass = (value.sum().reshape(1) for value in (score, input_sum, input_mass))
             modules = {name: value.reshape(1) for name, value in self.totals.items()}
         dissipated = torch.zeros_like(score)
         for value in modules.values():
             dissipated = dissipated + value.to(score.device)
         return Audit(score=score, input_sum=input_sum, dissipated=dissipated,
-                     unaccounted=score - dissipated - input_sum, per_module=modules, tolerance=tolerance)
+                     unaccounted=score - dissipated - input_sum, per_module=modules, tolerance=tolerance,
+                     input_mass=input_mass.to(score.device))
 
 
 def _passes_through(hook: Hook) -> bool:
@@ -379,20 +412,29 @@ def _batched(tensor: torch.Tensor, n: int) -> bool:
     return tensor.ndim > 0 and tensor.shape[0] % n == 0
 
 
-def _sample_sums(tensor: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-sample sums (n,) when ``tensor`` is batched over ``n``, else its total as a (1,) tensor."""
-    if n and tensor.ndim and tensor.shape[0] == n:
-        return _row_sums(tensor, n)
-    return tensor.detach().sum(dtype=torch.float64).reshape(1)
+def _sample_sums(tensor: torch.Tensor, n: int, absolute: bool = False) -> torch.Tensor:
+    """Per-sample sums (n,) when ``tensor`` is batched over ``n``, else its total as a (1,) tensor, in float64;
+    ``absolute``: sums of absolute values (without an absolute copy)."""
+    rows = tensor.detach().reshape(n if n and tensor.ndim and tensor.shape[0] == n else 1, -1)
+    if absolute:
+        return torch.linalg.vector_norm(rows, 1, dim=1, dtype=torch.float64)
+    return rows.sum(1, dtype=torch.float64)
 
 
 def _report(audit: Audit, owner: str, strict: bool) -> None:
     if audit.ok:
         return
-    message = (f"{owner}: the relevance is not conserved where the rules promise it ({audit}): relevance was created "
-               f"or destroyed by operations without an LRP rule (e.g. a residual addition or a normalisation that is "
-               f"not a module, or an unsupported layer). Do not trust this heatmap; canonize the model (Zennit "
-               f"canonizers) or use a supported architecture. The audit is in the result's 'audit'.")
+    if not bool(audit.finite.all()):
+        message = (f"{owner}: the explanation is not finite ({audit}): the score, the relevance or a layer's "
+                   f"relevance holds NaN or inf (an overflow in the model or its rules, or non-finite weights). Do "
+                   f"not trust this heatmap; use float64 or inputs of a smaller magnitude. The audit is in the "
+                   f"result's 'audit'.")
+    else:
+        message = (f"{owner}: the relevance is not conserved where the rules promise it ({audit}): relevance was "
+                   f"created or destroyed by operations without an LRP rule (e.g. a residual addition or a "
+                   f"normalisation that is not a module, or an unsupported layer). Do not trust this heatmap; canonize "
+                   f"the model (Zennit canonizers) or use a supported architecture. The audit is in the result's "
+                   f"'audit'.")
     if strict:
         raise ConservationError(message)
     warnings.warn(message, ConservationWarning, stacklevel=3)
@@ -495,9 +537,12 @@ def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
     score = _flat(top.detach()).sum(1) if top.ndim else top.detach().reshape(1)
     result_audit = None
     if recorder is not None:
-        input_sum = sum(_sample_sums(r, n) for r in relevance if r.is_floating_point())
+        floating = [r for r in relevance if r.is_floating_point()]
+        input_sum = sum(_sample_sums(r, n) for r in floating)
+        input_mass = sum(_sample_sums(r, n, absolute=True) for r in floating)
         tolerance = default_tolerance(leaves[0].dtype if leaves else torch.float32)
-        result_audit = recorder.audit(_sample_sums(top, n) if n else score.to(torch.float64), input_sum, tolerance)
+        result_audit = recorder.audit(_sample_sums(top, n) if n else score.to(torch.float64), input_sum, input_mass,
+                                      tolerance)
         _report(result_audit, owner, strict)
     return Explanation(relevance=relevance, output=output.detach(), target=targets, score=score, audit=result_audit)
 
@@ -647,7 +692,8 @@ class Explainer:
         relevance = relevance.contiguous(memory_format=torch.contiguous_format) if self.channels_last else relevance
         if recorder is not None and n:
             score, input_sum = _sample_sums(seed, n), _sample_sums(relevance, n)
-            self.last_audit = recorder.audit(score, input_sum, default_tolerance(leaf.dtype))
+            input_mass = _sample_sums(relevance, n, absolute=True)
+            self.last_audit = recorder.audit(score, input_sum, input_mass, default_tolerance(leaf.dtype))
             _report(self.last_audit, self.owner, self.strict)
         return output.detach(), relevance.detach()
 

@@ -3,6 +3,7 @@ checks, atomic updates, uncovered architectures and the conservation audit."""
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 
@@ -13,7 +14,8 @@ from conftest import assert_no_hooks
 from torch import nn
 from zennit.composites import EpsilonGammaBox
 
-from neon_attrib import ConservationError, ConservationWarning, KDEInlier, KDEOutlier, KMeansMembership, explain
+from neon_attrib import (Audit, ConservationError, ConservationWarning, KDEInlier, KDEOutlier, KMeansMembership,
+                         explain)
 from neon_attrib.captum import NeonLRP
 from neon_attrib.deep import DeepNeon
 from neon_attrib.evaluation import deletion_curve
@@ -254,6 +256,49 @@ def test_audit_catches_relevance_created_without_a_rule(images):
         explain(model, images)
     with pytest.raises(ConservationError):
         explain(model, images, strict=True)
+
+
+class _Root(nn.Module):
+    def forward(self, x):
+        return x.sqrt()  # finite forward; the gradient at the ReLU's zeros is inf, the relevance NaN
+
+
+def test_audit_fails_on_nan_relevance_everywhere_it_is_consumed(images, tmp_path):
+    from neon_attrib.scale import explain_dataset
+
+    model = DeepNeon(nn.Sequential(tiny_cnn(), _Root()), KDEOutlier(gamma=0.5), low=0.0, high=1.0)
+    model.fit(images, progress=False)
+    with pytest.warns(ConservationWarning, match="NaN or inf"):
+        relevance, audit = explain(model, images, return_audit=True)
+    assert not bool(torch.isfinite(relevance).all()) and bool(torch.isfinite(audit.score).all())
+    assert not audit.ok and not bool(audit.passed.any()) and bool(torch.isinf(audit.relative_error).all())
+    with pytest.raises(ConservationError, match="NaN or inf"):
+        explain(model, images, strict=True)
+    with pytest.warns(ConservationWarning), model.explainer() as explainer:
+        explainer(images)
+    assert not explainer.last_audit.ok
+    with pytest.warns(ConservationWarning, match="4 of 4"):
+        results = explain_dataset(model, images, tmp_path / "run.zarr", batch_size=2, num_workers=0, progress=False)
+    assert results.summary["audit_failed"] == 4 and not results.table()["audit_ok"].any()
+
+
+def test_audit_tolerance_is_a_share_of_the_score_and_the_heatmap():
+    one = torch.ones(1, dtype=torch.float64)
+
+    def audit(score=1.0, input_sum=0.2, unaccounted=0.5, records=(1e3, -1e3 + 0.3)):
+        modules = {f"layer{i}": one * value for i, value in enumerate(records)}
+        return Audit(score=one * score, input_sum=one * input_sum, dissipated=one * sum(records),
+                     unaccounted=one * unaccounted, per_module=modules, input_mass=one * abs(input_sum))
+
+    # half the score leaks (more than the whole heatmap): modules that move much relevance do not hide it
+    assert not audit().ok
+    assert audit(unaccounted=1e-3).ok  # rounding-sized mismatch: within 1e-2 of |score| + heatmap mass
+    assert audit(unaccounted=0.0, records=(0.8,)).ok
+    for bad in ({"score": math.nan}, {"input_sum": math.inf}, {"records": (math.nan, 0.8)},
+                {"unaccounted": math.nan}):
+        assert not audit(**bad).ok, bad
+    assert not audit(score=0.0, input_sum=0.0, unaccounted=1e-3).ok  # something out of nothing
+    assert audit(score=0.0, input_sum=0.0, unaccounted=0.0, records=(0.0,)).ok
 
 
 def test_audit_reports_the_rules_dissipation(blobs):

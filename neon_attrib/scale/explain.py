@@ -306,9 +306,9 @@ def _fill(columns: dict[str, np.ndarray], output_rows: np.ndarray, rows: list[in
     if audit and explainer.last_audit is not None:
         result = explainer.last_audit
         error = result.relative_error.detach().to(torch.float64).cpu().reshape(-1)
-        error = error.expand(m) if error.numel() == 1 else error
-        columns["audit_relative_error"][rows] = error.numpy()
-        columns["audit_ok"][rows] = ((error <= result.tolerance) & torch.isfinite(error)).numpy()
+        passed = result.passed.cpu().reshape(-1)
+        columns["audit_relative_error"][rows] = error.expand(m).numpy() if error.numel() == 1 else error.numpy()
+        columns["audit_ok"][rows] = passed.expand(m).numpy() if passed.numel() == 1 else passed.numpy()
     return relevance.detach()
 
 
@@ -328,5 +328,6 @@ def _finish(path: Path, audit: bool) -> None:
                                                      "failed": failed, "audit_failed": audit_failed})
     if audit_failed:
         warnings.warn(f"explain_dataset: {audit_failed} of {int(table['ok'].sum())} explanations failed the "
-                      f"conservation audit (relevance created or destroyed where no rule ran; see the 'audit_ok' and "
-                      f"'audit_relative_error' columns of {path}).", ConservationWarning, stacklevel=3)
+                      f"conservation audit (relevance created or destroyed where no rule ran, or NaN/inf values; see "
+                      f"the 'audit_ok' and 'audit_relative_error' columns of {path}).", ConservationWarning,
+                      stacklevel=3)
