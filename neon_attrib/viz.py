@@ -45,10 +45,13 @@ def _to_numpy(array: Any, owner: str, name: str) -> np.ndarray:
             raise ValueError(f"{owner}: '{name}' must hold real numbers. Got a complex tensor.")
         array = array.detach().cpu().double().numpy()
     try:
-        converted = np.asarray(array, dtype=np.float64)
+        complex_values = np.iscomplexobj(array)  # a float64 conversion would drop the imaginary part, with a warning
+        converted = None if complex_values else np.asarray(array, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{owner}: '{name}' must be an array of real numbers (numpy array or torch tensor). "
                          f"Got {type(array).__name__} ({exc}).") from None
+    if complex_values:
+        raise ValueError(f"{owner}: '{name}' must hold real numbers. Got a complex {type(array).__name__}.")
     return converted
 
 

@@ -159,6 +159,12 @@ def test_heatmap_functions_reject_non_finite_relevance(tmp_path, value):
     assert not (tmp_path / "h").exists() and not (tmp_path / "g").exists()  # nothing written
 
 
+@pytest.mark.parametrize("relevance", [np.ones((8, 8)) * (1 + 2j), [[1 + 1j, 0.0], [0.0, 1.0]]])
+def test_heatmap_refuses_complex_relevance(relevance):
+    with pytest.raises(ValueError, match="heatmap: 'relevance' must hold real numbers"):
+        heatmap(relevance)  # the real part alone would be drawn
+
+
 def test_symmetric_limit_uses_finite_values_only():
     relevance = np.zeros((8, 8))
     relevance[0, :4] = [1.0, -3.0, np.nan, np.inf]
