@@ -14,8 +14,7 @@ from conftest import assert_no_hooks
 from torch import nn
 from zennit.composites import EpsilonGammaBox
 
-from neon_attrib import (Audit, ConservationError, ConservationWarning, KDEInlier, KDEOutlier, KMeansMembership,
-                         explain)
+from neon_attrib import Audit, ConservationError, ConservationWarning, KDEInlier, KDEOutlier, KMeansMembership, explain
 from neon_attrib.captum import NeonLRP
 from neon_attrib.deep import DeepNeon
 from neon_attrib.evaluation import deletion_curve
