@@ -43,7 +43,7 @@ from .layers import (
     ResizableBuffers,
     SquaredDistance,
 )
-from .models import KDEInlier, KDEOutlier, KMeansMembership, NeonEstimator
+from .models import BisectingKMeansMembership, KDEInlier, KDEOutlier, KMeansMembership, NeonEstimator
 from .pipeline import Audit, ConservationError, ConservationWarning
 from .rules import (
     CosineShareRule,
@@ -93,6 +93,7 @@ __all__ = [
     "KDEOutlier",
     "KDEInlier",
     "KMeansMembership",
+    "BisectingKMeansMembership",
     "ResizableBuffers",
     "SquaredDistance",
     "LogMeanExpPool",

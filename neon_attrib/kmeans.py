@@ -1,7 +1,9 @@
-"""k-means cluster membership as a network: :class:`KMeansMembership`.
+"""k-means cluster membership as a network: :class:`KMeansMembership`, and bisecting k-means as one:
+:class:`BisectingKMeansMembership`.
 
 ``f_c(x) = min_{k≠c} {‖x − μ_k‖² − ‖x − μ_c‖²}``: all linear cluster differences and a min pooling; ``f_c > 0`` exactly
-for the assigned cluster.
+for the assigned cluster. A bisecting k-means assigns down its tree of bisections instead, which is a min over other
+linear differences (one per competing cluster: the decision where their paths part).
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import ArrayLike, check_int, check_positive_float
+from ._utils import ArrayLike, check_int, check_positive_float, module_dtype_device
 from .composites import register_rule
 from .estimator import NeonEstimator
-from .layers import ClusterDifference, MinPool
+from .layers import ClusterDifference, LinearClusterDifference, MinPool
 from .rules import KMeansActivationRule
 
-__all__ = ["KMeansMembership"]
+__all__ = ["KMeansMembership", "BisectingKMeansMembership"]
 
 
 class KMeansMembership(NeonEstimator):
@@ -177,4 +179,206 @@ class KMeansMembership(NeonEstimator):
 
 
 register_rule(KMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta), mode="activation",
+              covers_children=True)
+
+
+class BisectingKMeansMembership(NeonEstimator):
+    """Cluster membership of a bisecting k-means (scikit-learn's ``BisectingKMeans``), exactly as its ``predict``.
+
+    A bisecting k-means assigns a point down its tree of bisections: at every split, to the nearer of the two
+    children's centres. That is not always the nearest leaf centre (the splits' borders are the bisectors of the
+    *parents'* centres), so :class:`KMeansMembership` would disagree near borders. The tree is a network of the same
+    form: for clusters ``c ≠ k``, let ``v`` be the split where their paths part, ``a`` the centre of ``v``'s child
+    holding ``c`` and ``b`` the other child's. Then
+
+        ``h_ck(x) = ‖x − b‖² − ‖x − a‖²`` (linear in x),    ``f_c(x) = min_{k≠c} h_ck(x)``,
+
+    and ``f_c(x) > 0`` exactly when every split on the path to ``c`` sends ``x`` towards ``c``: the cluster
+    ``predict`` gives. A :class:`~neon_attrib.layers.LinearClusterDifference` and a
+    :class:`~neon_attrib.layers.MinPool`; the k-means rules apply (w²-share in input space, the soft-argmin over the
+    competitors on CNN activations, each competitor weighed by the split that separates it).
+
+    Parameters
+    ----------
+    n_clusters : int
+        Number of clusters K >= 2.
+    seed : int, optional
+        Seed of the bisections' initialisations.
+    n_init, max_iter : int
+        k-means restarts per bisection, and their maximum Lloyd iterations.
+    bisecting_strategy : {"biggest_inertia", "largest_cluster"}
+        Which cluster to split next (scikit-learn's).
+    beta : float, optional
+        Soft-argmin sharpness of the explanation; ``None`` = 1 / mean training evidence (as
+        :class:`KMeansMembership`), 1 when built without data.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).normal(size=(60, 2))
+    >>> model = BisectingKMeansMembership(n_clusters=4, seed=0).double().fit(X)
+    >>> from sklearn.cluster import BisectingKMeans
+    >>> reference = BisectingKMeans(n_clusters=4, random_state=0).fit(X)
+    >>> bool((model.predict(X).numpy() == reference.predict(X)).all())
+    True
+    """
+
+    _state_attributes = ("n_clusters", "seed", "n_init", "max_iter", "bisecting_strategy", "beta", "n_features_in_",
+                         "default_beta_")
+    _refit_parameters = ("n_clusters", "seed", "n_init", "max_iter", "bisecting_strategy")
+
+    def __init__(self, n_clusters: int = 8, seed: int | None = None, *, n_init: int = 1, max_iter: int = 300,
+                 bisecting_strategy: str = "biggest_inertia", beta: float | None = None):
+        super().__init__()
+        self.n_clusters = n_clusters
+        self.seed = seed
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.bisecting_strategy = bisecting_strategy
+        self.beta = beta
+        self.default_beta_: float | None = None
+        self.labels_: np.ndarray | None = None
+        self.register_buffer("centroids", torch.empty(0, 0))
+        self.difference = LinearClusterDifference()
+        self.pool = MinPool()
+
+    def _validate_hyperparameters(self) -> None:
+        check_int(self.n_clusters, owner=self._name, name="n_clusters", minimum=2)
+        check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
+        check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
+        if self.seed is not None:
+            check_int(self.seed, owner=self._name, name="seed", minimum=0)
+        if self.bisecting_strategy not in ("biggest_inertia", "largest_cluster"):
+            raise ValueError(f"The 'bisecting_strategy' parameter of {self._name} must be 'biggest_inertia' or "
+                             f"'largest_cluster'. Got {self.bisecting_strategy!r} instead.")
+        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
+
+    def _refresh_fitted(self) -> None:
+        self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))
+
+    def _configure_layers(self) -> None:
+        if self.n_features_in_ is not None:
+            self._refresh_fitted()
+
+    def fit(self, X: ArrayLike, y: Any = None) -> BisectingKMeansMembership:
+        """Run scikit-learn's ``BisectingKMeans`` (float64) on ``X`` and neuralize its tree. Returns ``self``."""
+        from sklearn.cluster import BisectingKMeans
+
+        self._validate_hyperparameters()
+        data = self._as_tensor(X, check_features=False)
+        if data.shape[0] < self.n_clusters:
+            raise ValueError(f"{self._name} with n_clusters={self.n_clusters} needs at least that many samples. "
+                             f"Got {data.shape[0]}.")
+        bisecting = BisectingKMeans(n_clusters=self.n_clusters, random_state=self.seed, n_init=self.n_init,
+                                    max_iter=self.max_iter, bisecting_strategy=self.bisecting_strategy)
+        self._set_tree(bisecting.fit(data.detach().cpu().double().numpy()), data)
+        return self
+
+    @torch.no_grad()
+    def _set_tree(self, bisecting: Any, data: torch.Tensor | None) -> None:
+        root = bisecting._bisecting_tree
+        # the tree's centres are relative to the training mean when scikit-learn centred the (dense) data
+        offset = np.asarray(getattr(bisecting, "_X_mean", 0.0), dtype=np.float64)
+        paths: dict[int, list[tuple[int, int]]] = {}  # leaf label -> [(split id, side 0 = left / 1 = right), ...]
+        splits: list[tuple[np.ndarray, np.ndarray]] = []  # (left centre, right centre) per split
+
+        def walk(node: Any, path: list[tuple[int, int]]) -> None:
+            if node.left is None:
+                paths[int(node.label)] = path
+                return
+            splits.append((np.asarray(node.left.center, dtype=np.float64) + offset,
+                           np.asarray(node.right.center, dtype=np.float64) + offset))
+            split = len(splits) - 1
+            walk(node.left, [*path, (split, 0)])
+            walk(node.right, [*path, (split, 1)])
+
+        walk(root, [])
+        k = len(paths)
+        centres = np.asarray(bisecting.cluster_centers_, dtype=np.float64)
+        centre = centres.mean(0)  # expansion point: data far from the origin keeps its precision
+        others = [[j for j in range(k) if j != c] for c in range(k)]
+        weight = np.empty((k, k - 1, centres.shape[1]))
+        bias = np.empty((k, k - 1))
+        for c, row in enumerate(others):
+            for j, other in enumerate(row):
+                depth = next(i for i, (a, b) in enumerate(zip(paths[c], paths[other])) if a != b)
+                split, side = paths[c][depth]
+                own, rival = splits[split][side] - centre, splits[split][1 - side] - centre
+                # ‖x − rival‖² − ‖x − own‖² = 2 (own − rival)ᵀ(x − x₀) + ‖rival − x₀‖² − ‖own − x₀‖²
+                weight[c, j] = 2.0 * (own - rival)
+                bias[c, j] = rival @ rival - own @ own
+        dtype, device = module_dtype_device(self)
+        as_tensor = lambda array: torch.as_tensor(array).to(dtype=dtype, device=device)  # noqa: E731
+        self.difference.weight, self.difference.bias = as_tensor(weight), as_tensor(bias)
+        self.difference.centre = as_tensor(centre)
+        self.difference.others = torch.tensor(others, dtype=torch.long, device=device)
+        self.centroids = as_tensor(centres)
+        self.n_features_in_ = int(centres.shape[1])
+        self.default_beta_ = 1.0
+        if data is not None:
+            evidence = self.pool(self.difference(data.to(dtype=dtype, device=device))).amax(-1).clamp_min(0)
+            mean_evidence = float(evidence.mean()) if evidence.numel() else 0.0
+            self.default_beta_ = 1.0 / mean_evidence if mean_evidence > 0 else 1.0
+        self.labels_ = np.asarray(bisecting.labels_) if hasattr(bisecting, "labels_") else None
+        self._refresh_fitted()
+
+    @classmethod
+    def from_sklearn(cls, bisecting: Any, X: ArrayLike | None = None, **kwargs: Any) -> BisectingKMeansMembership:
+        """Build from a fitted :class:`sklearn.cluster.BisectingKMeans` (float64); ``X`` (optional, the training
+        data) sets the default β.
+
+        Raises
+        ------
+        TypeError
+            If ``bisecting`` is not a BisectingKMeans.
+        ValueError
+            If it is not fitted or has fewer than 2 clusters.
+        """
+        from sklearn.cluster import BisectingKMeans
+
+        if not isinstance(bisecting, BisectingKMeans):
+            raise TypeError(f"{cls.__name__}.from_sklearn expects a fitted sklearn.cluster.BisectingKMeans. "
+                            f"Got {type(bisecting)}.")
+        if not hasattr(bisecting, "_bisecting_tree"):
+            raise ValueError(f"This {type(bisecting).__name__} instance is not fitted yet. Call 'fit' before "
+                             f"{cls.__name__}.from_sklearn.")
+        centres = np.asarray(bisecting.cluster_centers_)
+        if centres.shape[0] < 2:
+            raise ValueError(f"{cls.__name__} needs a BisectingKMeans with n_clusters >= 2. Got {centres.shape[0]}.")
+        seed = bisecting.random_state if isinstance(bisecting.random_state, int) else None
+        model = cls(n_clusters=centres.shape[0], seed=seed, n_init=bisecting.n_init, max_iter=bisecting.max_iter,
+                    bisecting_strategy=bisecting.bisecting_strategy, **kwargs).double()
+        model._validate_hyperparameters()
+        data = None
+        if X is not None:
+            model.n_features_in_ = int(centres.shape[1])
+            try:
+                data = model._as_tensor(X)
+            finally:
+                model.n_features_in_ = None
+        model._set_tree(bisecting, data)
+        return model
+
+    @property
+    def cluster_centers_(self) -> torch.Tensor:
+        """The leaf centres (K, d), in the order of scikit-learn's ``cluster_centers_`` and labels."""
+        self._check_fitted()
+        return self.centroids
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """Cluster evidence ``f_c(x)`` for every cluster, shape (n, K)."""
+        self._check_fitted()
+        return self.pool(self.difference(self._as_tensor(x)))
+
+    @torch.no_grad()
+    def predict(self, x: ArrayLike) -> torch.Tensor:
+        """The assigned cluster ``argmax_c f_c(x)``, shape (n,): scikit-learn's ``BisectingKMeans.predict``."""
+        return self(x).argmax(-1)
+
+    def default_target(self, output: torch.Tensor) -> torch.Tensor:
+        """The target :func:`~neon_attrib.explain` uses when none is given: the assigned cluster."""
+        return output.argmax(-1)
+
+
+register_rule(BisectingKMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta), mode="activation",
               covers_children=True)

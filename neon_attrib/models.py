@@ -13,6 +13,6 @@ constructed one of the same class.
 
 from .estimator import NeonEstimator
 from .kde import KDEInlier, KDEOutlier
-from .kmeans import KMeansMembership
+from .kmeans import BisectingKMeansMembership, KMeansMembership
 
-__all__ = ["NeonEstimator", "KDEOutlier", "KDEInlier", "KMeansMembership"]
+__all__ = ["NeonEstimator", "KDEOutlier", "KDEInlier", "KMeansMembership", "BisectingKMeansMembership"]

@@ -6,7 +6,7 @@ scikit-learn estimator                                         NEON model       
 ``KernelDensity(kernel="gaussian")``                           ``KDEOutlier``                   ``score_samples``
 ``KernelDensity`` fitted with ``sample_weight``                ``WeightedKDEOutlier``           ``score_samples``
 ``KMeans``, ``MiniBatchKMeans``                                ``KMeansMembership``             ``predict``
-``BisectingKMeans`` (where its tree picks the nearest centre)  ``KMeansMembership``             ``predict``
+``BisectingKMeans``                                           ``BisectingKMeansMembership``    ``predict``
 ``NearestNeighbors`` (Euclidean)                               ``KNNOutlier``                   ``kneighbors``
 ``EmpiricalCovariance``, ``MinCovDet``, ``EllipticEnvelope``   ``MahalanobisOutlier``           ``mahalanobis``
 ``PCA``, ``IncrementalPCA`` (``whiten=False``)                 ``PCAResidual``                  reconstruction error
@@ -31,7 +31,7 @@ from .estimator import NeonEstimator
 from .gaussian import GaussianMixtureMembership, GaussianMixtureOutlier, MahalanobisOutlier, PCAResidual
 from .kde import KDEOutlier
 from .kernels import OneClassSVMOutlier, WeightedKDEOutlier
-from .kmeans import KMeansMembership
+from .kmeans import BisectingKMeansMembership, KMeansMembership
 from .neighbors import KNNOutlier
 
 __all__ = ["neuralize", "SUPPORTED"]
@@ -40,7 +40,7 @@ __all__ = ["neuralize", "SUPPORTED"]
 SUPPORTED: dict[str, str] = {
     "KernelDensity (kernel='gaussian')": "KDEOutlier / WeightedKDEOutlier",
     "KMeans, MiniBatchKMeans": "KMeansMembership",
-    "BisectingKMeans (with X=, where it predicts the nearest centroid)": "KMeansMembership",
+    "BisectingKMeans": "BisectingKMeansMembership",
     "NearestNeighbors (Euclidean)": "KNNOutlier",
     "EmpiricalCovariance, MinCovDet, EllipticEnvelope (any sklearn.covariance estimator)": "MahalanobisOutlier",
     "PCA, IncrementalPCA (whiten=False)": "PCAResidual",
@@ -67,8 +67,7 @@ def neuralize(estimator: Any, *, dtype: torch.dtype = torch.float32, **options: 
         Per model (unknown ones raise a ``TypeError`` that lists the accepted ones):
 
         * ``KernelDensity``: ``beta``, ``eps``, ``chunk_size`` (and ``fused`` without sample weights);
-        * ``KMeans`` / ``MiniBatchKMeans`` / ``BisectingKMeans``: ``X`` (the training data: default β, and for
-          ``BisectingKMeans`` the check that its tree agrees with the nearest centroid, required), ``beta``;
+        * ``KMeans`` / ``MiniBatchKMeans`` / ``BisectingKMeans``: ``X`` (the training data: default β), ``beta``;
         * ``NearestNeighbors``: ``k`` (default: its ``n_neighbors``), ``sqrt``, ``beta``, ``eps``, ``chunk_size``,
           ``fused``;
         * ``GaussianMixture``: ``membership`` (True: :class:`~neon_attrib.gaussian.GaussianMixtureMembership`,
@@ -86,7 +85,7 @@ def neuralize(estimator: Any, *, dtype: torch.dtype = torch.float32, **options: 
         For an unsupported estimator (the message lists the supported ones) or an unknown option.
     ValueError
         For unsupported settings (a non-Gaussian kernel, a non-Euclidean or precomputed metric, ``whiten=True``, a
-        non-RBF SVM, membership of a non-tied mixture, a BisectingKMeans whose tree disagrees with its centroids).
+        non-RBF SVM, membership of a non-tied mixture).
     sklearn.exceptions.NotFittedError
         If the estimator is not fitted.
 
@@ -127,7 +126,7 @@ def _handler(estimator: Any) -> tuple[tuple[str, ...], Any] | None:
     table = (
         (KernelDensity, ("beta", "eps", "chunk_size", "fused"), _kernel_density),
         ((KMeans, MiniBatchKMeans), ("X", "beta"), KMeansMembership.from_sklearn),
-        (BisectingKMeans, ("X", "beta"), _bisecting_kmeans),
+        (BisectingKMeans, ("X", "beta"), BisectingKMeansMembership.from_sklearn),
         (NearestNeighbors, ("k", "sqrt", "beta", "eps", "chunk_size", "fused"), KNNOutlier.from_sklearn),
         (EmpiricalCovariance, (), MahalanobisOutlier.from_sklearn),
         ((PCA, IncrementalPCA), (), PCAResidual.from_sklearn),
@@ -166,34 +165,3 @@ def _gaussian_mixture(gmm: Any, membership: bool = False, X: ArrayLike | None = 
         raise TypeError("neuralize got the option 'X' for a GaussianMixture outlier score, which does not use it "
                         "(X sets the default β of membership=True).")
     return GaussianMixtureOutlier.from_sklearn(gmm, **options)
-
-
-def _bisecting_kmeans(bisecting: Any, X: ArrayLike | None = None, **options: Any) -> KMeansMembership:
-    """A BisectingKMeans predicts down its tree of bisections, which is not always the nearest centroid: accept it
-    only where the two agree on the training data (``X``)."""
-    from sklearn.cluster import KMeans
-
-    if X is None:
-        raise ValueError("neuralize needs the training data of a BisectingKMeans (neuralize(model, X=X_train)): it "
-                         "predicts down its tree of bisections, and its neuralization (the nearest centroid) is exact "
-                         "only where the two agree, which is checked on X.")
-    data = np.asarray(X, dtype=np.float64)
-    if data.ndim != 2 or data.shape[1] != bisecting.cluster_centers_.shape[1]:
-        raise ValueError(f"X passed to neuralize must be the BisectingKMeans' training data, (n_samples, "
-                         f"{bisecting.cluster_centers_.shape[1]}). Got shape {data.shape}.")
-    if not np.isfinite(data).all():
-        raise ValueError("X passed to neuralize contains NaN or infinity.")
-    centres = np.asarray(bisecting.cluster_centers_, dtype=np.float64)
-    nearest = ((data[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
-    tree = bisecting.predict(data)
-    disagree = int((nearest != tree).sum())
-    if disagree:
-        raise ValueError(f"This BisectingKMeans predicts down its tree, and on {disagree} of the {len(data)} points of "
-                         f"X its prediction is not the nearest centroid, so no nearest-centroid network equals it. "
-                         f"Refine it with KMeans(init=model.cluster_centers_, n_init=1) and neuralize that.")
-    # KMeansMembership.from_sklearn reads a KMeans: hand it one that carries the bisecting model's fitted state
-    adapter = KMeans(n_clusters=centres.shape[0], n_init=1, random_state=bisecting.random_state)
-    adapter.cluster_centers_ = centres
-    adapter.labels_ = np.asarray(bisecting.labels_)
-    adapter.n_features_in_ = centres.shape[1]
-    return KMeansMembership.from_sklearn(adapter, X=data, **options)

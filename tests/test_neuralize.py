@@ -38,6 +38,7 @@ from sklearn.svm import OneClassSVM
 from torch import nn
 
 from neon_attrib import (
+    BisectingKMeansMembership,
     DeepNeon,
     GaussianMixtureMembership,
     GaussianMixtureOutlier,
@@ -123,19 +124,35 @@ def test_kmeans_and_minibatch_kmeans(rng, blobs, cls):
     assert (neuralize(km).predict(x.astype(np.float32)).numpy() == km.predict(x)).all()
 
 
-def test_bisecting_kmeans_only_where_tree_and_centroids_agree(rng):
+@pytest.mark.parametrize("strategy", ["biggest_inertia", "largest_cluster"])
+def test_bisecting_kmeans_predicts_as_its_tree_on_every_point(rng, strategy):
+    Y = rng.normal(size=(300, 2)) + [50.0, -20.0]  # uncentred: scikit-learn's tree centres are relative to the mean
+    tree = BisectingKMeans(n_clusters=8, random_state=0, bisecting_strategy=strategy).fit(Y)
+    grid = np.stack(np.meshgrid(np.linspace(-3, 3, 60) + 50, np.linspace(-3, 3, 60) - 20), -1).reshape(-1, 2)
+    nearest = ((grid[:, None] - tree.cluster_centers_[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest != tree.predict(grid)).sum() > 10  # the tree is not the nearest centroid near borders
+    for model in (neuralize(tree, dtype=F64), neuralize(tree, X=Y, dtype=F64),
+                  BisectingKMeansMembership(8, seed=0, bisecting_strategy=strategy).double().fit(Y)):
+        assert type(model) is BisectingKMeansMembership
+        assert (model.predict(grid).numpy() == tree.predict(grid)).all()
+        assert (model.predict(Y).numpy() == tree.labels_).all()
+        output = model(grid)
+        assert ((output > 0).sum(1) <= 1).all() and (output.amax(1) > 0).float().mean() > 0.99
+    np.testing.assert_allclose(model.cluster_centers_.numpy(), tree.cluster_centers_)
+    # three blobs: the tree agrees with the nearest centroid on every training point, not between the blobs
     X = np.r_[rng.normal(size=(40, 2)), rng.normal(size=(40, 2)) + 20, rng.normal(size=(40, 2)) + [0, 40]]
-    agreeing = BisectingKMeans(n_clusters=3, random_state=0).fit(X)
-    model = neuralize(agreeing, X=X, dtype=F64)
-    assert (model.predict(X).numpy() == agreeing.predict(X)).all()
-    with pytest.raises(ValueError, match="needs the training data of a BisectingKMeans"):
-        neuralize(agreeing)
-    Y = rng.normal(size=(300, 2))
-    tree = BisectingKMeans(n_clusters=8, random_state=0).fit(Y)
-    nearest = ((Y[:, None] - tree.cluster_centers_[None]) ** 2).sum(-1).argmin(1)
-    assert (nearest != tree.predict(Y)).any()  # this tree does disagree
-    with pytest.raises(ValueError, match=r"on \d+ of the 300 points of X its prediction is not the nearest centroid"):
-        neuralize(tree, X=Y)
+    blobs = BisectingKMeans(n_clusters=3, random_state=0, bisecting_strategy=strategy).fit(X)
+    wide = np.stack(np.meshgrid(np.linspace(-10, 30, 60), np.linspace(-10, 50, 60)), -1).reshape(-1, 2)
+    assert (neuralize(blobs, X=X, dtype=F64).predict(wide).numpy() == blobs.predict(wide)).all()
+    single = neuralize(tree)  # float32 keeps the tree's decisions away from the borders
+    assert (single.predict(grid).numpy() == tree.predict(grid)).mean() > 0.99
+    # the state round trip, and the explanation: the k-means rule conserves the evidence exactly
+    fresh = BisectingKMeansMembership().double()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(grid), model(grid), rtol=0, atol=0)
+    assert fresh.get_params() == model.get_params()
+    relevance, audit = explain(model, grid[:50], return_audit=True)
+    assert audit.ok and relevance.shape == (50, 2)
 
 
 @pytest.mark.parametrize("n,d", SHAPES)
