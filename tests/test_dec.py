@@ -342,7 +342,40 @@ def test_surrogate_errors(surrogate, cnn_data):
     assert_no_hooks(model)
 
 
+def test_surrogate_refuses_labels_it_would_misread(surrogate, cnn_data):
+    model, images, labels = cnn_data
+    fresh = ActivationClusteringSurrogate(model, ["relu1"], **SUR_TINY)
+    with pytest.raises(ValueError, match="integer class labels.*float"):
+        fresh.fit(images, labels.double() + 0.7)  # would be truncated to the same classes
+    for bad in (labels.double(), labels + 3, labels - 3):
+        for call in (surrogate.accuracy, surrogate.evaluate, surrogate.layer_accuracy):
+            with pytest.raises(ValueError, match="labels"):
+                call(images, bad)  # not an accuracy of 0.0 or of truncated labels
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels + 3), batch_size=40)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        surrogate.accuracy(loader)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
+def test_similar_examples_refuses_a_bad_chunk_size(surrogate, cnn_data, chunk_size):
+    with pytest.raises(ValueError, match="'chunk_size' parameter"):
+        surrogate.similar_examples(cnn_data[1][:2], k=3, chunk_size=chunk_size)
+
+
 # ---------------------------------------------------------------------------------------------------- heads
+def test_heads_refuse_non_finite_inputs(surrogate, cnn_data, fitted_dec):
+    _, images, _ = cnn_data
+    broken = images[:3].clone()
+    broken[1, 0, 2, 2] = float("nan")
+    for head in (surrogate.head("relu2"), surrogate.class_head()):
+        with pytest.raises(ValueError, match=f"{type(head).__name__}: x contains NaN or infinity"):
+            neon_attrib.explain(head, broken)
+    dec, X = fitted_dec[:2]
+    head = DECHead.from_dec(dec)
+    with pytest.raises(ValueError, match="DECHead: x contains NaN or infinity"):
+        head(torch.full_like(X[:2], float("inf")))
+
+
 def test_head_argmax_equals_dec_predict(surrogate, cnn_data):
     model, images, _ = cnn_data
     acts, _, _ = capture_activations(model, ["relu1", "relu2"], images)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["Data", "ModeGuard", "capture_activations", "collect_activations", "iter_batches", "resolve_layers",
-           "stream_activations"]
+__all__ = ["Data", "ModeGuard", "capture_activations", "class_labels", "collect_activations", "iter_batches",
+           "resolve_layers", "stream_activations"]
 
 Data = Any  # a tensor / array of images, or an iterable (DataLoader) of batches
 
@@ -167,8 +167,30 @@ def collect_activations(model: nn.Module, layers: Sequence[str], data: Data, lab
         shape = tuple(images.shape[1:])
     if not logits:
         raise ValueError(f"{owner} received no data.")
-    label_tensor = None if any(lab is None for lab in labs) else torch.cat(labs).long().cpu()
-    return {k: torch.cat(v) for k, v in acts.items()}, torch.cat(logits), label_tensor, shape
+    return {k: torch.cat(v) for k, v in acts.items()}, torch.cat(logits), class_labels(labs, owner), shape
+
+
+def class_labels(batches: Sequence[torch.Tensor | None], owner: str, n_classes: int | None = None
+                 ) -> torch.Tensor | None:
+    """The labels of all batches as one int64 CPU tensor (None if a batch has none), checked: integer dtype (floats
+    would be truncated) and, given ``n_classes``, in ``[0, n_classes)`` (another label can never be predicted).
+
+    Raises
+    ------
+    ValueError
+        Naming ``owner``, the dtype or the range received.
+    """
+    if not batches or any(batch is None for batch in batches):
+        return None
+    labels = torch.cat([torch.as_tensor(batch).reshape(-1) for batch in batches]).cpu()
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{owner}: labels must be integer class labels (an int dtype). Got dtype {labels.dtype}; "
+                         f"a float label would be truncated to a class.")
+    labels = labels.long()
+    if n_classes is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"{owner}: labels must lie in [0, {n_classes}) (the classifier has {n_classes} outputs). "
+                         f"Got range [{int(labels.min())}, {int(labels.max())}].")
+    return labels
 
 
 def stream_activations(model: nn.Module, layers: Sequence[str], data: Data, labels: Any, *, batch_size: int,

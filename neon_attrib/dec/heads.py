@@ -112,6 +112,14 @@ class TruncatedModel(nn.Module):
         return f"layers={self.layers}"
 
 
+def _finite(x: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """``x``, or a ValueError naming the head when it holds NaN or inf (its assignment and relevance would be NaN)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{type(head).__name__}: x contains NaN or infinity ({int((~torch.isfinite(x)).sum())} "
+                         f"value(s)); the cluster assignment and the relevance would be NaN.")
+    return x
+
+
 def _own_device_eval(head: nn.Module, device: torch.device) -> nn.Module:
     """Move the head's own modules to ``device`` and set them to eval mode; the classifier it shares
     (``head.features``) keeps its device and mode."""
@@ -254,7 +262,7 @@ class DECHead(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The DEC embedding ``z`` of ``x``."""
-        return self.encoder(self.features(x))
+        return self.encoder(self.features(_finite(x, self)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.membership(self.embed(x))
@@ -384,7 +392,7 @@ class SurrogateClassHead(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Stacked embeddings ``(n, L, d)``."""
-        return torch.stack([enc(a) for enc, a in zip(self.encoders, self.features(x))], dim=1)
+        return torch.stack([enc(a) for enc, a in zip(self.encoders, self.features(_finite(x, self)))], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.evidence(self.embed(x))

@@ -8,7 +8,17 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["nearest_to_centroids", "nearest_training_examples"]
+from .estimator import is_int
+
+__all__ = ["check_chunk_size", "nearest_to_centroids", "nearest_training_examples"]
+
+
+def check_chunk_size(chunk_size: object, owner: str) -> int:
+    """``chunk_size`` if it is an int >= 1, else a ValueError naming ``owner`` (a chunk of 0 or fewer examples
+    would compare the queries with nothing)."""
+    if not is_int(chunk_size, 1):
+        raise ValueError(f"The 'chunk_size' parameter of {owner} must be an int >= 1. Got {chunk_size!r} instead.")
+    return int(chunk_size)
 
 
 def nearest_training_examples(z: Mapping[str, torch.Tensor], train_embeddings: Mapping[str, torch.Tensor],
@@ -34,6 +44,7 @@ def nearest_training_examples(z: Mapping[str, torch.Tensor], train_embeddings: M
     indices, distances : torch.Tensor
         ``(n, k)`` training indices (int64) and distances (float64), nearest first.
     """
+    chunk_size = check_chunk_size(chunk_size, "nearest_training_examples")
     n = next(iter(z.values())).shape[0]
     n_train = next(iter(train_embeddings.values())).shape[0]
     best_d = torch.full((n, 0), math.inf, dtype=torch.float64)

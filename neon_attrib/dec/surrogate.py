@@ -19,12 +19,20 @@ import torch
 from sklearn.base import BaseEstimator, clone
 from torch import nn
 
-from .activations import Data, ModeGuard, capture_activations, collect_activations, resolve_layers, stream_activations
+from .activations import (
+    Data,
+    ModeGuard,
+    capture_activations,
+    class_labels,
+    collect_activations,
+    resolve_layers,
+    stream_activations,
+)
 from .estimator import FrozenAfterFitMixin, is_int
 from .heads import DECHead, SurrogateClassHead, TruncatedModel
 from .mixture import check_layer_weights, class_posteriors, layer_proba, mix_layers
 from .model import DEC, DECTrainingWarning
-from .similarity import nearest_to_centroids, nearest_training_examples
+from .similarity import check_chunk_size, nearest_to_centroids, nearest_training_examples
 
 __all__ = ["ActivationClusteringSurrogate", "capture_activations"]
 
@@ -406,7 +414,7 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
         return {
             "z": {layer: torch.cat(v) for layer, v in z.items()},
             "logits": torch.cat(logits),
-            "labels": None if any(lab is None for lab in labs) else torch.cat(labs).long().cpu(),
+            "labels": class_labels(labs, name, n_classes=logits[0].shape[1]),
         }
 
     def _layer_proba_from(self, z: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -512,6 +520,7 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.n_train_:
             raise ValueError(f"The 'k' parameter of {type(self).__name__}.similar_examples must be an int in "
                              f"[1, {self.n_train_}]. Got {k!r} instead.")
+        check_chunk_size(chunk_size, f"{type(self).__name__}.similar_examples")  # before the forward passes
         w = self.layer_weights(weights)
         return self._nearest(self._infer(x)["z"], w, k, chunk_size)
 
