@@ -504,6 +504,7 @@ def compare(
     repeats: int = 1,
     figure: bool = True,
     feature_names: Sequence[str] | None = None,
+    seed: int = 0,
 ) -> Comparison:
     """Run NEON and Captum methods on the same score and inputs; time them and evaluate them by deletion/insertion.
 
@@ -541,11 +542,20 @@ def compare(
         Draw the matplotlib figure.
     feature_names : sequence of str, optional
         Names for the bar chart of tabular relevance.
+    seed : int
+        Seed of the sampling methods (KernelShap, Lime, ShapleyValueSampling, ...): every run of every method starts
+        from it (the caller's global generator is left as it was), and of the random curve.
 
     Returns
     -------
     Comparison
         ``print(result)`` shows the table.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method, two methods with one label (or the label of NEON / Random), ``method_kwargs`` for a
+        label that does not run, or no example.
 
     Examples
     --------
@@ -565,6 +575,8 @@ def compare(
         raise ValueError(f"compare needs at least one example to explain. Got x of shape {tuple(x.shape)}.")
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"The 'repeats' parameter of compare must be an int >= 1. Got {repeats!r} instead.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"The 'seed' parameter of compare must be an int >= 0. Got {seed!r} instead.")
     with torch.no_grad():
         output = model(x)
     targets = resolve_targets(model, output, target)
@@ -579,8 +591,17 @@ def compare(
     runs.append(("NEON", lambda: neon.attribute(x, target=targets)))
     for spec in methods:
         label, attribution = _make_method(spec, model)
+        if label in ("NEON", "Random") or any(label == other for other, _ in runs):
+            raise ValueError(f"compare: the label {label!r} is used twice (by two methods, or by NEON / the Random "
+                             f"baseline): its results would overwrite each other. Give each method its own label "
+                             f"with a (label, factory) pair.")
         kwargs = {**_default_kwargs(label, attribution, x, ref, feature_mask), **extra.get(label, {})}
-        runs.append((label, _bind(attribution, x, targets, kwargs)))
+        runs.append((label, _bind(attribution, x, targets, kwargs, seed)))
+    captum_labels = [label for label, _ in runs[1:]]
+    for label in extra:
+        if label not in captum_labels:
+            raise ValueError(f"compare got method_kwargs for {label!r}, which is not one of the Captum methods that "
+                             f"run ({captum_labels}); they would be ignored. Use a label of 'methods'.")
 
     rows, relevances, curves = [], {}, {}
     curve_kwargs = dict(target=targets, reference=ref, feature_mask=feature_mask, n_steps=n_steps)
@@ -597,7 +618,8 @@ def compare(
                          "insertion": insertion_curve(model, x, relevance, **curve_kwargs)}
         rows.append({"method": label, "seconds": float(np.median(times)) / x.shape[0]})
     random_relevance = torch.zeros_like(x, dtype=torch.float64)
-    curves["Random"] = {mode: flip_curve(model, x, random_relevance, mode=mode, order="random", **curve_kwargs)
+    curves["Random"] = {mode: flip_curve(model, x, random_relevance, mode=mode, order="random", seed=seed,
+                                         **curve_kwargs)
                         for mode in ("deletion", "insertion")}
     rows.append({"method": "Random", "seconds": None})
     neon_seconds = rows[0]["seconds"]
@@ -654,10 +676,19 @@ def _default_kwargs(label: str, attribution: Any, x: torch.Tensor, ref: torch.Te
     return kwargs
 
 
-def _bind(attribution: Any, x: torch.Tensor, targets: torch.Tensor | None,
-          kwargs: dict[str, Any]) -> Callable[[], torch.Tensor]:
+def _bind(attribution: Any, x: torch.Tensor, targets: torch.Tensor | None, kwargs: dict[str, Any],
+          seed: int) -> Callable[[], torch.Tensor]:
+    """One run of a Captum method; Captum's sampling methods draw from torch's global generator, so each run draws
+    from a fork of it seeded with ``seed`` (reproducible, and the caller's generator is untouched)."""
+    devices = [x.device] if x.device.type == "cuda" else []
+
     def run() -> torch.Tensor:
-        return attribution.attribute(x.clone(), target=targets, **kwargs)
+        with torch.random.fork_rng(devices=devices):
+            torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: it would queue CUDA seeds too
+            if devices:
+                with torch.cuda.device(x.device):
+                    torch.cuda.manual_seed(seed)
+            return attribution.attribute(x.clone(), target=targets, **kwargs)
 
     return run
 

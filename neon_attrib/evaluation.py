@@ -344,7 +344,7 @@ def flip_curve(
                          f"or 'random'. Got {order!r}.")
     dtype, device = module_dtype_device(model)
     x = _as_input(x, dtype, device)
-    relevance = torch.as_tensor(relevance).detach().to(device=device, dtype=torch.float64)
+    relevance = _real_finite(relevance, device)
     if relevance.shape != x.shape:
         raise ValueError(f"relevance has shape {tuple(relevance.shape)}, but the inputs have shape {tuple(x.shape)}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -357,8 +357,7 @@ def flip_curve(
         fractions = torch.linspace(0, 1, 2, dtype=torch.float64)
         return FlipCurve(fractions=fractions, scores=torch.zeros(0, 2, dtype=torch.float64), mode=mode, order=order)
 
-    mask = _feature_mask(feature_mask, x)
-    n_groups = int(mask.max()) + 1
+    mask, n_groups = _feature_mask(feature_mask, x)
     group_relevance = torch.zeros(n, n_groups, dtype=torch.float64, device=device)
     group_relevance.scatter_add_(1, mask.reshape(n, -1), relevance.reshape(n, -1))
     if order == "random":
@@ -424,9 +423,27 @@ def _as_input(x: ArrayLike, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.as_tensor(np.asarray(x, dtype=np.float64), device=device).to(dtype)
 
 
-def _feature_mask(feature_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _real_finite(relevance: ArrayLike, device: torch.device) -> torch.Tensor:
+    """``relevance`` as float64 on ``device``; a ValueError for complex or non-finite values (a ranking would drop the
+    imaginary part, or put NaN at an arbitrary place)."""
+    tensor = torch.as_tensor(relevance).detach()
+    if tensor.is_complex():
+        raise ValueError(f"relevance must be real; got a complex {tensor.dtype} (its imaginary part would be dropped).")
+    tensor = tensor.to(device=device, dtype=torch.float64)
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ValueError(f"relevance has {bad} non-finite value(s) (NaN or ±inf) out of {tensor.numel()}; a ranking "
+                         f"by it would be arbitrary. Find where they come from (the audit of the explanation says).")
+    return tensor
+
+
+def _feature_mask(feature_mask: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The feature groups broadcast to ``x`` as consecutive ids ``0..G−1`` (ids that no element uses are no
+    features, so they are dropped from the count), and ``G``; every example must have all ``G`` groups (the curves
+    share one fractions axis)."""
     if feature_mask is None:
-        return torch.arange(x[0].numel(), device=x.device).reshape(x.shape[1:]).expand(x.shape).contiguous()
+        n_features = x[0].numel()
+        return torch.arange(n_features, device=x.device).reshape(x.shape[1:]).expand(x.shape).contiguous(), n_features
     mask = torch.as_tensor(feature_mask, device=x.device)
     if mask.is_floating_point() or mask.dtype == torch.bool:
         raise TypeError(f"feature_mask must hold integer group ids. Got dtype {mask.dtype}.")
@@ -436,4 +453,13 @@ def _feature_mask(feature_mask: torch.Tensor | None, x: torch.Tensor) -> torch.T
         raise ValueError(f"feature_mask of shape {tuple(mask.shape)} does not broadcast to {tuple(x.shape)}.") from exc
     if bool((mask < 0).any()):
         raise ValueError("feature_mask must hold group ids >= 0.")
-    return mask
+    ids, mask = torch.unique(mask, return_inverse=True)
+    n_groups, n = ids.numel(), x.shape[0]
+    present = torch.zeros(n, n_groups, dtype=torch.bool, device=x.device)
+    present.scatter_(1, mask.reshape(n, -1), True)
+    counts = present.sum(1)
+    if n and bool((counts < n_groups).any()):
+        example = int(torch.nonzero(counts < n_groups)[0])
+        raise ValueError(f"feature_mask: example {example} has {int(counts[example])} of the {n_groups} feature groups "
+                         f"the mask uses; every example needs every group (the curves share one fractions axis).")
+    return mask.reshape(x.shape).contiguous(), n_groups

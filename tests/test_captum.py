@@ -238,6 +238,35 @@ def test_compare(models, data):
         compare(model, x, methods=["NoSuchMethod"], reference=0.0, figure=False)
 
 
+def test_compare_refuses_what_it_would_ignore_or_overwrite(models, data):
+    model, x = models["kde_outlier"], data[1]
+    with pytest.raises(ValueError, match=r"method_kwargs for 'IntegratedGradient'.*Saliency"):
+        compare(model, x, methods=["Saliency"], method_kwargs={"IntegratedGradient": {"n_steps": 5}}, figure=False)
+    with pytest.raises(ValueError, match="method_kwargs for 'NEON'"):
+        compare(model, x, methods=["Saliency"], method_kwargs={"NEON": {}}, figure=False)
+    twice = ["Saliency", ("Saliency", lambda m: captum_attr.InputXGradient(m))]
+    with pytest.raises(ValueError, match="label 'Saliency' is used twice"):
+        compare(model, x, methods=twice, figure=False)
+    with pytest.raises(ValueError, match="label 'Random' is used twice"):
+        compare(model, x, methods=[("Random", lambda m: captum_attr.Saliency(m))], figure=False)
+
+
+def test_compare_seeds_sampling_methods(models, data):
+    model, x = models["kde_outlier"], data[1][:2]
+    kwargs = {"methods": ["KernelShap"], "method_kwargs": {"KernelShap": {"n_samples": 20}}, "figure": False}
+    state = torch.random.get_rng_state()
+    first = compare(model, x, seed=3, **kwargs).relevances["KernelShap"]
+    torch.manual_seed(123)  # the global generator does not matter
+    torch.testing.assert_close(compare(model, x, seed=3, **kwargs).relevances["KernelShap"], first, rtol=0, atol=0)
+    assert not torch.equal(compare(model, x, seed=4, **kwargs).relevances["KernelShap"], first)
+    torch.manual_seed(123)
+    compare(model, x, seed=3, **kwargs)
+    after = torch.random.get_rng_state()
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.random.get_rng_state())  # the caller's generator is left as it was
+    torch.random.set_rng_state(state)
+
+
 def test_compare_kde_defaults(models, data):
     model, x = models["kde_outlier"], data[1]
     result = compare(model, x, methods=["InputXGradient"], figure=False, repeats=2)

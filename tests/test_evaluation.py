@@ -134,6 +134,33 @@ def test_feature_groups_and_steps():
     assert deletion_curve(Total(), x, x.clone(), reference=0.0, n_steps=8).scores.shape == (2, 9)
 
 
+def test_feature_mask_with_gaps_counts_its_groups_only():
+    x = torch.tensor([[1.0, 2.0, 4.0, 8.0]], dtype=torch.float64)
+    total = Linear([1.0, 1.0, 1.0, 1.0])
+    compact = deletion_curve(total, x, x.clone(), reference=0.0, feature_mask=torch.tensor([0, 0, 1, 1]))
+    gaps = deletion_curve(total, x, x.clone(), reference=0.0, feature_mask=torch.tensor([3, 3, 17, 17]))
+    assert gaps.fractions.tolist() == compact.fractions.tolist() == [0.0, 0.5, 1.0]
+    torch.testing.assert_close(gaps.scores, compact.scores)
+    assert gaps.mean_normalized_area == compact.mean_normalized_area
+    x2 = torch.cat([x, x])
+    with pytest.raises(ValueError, match="example 1 has 1 of the 2 feature groups"):
+        deletion_curve(total, x2, x2.clone(), reference=0.0, feature_mask=torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_curves_refuse_non_finite_relevance(value):
+    relevance = torch.tensor([[0.1, value, 0.2]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="relevance has 1 non-finite value"):
+        deletion_curve(FirstSquared(), X1, relevance, reference=0.0)
+
+
+def test_curves_refuse_complex_relevance():
+    relevance = torch.tensor([[0.1 + 5j, 0.5 + 0j, 0.2 - 1j]])
+    for value in (relevance, relevance.numpy()):
+        with pytest.raises(ValueError, match="relevance must be real"):
+            insertion_curve(FirstSquared(), X1, value, reference=0.0)
+
+
 def test_mean_normalized_area_weights_examples_by_span():
     scores = torch.tensor([[10.0, 0.0, 0.0], [1.0, 3.0, 0.999]], dtype=torch.float64)
     curve = FlipCurve(fractions=torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), scores=scores, mode="deletion",
