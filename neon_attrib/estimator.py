@@ -35,6 +35,9 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
     _state_attributes: tuple[str, ...] = ()
     #: hyperparameters whose change needs a new ``fit`` (setting them on a fitted model raises)
     _refit_parameters: tuple[str, ...] = ()
+    #: float attributes the forward computes with in the model's dtype: each must lie in its normal range (a kernel
+    #: width of 1e-300 is 0 in float32, and the scores would be NaN or constant)
+    _dtype_parameters: tuple[str, ...] = ()
 
     def __init__(self):
         super().__init__()
@@ -82,10 +85,27 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
 
     def _as_tensor(self, x: ArrayLike, name: str = "X", check_features: bool = True) -> torch.Tensor:
         dtype, device = module_dtype_device(self)
+        self._check_representable(dtype)
         tensor = as_float_tensor(x, dtype=dtype, device=device, owner=self._name, name=name)
         check_2d_finite(tensor, owner=self._name, name=name,
                         n_features=self.n_features_in_ if check_features else None)
         return tensor
+
+    def _check_representable(self, dtype: torch.dtype) -> None:
+        """Raise a ValueError naming the parameter when one of :attr:`_dtype_parameters` is outside the normal range
+        of ``dtype`` (it would become 0 or inf there)."""
+        info = torch.finfo(dtype)
+        for name in self._dtype_parameters:
+            value = getattr(self, name, None)
+            if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or value == 0:
+                continue
+            if not info.tiny <= abs(float(value)) <= info.max:
+                shown = name.rstrip("_")
+                raise ValueError(f"The '{shown}' parameter of {self._name} is {float(value):.6g}"
+                                 f"{' (derived)' if name.endswith('_') else ''}, which {dtype} cannot hold (its "
+                                 f"normal range is [{info.tiny:.3g}, {info.max:.3g}]): it would become "
+                                 f"{'0' if abs(float(value)) < info.tiny else 'inf'} and the scores NaN or constant. "
+                                 f"Use float64 (model.double()) or a value in that range.")
 
     def _check_fitted(self) -> None:
         if self.n_features_in_ is None:

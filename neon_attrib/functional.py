@@ -41,8 +41,13 @@ def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Ten
 
 
 def soft_argmin(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """``exp(−β h_k) / Σ_k' exp(−β h_k')`` over the last dimension (a stable softmax)."""
-    return torch.softmax(-beta * h, dim=-1)
+    """``exp(−β h_k) / Σ_k' exp(−β h_k')`` over the last dimension (a stable softmax).
+
+    Computed as ``softmax(−β (h_k − min h))`` with the minimum's logit exactly 0, so a product ``β h`` beyond the
+    float range (a huge β, or distances that overflowed to inf) gives the hard argmin's weights, never NaN.
+    """
+    gap = h - h.amin(-1, keepdim=True)
+    return torch.softmax(torch.where(gap == 0, 0.0, -beta * gap), dim=-1)
 
 
 def squared_distance(x: torch.Tensor, support: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
@@ -92,7 +97,9 @@ def log_mean_exp(h: torch.Tensor, alpha: float, chunk_size: int = DEFAULT_CHUNK,
     n_support = h.shape[-1] if count is None else count
     chunks = h.split(chunk_size, dim=-1)
     scaled_max = torch.stack([(alpha * c).amax(-1) for c in chunks], -1).amax(-1)
-    excess = sum(torch.expm1(alpha * c - scaled_max.unsqueeze(-1)).sum(-1) for c in chunks)
+    # an infinite maximum (distances that overflowed) is not subtracted: the terms then give the limit, ±inf, not NaN
+    shift = torch.where(torch.isfinite(scaled_max), scaled_max, 0.0).unsqueeze(-1)
+    excess = sum(torch.expm1(alpha * c - shift).sum(-1) for c in chunks)
     if count is not None:
         excess = excess + (h.shape[-1] - count)  # the excluded terms contributed expm1(−inf) = −1 each
     return (scaled_max + torch.log1p(excess / n_support)) / alpha
@@ -121,13 +128,15 @@ def soft_min_pass(x: torch.Tensor, support: torch.Tensor, beta: float, chunk_siz
     for chunk in support.split(chunk_size):
         logits = -beta * squared_distance(x, chunk, chunk_size, centre=centre)
         new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
-        shift = running_max - new_max  # <= 0; -inf before the first chunk
+        # <= 0; -inf before the first chunk; 0 while every distance so far overflowed (both maxima -inf)
+        shift = torch.where(new_max == running_max, 0.0, running_max - new_max)
         rescale = torch.exp(shift)
+        top = torch.where(torch.isfinite(new_max), new_max, 0.0)  # -inf logits then stay -inf (weights 0), not NaN
         excess = (excess * rescale + seen * torch.expm1(shift) if seen else excess) \
-            + torch.expm1(logits - new_max).sum(-1, keepdim=True)
+            + torch.expm1(logits - top).sum(-1, keepdim=True)
         if accum is not None:
             centred = chunk - centre if centre is not None else chunk
-            accum = accum * rescale + torch.exp(logits - new_max) @ centred
+            accum = accum * rescale + torch.exp(logits - top) @ centred
         seen += chunk.shape[0]
         running_max = new_max
     total = excess + seen  # Σ exp(logit − max) >= 1

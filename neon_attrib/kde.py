@@ -72,6 +72,7 @@ class KDEOutlier(NeonEstimator):
     """
 
     _state_attributes = ("gamma", "beta", "eps", "fused", "n_features_in_", "beta_", "eps_")
+    _dtype_parameters = ("gamma", "eps_")
 
     def __init__(self, gamma: float = 1.0, *, beta: float | None = None, eps: float | None = None,
                  chunk_size: int = DEFAULT_CHUNK, fused: bool = False):
@@ -331,6 +332,7 @@ class KDEInlier(NeonEstimator):
     """
 
     _state_attributes = ("gamma", "n_features", "seed", "eps", "n_features_in_", "eps_")
+    _dtype_parameters = ("gamma", "eps_")
     _refit_parameters = ("gamma", "n_features", "seed")
 
     def __init__(self, gamma: float = 1.0, n_features: int = 2500, seed: int | None = None, *,

@@ -67,6 +67,7 @@ class WeightedKDEOutlier(NeonEstimator):
     """
 
     _state_attributes = ("gamma", "beta", "eps", "chunk_size", "n_features_in_", "gamma_", "beta_", "eps_")
+    _dtype_parameters = ("gamma_", "eps_")
 
     def __init__(self, gamma: float = 1.0, *, beta: float | None = None, eps: float | None = None,
                  chunk_size: int = DEFAULT_CHUNK):

@@ -11,10 +11,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_no_hooks
+from sklearn.neighbors import NearestNeighbors
 from torch import nn
 from zennit.composites import EpsilonGammaBox
 
-from neon_attrib import Audit, ConservationError, ConservationWarning, KDEInlier, KDEOutlier, KMeansMembership, explain
+from neon_attrib import (
+    Audit,
+    ConservationError,
+    ConservationWarning,
+    KDEInlier,
+    KDEOutlier,
+    KMeansMembership,
+    explain,
+    neuralize,
+)
 from neon_attrib.captum import NeonLRP
 from neon_attrib.deep import DeepNeon
 from neon_attrib.evaluation import deletion_curve
@@ -155,6 +165,51 @@ def test_tiny_gamma_keeps_float32_precision(rng):
         o64 = KDEOutlier(gamma=1e-12).double().fit(X)(X[:4])
         torch.testing.assert_close(o32, o64, rtol=1e-5, atol=0)
         assert bool((o64 > 1).all())  # ≈ mean squared distance, not 0
+
+
+def test_overflowing_distances_give_inf_scores_and_failed_audits_not_nan(rng):
+    X = rng.normal(size=(30, 3))
+    far32 = torch.full((2, 3), 1e20)  # squared distances overflow float32 (1e40 > 3.4e38); the inputs do not
+    far64 = torch.full((2, 3), 1e200, dtype=torch.float64)
+    for model, far in ((KDEOutlier(gamma=0.5).fit(X), far32), (KDEOutlier(gamma=0.5).double().fit(X), far64)):
+        for score in (model(far), model.score(far), model.set_params(fused=True)(far)):
+            assert bool(torch.isinf(score).all()) and bool((score > 0).all()), score  # the limit, not NaN
+        model.fused = False
+        with pytest.warns(ConservationWarning, match="not finite"):
+            _, audit = explain(model, far, return_audit=True)
+        assert not audit.ok
+    assert bool((KDEInlier(gamma=0.5, seed=0).fit(X).exact(far32) == 0).all())  # the density underflows to 0
+    assert bool((KDEInlier(gamma=0.5, seed=0).double().fit(X).exact(far64) == 0).all())
+    knn = neuralize(NearestNeighbors(n_neighbors=2).fit(X), dtype=torch.float64)
+    kmeans = KMeansMembership(3, seed=0).fit(X)
+    for model, far in ((knn, far64), (kmeans, torch.full((2, 3), 1e38))):
+        assert not bool(torch.isnan(model(far)).any())
+        with pytest.raises(ConservationError, match="not finite"):
+            explain(model, far, strict=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_beta_gives_the_hard_argmin_not_nan(blobs, dtype):
+    x = torch.as_tensor(blobs[:6], dtype=dtype)
+    hard = KMeansMembership(3, seed=0, beta=1e300).to(dtype).fit(blobs)  # β·h overflows (float32: β itself)
+    sharp = KMeansMembership(3, seed=0, beta=1e6).to(dtype).fit(blobs)  # exp(−β · gap) = 0: the argmin already
+    relevance, audit = explain(hard, x, return_audit=True)
+    assert audit.ok and bool(torch.isfinite(relevance).all())
+    torch.testing.assert_close(relevance, explain(sharp, x))
+
+
+def test_kernel_widths_the_dtype_cannot_hold_are_refused(rng):
+    X = rng.normal(size=(20, 3))
+    for make in (lambda: KDEOutlier(gamma=1e-300), lambda: KDEInlier(gamma=1e-300, seed=0)):
+        with pytest.raises(ValueError, match=r"'gamma' parameter of KDE\w+ is 1e-300, which torch.float32 cannot"):
+            make().fit(X)
+        model = make().double().fit(X)  # float64 holds it ...
+        assert bool(torch.isfinite(model(X[:2])).all())
+        with pytest.raises(ValueError, match="float64"):
+            model.float()(X[:2])  # ... float32 would compute with 0
+    wide = KDEOutlier(gamma=0.5, eps=1e300).fit(X)
+    with pytest.raises(ValueError, match=r"'eps' parameter of KDEOutlier is 1e\+300"):
+        wide(X[:2])
 
 
 def test_batch_size_does_not_change_the_explanation():
