@@ -44,6 +44,7 @@ from captum.log import log_usage
 from torch import nn
 from zennit.core import Composite
 
+from ._captum_methods import MethodSpec, default_kwargs, make_methods, seeded_run
 from ._utils import module_dtype_device
 from .composites import NeonComposite
 from .evaluation import (
@@ -443,8 +444,6 @@ def _delete_layer_rule(layer: nn.Module) -> None:
 #: sampling method.
 DEFAULT_METHODS: tuple[str, ...] = ("Saliency", "InputXGradient", "IntegratedGradients", "Occlusion", "KernelShap")
 
-MethodSpec = str | type | tuple[str, Callable[[nn.Module], Any]]
-
 
 @dataclass
 class Comparison:
@@ -589,19 +588,9 @@ def compare(
     runs: list[tuple[str, Callable[[], torch.Tensor]]] = []
     neon = NeonLRP(model, composite)
     runs.append(("NEON", lambda: neon.attribute(x, target=targets)))
-    for spec in methods:
-        label, attribution = _make_method(spec, model)
-        if label in ("NEON", "Random") or any(label == other for other, _ in runs):
-            raise ValueError(f"compare: the label {label!r} is used twice (by two methods, or by NEON / the Random "
-                             f"baseline): its results would overwrite each other. Give each method its own label "
-                             f"with a (label, factory) pair.")
-        kwargs = {**_default_kwargs(label, attribution, x, ref, feature_mask), **extra.get(label, {})}
-        runs.append((label, _bind(attribution, x, targets, kwargs, seed)))
-    captum_labels = [label for label, _ in runs[1:]]
-    for label in extra:
-        if label not in captum_labels:
-            raise ValueError(f"compare got method_kwargs for {label!r}, which is not one of the Captum methods that "
-                             f"run ({captum_labels}); they would be ignored. Use a label of 'methods'.")
+    for label, attribution in make_methods(methods, model, reserved=("NEON", "Random"), method_kwargs=extra):
+        kwargs = {**default_kwargs(attribution, x, ref, feature_mask), **extra.get(label, {})}
+        runs.append((label, seeded_run(attribution, x, targets, kwargs, seed)))
 
     rows, relevances, curves = [], {}, {}
     curve_kwargs = dict(target=targets, reference=ref, feature_mask=feature_mask, n_steps=n_steps)
@@ -633,64 +622,6 @@ def compare(
     if figure:
         result.figure = _comparison_figure(result, x, feature_names)
     return result
-
-
-def _make_method(spec: MethodSpec, model: nn.Module) -> tuple[str, Any]:
-    import captum.attr as captum_attr
-    from captum.attr import Attribution
-
-    if isinstance(spec, tuple):
-        label, factory = spec
-        return str(label), factory(model)
-    if isinstance(spec, str):
-        cls = getattr(captum_attr, spec, None)
-        if not (isinstance(cls, type) and issubclass(cls, Attribution)):
-            raise ValueError(f"Unknown Captum method {spec!r}: expected a class name in captum.attr "
-                             f"(e.g. 'IntegratedGradients'), an Attribution class or a (label, factory) pair.")
-        return spec, cls(model)
-    if isinstance(spec, type) and issubclass(spec, Attribution):
-        return spec.__name__, spec(model)
-    raise TypeError(f"compare: a method must be a name, an Attribution class or a (label, factory) pair. Got {spec!r}.")
-
-
-def _default_kwargs(label: str, attribution: Any, x: torch.Tensor, ref: torch.Tensor,
-                    feature_mask: torch.Tensor | None) -> dict[str, Any]:
-    """Comparable settings: the deletion reference as every baseline, the curve's feature groups as Captum's."""
-    import inspect
-
-    parameters = inspect.signature(attribution.attribute).parameters
-    kwargs: dict[str, Any] = {}
-    if "baselines" in parameters:
-        kwargs["baselines"] = ref
-    if "feature_mask" in parameters and feature_mask is not None:
-        kwargs["feature_mask"] = feature_mask.to(x.device)
-    if "n_steps" in parameters and type(attribution).__name__ == "IntegratedGradients":
-        kwargs["n_steps"] = 50
-    if "sliding_window_shapes" in parameters:
-        if x.ndim == 4:
-            side = max(1, min(x.shape[-2:]) // 16)
-            kwargs["sliding_window_shapes"] = (x.shape[1], side, side)
-            kwargs["strides"] = (x.shape[1], side, side)
-        else:
-            kwargs["sliding_window_shapes"] = (1,) * (x.ndim - 1)
-    return kwargs
-
-
-def _bind(attribution: Any, x: torch.Tensor, targets: torch.Tensor | None, kwargs: dict[str, Any],
-          seed: int) -> Callable[[], torch.Tensor]:
-    """One run of a Captum method; Captum's sampling methods draw from torch's global generator, so each run draws
-    from a fork of it seeded with ``seed`` (reproducible, and the caller's generator is untouched)."""
-    devices = [x.device] if x.device.type == "cuda" else []
-
-    def run() -> torch.Tensor:
-        with torch.random.fork_rng(devices=devices):
-            torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: it would queue CUDA seeds too
-            if devices:
-                with torch.cuda.device(x.device):
-                    torch.cuda.manual_seed(seed)
-            return attribution.attribute(x.clone(), target=targets, **kwargs)
-
-    return run
 
 
 def _comparison_figure(result: Comparison, x: torch.Tensor, feature_names: Sequence[str] | None) -> Any:
