@@ -780,6 +780,7 @@ def test_positional_statistics_survive_save_and_load(rng):
     lambda X: PCAResidual(2).fit(X),
     lambda X: GaussianMixtureOutlier(2, "spherical", seed=0, beta=2.0).fit(X),
     lambda X: GaussianMixtureMembership(3, seed=0).fit(X),
+    lambda X: BisectingKMeansMembership(4, seed=0, beta=0.5).fit(X),
     lambda X: WeightedKDEOutlier(gamma=0.5).fit(X, sample_weight=np.arange(1, len(X) + 1)),
     lambda X: OneClassSVMOutlier(gamma=0.5, nu=0.2).fit(X),
     lambda X: PositionalMahalanobis(n_positions=4, sqrt=True).fit(X),
@@ -803,7 +804,7 @@ def test_state_dict_round_trip_into_fresh_instance(make, blobs):
 @pytest.mark.parametrize("head", [
     KNNOutlier(3), KNNOutlier(1, sqrt=True, fused=True), KNNOutlier(2, beta=1.0), MahalanobisOutlier(reg=1e-3),
     PCAResidual(2), GaussianMixtureOutlier(2, seed=0), GaussianMixtureMembership(2, seed=0),
-    WeightedKDEOutlier(0.5), OneClassSVMOutlier(gamma=0.5, nu=0.3), PositionalMahalanobis(n_positions=64),
+    BisectingKMeansMembership(3, seed=0), WeightedKDEOutlier(0.5), OneClassSVMOutlier(gamma=0.5, nu=0.3), PositionalMahalanobis(n_positions=64),
 ], ids=lambda head: type(head).__name__)
 def test_every_head_inside_deep_neon(head):
     torch.manual_seed(0)
@@ -821,7 +822,7 @@ def test_every_head_inside_deep_neon(head):
 # ---------------------------------------------------------------------------------------------------------------------
 # documentation
 @pytest.mark.parametrize("name", ["neon_attrib.neighbors", "neon_attrib.gaussian", "neon_attrib.kernels",
-                                  "neon_attrib.neuralize", "neon_attrib.positional"])
+                                  "neon_attrib.neuralize", "neon_attrib.positional", "neon_attrib.kmeans"])
 def test_docstring_examples(name):
     import neon_attrib
 
