@@ -339,9 +339,13 @@ class BisectingKMeansMembership(NeonEstimator):
         if not isinstance(bisecting, BisectingKMeans):
             raise TypeError(f"{cls.__name__}.from_sklearn expects a fitted sklearn.cluster.BisectingKMeans. "
                             f"Got {type(bisecting)}.")
-        if not hasattr(bisecting, "_bisecting_tree"):
+        if not hasattr(bisecting, "cluster_centers_"):
             raise ValueError(f"This {type(bisecting).__name__} instance is not fitted yet. Call 'fit' before "
                              f"{cls.__name__}.from_sklearn.")
+        if not hasattr(bisecting, "_bisecting_tree"):  # scikit-learn's (private) tree: 1.1 to at least 1.9
+            raise ValueError(f"{cls.__name__}.from_sklearn reads the tree of bisections scikit-learn keeps in "
+                             f"'_bisecting_tree', which this scikit-learn version does not have; fit "
+                             f"{cls.__name__}(n_clusters, seed) on the data instead.")
         centres = np.asarray(bisecting.cluster_centers_)
         if centres.shape[0] < 2:
             raise ValueError(f"{cls.__name__} needs a BisectingKMeans with n_clusters >= 2. Got {centres.shape[0]}.")
