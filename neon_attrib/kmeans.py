@@ -22,7 +22,34 @@ from .rules import KMeansActivationRule
 __all__ = ["KMeansMembership", "BisectingKMeansMembership"]
 
 
-class KMeansMembership(NeonEstimator):
+class _Membership(NeonEstimator):
+    """A min over linear cluster differences (``self.difference``, ``self.pool``): the forward, the assignment and the
+    default β shared by the k-means membership networks."""
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """Cluster evidence ``f_c(x)`` for every cluster, shape (n, K)."""
+        self._check_fitted()
+        return self.pool(self.difference(self._as_tensor(x)))
+
+    @torch.no_grad()
+    def predict(self, x: ArrayLike) -> torch.Tensor:
+        """The assigned cluster ``argmax_c f_c(x)`` (the one with positive evidence), shape (n,)."""
+        return self(x).argmax(-1)
+
+    def default_target(self, output: torch.Tensor) -> torch.Tensor:
+        """The target :func:`~neon_attrib.explain` uses when none is given: the assigned cluster."""
+        return output.argmax(-1)
+
+    def _mean_evidence_beta(self, data: torch.Tensor | None) -> float:
+        """``1 / mean_x f_{c(x)}(x)`` over ``data`` (1 without data or evidence): the default soft-argmin β."""
+        if data is None:
+            return 1.0
+        evidence = self.pool(self.difference(data)).amax(-1).clamp_min(0)
+        mean_evidence = float(evidence.mean()) if evidence.numel() else 0.0
+        return 1.0 / mean_evidence if mean_evidence > 0 else 1.0
+
+
+class KMeansMembership(_Membership):
     """k-means cluster membership evidence ``f_c(x) = min_{k≠c} {‖x − μ_k‖² − ‖x − μ_c‖²}`` for every cluster c.
 
     A :class:`~neon_attrib.layers.ClusterDifference` layer (all ``K(K−1)`` linear differences) and a
@@ -104,9 +131,7 @@ class KMeansMembership(NeonEstimator):
             centroids = centroids * (self.centroid_norm / centroids.norm(dim=1, keepdim=True).clamp_min(1e-30))
         self.difference.set_centroids(centroids)
         self.n_features_in_ = int(centroids.shape[1])
-        evidence = self.pool(self.difference(data)).amax(-1) if data is not None else None
-        mean_evidence = float(evidence.clamp_min(0).mean()) if evidence is not None else 0.0
-        self.default_beta_ = 1.0 / mean_evidence if mean_evidence > 0 else 1.0
+        self.default_beta_ = self._mean_evidence_beta(data)
         self._refresh_fitted()
 
     def _refresh_fitted(self) -> None:
@@ -163,26 +188,12 @@ class KMeansMembership(NeonEstimator):
         self._check_fitted()
         return self.difference.centroids
 
-    def forward(self, x: ArrayLike) -> torch.Tensor:
-        """Cluster evidence ``f_c(x)`` for every cluster, shape (n, K)."""
-        self._check_fitted()
-        return self.pool(self.difference(self._as_tensor(x)))
-
-    @torch.no_grad()
-    def predict(self, x: ArrayLike) -> torch.Tensor:
-        """The assigned cluster ``argmax_c f_c(x) = argmin_c ‖x − μ_c‖²``, shape (n,)."""
-        return self(x).argmax(-1)
-
-    def default_target(self, output: torch.Tensor) -> torch.Tensor:
-        """The target :func:`~neon_attrib.explain` uses when none is given: the assigned cluster."""
-        return output.argmax(-1)
-
 
 register_rule(KMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta), mode="activation",
               covers_children=True)
 
 
-class BisectingKMeansMembership(NeonEstimator):
+class BisectingKMeansMembership(_Membership):
     """Cluster membership of a bisecting k-means (scikit-learn's ``BisectingKMeans``), exactly as its ``predict``.
 
     A bisecting k-means assigns a point down its tree of bisections: at every split, to the nearer of the two
@@ -314,11 +325,7 @@ class BisectingKMeansMembership(NeonEstimator):
         self.difference.others = torch.tensor(others, dtype=torch.long, device=device)
         self.centroids = as_tensor(centres)
         self.n_features_in_ = int(centres.shape[1])
-        self.default_beta_ = 1.0
-        if data is not None:
-            evidence = self.pool(self.difference(data.to(dtype=dtype, device=device))).amax(-1).clamp_min(0)
-            mean_evidence = float(evidence.mean()) if evidence.numel() else 0.0
-            self.default_beta_ = 1.0 / mean_evidence if mean_evidence > 0 else 1.0
+        self.default_beta_ = self._mean_evidence_beta(None if data is None else data.to(dtype=dtype, device=device))
         self.labels_ = np.asarray(bisecting.labels_) if hasattr(bisecting, "labels_") else None
         self._refresh_fitted()
 
@@ -368,20 +375,6 @@ class BisectingKMeansMembership(NeonEstimator):
         """The leaf centres (K, d), in the order of scikit-learn's ``cluster_centers_`` and labels."""
         self._check_fitted()
         return self.centroids
-
-    def forward(self, x: ArrayLike) -> torch.Tensor:
-        """Cluster evidence ``f_c(x)`` for every cluster, shape (n, K)."""
-        self._check_fitted()
-        return self.pool(self.difference(self._as_tensor(x)))
-
-    @torch.no_grad()
-    def predict(self, x: ArrayLike) -> torch.Tensor:
-        """The assigned cluster ``argmax_c f_c(x)``, shape (n,): scikit-learn's ``BisectingKMeans.predict``."""
-        return self(x).argmax(-1)
-
-    def default_target(self, output: torch.Tensor) -> torch.Tensor:
-        """The target :func:`~neon_attrib.explain` uses when none is given: the assigned cluster."""
-        return output.argmax(-1)
 
 
 register_rule(BisectingKMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta), mode="activation",
