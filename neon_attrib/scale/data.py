@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler
 
-from ..vision import IMAGE_SUFFIXES, VGG16_MIN_SIZE, Preprocessing, get_preprocessing, load_image
+from ..vision import VGG16_MIN_SIZE, Preprocessing, check_not_constant, get_preprocessing, image_files, load_image
 
 __all__ = ["ImageFiles", "Source", "resolve_source", "Batch", "block_loader", "blocks_of_rank", "n_blocks",
            "first_readable", "load_square"]
@@ -45,6 +45,13 @@ class ImageFiles(Dataset):
         Raw values that mean black and white (16-bit or float images), as in :func:`~neon_attrib.vision.load_image`.
     min_size : int
         Smallest height and width accepted (VGG-16: 32); smaller images are failures.
+    pattern : str, optional
+        Only the files matching this glob relative to ``root`` (``"**/*.jpg"``), as in
+        :func:`~neon_attrib.vision.image_files`; default every image file below ``root``.
+    skip_constant : bool
+        Make constant images (every pixel one value, e.g. the black masks of defect-free samples) failures, so that
+        :func:`~neon_attrib.scale.fit_dataset` and :func:`~neon_attrib.scale.sample_locations` leave them out (what
+        ``neon-attrib explain-dataset`` fits on). Default False.
 
     Raises
     ------
@@ -56,7 +63,7 @@ class ImageFiles(Dataset):
 
     def __init__(self, root: str | os.PathLike, *, size: int | None = None,
                  preprocessing: str | Preprocessing | None = None, value_range: Sequence[float] | None = None,
-                 min_size: int = VGG16_MIN_SIZE):
+                 min_size: int = VGG16_MIN_SIZE, pattern: str | None = None, skip_constant: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise NotADirectoryError(f"ImageFiles: {self.root} is not a folder (the 'root' argument).")
@@ -64,10 +71,12 @@ class ImageFiles(Dataset):
         self.preprocessing = None if preprocessing is None else get_preprocessing(preprocessing)
         self.value_range = None if value_range is None else tuple(float(v) for v in value_range)
         self.min_size = min_size
-        self.files = sorted((p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                            key=lambda p: p.relative_to(self.root).as_posix())
-        if not self.files:
-            raise ValueError(f"ImageFiles: no image files ({', '.join(IMAGE_SUFFIXES)}) under {self.root}.")
+        self.pattern = pattern
+        self.skip_constant = bool(skip_constant)
+        try:
+            self.files = image_files(self.root, pattern, recursive=True)
+        except ValueError as exc:
+            raise ValueError(f"ImageFiles: {exc}") from None
         self.ids = [p.relative_to(self.root).as_posix() for p in self.files]
 
     def __len__(self) -> int:
@@ -79,12 +88,15 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.image(index)
+        if self.skip_constant:
+            check_not_constant(image, self.ids[index])
         return self.preprocessing(image) if self.preprocessing is not None else image
 
     def describe(self) -> dict[str, Any]:
         """What decides the network inputs (recorded with a store; a store of other inputs is refused)."""
         prep = self.preprocessing
         return {"kind": "ImageFiles", "size": self.size, "value_range": self.value_range, "min_size": self.min_size,
+                "pattern": self.pattern, "skip_constant": self.skip_constant,
                 "preprocessing": None if prep is None else {"name": prep.name, "mean": list(prep.mean),
                                                             "std": list(prep.std), "bgr": prep.bgr}}
 
