@@ -2,8 +2,9 @@
 
 * :class:`ImageFiles`: the image files under a folder (sorted, recursive), read with
   :func:`~neon_attrib.vision.load_image`, optionally resized and centre-cropped to a square and preprocessed.
-* Every item is read through a guard: an item that raises (a corrupt file, a decoding error in your ``Dataset``) is a
-  *failure record* ``(index, None, message)``, not the end of the run.
+* Every item is read through a guard (:func:`read_item`): an item that raises (a corrupt file, a decoding error in
+  your ``Dataset``) or holds NaN / inf is a *failure record* ``(index, None, message)``, not the end of the run.
+* Fingerprints (:func:`data_fingerprint`, :func:`item_digest`) tie a store to the data it was computed from.
 * Work is cut into **blocks** of consecutive indices (``batch_size`` images each, the last one shorter). Block ``b``
   belongs to rank ``b mod world_size``: disjoint shards, no padding, and the same blocks (so the same batches)
   whatever the number of processes.
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -18,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler, TensorDataset
 
 from ..vision import VGG16_MIN_SIZE, Preprocessing, check_not_constant, get_preprocessing, image_files, load_image
 
 __all__ = ["ImageFiles", "Source", "resolve_source", "Batch", "block_loader", "blocks_of_rank", "n_blocks",
-           "first_readable", "load_square"]
+           "first_readable", "load_square", "data_fingerprint", "item_digest", "update_digest", "read_item"]
 
 
 class ImageFiles(Dataset):
@@ -165,9 +168,85 @@ def resolve_source(data: Any, *, ids: Sequence[str] | None = None, image_size: i
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# fingerprints of the data
+#: bytes hashed at a time (tensors on a GPU travel to the CPU in slices of this size)
+_DIGEST_CHUNK = 1 << 26
+
+
+def update_digest(digest: Any, array: torch.Tensor | np.ndarray) -> None:
+    """Feed ``array``'s dtype, shape and bytes to ``digest`` (a hashlib object), in slices along the first axis (no
+    copy of the whole array, on the CPU or a GPU)."""
+    digest.update(f"{array.dtype}:{tuple(array.shape)}".encode())
+    if array.ndim == 0:
+        array = array.reshape(1)
+    row_bytes = max(1, (array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size())
+                    // max(1, array.shape[0]))
+    step = max(1, _DIGEST_CHUNK // row_bytes)
+    for start in range(0, array.shape[0], step):
+        part = array[start:start + step]
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest.update(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
+
+
+def item_digest(image: torch.Tensor) -> str:
+    """The content digest of one item as the network gets it (recorded per image in a store; compared on resume)."""
+    digest = hashlib.sha256()
+    update_digest(digest, image)
+    return digest.hexdigest()[:32]
+
+
+def data_fingerprint(dataset: Any) -> str | None:
+    """A digest of a whole data set, where one is cheap and complete; None otherwise.
+
+    * a tensor or numpy array (of images), a ``TensorDataset``: the contents (hashed in slices, memory-bandwidth
+      bound: about a second per GB);
+    * :class:`ImageFiles`: every file's id, size and modification time (one ``stat`` per file, no decoding);
+    * any other ``Dataset``: None: its items are checked one by one instead, against the per-item digests a store
+      records (:func:`item_digest`).
+    """
+    digest = hashlib.sha256()
+    if isinstance(dataset, ImageFiles):
+        digest.update(b"ImageFiles")
+        for name, path in zip(dataset.ids, dataset.files):
+            stat = path.stat()
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+    if isinstance(dataset, (torch.Tensor, np.ndarray)):
+        tensors = [dataset]
+    elif isinstance(dataset, TensorDataset):
+        tensors = list(dataset.tensors)
+    else:
+        return None
+    for tensor in tensors:
+        update_digest(digest, tensor)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # items, blocks and batches
+def read_item(dataset: Any, index: int) -> tuple[torch.Tensor | None, str | None, str]:
+    """``(image or None, error message or None, content digest or '')`` of item ``index``: an item that raises, is
+    not a float image tensor (C, H, W) or holds NaN / inf is a failure with its message, not the end of a run."""
+    try:
+        item = dataset[index]
+    except Exception as exc:  # a corrupt item is a record of the run, not its end
+        return None, f"{type(exc).__name__}: {exc}", ""
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]  # (image, label, ...)
+    if not isinstance(item, torch.Tensor) or item.ndim != 3 or not item.is_floating_point():
+        got = f"shape {tuple(item.shape)} {item.dtype}" if isinstance(item, torch.Tensor) else type(item).__name__
+        return None, f"TypeError: expected a float image tensor (C, H, W), got {got}", ""
+    digest = item_digest(item)
+    finite = torch.isfinite(item)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        return None, f"ValueError: the image has {bad} non-finite value(s) (NaN or inf) of {item.numel()}", digest
+    return item, None, digest
+
+
 class _Guarded(Dataset):
-    """``(index, image or None, error message or None)`` for every index; exceptions become messages."""
+    """``(index, image or None, error message or None, content digest)`` for every index (:func:`read_item`)."""
 
     def __init__(self, dataset: Any):
         self.dataset = dataset
@@ -175,17 +254,8 @@ class _Guarded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            item = self.dataset[index]
-        except Exception as exc:  # a corrupt item is a record of the run, not its end
-            return index, None, f"{type(exc).__name__}: {exc}"
-        if isinstance(item, (tuple, list)) and item:
-            item = item[0]  # (image, label, ...)
-        if not isinstance(item, torch.Tensor) or item.ndim != 3 or not item.is_floating_point():
-            got = f"shape {tuple(item.shape)} {item.dtype}" if isinstance(item, torch.Tensor) else type(item).__name__
-            return index, None, f"TypeError: expected a float image tensor (C, H, W), got {got}"
-        return index, item, None
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, str]:
+        return (index, *read_item(self.dataset, index))
 
 
 @dataclass
@@ -196,6 +266,7 @@ class Batch:
     indices: list[int]
     groups: list[tuple[list[int], torch.Tensor]]  # (indices, stacked images (m, C, H, W)) per shape
     errors: dict[int, str]  # index -> message
+    digests: dict[int, str]  # index -> content digest ('' where the item could not be read)
 
     @property
     def good(self) -> list[int]:
@@ -213,10 +284,10 @@ class _Collate:
         self.block_size = block_size
         self.shape = None if shape is None else tuple(shape)
 
-    def __call__(self, items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
+    def __call__(self, items: list[tuple[int, torch.Tensor | None, str | None, str]]) -> Batch:
         errors: dict[int, str] = {}
         by_shape: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor]]] = {}
-        for index, image, error in items:
+        for index, image, error, _ in items:
             if image is None:
                 errors[index] = error or "unreadable"
             elif self.shape is not None and tuple(image.shape) != self.shape:
@@ -226,9 +297,10 @@ class _Collate:
                 group = by_shape.setdefault(tuple(image.shape), ([], []))
                 group[0].append(index)
                 group[1].append(image)
-        indices = [index for index, _, _ in items]
+        indices = [index for index, _, _, _ in items]
         groups = [(group_indices, torch.stack(images)) for group_indices, images in by_shape.values()]
-        return Batch(block=indices[0] // self.block_size, indices=indices, groups=groups, errors=errors)
+        return Batch(block=indices[0] // self.block_size, indices=indices, groups=groups, errors=errors,
+                     digests={index: digest for index, _, _, digest in items})
 
 
 class _Blocks(Sampler):
@@ -267,7 +339,7 @@ def first_readable(dataset: Any) -> tuple[int, torch.Tensor]:
     guarded = _Guarded(dataset)
     first_error = None
     for index in range(len(guarded)):
-        _, image, error = guarded[index]
+        _, image, error, _ = guarded[index]
         if image is not None:
             return index, image
         first_error = first_error or f"item {index}: {error}"
