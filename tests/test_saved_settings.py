@@ -105,3 +105,34 @@ def test_seed_must_be_an_integer_and_features_at_least_one():
         model.fit(_images(), seed=1.5, progress=False)
     with pytest.raises(ValueError, match="0 features"):
         KDEOutlier(gamma=1.0).fit(np.zeros((5, 0)))
+
+
+def test_captum_lrp_without_the_bridge_is_a_clear_error():
+    """In a fresh interpreter that never imported neon_attrib.captum, Captum's own LRP on a NEON model says what to do
+    (it used to fail with Captum's 'no rule defined' or an AttributeError deep in its backward pass)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from torch import nn
+from captum.attr import LRP
+from neon_attrib import KDEOutlier
+from neon_attrib.deep import DeepNeon
+assert "neon_attrib.captum" not in sys.modules
+torch.manual_seed(0)
+cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+for fused in (True, False):
+    model = DeepNeon(cnn, KDEOutlier(gamma=0.1, fused=fused)).fit(torch.rand(3, 3, 16, 16), progress=False)
+    try:
+        LRP(model).attribute(torch.rand(1, 3, 16, 16))
+    except TypeError as exc:
+        assert "import neon_attrib.captum" in str(exc), exc
+    else:
+        raise AssertionError("no error")
+import neon_attrib.captum  # the bridge answers from now on
+LRP(model).attribute(torch.rand(1, 3, 16, 16))
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
