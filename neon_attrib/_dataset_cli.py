@@ -144,7 +144,8 @@ def run_explain_dataset(args: argparse.Namespace) -> int:
         data = ImageFiles(args.images, **options)
         # the fit images as every command reads them: --fit-pattern, constant images (masks) left out
         fit_folder = args.images if args.fit is None else args.fit
-        _fit_files(fit_folder, args.fit_pattern, "--fit" if args.fit is not None else "IMAGES_DIR", recursive=True)
+        _fit_files(fit_folder, args.fit_pattern, "--fit" if args.fit is not None else "IMAGES_DIR",
+                   recursive=True)  # the CLI's error (naming the option) if nothing matches, before any work
         fit_data = ImageFiles(fit_folder, pattern=args.fit_pattern, skip_constant=True, **options)
         pool = args.pool if args.pool != "auto" else ("positive" if args.head == "kmeans" else "sum")
         model = DeepNeon(features, _head(args.head, 1.0, args), pool=pool, preprocessing=preprocessing,
@@ -161,8 +162,8 @@ def run_explain_dataset(args: argparse.Namespace) -> int:
             model.head = _head(args.head, gamma, args)
         fit_dataset(model, fit_data, rows=rows, lloyd_steps=args.lloyd_steps, **common)
         settings = {"fit": "images" if args.fit is None else str(args.fit.resolve()), "fit_pattern": args.fit_pattern,
-                    "gamma": args.gamma,
-                    "max_locations": args.max_locations, "seed": args.seed, "weights": args.weights}
+                    "gamma": args.gamma, "max_locations": args.max_locations, "seed": args.seed,
+                    "weights": args.weights}
         results = explain_dataset(model, data, args.out, dtype=args.dtype, resume=not args.no_resume,
                                   overwrite=args.overwrite, settings=settings, **common)
         if main:

@@ -184,6 +184,8 @@ def run_detect(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.images]
     images = [_load(p, args) for p in paths]  # every explained image is read and checked before any work
     _same_size(images, paths, "IMAGE")
+    skipped: list[str] = []
+
     def read(folder: Path, option: str) -> tuple[list[Path], list[torch.Tensor]]:
         """The non-constant images of a folder and their files (the reader every command's --fit uses)."""
         reader = _FitImages(_fit_files(folder, args.fit_pattern, option), lambda p: _load(p, args), lambda x: x,
@@ -191,8 +193,6 @@ def run_detect(args: argparse.Namespace) -> int:
         loaded = list(tqdm(reader, desc=f"{_PROG}: reading", unit="image", file=sys.stderr, disable=args.quiet))
         skipped.extend(reader.skipped)
         return reader.used, loaded
-
-    skipped: list[str] = []
 
     fit_paths, fit_images = read(args.fit, "--fit")
     calibration_paths: list[Path] = []

@@ -199,8 +199,8 @@ def item_digest(image: torch.Tensor) -> str:
 def data_fingerprint(dataset: Any) -> str | None:
     """A digest of a whole data set, where one is cheap and complete; None otherwise.
 
-    * a tensor or numpy array (of images), a ``TensorDataset``: the contents (hashed in slices, memory-bandwidth
-      bound: about a second per GB);
+    * a tensor or numpy array (of images), a ``TensorDataset``: the contents (hashed in slices: one pass over
+      memory);
     * :class:`ImageFiles`: every file's id, size and modification time (one ``stat`` per file, no decoding);
     * any other ``Dataset``: None: its items are checked one by one instead, against the per-item digests a store
       records (:func:`item_digest`).
