@@ -281,6 +281,14 @@ class DeepNeon(nn.Module):
         self.n_locations_fit_ = state.get("n_locations_fit_")
         self.n_channels_ = state.get("n_channels_")
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, **kwargs: Any) -> Any:
+        if strict and "_extra_state" not in state_dict:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: the state has no "
+                               f"'_extra_state' (the settings it was saved with, which neon_attrib checks on load; a "
+                               f"state saved by an older version has none): build the {type(self).__name__} with the "
+                               f"settings it was saved with and load the state with strict=False.")
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
     # -- forward ---------------------------------------------------------------------------------------------------
     def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.ndim != 4:

@@ -136,3 +136,13 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_state_without_settings_says_how_to_load_it():
+    fitted = DeepNeon(_cnn(), KDEOutlier(gamma=0.1)).fit(_images(), progress=False)
+    old = {key: value for key, value in fitted.state_dict().items() if key != "_extra_state"}
+    with pytest.raises(RuntimeError, match="no '_extra_state'.*strict=False"):
+        DeepNeon(_cnn(), KDEOutlier(gamma=0.1)).load_state_dict(old)
+    loaded = DeepNeon(_cnn(), KDEOutlier(gamma=0.1))
+    loaded.load_state_dict(old, strict=False)
+    assert torch.equal(loaded(_images(2, 1)), fitted(_images(2, 1)))
