@@ -225,9 +225,10 @@ def data_fingerprint(dataset: Any) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # items, blocks and batches
-def read_item(dataset: Any, index: int) -> tuple[torch.Tensor | None, str | None, str]:
+def read_item(dataset: Any, index: int, digest: bool = True) -> tuple[torch.Tensor | None, str | None, str]:
     """``(image or None, error message or None, content digest or '')`` of item ``index``: an item that raises, is
-    not a float image tensor (C, H, W) or holds NaN / inf is a failure with its message, not the end of a run."""
+    not a float image tensor (C, H, W) or holds NaN / inf is a failure with its message, not the end of a run.
+    ``digest=False``: no digest (``''``), for passes that do not record one (fitting)."""
     try:
         item = dataset[index]
     except Exception as exc:  # a corrupt item is a record of the run, not its end
@@ -237,25 +238,25 @@ def read_item(dataset: Any, index: int) -> tuple[torch.Tensor | None, str | None
     if not isinstance(item, torch.Tensor) or item.ndim != 3 or not item.is_floating_point():
         got = f"shape {tuple(item.shape)} {item.dtype}" if isinstance(item, torch.Tensor) else type(item).__name__
         return None, f"TypeError: expected a float image tensor (C, H, W), got {got}", ""
-    digest = item_digest(item)
+    content = item_digest(item) if digest else ""
     finite = torch.isfinite(item)
     if not bool(finite.all()):
         bad = int(finite.numel() - finite.sum())
-        return None, f"ValueError: the image has {bad} non-finite value(s) (NaN or inf) of {item.numel()}", digest
-    return item, None, digest
+        return None, f"ValueError: the image has {bad} non-finite value(s) (NaN or inf) of {item.numel()}", content
+    return item, None, content
 
 
 class _Guarded(Dataset):
     """``(index, image or None, error message or None, content digest)`` for every index (:func:`read_item`)."""
 
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
+    def __init__(self, dataset: Any, digests: bool = False):
+        self.dataset, self.digests = dataset, digests
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, str]:
-        return (index, *read_item(self.dataset, index))
+        return (index, *read_item(self.dataset, index, self.digests))
 
 
 @dataclass
@@ -327,9 +328,10 @@ def blocks_of_rank(n: int, block_size: int, rank: int, world_size: int) -> list[
 
 
 def block_loader(dataset: Any, blocks: Sequence[int], block_size: int, *, num_workers: int, pin_memory: bool,
-                 shape: tuple[int, ...] | None = None) -> DataLoader:
-    """A DataLoader yielding one :class:`Batch` per block, loaded by ``num_workers`` worker processes ahead of use."""
-    return DataLoader(_Guarded(dataset), batch_sampler=_Blocks(blocks, block_size, len(dataset)),
+                 shape: tuple[int, ...] | None = None, digests: bool = False) -> DataLoader:
+    """A DataLoader yielding one :class:`Batch` per block, loaded by ``num_workers`` worker processes ahead of use
+    (with ``digests``, each item's :func:`item_digest` in :attr:`Batch.digests`)."""
+    return DataLoader(_Guarded(dataset, digests), batch_sampler=_Blocks(blocks, block_size, len(dataset)),
                       num_workers=num_workers, collate_fn=_Collate(block_size, shape), pin_memory=pin_memory,
                       prefetch_factor=2 if num_workers else None, persistent_workers=False)
 

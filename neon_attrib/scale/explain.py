@@ -268,7 +268,7 @@ def _explain_blocks(model: nn.Module, source: Source, group: Any, blocks: list[i
     arrays = _store.arrays_of(group)
     n_outputs = arrays["output"].shape[1]
     loader = block_loader(source.dataset, blocks, block, num_workers=workers, pin_memory=device.type == "cuda",
-                          shape=shape)
+                          shape=shape, digests=True)
     total = sum(min(n, (b + 1) * block) - b * block for b in blocks)
     label = "explain_dataset" + (f" (rank {ranks.rank}/{ranks.world_size})" if ranks.distributed else "")
     writes: collections.deque[Future] = collections.deque()
