@@ -44,6 +44,8 @@ class _SelfFitted:
                              f"but r mod {n_support}; got {x.shape[0]} rows, not a multiple of {n_support}. Explain "
                              f"the image(s) it was fitted on (DeepNeon.fit_self), in the same order.")
         index = torch.arange(x.shape[0], device=x.device) % n_support
+        if x.shape[0] == 0:
+            return index
         with torch.no_grad():
             expected = support[index].to(x.dtype)
             error = (x.detach() - expected).norm(dim=1)
