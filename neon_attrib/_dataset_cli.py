@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._explain_cli import _fit_files
 from .deep import DeepNeon, median_gamma
 from .models import KDEInlier, KDEOutlier, KMeansMembership
 from .scale import ImageFiles, explain_dataset, fit_dataset, local_device, process_group_from_env, sample_locations
@@ -42,7 +44,12 @@ def register_explain_dataset(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, metavar="STORE", help="the zarr store (a folder)")
     parser.add_argument("--head", choices=HEADS, default="kde-outlier", help="default: %(default)s")
     parser.add_argument("--fit", type=Path, default=None, metavar="DIR",
-                        help="fit the head on the images in DIR (default: on IMAGES_DIR itself)")
+                        help="fit the head on the images in DIR (searched recursively; default: on IMAGES_DIR "
+                             "itself); constant images (e.g. all-black masks) are left out of the fit with a warning, "
+                             "a folder of only constant images is refused")
+    parser.add_argument("--fit-pattern", metavar="GLOB", default=None,
+                        help="fit only on the files of the fit folder matching GLOB, relative to it (e.g. '**/*.jpg' "
+                             "to leave out PNG masks next to JPEG photos; default: every image file, recursively)")
     parser.add_argument("--max-locations", type=int, default=10000, metavar="N",
                         help="fit on a seeded uniform sample of N block-5 locations (default: %(default)s)")
     parser.add_argument("--lloyd-steps", type=int, default=0, metavar="S",
@@ -135,18 +142,28 @@ def run_explain_dataset(args: argparse.Namespace) -> int:
         preprocessing = get_preprocessing(args.preprocessing)
         options = {"size": args.size, "preprocessing": preprocessing, "value_range": args.value_range}
         data = ImageFiles(args.images, **options)
-        fit_data = data if args.fit is None else ImageFiles(args.fit, **options)
+        # the fit images as every command reads them: --fit-pattern, constant images (masks) left out
+        fit_folder = args.images if args.fit is None else args.fit
+        _fit_files(fit_folder, args.fit_pattern, "--fit" if args.fit is not None else "IMAGES_DIR",
+                   recursive=True)  # the CLI's error (naming the option) if nothing matches, before any work
+        fit_data = ImageFiles(fit_folder, pattern=args.fit_pattern, skip_constant=True, **options)
         pool = args.pool if args.pool != "auto" else ("positive" if args.head == "kmeans" else "sum")
         model = DeepNeon(features, _head(args.head, 1.0, args), pool=pool, preprocessing=preprocessing,
                          composite=args.composite, fast=args.fast).to(device)
         common = {"batch_size": args.batch_size, "num_workers": args.workers, "progress": not args.quiet}
-        rows = sample_locations(model, fit_data, max_locations=args.max_locations, seed=args.seed, **common)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            rows = sample_locations(model, fit_data, max_locations=args.max_locations, seed=args.seed, **common)
+        for warning in caught:
+            if main:
+                print(f"{_PROG}: warning: fitting: {warning.message}", file=sys.stderr)
         if args.head != "kmeans":
             gamma = median_gamma(rows, seed=args.seed) if args.gamma == "auto" else float(args.gamma)
             model.head = _head(args.head, gamma, args)
         fit_dataset(model, fit_data, rows=rows, lloyd_steps=args.lloyd_steps, **common)
-        settings = {"fit": "images" if args.fit is None else str(args.fit.resolve()), "gamma": args.gamma,
-                    "max_locations": args.max_locations, "seed": args.seed, "weights": args.weights}
+        settings = {"fit": "images" if args.fit is None else str(args.fit.resolve()), "fit_pattern": args.fit_pattern,
+                    "gamma": args.gamma, "max_locations": args.max_locations, "seed": args.seed,
+                    "weights": args.weights}
         results = explain_dataset(model, data, args.out, dtype=args.dtype, resume=not args.no_resume,
                                   overwrite=args.overwrite, settings=settings, **common)
         if main:

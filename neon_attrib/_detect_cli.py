@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._explain_cli import _check_out, _fit_files, _json_safe, _unique_stems
+from ._explain_cli import _check_out, _fit_files, _FitImages, _json_safe, _unique_stems
 
 __all__ = ["register_detect", "run_detect"]
 
@@ -51,10 +51,11 @@ def register_detect(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to check and explain")
     parser.add_argument("--detector", choices=DETECTORS, default="patchcore", help="default: %(default)s")
     parser.add_argument("--fit", metavar="DIR", type=Path, required=True,
-                        help="folder of normal (defect-free) images to fit on")
+                        help="folder of normal (defect-free) images to fit on; constant images (e.g. all-black masks) "
+                             "are skipped with a warning, a folder of only constant images is refused")
     parser.add_argument("--fit-pattern", metavar="GLOB", default=None,
-                        help="only the files of DIR matching GLOB (e.g. '*.jpg' to leave out PNG masks; '**/*.png' "
-                             "recurses; default: every image file in DIR)")
+                        help="only the files of DIR (and of --calibrate DIR) matching GLOB (e.g. '*.jpg' to leave out "
+                             "PNG masks; '**/*.png' recurses; default: every image file in DIR, not recursing)")
     parser.add_argument("--calibrate", metavar="DIR", type=Path, default=None,
                         help="folder of held-out normal images for the threshold and the normal level τ (default: "
                              "--holdout of the --fit images, not used for fitting)")
@@ -183,31 +184,42 @@ def run_detect(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.images]
     images = [_load(p, args) for p in paths]  # every explained image is read and checked before any work
     _same_size(images, paths, "IMAGE")
-    fit_paths = _fit_files(args.fit, args.fit_pattern)
+    skipped: list[str] = []
+
+    def read(folder: Path, option: str) -> tuple[list[Path], list[torch.Tensor]]:
+        """The non-constant images of a folder and their files (the reader every command's --fit uses)."""
+        reader = _FitImages(_fit_files(folder, args.fit_pattern, option), lambda p: _load(p, args), lambda x: x,
+                            option=option, folder=folder, warn=_warn)
+        loaded = list(tqdm(reader, desc=f"{_PROG}: reading", unit="image", file=sys.stderr, disable=args.quiet))
+        skipped.extend(reader.skipped)
+        return reader.used, loaded
+
+    fit_paths, fit_images = read(args.fit, "--fit")
     calibration_paths: list[Path] = []
+    calibration_images: list[torch.Tensor] = []
     if args.calibrate is not None:
-        calibration_paths = _fit_files(args.calibrate, args.fit_pattern)
+        calibration_paths, calibration_images = read(args.calibrate, "--calibrate")
     elif args.holdout > 0:
         count = int(round(args.holdout * len(fit_paths)))
         if count >= 2 and len(fit_paths) - count >= 2:
             held = {round(i * (len(fit_paths) - 1) / max(count - 1, 1)) for i in range(count)}
             calibration_paths = [p for i, p in enumerate(fit_paths) if i in held]
+            calibration_images = [x for i, x in enumerate(fit_images) if i in held]
             fit_paths = [p for i, p in enumerate(fit_paths) if i not in held]
+            fit_images = [x for i, x in enumerate(fit_images) if i not in held]
         else:
             _warn(f"--holdout {args.holdout} of {len(fit_paths)} fit images leaves fewer than 2 for calibration or "
                   f"fitting: no threshold, no verdicts. Give --calibrate DIR or more fit images.")
     if args.target == "excess" and not calibration_paths:
         raise ValueError("--target excess needs the normal level τ from calibration images: give --calibrate DIR or "
                          "a --holdout > 0 with enough --fit images.")
-    fit_images = [_load(p, args) for p in tqdm(fit_paths, desc=f"{_PROG}: reading", unit="image", file=sys.stderr,
-                                               disable=args.quiet)]
     _same_size(fit_images + images, fit_paths + paths, "--fit and IMAGE")
     device = torch.device(args.device)
     model = _build(args, preprocessing)
     fit_inputs = [preprocessing(image).to(device) for image in fit_images]
     model.fit(fit_inputs, batch_size=args.batch_size, progress=not args.quiet)
     if calibration_paths:
-        calibration = [preprocessing(_load(p, args)).to(device) for p in calibration_paths]
+        calibration = [preprocessing(image).to(device) for image in calibration_images]
         _same_size(calibration + fit_inputs, calibration_paths + fit_paths, "--calibrate and --fit")
         model.calibrate(calibration, percentile=args.percentile, batch_size=args.batch_size)
 
@@ -216,7 +228,8 @@ def run_detect(args: argparse.Namespace) -> int:
         "settings": {
             "detector": args.detector, "backbone": args.backbone, "layers": list(model.taps.layers),
             "weights": args.weights, "random_weights": args.weights is None, "preprocessing": preprocessing.name,
-            "size": None if args.no_resize else args.size, "fit": str(args.fit), "n_fit": len(fit_paths),
+            "size": None if args.no_resize else args.size, "fit": str(args.fit), "fit_pattern": args.fit_pattern,
+            "fit_skipped": skipped, "n_fit": len(fit_paths),
             "n_calibration": len(calibration_paths), "percentile": args.percentile, "target": args.target,
             "coreset_ratio": args.coreset_ratio if args.detector == "patchcore" else None,
             "n_channels": args.n_channels if args.detector == "padim" else None,

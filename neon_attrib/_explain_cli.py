@@ -179,50 +179,60 @@ def _check_args(args: argparse.Namespace) -> None:
     _check_out(args.out)
 
 
-def _fit_files(folder: Path, pattern: str | None) -> list[Path]:
-    """The image files of ``folder`` matching ``pattern`` (default: all, not recursing), sorted."""
-    from .vision import IMAGE_SUFFIXES
+def _fit_files(folder: Path, pattern: str | None, option: str = "--fit", *, recursive: bool = False) -> list[Path]:
+    """The image files of ``folder`` matching ``pattern`` (default: all, recursing only with ``recursive``), sorted.
+    The one listing of fit folders of every command (``explain``, ``detect``, ``explain-dataset``)."""
+    from .vision import image_files
 
     try:
-        matches = folder.glob(pattern) if pattern is not None else folder.iterdir()
-        files = sorted({p for p in matches if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()})
-    except (ValueError, NotImplementedError) as exc:
-        raise ValueError(f"--fit-pattern {pattern!r} is not a usable pattern ({exc}). Give a pattern relative to "
-                         f"DIR, e.g. '*.jpg'.") from None
-    if not files:
-        which = f"matching --fit-pattern {pattern!r}" if pattern is not None else f"({', '.join(IMAGE_SUFFIXES)})"
-        raise ValueError(f"--fit: no image files {which} in {folder}.")
-    return files
+        return image_files(folder, pattern, recursive=recursive)
+    except NotADirectoryError:
+        raise FileNotFoundError(f"{option}: no such folder: {folder}") from None
+    except ValueError as exc:
+        message = str(exc).removeprefix("image_files: ")
+        if pattern is not None:
+            message = message.replace(f"matching {pattern!r}", f"matching --fit-pattern {pattern!r}")
+            message = message.replace(f"{pattern!r} is not a usable pattern", f"--fit-pattern {pattern!r} is not a "
+                                                                              f"usable pattern")
+        raise ValueError(f"{option}: {message}") from None
 
 
 class _FitImages:
-    """The fit images as batches of one, loaded lazily (a sized iterable for the progress bar).
+    """The images of a fit folder, read one at a time (a sized iterable, for a progress bar): the one reader of the
+    fit images of every command.
 
-    Constant images (every pixel the same value, e.g. the all-black masks of defect-free samples) carry no
-    information and are skipped with a warning; they are listed in :attr:`skipped`.
+    Each file is read with ``load`` (a file that cannot be read is an error naming it); constant images (every pixel
+    the same value, e.g. the all-black masks of defect-free samples) carry no information and are skipped with a
+    warning (listed in :attr:`skipped`); a folder of nothing but constant images is refused. Yields
+    ``transform(image)``; :attr:`used` lists the files yielded.
     """
 
-    def __init__(self, files: list[Path], size: int, preprocess, device: str, value_range):
-        self.files = files
-        self.size, self.preprocess, self.device, self.value_range = size, preprocess, device, value_range
+    def __init__(self, files: list[Path], load, transform, *, option: str, folder: Path, warn):
+        self.files, self.load, self.transform = files, load, transform
+        self.option, self.folder, self.warn = option, folder, warn
         self.skipped: list[str] = []
-        self.used = 0
+        self.used: list[Path] = []
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __iter__(self):
-        from .vision import load_image
+        from .vision import ConstantImageError, check_not_constant
 
+        self.skipped, self.used = [], []
         for path in self.files:
-            image = load_image(path, self.size, value_range=self.value_range)
-            if bool(image.amax() == image.amin()):
+            image = self.load(path)
+            try:
+                check_not_constant(image, str(path))
+            except ConstantImageError as exc:
                 self.skipped.append(str(path))
-                _warn(f"--fit: skipping {path}: every pixel is {float(image[0, 0, 0]):.3g} (a constant image, e.g. "
-                      f"a mask). Use --fit-pattern to select the photos.")
+                self.warn(f"{self.option}: skipping {exc} Use --fit-pattern to select the photos.")
                 continue
-            self.used += 1
-            yield self.preprocess(image).unsqueeze(0).to(self.device)
+            self.used.append(path)
+            yield self.transform(image)
+        if not self.used:
+            raise ValueError(f"{self.option}: all {len(self.files)} images in {self.folder} are constant (e.g. "
+                             f"masks); nothing to fit on. Use --fit-pattern to select the photos.")
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
@@ -275,8 +285,10 @@ def run_explain(args: argparse.Namespace) -> int:
     images = [load_image(p, args.size, value_range=args.value_range) for p in paths]
     fit_images = None
     if args.fit is not None:
-        fit_images = _FitImages(_fit_files(args.fit, args.fit_pattern), args.size, preprocessing, args.device,
-                                args.value_range)
+        fit_images = _FitImages(_fit_files(args.fit, args.fit_pattern),
+                                lambda path: load_image(path, args.size, value_range=args.value_range),
+                                lambda image: preprocessing(image).unsqueeze(0).to(args.device),
+                                option="--fit", folder=args.fit, warn=_warn)
 
     if args.weights is None:
         print(_RANDOM_WEIGHTS_WARNING, file=sys.stderr)
@@ -294,14 +306,8 @@ def run_explain(args: argparse.Namespace) -> int:
     models: dict[str, DeepNeon] = {}
     fit_gamma = None
     if fit_images is not None:
-        try:
-            rows = build(heads[0], 1.0).feature_rows(fit_images, max_locations=args.max_locations, seed=args.seed,
-                                                     progress=not args.quiet)
-        except ValueError:
-            if fit_images.used == 0:
-                raise ValueError(f"--fit: all {len(fit_images)} images in {args.fit} are constant (e.g. masks); "
-                                 f"nothing to fit on. Use --fit-pattern to select the photos.") from None
-            raise
+        rows = build(heads[0], 1.0).feature_rows(fit_images, max_locations=args.max_locations, seed=args.seed,
+                                                 progress=not args.quiet)
         if args.gamma == "auto" and rows.shape[0] >= 2 and bool((rows == rows[0]).all()):
             raise ValueError(f"--fit: all {rows.shape[0]} block-5 locations of the images in {args.fit} are "
                              f"identical, so --gamma auto has no scale. Fit on varied images or give --gamma G.")

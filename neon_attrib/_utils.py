@@ -80,6 +80,8 @@ def check_2d_finite(x: torch.Tensor, *, owner: str, name: str = "X", n_features:
         raise ValueError(
             f"{name} passed to {owner} must be 2-D of shape (n_samples, n_features). Got shape {tuple(x.shape)}."
         )
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} passed to {owner} has 0 features (shape {tuple(x.shape)}); at least 1 is required.")
     if n_features is not None and x.shape[1] != n_features:
         raise ValueError(f"{name} has {x.shape[1]} features, but {owner} was fitted with {n_features} features.")
     if not bool(torch.isfinite(x).all()):

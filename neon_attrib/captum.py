@@ -57,21 +57,7 @@ from .evaluation import (
     model_score,
     patch_mask,
 )
-from .layers import (
-    ClusterDifference,
-    KMinPool,
-    LinearClusterDifference,
-    LocationPool,
-    LogMeanExpPool,
-    MahalanobisDistance,
-    MeanPool,
-    MinPool,
-    PositionalMahalanobisDistance,
-    RandomCosineFeatures,
-    SquaredDistance,
-    SquareRoot,
-    WeightedLogSumExpPool,
-)
+from .layers import CAPTUM_LAYERS, LocationPool, register_captum_rules  # noqa: F401 (CAPTUM_LAYERS: re-exported)
 from .models import KDEInlier, KDEOutlier, KMeansMembership
 from .pipeline import resolve_composite, resolve_targets
 from .pipeline import run as run_pipeline
@@ -673,10 +659,5 @@ def _comparison_figure(result: Comparison, x: torch.Tensor, feature_names: Seque
     return fig
 
 
-#: NEON leaf layers that carry a class-level Captum rule once this module is imported.
-CAPTUM_LAYERS = (SquaredDistance, LogMeanExpPool, RandomCosineFeatures, MeanPool, ClusterDifference, MinPool,
-                 LocationPool, KMinPool, SquareRoot, MahalanobisDistance, WeightedLogSumExpPool,
-                 LinearClusterDifference, PositionalMahalanobisDistance)
-for _layer_class in CAPTUM_LAYERS:
-    _layer_class.rule = _CaptumRule()
-del _layer_class
+# the class-level ``rule`` slot of CAPTUM_LAYERS (neon_attrib.layers.CaptumRuleSlot) is answered by this module
+register_captum_rules(_CaptumRule())

@@ -93,6 +93,15 @@ _COMPOSITES = ("epsilon_gamma_box", "epsilon_plus_flat")
 _IMAGE_SUFFIXES = IMAGE_SUFFIXES
 
 
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that settings compare equal after a round trip through a file."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def median_gamma(rows: torch.Tensor, max_rows: int = 2000, seed: int = 0) -> float:
     """A kernel sharpness matched to the data: ``γ = 1 / median ‖a − a'‖²`` over pairs of distinct rows.
 
@@ -237,6 +246,49 @@ class DeepNeon(nn.Module):
         self.n_channels_: int | None = getattr(head, "n_features_in_", None)
         self.eval()
 
+    # -- state dict ------------------------------------------------------------------------------------------------
+    def saved_settings(self) -> dict[str, Any]:
+        """The settings that decide this model's outputs and explanations besides its tensors: saved in
+        ``state_dict()['_extra_state']`` and compared on ``load_state_dict`` (a state is refused by a model built
+        with other settings). Subclasses add theirs (PatchCore: ``aggregate``, ``sigma``, ``reweight``, ...)."""
+        composite = self.composite if isinstance(self.composite, str) else type(self.composite).__qualname__
+        prep = self.preprocessing
+        bounds = None if self.low is None else [torch.as_tensor(self.low).tolist(), torch.as_tensor(self.high).tolist()]
+        return {"pool": getattr(self.pool, "mode", None), "composite": composite, "lrp_gamma": float(self.lrp_gamma),
+                "preprocessing": {"name": prep.name, "mean": [float(v) for v in prep.mean],
+                                  "std": [float(v) for v in prep.std], "bgr": bool(prep.bgr)},
+                "bounds": bounds}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "settings": self.saved_settings(),
+                "n_locations_fit_": self.n_locations_fit_, "n_channels_": self.n_channels_}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if not isinstance(state, dict) or "settings" not in state:
+            raise ValueError(f"Cannot load this state into a {name}: its '_extra_state' holds no settings.")
+        if state.get("class", name) != name:
+            raise ValueError(f"Cannot load the state of a {state['class']} into a {name}.")
+        mine = self.saved_settings()
+        differ = [key for key in sorted(set(mine) | set(state["settings"]))
+                  if _plain(state["settings"].get(key)) != _plain(mine.get(key))]
+        if differ:
+            listed = "; ".join(f"{key}={state['settings'].get(key)!r} in the state, {mine.get(key)!r} here"
+                               for key in differ)
+            raise ValueError(f"Cannot load this state into this {name}: it was saved by a {name} built with other "
+                             f"settings, which would change its outputs ({listed}). Build the {name} with the saved "
+                             f"settings.")
+        self.n_locations_fit_ = state.get("n_locations_fit_")
+        self.n_channels_ = state.get("n_channels_")
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, **kwargs: Any) -> Any:
+        if strict and "_extra_state" not in state_dict:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: the state has no "
+                               f"'_extra_state' (the settings it was saved with, which neon_attrib checks on load; a "
+                               f"state saved by an older version has none): build the {type(self).__name__} with the "
+                               f"settings it was saved with and load the state with strict=False.")
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
     # -- forward ---------------------------------------------------------------------------------------------------
     def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
@@ -295,6 +347,7 @@ class DeepNeon(nn.Module):
         if max_locations is not None:
             check_int(max_locations, owner="DeepNeon", name="max_locations", minimum=1)
         check_int(batch_size, owner="DeepNeon", name="batch_size", minimum=1)
+        check_int(seed, owner="DeepNeon", name="seed", minimum=0)
         from tqdm.auto import tqdm
 
         dtype, device = _features_dtype_device(self.features)
@@ -348,6 +401,7 @@ class DeepNeon(nn.Module):
         to a fixed norm (``KMeansMembership(n_clusters=5, centroid_norm=1.0)``: with equal norms the membership
         ``f_c`` is linear, ``2aᵀ(μ_c − μ_k)``, and its bias-free relevance all goes to active channels).
         """
+        check_int(seed, owner="DeepNeon", name="seed", minimum=0)
         if getattr(self.head, "_fits_on_feature_maps", False):
             return self._fit_head_on_maps(images, max_locations, batch_size, progress)
         rows = self.feature_rows(images, batch_size=batch_size, max_locations=max_locations, seed=seed,

@@ -28,10 +28,11 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
     * setting a hyperparameter of a *fitted* estimator either takes effect everywhere (``forward``, ``score``, the
       rules) or raises a ``ValueError`` that says to refit (hyperparameters listed in ``_refit_parameters``);
     * inputs are converted and checked (:meth:`_as_tensor`), the fitted state lives in buffers and in attributes ending
-      in ``_``, and hyperparameters travel in ``state_dict()['_extra_state']`` as plain Python values.
+      in ``_``, and every constructor parameter and the fitted scalars travel in ``state_dict()['_extra_state']`` as
+      plain Python values.
     """
 
-    #: attributes saved in ``state_dict()['_extra_state']`` (hyperparameters and fitted scalars)
+    #: attributes saved in ``state_dict()['_extra_state']`` besides the constructor parameters (fitted scalars)
     _state_attributes: tuple[str, ...] = ()
     #: hyperparameters whose change needs a new ``fit`` (setting them on a fitted model raises)
     _refit_parameters: tuple[str, ...] = ()
@@ -113,14 +114,18 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
 
     # -- state dict ----------------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        return {"class": self._name, **{key: _plain(getattr(self, key)) for key in self._state_attributes}}
+        # every constructor parameter (all of them: one forgotten here, e.g. a chunk size, would make a loaded model
+        # compute differently from the saved one), then the fitted attributes
+        params = {key: _plain(value) for key, value in self.get_params(deep=False).items()}
+        params = {key: value for key, value in params.items() if _is_plain(value)}
+        return {"class": self._name, **params, **{key: _plain(getattr(self, key)) for key in self._state_attributes}}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("class", self._name) != self._name:
             raise ValueError(f"Cannot load the state of a {state['class']} into a {self._name}.")
         self.__dict__["_loading"] = True
         try:
-            for key in self._state_attributes:
+            for key in (*sorted(_param_names(type(self))), *self._state_attributes):
                 if key in state:
                     setattr(self, key, state[key])
         finally:
@@ -146,6 +151,13 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # arrays and tensors compare element-wise
         return a is b
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``torch.load(weights_only=True)`` reads ``value`` back (numbers, strings, None, their tuples/lists)."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _plain(value: Any) -> Any:

@@ -28,7 +28,14 @@ class _SelfFitted:
 
     _name: str
 
-    def _self_index(self, x: torch.Tensor, n_support: int) -> torch.Tensor:
+    #: a row may differ from the location it stands for by this share of the support's spread (largest distance
+    #: to its mean), plus rounding of the row's magnitude: the features of the same images recomputed (batch-norm
+    #: merging, another batch size) differ by rounding, other images by O(spread)
+    _self_tolerance = 1e-3
+
+    def _self_index(self, x: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """``r mod N`` for every row ``r`` of ``x``, after checking that row ``r`` *is* support point ``r mod N``."""
+        n_support = support.shape[0]
         if n_support < 2:
             raise ValueError(f"{self._name} needs at least 2 support points (locations) to leave one out. "
                              f"Got {n_support}.")
@@ -36,7 +43,24 @@ class _SelfFitted:
             raise ValueError(f"{self._name} scores the locations it was fitted on, row r against all support points "
                              f"but r mod {n_support}; got {x.shape[0]} rows, not a multiple of {n_support}. Explain "
                              f"the image(s) it was fitted on (DeepNeon.fit_self), in the same order.")
-        return torch.arange(x.shape[0], device=x.device) % n_support
+        index = torch.arange(x.shape[0], device=x.device) % n_support
+        if x.shape[0] == 0:
+            return index
+        with torch.no_grad():
+            expected = support[index].to(x.dtype)
+            error = (x.detach() - expected).norm(dim=1)
+            rows = support.detach().to(torch.float64)
+            spread = float((rows - rows.mean(0)).norm(dim=1).max())
+            magnitude = float(rows.norm(dim=1).max())
+            allowed = self._self_tolerance * spread + 64 * torch.finfo(x.dtype).eps * magnitude
+            worst = int(error.argmax())
+            if not float(error[worst]) <= allowed:
+                raise ValueError(f"{self._name} scores the locations it was fitted on, in the fitted order; row "
+                                 f"{worst} is {float(error[worst]):.3g} away from the location it stands for "
+                                 f"(support point {worst % n_support}; the support's spread is {spread:.3g}), so "
+                                 f"these are other images (or another order). Explain the image(s) it was fitted on "
+                                 f"(DeepNeon.fit_self), or fit it again on these.")
+        return index
 
 
 class LeaveOneOutKDEOutlier(_SelfFitted, KDEOutlier):
@@ -68,7 +92,7 @@ class LeaveOneOutKDEOutlier(_SelfFitted, KDEOutlier):
     def distances(self, x: torch.Tensor) -> torch.Tensor:
         """``‖x_r − u_k‖²`` (rows, N) with ``+inf`` at ``k = r mod N``."""
         support = self.distance.support
-        index = self._self_index(x, support.shape[0])
+        index = self._self_index(x, support)
         h = squared_distance(x, support, centre=self.distance.centre)
         mask = torch.nn.functional.one_hot(index, support.shape[0]).bool()
         return h.masked_fill(mask, math.inf)
@@ -109,7 +133,7 @@ class LeaveOneOutKDEInlier(_SelfFitted, KDEInlier):
     def row_means(self, x: torch.Tensor) -> torch.Tensor:
         """``μ^{(−r)}`` for every row of ``x``, (rows, H)."""
         layer, support = self.features, self.support
-        index = self._self_index(x, support.shape[0])
+        index = self._self_index(x, support)
         phi = random_cosine_features(support, layer.omega, layer.bias)  # (N, H)
         n = support.shape[0]
         return ((n * layer.mean - phi) / (n - 1))[index]

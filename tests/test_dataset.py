@@ -215,12 +215,14 @@ def test_killed_run_resumes_to_the_same_store(folder, model, tmp_path):
     assert open_results(resumed).table()["status"].tolist()[8:] == [0] * 5  # pending
     again = Crashing(folder)
     run(model, again, resumed)
-    assert again.read[:2] == [0, 1] and min(again.read[2:]) == 8  # the shape probe, then the unfinished blocks
+    # the shape probe, a sample of the stored items (their digests checked), then the unfinished blocks
+    checked = [index for index in again.read[2:] if index < 8]
+    assert again.read[:2] == [0, 1] and len(checked) <= 8 and again.read[2 + len(checked):] == list(range(8, 13))
     assert store_files(resumed) == store_files(uninterrupted)
     # a complete store with the same settings: nothing to redo
     nothing = Crashing(folder)
     run(model, nothing, resumed)
-    assert nothing.read == [0, 1]  # the shape probe only (item 0, broken.png, fails)
+    assert nothing.read[:2] == [0, 1] and len(nothing.read) <= 2 + 8  # the shape probe and the digest sample only
     assert store_files(resumed) == store_files(uninterrupted)
 
 

@@ -141,6 +141,10 @@ def test_errors():
     shared_relu = torchvision.models.resnet18(weights=None).eval()  # one ReLU module called twice per block
     with pytest.raises(ValueError, match="ran twice"):
         FeatureTaps(shared_relu, ["layer1.0.relu", "layer2"])(torch.zeros(1, 3, 32, 32))
+    # the same layer as the last (or only) tap: the same error, not the first call's output
+    for layers in (["layer1.0.relu"], ["relu", "layer1.0.relu"]):
+        with pytest.raises(ValueError, match="ran twice"):
+            FeatureTaps(shared_relu, layers)(torch.zeros(1, 3, 32, 32))
     overwritten = backbone("vgg11")  # "0" is a convolution whose output the in-place ReLU "1" overwrites
     with pytest.raises(ValueError, match="overwritten in place"):
         FeatureTaps(overwritten, ["0", "4"])(torch.zeros(1, 3, 32, 32))

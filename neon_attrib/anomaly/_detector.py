@@ -200,6 +200,16 @@ class AnomalyDetector(DeepNeon):
         self.eval()
 
     # -- configuration -----------------------------------------------------------------------------------------------
+    def saved_settings(self) -> dict[str, Any]:
+        """:meth:`DeepNeon.saved_settings <neon_attrib.deep.DeepNeon.saved_settings>` with the taps (``layers``,
+        ``aggregate``, ``reduce_to``) and the anomaly map's ``sigma``; ``explain_target`` is a choice of what to
+        explain (see :meth:`with_target`), not saved."""
+        settings = super().saved_settings()
+        del settings["pool"]  # the patch pool's target is explain_target
+        taps = self.taps
+        return {**settings, "layers": list(taps.layers), "aggregate": taps.aggregate, "reduce_to": taps.reduce_to,
+                "sigma": None if self.sigma is None else float(self.sigma)}
+
     @property
     def taps(self) -> FeatureTaps:
         """The :class:`~neon_attrib.vision.FeatureTaps` reading the backbone."""

@@ -123,6 +123,10 @@ class PatchCore(AnomalyDetector):
         self.seed = seed
         self.chunk_size = chunk_size
 
+    def saved_settings(self) -> dict[str, Any]:
+        """The detector's settings (:meth:`AnomalyDetector.saved_settings`) and the image-score re-weighting."""
+        return {**super().saved_settings(), "reweight": self.reweight, "reweight_neighbors": self.reweight_neighbors}
+
     @staticmethod
     def _new_head(chunk_size: int) -> KNNOutlier:
         # fused: the nearest item is searched in chunks, never an (n_patches, M) matrix beyond one chunk

@@ -20,7 +20,16 @@ from ..pipeline import ConservationWarning, Explainer, attribution_output, resol
 from ..vision import Preprocessing
 from . import store as _store
 from ._dist import Ranks, ensure_process_group, on_rank0
-from .data import ImageFiles, Source, block_loader, blocks_of_rank, first_readable, resolve_source
+from .data import (
+    ImageFiles,
+    Source,
+    block_loader,
+    blocks_of_rank,
+    data_fingerprint,
+    first_readable,
+    read_item,
+    resolve_source,
+)
 from .results import Results, open_results
 
 __all__ = ["explain_dataset"]
@@ -140,6 +149,7 @@ def explain_dataset(model: nn.Module, dataset: Any, out: str | os.PathLike, *, b
                          f"random weights, or load the same weights, on every rank.")
     wanted = {
         "n": len(source.ids), "ids_sha256": hashlib.sha256("\0".join(source.ids).encode()).hexdigest(),
+        "data_sha256": data_fingerprint(source.dataset),
         "dtype": storage, "batch_size": block, "model": fingerprints[0],
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "data": source.description,
         "target": target, "audit": bool(audit), "composite": None if composite is None else type(composite).__name__,
@@ -194,6 +204,7 @@ def _prepare(path: Path, model: nn.Module, source: Source, wanted: dict[str, Any
                                   f"overwrite=True to start over.")
         attrs = _store.get_attrs(stored)
         _store.check_settings(path, attrs.get("settings", {}), wanted)
+        _check_items(path, stored, source)
         return layout
     description = source.dataset.describe() if isinstance(source.dataset, ImageFiles) else source.description
     where = {"root": str(source.dataset.root.resolve())} if isinstance(source.dataset, ImageFiles) else {}
@@ -201,6 +212,30 @@ def _prepare(path: Path, model: nn.Module, source: Source, wanted: dict[str, Any
                         shape=tuple(image.shape), dtype=wanted["dtype"], n_outputs=layout["n_outputs"],
                         block=wanted["batch_size"])
     return layout
+
+
+#: items of a resumed store read again and compared with the digests recorded when they were explained
+_CHECKED_ITEMS = 8
+
+
+def _check_items(path: Path, group: Any, source: Source) -> None:
+    """Rank 0, resuming: read up to :data:`_CHECKED_ITEMS` of the items already in the store (evenly spread) and
+    compare their content digests with the recorded ones, so that another data set with the same ids and shapes
+    (a ``Dataset`` that has no complete fingerprint) is refused instead of handed the stored results."""
+    status = np.asarray(group["status"][:])
+    seen = np.flatnonzero(status != _store.PENDING)
+    if seen.size == 0:
+        return
+    picks = seen[np.unique(np.linspace(0, seen.size - 1, min(_CHECKED_ITEMS, seen.size)).round().astype(int))]
+    recorded = group["digest"]
+    for index in picks.tolist():
+        _, error, digest = read_item(source.dataset, index)
+        before = str(np.asarray(recorded[index:index + 1])[0])
+        if digest != before:
+            now = f"now: {error}" if not digest else "its content differs"
+            raise ValueError(f"explain_dataset: item {index} ({source.ids[index]!r}) is not the item explained into "
+                             f"the store {path} ({now}); the data set changed. Use another 'out', or overwrite=True "
+                             f"to explain it again.")
 
 
 def _make_explainer(model: nn.Module, composite: Any, beta: Any, eps: Any, audit: bool,
@@ -233,7 +268,7 @@ def _explain_blocks(model: nn.Module, source: Source, group: Any, blocks: list[i
     arrays = _store.arrays_of(group)
     n_outputs = arrays["output"].shape[1]
     loader = block_loader(source.dataset, blocks, block, num_workers=workers, pin_memory=device.type == "cuda",
-                          shape=shape)
+                          shape=shape, digests=True)
     total = sum(min(n, (b + 1) * block) - b * block for b in blocks)
     label = "explain_dataset" + (f" (rank {ranks.rank}/{ranks.world_size})" if ranks.distributed else "")
     writes: collections.deque[Future] = collections.deque()
@@ -250,6 +285,8 @@ def _explain_blocks(model: nn.Module, source: Source, group: Any, blocks: list[i
                     start, count = batch.indices[0], len(batch.indices)
                     columns, output_rows = _empty_rows(count, n_outputs)
                     relevance_rows = np.full((count, *shape), np.nan, dtype=storage)
+                    for index, digest in batch.digests.items():
+                        columns["digest"][index - start] = digest
                     for index, message in batch.errors.items():
                         columns["status"][index - start] = _store.FAILED
                         columns["error"][index - start] = message
@@ -288,6 +325,7 @@ def _empty_rows(count: int, n_outputs: int) -> tuple[dict[str, np.ndarray], np.n
         "status": np.zeros(count, dtype="u1"), "score": np.full(count, np.nan), "target": np.full(count, -1),
         "audit_ok": np.zeros(count, dtype=bool), "audit_relative_error": np.full(count, np.nan),
         "relevance_sum": np.full(count, np.nan), "error": np.full(count, "", dtype=object),
+        "digest": np.full(count, "", dtype=object),
     }
     return columns, np.full((count, n_outputs), np.nan)
 

@@ -16,6 +16,7 @@ rank 0 merges them.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -69,13 +70,23 @@ def sample_locations(model: nn.Module, dataset: Any, *, max_locations: int | Non
     ranks.bind(_dtype_device(features)[1])
     source = _source(model, dataset)
     kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # keys, positions, rows
+    failures: list[tuple[str, str]] = []
     for keys, positions, rows in _stream(features, source, ranks, batch_size, num_workers, progress, seed,
-                                         "sample_locations"):
+                                         "sample_locations", failures):
         kept = _smallest(kept, (keys, positions, rows), max_locations)
-    gathered = ranks.gather(kept)
+    gathered = ranks.gather((kept, failures))
 
     def merge() -> torch.Tensor:
-        parts = [part for part in gathered if part is not None]
+        parts = [part for part, _ in gathered if part is not None]
+        left_out = [failure for _, shard in gathered for failure in shard]
+        if left_out:
+            listed = "; ".join(f"{name}: {message}" for name, message in left_out[:3])
+            more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+            if not parts:
+                raise ValueError(f"sample_locations: none of the {len(source.ids)} items of the data set could be "
+                                 f"used ({listed}{more}); nothing to sample.")
+            warnings.warn(f"sample_locations: left out {len(left_out)} of {len(source.ids)} items that could not be "
+                          f"used ({listed}{more}).", RuntimeWarning, stacklevel=3)
         if not parts:
             raise ValueError("sample_locations: no image of the data set could be read; nothing to sample.")
         merged = None
@@ -176,8 +187,9 @@ def _dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def _feature_maps(features: nn.Module, source, ranks: Ranks, batch_size: int, num_workers: int, progress: bool,
-                  label: str):
-    """``(indices, feature maps)`` per group of same-size images of this rank's shard."""
+                  label: str, failures: list[tuple[str, str]] | None = None):
+    """``(indices, feature maps)`` per group of same-size images of this rank's shard; the items that could not be
+    read are appended to ``failures`` as ``(id, message)``."""
     dtype, device = _dtype_device(features)
     n = len(source.ids)
     blocks = blocks_of_rank(n, batch_size, ranks.rank, ranks.world_size)
@@ -186,6 +198,8 @@ def _feature_maps(features: nn.Module, source, ranks: Ranks, batch_size: int, nu
     total = sum(min(n, (b + 1) * batch_size) - b * batch_size for b in blocks)
     with tqdm(total=total, unit="image", desc=label, disable=not progress or not ranks.is_main) as bar:
         for batch in loader:
+            if failures is not None:
+                failures.extend((source.ids[index], message) for index, message in sorted(batch.errors.items()))
             for indices, images in batch.groups:
                 with torch.no_grad():
                     yield indices, features(images.to(device=device, dtype=dtype, non_blocking=True))
@@ -193,9 +207,10 @@ def _feature_maps(features: nn.Module, source, ranks: Ranks, batch_size: int, nu
 
 
 def _stream(features: nn.Module, source, ranks: Ranks, batch_size: int, num_workers: int, progress: bool,
-            seed: int | None, label: str):
+            seed: int | None, label: str, failures: list[tuple[str, str]] | None = None):
     """``(keys, positions, rows)`` per group of images of this rank's shard (keys None without a seed)."""
-    for indices, fmap in _feature_maps(features, source, ranks, batch_size, num_workers, progress, label):
+    for indices, fmap in _feature_maps(features, source, ranks, batch_size, num_workers, progress, label,
+                                       failures):
         locations = fmap.shape[-2] * fmap.shape[-1]
         rows = fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1]).cpu()
         positions = torch.as_tensor([i * _STRIDE + l for i in indices for l in range(locations)], dtype=torch.int64)

@@ -13,6 +13,7 @@ array                       shape, dtype           chunks / written by
 ``audit_relative_error``    (n,) f8                the audit's relative mismatch (NaN without audit)
 ``relevance_sum``           (n,) f8                Σ relevance, before rounding to the store's dtype
 ``error``                   (n,) str               why an image failed ('' otherwise)
+``digest``                  (n,) str               the content digest of the image as explained ('' if unreadable)
 ``done``                    (n_blocks,) u1         1 once a block is completely written; one chunk per block
 ==========================  =====================  ===========================================================
 
@@ -39,6 +40,8 @@ import numpy as np
 import torch
 import zarr
 
+from .data import update_digest
+
 __all__ = ["FORMAT", "TABLE_COLUMNS", "create_store", "open_store", "check_settings", "write_block", "read_table",
            "write_csv", "model_fingerprint", "is_store", "arrays_of", "done_blocks", "set_attrs",
            "get_attrs"]
@@ -51,10 +54,10 @@ PENDING, EXPLAINED, FAILED = 0, 1, 2
 #: the 1-D table arrays besides ``output``, and their dtypes
 TABLE_COLUMNS: dict[str, Any] = {
     "status": "u1", "score": "f8", "target": "i8", "audit_ok": "bool", "audit_relative_error": "f8",
-    "relevance_sum": "f8", "error": str,
+    "relevance_sum": "f8", "error": str, "digest": str,
 }
 _FILLS = {"status": PENDING, "score": math.nan, "target": -1, "audit_ok": False, "audit_relative_error": math.nan,
-          "relevance_sum": math.nan, "error": ""}
+          "relevance_sum": math.nan, "error": "", "digest": ""}
 _ATTRS = "neon_attrib"
 
 
@@ -123,10 +126,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _update_tensor(digest: Any, key: str, tensor: torch.Tensor) -> None:
-    tensor = tensor.detach()
-    digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-    if tensor.numel():
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(f"{key}:".encode())
+    update_digest(digest, tensor)
 
 
 def _no_addresses(text: str) -> str:
@@ -141,9 +142,11 @@ def check_settings(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -
     lines = []
     for key in sorted(set(stored) | set(wanted)):
         if stored.get(key) != wanted.get(key):
-            if key in ("model", "ids_sha256"):
+            if key in ("model", "ids_sha256", "data_sha256"):
                 what = {"model": "the model (weights, head or hyperparameters)",
-                        "ids_sha256": "the image ids (another data set or order)"}[key]
+                        "ids_sha256": "the image ids (another data set or order)",
+                        "data_sha256": "the data (the tensors' contents, or the files' sizes or modification "
+                                       "times)"}[key]
                 lines.append(f"{key}: {what} differ")
             else:
                 lines.append(f"{key}: {_short(stored.get(key))} in the store, {_short(wanted.get(key))} now")

@@ -21,7 +21,15 @@ from .backbones import (
     vgg16_features,
     weights_preprocessing,
 )
-from .images import IMAGE_SUFFIXES, VGG16_MIN_SIZE, check_image_size, load_image
+from .images import (
+    IMAGE_SUFFIXES,
+    VGG16_MIN_SIZE,
+    ConstantImageError,
+    check_image_size,
+    check_not_constant,
+    image_files,
+    load_image,
+)
 from .preprocessing import PREPROCESSINGS, Preprocessing, check_rgb, get_preprocessing
 from .taps import BilinearResize, ChannelPool, FeatureTaps
 
@@ -43,6 +51,9 @@ __all__ = [
     "ChannelPool",
     "load_image",
     "check_image_size",
+    "image_files",
+    "check_not_constant",
+    "ConstantImageError",
     "VGG16_MIN_SIZE",
     "IMAGE_SUFFIXES",
 ]

@@ -34,7 +34,8 @@ import torch
 
 from .._utils import check_int
 
-__all__ = ["load_image", "check_image_size", "VGG16_MIN_SIZE", "IMAGE_SUFFIXES"]
+__all__ = ["load_image", "check_image_size", "image_files", "check_not_constant", "ConstantImageError",
+           "VGG16_MIN_SIZE", "IMAGE_SUFFIXES"]
 
 #: VGG-16 halves the resolution five times: smaller images have no location left at block 5.
 VGG16_MIN_SIZE = 32
@@ -125,6 +126,71 @@ def check_image_size(images: torch.Tensor, min_size: int = VGG16_MIN_SIZE, name:
     if height < min_size or width < min_size:
         raise ValueError(f"{name} is {height}x{width} pixels, smaller than VGG-16's minimum of "
                          f"{min_size}x{min_size} (five 2x2 max pools leave no location at block 5).")
+
+
+def image_files(folder: str | os.PathLike, pattern: str | None = None, *, recursive: bool = False) -> list[Path]:
+    """The image files (:data:`IMAGE_SUFFIXES`) of ``folder``, sorted by their path relative to it.
+
+    Parameters
+    ----------
+    folder : str or path
+        The folder.
+    pattern : str, optional
+        Only the files matching this glob, relative to ``folder`` (``"*.jpg"``; ``"**/*.png"`` recurses). Default:
+        every image file, in ``folder`` only or (``recursive``) below it.
+    recursive : bool
+        Without ``pattern``: search the subfolders too.
+
+    Raises
+    ------
+    NotADirectoryError
+        If ``folder`` is not a folder.
+    ValueError
+        If ``pattern`` is not a usable relative glob, or no image file matches.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from PIL import Image
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for name in ("b.jpg", "a.jpg", "a_mask.png"):
+    ...     Image.new("RGB", (32, 32)).save(folder / name)
+    >>> [p.name for p in image_files(folder, "*.jpg")]
+    ['a.jpg', 'b.jpg']
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise NotADirectoryError(f"image_files: {root} is not a folder.")
+    try:
+        matches = root.glob(pattern) if pattern is not None else (root.rglob("*") if recursive else root.iterdir())
+        files = sorted({p for p in matches if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()},
+                       key=lambda p: p.relative_to(root).as_posix())
+    except (ValueError, NotImplementedError) as exc:
+        raise ValueError(f"image_files: {pattern!r} is not a usable pattern ({exc}). Give a glob relative to the "
+                         f"folder, e.g. '*.jpg'.") from None
+    if not files:
+        which = f"matching {pattern!r}" if pattern is not None else f"({', '.join(IMAGE_SUFFIXES)})"
+        raise ValueError(f"image_files: no image files {which} in {root}.")
+    return files
+
+
+class ConstantImageError(ValueError):
+    """An image whose pixels all have one value (e.g. the all-black mask of a defect-free sample): nothing to fit on."""
+
+
+def check_not_constant(image: torch.Tensor, name: str = "image") -> None:
+    """Raise a :class:`ConstantImageError` if every value of ``image`` is the same (a mask, a blank frame).
+
+    Examples
+    --------
+    >>> check_not_constant(torch.zeros(3, 32, 32), "mask.png")
+    Traceback (most recent call last):
+    ...
+    neon_attrib.vision.images.ConstantImageError: mask.png: every pixel is 0 (a constant image, e.g. a mask).
+    """
+    flat = image.reshape(-1)
+    if flat.numel() and bool((flat == flat[0]).all()):
+        raise ConstantImageError(f"{name}: every pixel is {float(flat[0]):.3g} (a constant image, e.g. a mask).")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

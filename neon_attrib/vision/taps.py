@@ -90,7 +90,8 @@ class FeatureTaps(nn.Module):
     """Feature maps read at several named layers of a backbone, aggregated, resized to one resolution, concatenated.
 
     ``forward(images)`` returns (n, C, h, w): ``C`` is the sum of the tapped channels (or ``reduce_to``), ``(h, w)`` the
-    finest tapped resolution. The backbone stops after the last tapped layer has run: later layers cost nothing.
+    finest tapped resolution. The backbone stops once the last tapped layer and the module containing it have run:
+    later layers cost nothing.
 
     Parameters
     ----------
@@ -119,7 +120,10 @@ class FeatureTaps(nn.Module):
     Notes
     -----
     Taps are read with forward hooks that exist only during :meth:`forward` (none is left on the backbone). A module
-    object called at several places (torchvision's ResNet blocks call one ReLU twice) cannot be tapped.
+    object called at several places (torchvision's ResNet blocks call one ReLU twice) cannot be tapped: a second call
+    by the module containing it is a ValueError ("ran twice"), whether the layer is the last tap or not (the backbone
+    runs until that containing module returns). A top-level module called twice by the backbone's own ``forward`` is
+    seen only if the second call comes before the last tap is read.
     :class:`BilinearResize` keeps its target size as an attribute set on each call, so one FeatureTaps object should
     not serve concurrent forward passes of *different* image sizes from several threads; explanations are unaffected
     (the explain pipeline runs each on a private copy of the model).
@@ -179,6 +183,24 @@ class FeatureTaps(nn.Module):
         captured: dict[str, torch.Tensor] = {}
         versions: dict[str, int] = {}
         thread = threading.get_ident()
+        # The backbone stops once every tap is read and the module *containing* each tapped one has returned: a
+        # module called again by its parent (torchvision's ResNet blocks call one ReLU twice) is then always seen
+        # running twice, whether it is the last tap or not. Taps whose parent is the backbone itself stop at once.
+        parents = {name: name.rpartition(".")[0] for name in self.layers}
+        waiting: set[str] = set()
+
+        def stop_if_done() -> None:
+            if len(captured) == len(self.layers) and not waiting:
+                raise _StopBackbone
+
+        def parent_done(parent: str):
+            def hook(module: nn.Module, args: tuple, output: object) -> None:
+                if threading.get_ident() != thread:
+                    return
+                waiting.discard(parent)
+                stop_if_done()
+
+            return hook
 
         def tap(name: str):
             def hook(module: nn.Module, args: tuple, output: object) -> None:
@@ -194,8 +216,9 @@ class FeatureTaps(nn.Module):
                 captured[name] = output
                 if not output.is_inference():  # inference tensors have no version counter
                     versions[name] = output._version
-                if len(captured) == len(self.layers):
-                    raise _StopBackbone
+                if parents[name]:
+                    waiting.add(parents[name])
+                stop_if_done()
 
             return hook
 
@@ -203,6 +226,8 @@ class FeatureTaps(nn.Module):
         try:
             for name in self.layers:
                 handles.append(self.backbone.get_submodule(name).register_forward_hook(tap(name)))
+            for parent in sorted(set(filter(None, parents.values()))):
+                handles.append(self.backbone.get_submodule(parent).register_forward_hook(parent_done(parent)))
             self.backbone(images)
         except _StopBackbone:
             pass
