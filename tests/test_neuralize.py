@@ -804,7 +804,8 @@ def test_state_dict_round_trip_into_fresh_instance(make, blobs):
 @pytest.mark.parametrize("head", [
     KNNOutlier(3), KNNOutlier(1, sqrt=True, fused=True), KNNOutlier(2, beta=1.0), MahalanobisOutlier(reg=1e-3),
     PCAResidual(2), GaussianMixtureOutlier(2, seed=0), GaussianMixtureMembership(2, seed=0),
-    BisectingKMeansMembership(3, seed=0), WeightedKDEOutlier(0.5), OneClassSVMOutlier(gamma=0.5, nu=0.3), PositionalMahalanobis(n_positions=64),
+    BisectingKMeansMembership(3, seed=0), WeightedKDEOutlier(0.5), OneClassSVMOutlier(gamma=0.5, nu=0.3),
+    PositionalMahalanobis(n_positions=64),
 ], ids=lambda head: type(head).__name__)
 def test_every_head_inside_deep_neon(head):
     torch.manual_seed(0)
