@@ -49,6 +49,9 @@ __all__ = [
     "Explanation",
     "run",
     "Explainer",
+    "PRECISIONS",
+    "precision_mode",
+    "guard_batch_norms",
 ]
 
 
@@ -251,6 +254,160 @@ def _residual_types() -> tuple[type, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# precision policy
+PRECISIONS = ("exact", "fast")
+"""The precision policies of an explanation: ``"exact"`` (the default) and ``"fast"`` (see :func:`precision_mode`)."""
+
+
+def _check_precision(precision: str, owner: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"The 'precision' parameter of {owner} must be one of {PRECISIONS}. Got {precision!r} "
+                         f"instead.")
+    return precision
+
+
+def _precision_flags() -> list[tuple[Any, str, Any, Any]]:
+    """``(object, attribute, exact value, fast value)`` of every process-wide switch the policy sets.
+
+    PyTorch >= 2.9 has per-backend ``fp32_precision`` switches, and refuses to read the older ``allow_tf32`` ones
+    once the newer were set; older versions have only ``allow_tf32``. The policy uses the newer where they exist.
+    """
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    if hasattr(cuda.matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        tf32 = [(cuda.matmul, "fp32_precision", "ieee", "tf32"), (cudnn.conv, "fp32_precision", "ieee", "tf32"),
+                (cudnn.rnn, "fp32_precision", "ieee", "tf32")]
+    else:  # pragma: no cover - torch < 2.9
+        tf32 = [(cuda.matmul, "allow_tf32", False, True), (cudnn, "allow_tf32", False, True)]
+    return tf32 + [(cudnn, "deterministic", True, False), (cudnn, "benchmark", False, True)]
+
+
+class _PrecisionFlags:
+    """Reference-counted process-wide switches: the first explanation to enter saves the caller's values, the last to
+    leave restores them; while explanations of both policies run (threads), the exact policy's values hold."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = {precision: 0 for precision in PRECISIONS}
+        self.saved: list[Any] | None = None
+
+    def enter(self, precision: str) -> None:
+        with self.lock:
+            flags = _precision_flags()
+            if not any(self.active.values()):
+                self.saved = [getattr(obj, name) for obj, name, _, _ in flags]
+            self.active[precision] += 1
+            self._apply(flags)
+
+    def leave(self, precision: str) -> None:
+        with self.lock:
+            flags = _precision_flags()
+            self.active[precision] -= 1
+            if any(self.active.values()):
+                self._apply(flags)
+            elif self.saved is not None:
+                for (obj, name, _, _), value in zip(flags, self.saved):
+                    setattr(obj, name, value)
+                self.saved = None
+
+    def _apply(self, flags: list[tuple[Any, str, Any, Any]]) -> None:
+        exact = self.active["exact"] > 0
+        for obj, name, exact_value, fast_value in flags:
+            setattr(obj, name, exact_value if exact else fast_value)
+
+
+_FLAGS = _PrecisionFlags()
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str = "exact", device: torch.device | str = "cuda") -> Iterator[None]:
+    """Context manager: PyTorch's CUDA precision switches for one explanation on ``device``, restored on exit.
+
+    * ``"exact"``: float32 matrix products and convolutions in full float32 (TensorFloat-32 off, which cuDNN and
+      cuBLAS otherwise use on Ampere and later GPUs), deterministic cuDNN convolution algorithms, no autotuning. The
+      same input gives the same relevance on every call, and a GPU's equals the CPU's to float32 rounding.
+    * ``"fast"``: TensorFloat-32 on (10-bit mantissa products: heatmaps differ by ~1e-2 relative), cuDNN autotuning.
+
+    The switches are process-wide: nested and concurrent explanations are counted, the caller's values come back
+    when the last one leaves, and while an exact and a fast explanation overlap (two threads) both run exact. On a
+    device other than CUDA nothing is changed. Work that other threads run on the GPU meanwhile sees the switches too.
+
+    Examples
+    --------
+    >>> with precision_mode("exact", "cuda"):
+    ...     torch.backends.cudnn.deterministic
+    True
+    """
+    precision = _check_precision(precision, "precision_mode")
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    _FLAGS.enter(precision)
+    try:
+        yield
+    finally:
+        _FLAGS.leave(precision)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# batch norms with eps <= 0
+def _batch_norm_eval(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """An eval-mode batch norm in element-wise operations (see :func:`guard_batch_norms`); ``√1 = 1`` and ``1 / 1 = 1``
+    are exact, so a merged norm (mean 0, var 1, weight 1, bias 0, eps 0) returns ``x`` exactly."""
+    shape = (-1,) + (1,) * (x.ndim - 2)
+    scale = 1.0 / torch.sqrt(self.running_var + self.eps)
+    if self.weight is not None:
+        scale = self.weight * scale
+    shift = -self.running_mean * scale
+    if self.bias is not None:
+        shift = self.bias + shift
+    return x * scale.reshape(shape) + shift.reshape(shape)
+
+
+def guard_batch_norms(model: nn.Module) -> list[nn.Module]:
+    """Give every batch norm of ``model`` with ``eps <= 0`` a forward that PyTorch runs: ``x · s + t`` in element-wise
+    operations, with ``s = weight / √(running_var + eps)`` and ``t = bias − running_mean · s``.
+
+    Zennit 1.0's batch-norm merge leaves the merged norm as the identity with ``eps = 0``, which PyTorch 2.10 and 2.11
+    refuse even in eval mode. The pipeline calls this on its copy after the canonizers ran, so every canonizer
+    (Zennit's, the fast ones, your own) is covered. The result equals the batch norm's own to rounding, and a merged
+    norm (``s = 1``, ``t = 0``) passes its input through exactly. Returns the guarded modules (an instance attribute
+    ``forward``; delete it to undo).
+
+    Raises
+    ------
+    ValueError
+        For such a batch norm in training mode (or without running statistics): explain models in eval mode.
+
+    Examples
+    --------
+    >>> norm = nn.BatchNorm2d(3, eps=0.0).eval()
+    >>> guard_batch_norms(norm) == [norm]
+    True
+    >>> x = torch.randn(2, 3, 4, 4)
+    >>> torch.equal(norm(x), x)
+    True
+    """
+    guarded = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.eps > 0:
+            continue
+        if module.training or module.running_mean is None or module.running_var is None:
+            raise ValueError(f"{name or 'A batch norm'} ({type(module).__name__}) has eps={module.eps} and normalises "
+                             f"with batch statistics (training mode or no running statistics), which PyTorch refuses "
+                             f"for eps <= 0. Call model.eval() before explaining, or give the batch norm eps > 0.")
+        if "forward" not in module.__dict__:
+            module.forward = _batch_norm_eval.__get__(module)
+            guarded.append(module)
+    return guarded
+
+
+def _prepared(work: nn.Module) -> dict[str, Hook]:
+    """The last step of registering a composite on a copy: guard batch norms, then check coverage."""
+    guard_batch_norms(work)
+    return check_coverage(work)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # conservation audit
 @dataclass
 class Audit:
@@ -307,9 +464,12 @@ class Audit:
                 f"tolerance={self.tolerance:g})")
 
 
-def default_tolerance(dtype: torch.dtype) -> float:
-    """Relative audit tolerance: 1e-2 for 16/32-bit floats, 1e-6 for float64."""
-    return 1e-6 if dtype == torch.float64 else 1e-2
+def default_tolerance(dtype: torch.dtype, precision: str = "exact") -> float:
+    """Relative audit tolerance: 1e-2 for 16/32-bit floats, 1e-6 for float64; under the ``"fast"`` precision policy
+    (TensorFloat-32 products, see :func:`precision_mode`) 5e-2 for 16/32-bit floats."""
+    if dtype == torch.float64:
+        return 1e-6
+    return 5e-2 if precision == "fast" else 1e-2
 
 
 class _AuditRecorder:
@@ -434,7 +594,7 @@ def hooked(model: nn.Module, composite: Composite | None = None, *, beta: float 
     """
     composite = _fresh(resolve_composite(model, composite, beta=beta, eps=eps))
     with composite.context(isolated(model)) as work:
-        yield work, check_coverage(work)
+        yield work, _prepared(work)
 
 
 @contextlib.contextmanager
@@ -447,7 +607,7 @@ def grad_mode() -> Iterator[None]:
 def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
         composite: Composite | None = None, beta: float | None = None, eps: float | None = None,
         extra_args: Sequence[Any] = (), audit: bool = True, strict: bool = False,
-        owner: str | None = None) -> Explanation:
+        owner: str | None = None, precision: str = "exact") -> Explanation:
     """Explain ``model(*inputs, *extra_args)`` for ``target``: the core every entry point calls.
 
     Parameters
@@ -468,13 +628,18 @@ def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
         Raise :class:`ConservationError` instead of warning when the audit fails.
     owner : str, optional
         Name for messages (default: the model's class).
+    precision : {"exact", "fast"}
+        The precision policy on CUDA (:func:`precision_mode`); default exact (no TensorFloat-32, deterministic
+        convolutions).
 
     Returns
     -------
     Explanation
     """
     owner = owner or type(model).__name__
-    with grad_mode():
+    _check_precision(precision, owner)
+    device = inputs[0].device if inputs else torch.device("cpu")
+    with grad_mode(), precision_mode(precision, device):
         leaves = tuple(x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs)
         n = leaves[0].shape[0] if leaves and leaves[0].ndim else 0
         with hooked(model, composite, beta=beta, eps=eps) as (hooked_model, rules):
@@ -496,7 +661,7 @@ def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
     result_audit = None
     if recorder is not None:
         input_sum = sum(_sample_sums(r, n) for r in relevance if r.is_floating_point())
-        tolerance = default_tolerance(leaves[0].dtype if leaves else torch.float32)
+        tolerance = default_tolerance(leaves[0].dtype if leaves else torch.float32, precision)
         result_audit = recorder.audit(_sample_sums(top, n) if n else score.to(torch.float64), input_sum, tolerance)
         _report(result_audit, owner, strict)
     return Explanation(relevance=relevance, output=output.detach(), target=targets, score=score, audit=result_audit)
@@ -524,13 +689,17 @@ class Explainer:
     composite : zennit.core.Composite
         Used as given and registered until :meth:`close` (resolve it first with :func:`resolve_composite` for NEON
         models); give each explainer its own composite object.
+    precision : {"exact", "fast"}
+        The precision policy on CUDA (:func:`precision_mode`). ``"exact"`` (default): no TensorFloat-32,
+        deterministic convolution algorithms. ``"fast"``: TensorFloat-32, cuDNN autotuning and ``channels_last``
+        (heatmaps differ from exact ones by ~1e-2 relative; the audit tolerance is 5e-2).
     channels_last : bool, optional
-        Feed 4-D inputs in ``torch.channels_last`` memory format (often faster for convolutions).
+        Feed 4-D inputs in ``torch.channels_last`` memory format. Default: with ``precision="fast"`` only.
     autocast_dtype : torch.dtype, optional
         Run under ``torch.autocast`` with this dtype (``torch.bfloat16`` or ``torch.float16``). **Approximate**.
     cudnn_benchmark : bool, optional
         If given, ``torch.backends.cudnn.benchmark`` is set to it during each call on CUDA and restored afterwards.
-        Default None: the process-wide flag is left alone.
+        Default None: the precision policy's choice (off when exact, on when fast).
     audit : bool
         Audit conservation on every call (:class:`Audit`); the last one is in :attr:`last_audit`.
     strict : bool
@@ -550,7 +719,8 @@ class Explainer:
     torch.Size([2, 3, 32, 32])
     """
 
-    def __init__(self, model: nn.Module, composite: Composite, *, channels_last: bool = False,
+    def __init__(self, model: nn.Module, composite: Composite, *, precision: str = "exact",
+                 channels_last: bool | None = None,
                  autocast_dtype: torch.dtype | None = None, cudnn_benchmark: bool | None = None,
                  audit: bool = True, strict: bool = False,
                  default_target: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
@@ -561,9 +731,10 @@ class Explainer:
         if autocast_dtype is not None and autocast_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"The 'autocast_dtype' parameter of {type(self).__name__} must be torch.bfloat16, "
                              f"torch.float16 or None. Got {autocast_dtype!r} instead.")
+        self.precision = _check_precision(precision, type(self).__name__)
         self.model = model
         self.composite = composite
-        self.channels_last = channels_last
+        self.channels_last = precision == "fast" if channels_last is None else channels_last
         self.autocast_dtype = autocast_dtype
         self.cudnn_benchmark = cudnn_benchmark
         self.audit = audit
@@ -575,7 +746,7 @@ class Explainer:
         self._closed = False
         self._work = isolated(model)
         self.composite.register(self._work)
-        self._hooked = check_coverage(self._work)
+        self._hooked = _prepared(self._work)
 
     def __enter__(self) -> Explainer:
         return self
@@ -596,6 +767,7 @@ class Explainer:
     def _context(self, device: torch.device) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(grad_mode())
+            stack.enter_context(precision_mode(self.precision, device))
             if device.type == "cuda" and self.cudnn_benchmark is not None:
                 previous = torch.backends.cudnn.benchmark
                 torch.backends.cudnn.benchmark = self.cudnn_benchmark
@@ -647,7 +819,7 @@ class Explainer:
         relevance = relevance.contiguous(memory_format=torch.contiguous_format) if self.channels_last else relevance
         if recorder is not None and n:
             score, input_sum = _sample_sums(seed, n), _sample_sums(relevance, n)
-            self.last_audit = recorder.audit(score, input_sum, default_tolerance(leaf.dtype))
+            self.last_audit = recorder.audit(score, input_sum, default_tolerance(leaf.dtype, self.precision))
             _report(self.last_audit, self.owner, self.strict)
         return output.detach(), relevance.detach()
 

@@ -1,0 +1,240 @@
+"""The precision policy (CUDA switches scoped to an explanation) and batch norms with ``eps <= 0`` on every canonizer
+path (PyTorch 2.10 and 2.11 refuse them, Zennit 1.0's merge makes them).
+
+PyTorch 2.14 here accepts ``eps = 0`` in eval mode, so the refusal is simulated: ``torch.nn.functional.batch_norm``
+is replaced by one that raises as PyTorch 2.11 does.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
+from zennit.torchvision import ResNetCanonizer
+
+from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, LRPExplainer, MergeBatchNorms
+from neon_attrib.pipeline import (
+    Explainer,
+    default_tolerance,
+    guard_batch_norms,
+    isolated,
+    precision_mode,
+    run,
+)
+
+LOW, HIGH = -3.0, 3.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the precision policy
+def cuda_flags() -> tuple:
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    return (cuda.matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, cudnn.deterministic,
+            cudnn.benchmark)
+
+
+def test_exact_mode_sets_and_restores_the_cuda_switches():
+    before = cuda_flags()
+    with precision_mode("exact", "cuda"):
+        assert cuda_flags() == ("ieee", "ieee", "ieee", True, False)
+        with precision_mode("fast", "cuda"):  # exact wins while an exact explanation runs
+            assert cuda_flags() == ("ieee", "ieee", "ieee", True, False)
+        assert cuda_flags() == ("ieee", "ieee", "ieee", True, False)
+    assert cuda_flags() == before
+    with precision_mode("fast", torch.device("cuda", 0)):
+        assert cuda_flags() == ("tf32", "tf32", "tf32", False, True)
+    assert cuda_flags() == before
+
+
+def test_precision_mode_restores_after_an_error_and_leaves_cpu_alone():
+    before = cuda_flags()
+    with pytest.raises(RuntimeError, match="boom"), precision_mode("exact", "cuda"):
+        raise RuntimeError("boom")
+    assert cuda_flags() == before
+    with precision_mode("fast", "cpu"):
+        assert cuda_flags() == before
+
+
+def test_precision_mode_keeps_a_users_own_switches():
+    cudnn = torch.backends.cudnn
+    previous = cudnn.conv.fp32_precision, cudnn.benchmark
+    try:
+        cudnn.conv.fp32_precision, cudnn.benchmark = "tf32", True
+        with precision_mode("exact", "cuda"):
+            assert cudnn.conv.fp32_precision == "ieee" and not cudnn.benchmark
+        assert (cudnn.conv.fp32_precision, cudnn.benchmark) == ("tf32", True)
+    finally:
+        cudnn.conv.fp32_precision, cudnn.benchmark = previous
+
+
+def test_concurrent_explanations_restore_the_switches_once_all_left():
+    before = cuda_flags()
+    inside, release = threading.Barrier(3), threading.Event()
+    seen = []
+
+    def worker(precision):
+        with precision_mode(precision, "cuda"):
+            inside.wait()
+            release.wait()
+            seen.append(cuda_flags())
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in ("exact", "fast")]
+    for thread in threads:
+        thread.start()
+    inside.wait()
+    assert cuda_flags() == ("ieee", "ieee", "ieee", True, False)
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert cuda_flags() == before and len(seen) == 2
+
+
+@pytest.mark.parametrize("call", [
+    lambda: precision_mode("tf32", "cuda").__enter__(),
+    lambda: Explainer(nn.Linear(2, 1), EpsilonGammaBox(low=LOW, high=HIGH), precision="medium"),
+    lambda: run(nn.Linear(2, 1), (torch.randn(3, 2),), precision="bf16"),
+])
+def test_unknown_precision_is_refused(call):
+    with pytest.raises(ValueError, match="'precision' parameter .* must be one of \\('exact', 'fast'\\)"):
+        call()
+
+
+def test_fast_precision_defaults_and_tolerance():
+    features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    exact = Explainer(features, FastEpsilonGammaBox(low=LOW, high=HIGH))
+    fast = Explainer(features, FastEpsilonGammaBox(low=LOW, high=HIGH), precision="fast")
+    assert (exact.precision, exact.channels_last) == ("exact", False)
+    assert (fast.precision, fast.channels_last) == ("fast", True)
+    x = torch.rand(2, 3, 8, 8)
+    # on a CPU the policy changes nothing: the same numbers (channels_last only changes the memory layout)
+    torch.testing.assert_close(fast(x, lambda out: out)[1], exact(x, lambda out: out)[1], rtol=1e-6, atol=1e-7)
+    assert fast.last_audit.tolerance == default_tolerance(torch.float32, "fast") == 5e-2
+    assert exact.last_audit.tolerance == default_tolerance(torch.float32) == 1e-2
+    assert default_tolerance(torch.float64, "fast") == 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# batch norms with eps <= 0
+@pytest.fixture
+def refuse_zero_eps(monkeypatch):
+    """``F.batch_norm`` as PyTorch 2.10/2.11 have it: ``eps <= 0`` refused, also in eval mode."""
+    original = F.batch_norm
+
+    def batch_norm(input, *args, **kwargs):
+        eps = kwargs.get("eps", args[6] if len(args) > 6 else 1e-5)
+        if eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+        return original(input, *args, **kwargs)
+
+    monkeypatch.setattr(F, "batch_norm", batch_norm)
+
+
+def zero_eps_merge(linears, batch_norm):
+    """Zennit 1.0's merge, also when Zennit 0.5 is installed: the merged batch norm is the identity with eps = 0."""
+    SequentialMergeBatchNorm.merge_batch_norm(linears, batch_norm)
+    object.__setattr__(batch_norm, "eps", 0.0)
+
+
+class ZeroEpsMerge(SequentialMergeBatchNorm):
+    merge_batch_norm = staticmethod(zero_eps_merge)
+
+
+class ZeroEpsMergeBatchNorms(MergeBatchNorms):
+    merge_batch_norm = staticmethod(zero_eps_merge)
+
+
+def zero_eps(canonizer):
+    """A ResNet canonizer whose batch-norm merge is Zennit 1.0's (eps = 0), with either Zennit installed."""
+    merge = ZeroEpsMergeBatchNorms() if isinstance(canonizer.canonizers[0], MergeBatchNorms) else ZeroEpsMerge()
+    canonizer.canonizers = (merge, *canonizer.canonizers[1:])
+    return canonizer
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.normal_(0, 0.1, generator=generator)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return randomized(torchvision.models.resnet18(weights=None, num_classes=10)).double()
+
+
+def resnet_paths():
+    """(name, explain(model, x) -> relevance) for every way a batch norm gets merged."""
+
+    def pipeline_with(composite):
+        return lambda model, x: run(model, (x,), composite=composite).relevance[0]
+
+    def explainer_with(composite):
+        def call(model, x):
+            with LRPExplainer(model, composite) as explainer:
+                return explainer(x, lambda out: out)[1]
+        return call
+
+    def zennit_gradient(model, x):  # our canonizer with Zennit's attributor, no pipeline
+        composite = EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[zero_eps(FastResNetCanonizer())])
+        return Gradient(isolated(model), composite)(x, lambda out: out)[1]
+
+    return [
+        ("zennit ResNetCanonizer in run", pipeline_with(EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[
+            ResNetCanonizer()]))),
+        ("zero-eps merge in run", pipeline_with(EpsilonPlusFlat(canonizers=[zero_eps(ResNetCanonizer())]))),
+        ("FastResNetCanonizer in LRPExplainer", explainer_with(FastEpsilonGammaBox(low=LOW, high=HIGH, canonizers=[
+            FastResNetCanonizer()]))),
+        ("zero-eps MergeBatchNorms in LRPExplainer", explainer_with(FastEpsilonGammaBox(
+            low=LOW, high=HIGH, canonizers=[zero_eps(FastResNetCanonizer())]))),
+        ("zero-eps MergeBatchNorms with zennit's Gradient", zennit_gradient),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(resnet_paths())), ids=[name for name, _ in resnet_paths()])
+def test_no_batch_norm_with_zero_eps_reaches_torch(resnet, refuse_zero_eps, index, monkeypatch):
+    """Every canonizer path runs where PyTorch refuses eps = 0, with the relevance of the unguarded network (which
+    PyTorch 2.14 runs), and leaves the model as it was."""
+    _, explain_with = resnet_paths()[index]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    state = {key: value.clone() for key, value in resnet.state_dict().items()}
+    relevance = explain_with(resnet, x)
+    monkeypatch.undo()  # PyTorch as installed: accepts eps = 0 in eval mode; no guard
+    monkeypatch.setattr("neon_attrib.pipeline.guard_batch_norms", lambda model: [])
+    monkeypatch.setattr("neon_attrib.fast.canonizers.guard_batch_norms", lambda model: [])
+    reference = explain_with(resnet, x)
+    torch.testing.assert_close(relevance, reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))
+    assert all(torch.equal(value, state[key]) for key, value in resnet.state_dict().items())
+    assert all("forward" not in module.__dict__ for module in resnet.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_guarded_batch_norm_equals_torchs(dtype):
+    """A batch norm of the user's own with eps = 0 (not merged): the guard's forward is PyTorch's (which 2.14 runs),
+    to rounding, and the identity of a merged norm is exact."""
+    bn = randomized(nn.Sequential(nn.BatchNorm2d(5, eps=0.0)))[0].to(dtype)
+    x = torch.randn(2, 5, 4, 4, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    expected = bn(x)
+    assert guard_batch_norms(bn) == [bn]
+    torch.testing.assert_close(bn(x), expected)
+    for key, func in zip(("running_mean", "running_var", "bias", "weight"), (torch.zeros_like, torch.ones_like) * 2):
+        object.__setattr__(bn, key, func(getattr(bn, key)))
+    assert torch.equal(bn(x), x)
+
+
+def test_guard_refuses_batch_statistics_with_zero_eps():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.0)).train()
+    with pytest.raises(ValueError, match=r"\(BatchNorm2d\) has eps=0.0 .* Call model.eval\(\)"):
+        run(model, (torch.randn(2, 3, 8, 8),), composite=EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[
+            MergeBatchNorms()]))
