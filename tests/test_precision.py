@@ -19,7 +19,11 @@ from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer
 
+from neon_attrib import explain
+from neon_attrib.deep import DeepNeon
 from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, LRPExplainer, MergeBatchNorms
+from neon_attrib.functional import safe_sqrt
+from neon_attrib.neighbors import KNNOutlier
 from neon_attrib.pipeline import (
     Explainer,
     default_tolerance,
@@ -238,3 +242,37 @@ def test_guard_refuses_batch_statistics_with_zero_eps():
     with pytest.raises(ValueError, match=r"\(BatchNorm2d\) has eps=0.0 .* Call model.eval\(\)"):
         run(model, (torch.randn(2, 3, 8, 8),), composite=EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[
             MergeBatchNorms()]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# square roots at zero distance
+@pytest.fixture
+def clamp_passes_gradient_at_the_bound(monkeypatch):
+    """``clamp_min`` whose gradient passes where the input equals the bound (as in older PyTorch versions, and the
+    kernel-dependent case of a distance that rounds to exactly 0): ``√`` then sees an infinite derivative."""
+    monkeypatch.setattr(torch.Tensor, "clamp_min", lambda self, bound: torch.where(self >= bound, self, bound))
+
+
+def test_safe_sqrt_gradient():
+    o = torch.tensor([0.0, -1e-30, 1e-300, 2.0, 9.0], dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(safe_sqrt(o), o, torch.ones_like(o))
+    positive = o.detach()[2:].clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(positive.sqrt(), positive, torch.ones_like(positive))
+    assert torch.equal(gradient[:2], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(gradient[2:], expected)  # bit for bit torch's elsewhere
+    assert torch.equal(safe_sqrt(o.detach()), torch.tensor([0.0, 0.0, 1e-150, 2.0 ** 0.5, 3.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("head", [lambda: KNNOutlier(1, sqrt=True, fused=True), lambda: KNNOutlier(2, sqrt=True)])
+def test_knn_sqrt_head_at_zero_distance_gives_zero_relevance(clamp_passes_gradient_at_the_bound, head):
+    """Images of the training set: every location's nearest neighbour is itself (distance 0): relevance 0, not NaN;
+    a new image's heatmap is finite and its audit passes."""
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    images = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = DeepNeon(features.double(), head()).fit(images, progress=False)
+    relevance = explain(model, images[:1])
+    assert torch.isfinite(relevance).all()
+    fresh = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    relevance, audit = explain(model, fresh, return_audit=True)
+    assert torch.isfinite(relevance).all() and audit.ok, audit
