@@ -20,6 +20,16 @@ def shared_data_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def require_data(*files: str) -> Path:
+    """The data folder (see :func:`shared_data_dir`), or skip the test unless every one of ``files`` (paths inside it)
+    is there: a folder copied in part, or files kept out of a copy, skip cleanly instead of failing."""
+    root = shared_data_dir()
+    missing = [name for name in files if root is None or not (root / name).exists()]
+    if missing:
+        pytest.skip(f"shared data not available: {', '.join(missing)}")
+    return root
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import assert_no_hooks, shared_data_dir
+from conftest import assert_no_hooks, require_data
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from zennit.attribution import Gradient
@@ -470,10 +470,9 @@ def _cifar(data, n_test: int):
 def test_real_cifar_resnet_weights(depth, n_test, accuracy):
     """The option-A architecture loads akamaster's checkpoints and reproduces their accuracy (SOURCE.md: ResNet-20
     91.6 % on these 1017 test images; ResNet-56 92.7 %, 93.75 % on the first 256)."""
-    data = shared_data_dir()
-    path = data / "cifar10_resnet" / f"resnet{depth}-{'12fca82f' if depth == 20 else '4bfd9763'}.th" if data else None
-    if path is None or not path.is_file():
-        pytest.skip("shared/data with the CIFAR-10 ResNets is not available")
+    weights = f"cifar10_resnet/resnet{depth}-{'12fca82f' if depth == 20 else '4bfd9763'}.th"
+    data = require_data(weights, "cifar10_subset/cifar10_subset.npz")
+    path = data / weights
     images, labels = _cifar(data, n_test)
     features = backbone(f"cifar_resnet{depth}", path)
     classifier = CifarResNet(depth)

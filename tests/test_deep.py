@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_no_hooks, shared_data_dir
+from conftest import assert_no_hooks, require_data
 
 from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership, explain
 from neon_attrib.cli import main as cli_main
@@ -527,11 +527,12 @@ def test_cli_explain_errors(tmp_path, capsys):
 # real weights (optional)
 @pytest.mark.data
 def test_real_vgg16_weights_on_a_tile():
-    data = shared_data_dir()
-    weights = data / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth" if data else None
-    tiles = data / "magnetic_tile_defects" / "MT_Blowhole" / "Imgs" if data else None
-    if weights is None or not weights.is_file() or not tiles.is_dir():
-        pytest.skip("shared/data with the VGG-16 weights and the magnetic tiles is not available")
+    data = require_data("vgg16_imagenet_features/vgg16_features_keras_imagenet.pth",
+                        "magnetic_tile_defects/MT_Blowhole/Imgs")
+    weights = data / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth"
+    tiles = data / "magnetic_tile_defects" / "MT_Blowhole" / "Imgs"
+    if not any(tiles.glob("*.jpg")):
+        pytest.skip("shared/data has no magnetic-tile images")
     features = vgg16_features(weights)
     caffe = get_preprocessing("caffe")
     x = caffe(load_image(sorted(tiles.glob("*.jpg"))[0], size=64)).unsqueeze(0)
