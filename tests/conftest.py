@@ -53,6 +53,17 @@ def pytest_report_header(config) -> str:
     return f"zennit {version} from {Path(zennit.__file__).parent}"
 
 
+def assert_repeatable(result: torch.Tensor, again: torch.Tensor) -> None:
+    """The same computation run twice: equal to rounding (1e-5 of the largest value in float32, 1e-12 in float64).
+
+    Bit-for-bit equality is not promised on every machine: CPU convolution and matrix kernels may split their sums
+    differently from one call to the next with many threads, and GPU kernels may too (see docs/gpu.md).
+    """
+    rtol = 1e-12 if again.dtype == torch.float64 else 1e-5
+    scale = float(again.abs().max()) if again.numel() else 0.0
+    torch.testing.assert_close(result, again, rtol=rtol, atol=rtol * scale)
+
+
 def assert_no_hooks(model: torch.nn.Module) -> None:
     """No forward, pre-forward or backward hooks left on any submodule (nor their keyword-argument flags, which
     Zennit 1.0's hooks use)."""

@@ -276,3 +276,31 @@ def test_knn_sqrt_head_at_zero_distance_gives_zero_relevance(clamp_passes_gradie
     fresh = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     relevance, audit = explain(model, fresh, return_audit=True)
     assert torch.isfinite(relevance).all() and audit.ok, audit
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# on a GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_exact_by_default_even_with_tf32_switched_on():
+    """With TF32 allowed process-wide (PyTorch's default for cuDNN), an explanation is still exact: GPU = CPU to 1e-5
+    of the largest relevance; the fast policy stays within its stated error and audit; the switches come back."""
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    previous = cuda.matmul.fp32_precision, cudnn.conv.fp32_precision
+    model = randomized(torchvision.models.resnet18(weights=None, num_classes=10)).float()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    composite = lambda: FastEpsilonGammaBox(low=LOW, high=HIGH, canonizers=[FastResNetCanonizer()])  # noqa: E731
+    cpu = run(model, (x,), composite=composite()).relevance[0]
+    try:
+        cuda.matmul.fp32_precision, cudnn.conv.fp32_precision = "tf32", "tf32"
+        gpu_model = model.cuda()
+        exact = run(gpu_model, (x.cuda(),), composite=composite()).relevance[0].cpu()
+        assert (cuda.matmul.fp32_precision, cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        with Explainer(gpu_model, composite(), precision="fast") as explainer:
+            _, fast = explainer(x.cuda(), lambda out: out)
+            assert explainer.last_audit.ok, explainer.last_audit
+    finally:
+        cuda.matmul.fp32_precision, cudnn.conv.fp32_precision = previous
+        model.cpu()
+    scale = float(cpu.abs().max())
+    assert float((exact - cpu).abs().max()) <= 1e-5 * scale
+    assert float((fast.cpu() - cpu).abs().max()) <= 5e-2 * scale
