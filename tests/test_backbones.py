@@ -386,7 +386,8 @@ CASES = [("resnet18", F32, EGB), ("resnet18", F64, EGB), ("resnet50", F32, EGB),
 @pytest.mark.parametrize("name, dtype, kind", CASES)
 def test_fast_equals_zennit_with_canonizer(name, dtype, kind):
     """Fast rules and our default canonizers = Zennit's rules with the canonizer a Zennit user picks; the audit is
-    silent, the same input gives the same heatmap twice (to rounding), and the model keeps its weights, hooks and modules."""
+    silent, the same input gives the same heatmap twice (to rounding), and the model keeps its weights, hooks and
+    modules."""
     model = subject(name, dtype)
     before, hooks, structure = snapshot(model), hook_tables(model), [n for n, _ in model.named_modules()]
     x = torch.randn(1, 3, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(2))
