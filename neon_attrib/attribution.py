@@ -61,7 +61,7 @@ def explain(
         Raise :class:`~neon_attrib.pipeline.ConservationError` instead of warning when the audit fails.
     precision : {"exact", "fast"}
         On a GPU: ``"exact"`` (default) computes in full float32 with deterministic convolutions; ``"fast"`` allows
-        TensorFloat-32 (~1e-2 relative error). See :func:`~neon_attrib.pipeline.precision_mode`.
+        TensorFloat-32 (approximate). See :func:`~neon_attrib.pipeline.precision_mode`.
 
     Returns
     -------
