@@ -28,7 +28,8 @@ def check_precision(precision: str, owner: str) -> str:
 
 
 def _precision_flags() -> list[tuple[Any, str, Any, Any]]:
-    """``(object, attribute, exact value, fast value)`` of every process-wide switch the policy sets.
+    """``(object, attribute, exact value, fast value)`` of every process-wide switch the policy sets (a fast value of
+    None keeps the caller's).
 
     PyTorch >= 2.9 has per-backend ``fp32_precision`` switches, and refuses to read the older ``allow_tf32`` ones
     once the newer were set; older versions have only ``allow_tf32``. The policy uses the newer where they exist.
@@ -39,7 +40,7 @@ def _precision_flags() -> list[tuple[Any, str, Any, Any]]:
                 (cudnn.rnn, "fp32_precision", "ieee", "tf32")]
     else:  # pragma: no cover - torch < 2.9
         tf32 = [(cuda.matmul, "allow_tf32", False, True), (cudnn, "allow_tf32", False, True)]
-    return tf32 + [(cudnn, "deterministic", True, False), (cudnn, "benchmark", False, True)]
+    return tf32 + [(cudnn, "deterministic", True, None), (cudnn, "benchmark", False, True)]
 
 
 class _PrecisionFlags:
@@ -72,8 +73,8 @@ class _PrecisionFlags:
 
     def _apply(self, flags: list[tuple[Any, str, Any, Any]]) -> None:
         exact = self.active["exact"] > 0
-        for obj, name, exact_value, fast_value in flags:
-            setattr(obj, name, exact_value if exact else fast_value)
+        for (obj, name, exact_value, fast_value), saved in zip(flags, self.saved):
+            setattr(obj, name, exact_value if exact else saved if fast_value is None else fast_value)
 
 
 _FLAGS = _PrecisionFlags()
@@ -87,7 +88,7 @@ def precision_mode(precision: str = "exact", device: torch.device | str = "cuda"
       cuBLAS otherwise use on Ampere and later GPUs), deterministic cuDNN convolution algorithms, no autotuning. The
       same input gives the same relevance on every call, and a GPU's equals the CPU's to float32 rounding.
     * ``"fast"``: TensorFloat-32 on (products rounded to 10 mantissa bits, ~1e-3 each; LRP's rules amplify it where
-      they divide by small pre-activations), cuDNN autotuning.
+      they divide by small pre-activations), cuDNN autotuning; ``cudnn.deterministic`` stays as the caller set it.
 
     The switches are process-wide: nested and concurrent explanations are counted, the caller's values come back
     when the last one leaves, and while an exact and a fast explanation overlap (two threads) both run exact. On a

@@ -53,7 +53,7 @@ def test_exact_mode_sets_and_restores_the_cuda_switches():
         assert cuda_flags() == ("ieee", "ieee", "ieee", True, False)
     assert cuda_flags() == before
     with precision_mode("fast", torch.device("cuda", 0)):
-        assert cuda_flags() == ("tf32", "tf32", "tf32", False, True)
+        assert cuda_flags() == ("tf32", "tf32", "tf32", before[3], True)  # deterministic: the caller's
     assert cuda_flags() == before
 
 
@@ -68,14 +68,18 @@ def test_precision_mode_restores_after_an_error_and_leaves_cpu_alone():
 
 def test_precision_mode_keeps_a_users_own_switches():
     cudnn = torch.backends.cudnn
-    previous = cudnn.conv.fp32_precision, cudnn.benchmark
+    previous = cudnn.conv.fp32_precision, cudnn.benchmark, cudnn.deterministic
     try:
-        cudnn.conv.fp32_precision, cudnn.benchmark = "tf32", True
+        cudnn.conv.fp32_precision, cudnn.benchmark, cudnn.deterministic = "tf32", True, False
         with precision_mode("exact", "cuda"):
-            assert cudnn.conv.fp32_precision == "ieee" and not cudnn.benchmark
-        assert (cudnn.conv.fp32_precision, cudnn.benchmark) == ("tf32", True)
+            assert cudnn.conv.fp32_precision == "ieee" and not cudnn.benchmark and cudnn.deterministic
+        assert (cudnn.conv.fp32_precision, cudnn.benchmark, cudnn.deterministic) == ("tf32", True, False)
+        cudnn.deterministic = True  # a user who wants repeatable runs keeps them under the fast policy
+        with precision_mode("fast", "cuda"):
+            assert cudnn.deterministic and cudnn.benchmark
+        assert cudnn.deterministic
     finally:
-        cudnn.conv.fp32_precision, cudnn.benchmark = previous
+        cudnn.conv.fp32_precision, cudnn.benchmark, cudnn.deterministic = previous
 
 
 def test_concurrent_explanations_restore_the_switches_once_all_left():
