@@ -16,6 +16,7 @@ from neon_attrib.dec.estimator import resolve_device
 TINY = {"pretrain_epochs": 2, "max_iter": 10, "update_interval": 5, "batch_size": 32, "hidden_dims": (8,),
         "progress": False}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = pytest.mark.filterwarnings("ignore::neon_attrib.dec.DECTrainingWarning")  # tiny training on purpose
 
 
 def blobs(n_per: int = 30, d: int = 6, k: int = 3) -> torch.Tensor:
