@@ -58,7 +58,8 @@ step "bench_fast_lrp exact" 70 $PY benchmarks/bench_fast_lrp.py --device cuda --
 step "bench_fast_lrp fast" 60 $PY benchmarks/bench_fast_lrp.py --device cuda --precision fast --size 224 \
     --batches 1 32 128 --repeats 5 --no-zennit --output $RESULTS/fast_lrp_cuda_fast.json
 step "bench_speed exact" 110 $PY benchmarks/bench_speed.py --device cuda --precision exact --batches 1 32 128 \
-    --supports 10000 --repeats 3 --budget 10 --reference-max-batch 32 --autocast --output $RESULTS/speed_cuda.json
+    --heads kde_outlier --supports 10000 --repeats 3 --budget 10 --reference-max-batch 32 --autocast \
+    --output $RESULTS/speed_cuda.json
 step "bench_backbones exact" 110 $PY benchmarks/bench_backbones.py --device cuda --precision exact --batches 1 32 \
     --backbones resnet18 resnet50 --support 2000 --repeats 3 --budget 10 --zennit-max-batch 32 --no-real-weights \
     --output $RESULTS/backbones_cuda.json
