@@ -27,6 +27,8 @@ try:  # private: the allocation events of PyTorch's profiler (peak_memory_mb fal
 except ImportError:
     _EventType = None
 
+from neon_attrib.pipeline import PRECISIONS, precision_mode  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -214,6 +216,25 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
     }
+
+
+def add_device_arguments(parser, default_device: str) -> None:
+    """``--device`` and ``--precision``: every row of the JSON says under which precision policy it was measured."""
+    parser.add_argument("--device", default=default_device)
+    parser.add_argument("--precision", choices=PRECISIONS, default="exact",
+                        help="precision policy of every method, the plain gradient included (default exact: no "
+                             "TF32, deterministic cuDNN); 'fast': TF32, cuDNN autotuning, channels_last explainers")
+
+
+def with_precision(precision: str, device: str | torch.device, body: Callable[[], dict]) -> dict:
+    """Run ``body()`` under the precision policy's switches (every method alike) and tag each row with it."""
+    with precision_mode(precision, device):
+        result = body()
+    result["precision"] = precision
+    for key in ("rows", "checks"):
+        for row in result.get(key, []):
+            row["precision"] = precision
+    return result
 
 
 def write_result(result: dict, output: str | None, default_name: str) -> Path:

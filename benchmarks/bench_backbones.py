@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    add_device_arguments,
     count_flops,
     data_dir,
     environment,
@@ -59,6 +60,7 @@ from _common import (  # noqa: E402
     peak_memory_mb,
     steady_allocator,
     time_interleaved,
+    with_precision,
     write_result,
 )
 from zennit.attribution import Gradient  # noqa: E402
@@ -131,14 +133,15 @@ def taps_heatmap(attributor: Callable, x: torch.Tensor) -> torch.Tensor:
 def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device: torch.device,
             args: argparse.Namespace, extra: dict, backbone_rows: bool = True) -> tuple[list[dict], list[dict]]:
     """Time every method at every batch size; check fast against Zennit; one JSON row per method."""
-    fast = model.explainer(audit=False)
+    fast = model.explainer(audit=False, precision=args.precision)
     zennit_model = copy.deepcopy(model)
     zennit_model.fast = False
-    zennit = zennit_model.explainer(audit=False)
+    zennit = zennit_model.explainer(audit=False, precision=args.precision)
     features = model.features
     low, high = model.input_bounds()
     taps_fast = LRPExplainer(features, FastEpsilonGammaBox(low=low, high=high,
-                                                           canonizers=default_canonizers(features)), audit=False)
+                                                           canonizers=default_canonizers(features)), audit=False,
+                             precision=args.precision)
     # registered once, on a copy (Zennit's canonizers change the modules they are applied to)
     taps_zennit = Gradient(isolated(features), EpsilonGammaBox(low=low, high=high,
                                                                 canonizers=zennit_canonizers(features)))
@@ -179,7 +182,7 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
             check["taps_fast_vs_zennit_max_rel_error"] = max_relative_error(taps_heatmap(taps_fast, x),
                                                                             taps_heatmap(taps_zennit, x))
         if extra.get("weights") != "random":
-            with model.explainer(audit=True) as audited:
+            with model.explainer(audit=True, precision=args.precision) as audited:
                 audited(x)
                 check["audit_ok"] = audited.last_audit.ok
                 check["audit_worst_relative_mismatch"] = float(audited.last_audit.relative_error.max())
@@ -215,7 +218,7 @@ def float64_check(label: str, model: DeepNeon, x: torch.Tensor) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    add_device_arguments(parser, "cpu")
     parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=BACKBONES)
@@ -239,12 +242,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/backbones_<device>.json)")
     args = parser.parse_args(argv)
+    result = with_precision(args.precision, args.device, partial(_benchmark, args))
+    print(summary(result))
+    write_result(result, args.output, f"backbones_{result['device']}.json")
+    return result
 
+
+def _benchmark(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     allocator = "system default"
     if device.type == "cpu" and not args.system_allocator and steady_allocator():
         allocator = "steady: glibc keeps freed memory (M_MMAP_MAX 0, no trimming), as after warm-up"
@@ -319,8 +326,6 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "checks": checks,
     }
-    print(summary(result))
-    write_result(result, args.output, f"backbones_{device.type}.json")
     return result
 
 

@@ -47,9 +47,17 @@ from zennit.composites import EpsilonGammaBox
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import max_relative_error, peak_memory_mb, time_interleaved, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    add_device_arguments,
+    max_relative_error,
+    peak_memory_mb,
+    time_interleaved,
+    with_precision,
+    write_result,
+)
 
 from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer  # noqa: E402
+from neon_attrib.pipeline import precision_mode  # noqa: E402
 
 
 def build_features(weights: str | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Sequential:
@@ -78,7 +86,7 @@ def _run(methods: dict[str, Callable[[], object]], name: str) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser, "cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=224, help="image height and width")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
     parser.add_argument("--full", action="store_true", help="add batch size 128")
@@ -91,7 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/fast_lrp_<device>.json)")
     args = parser.parse_args(argv)
+    result = with_precision(args.precision, args.device, partial(_benchmark, args))
+    print_table(result)
+    write_result(result, args.output, f"fast_lrp_{result['device']}.json")
+    return result
 
+
+def _benchmark(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,8 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     low, high = -3.0, 3.0  # bounds of standardised inputs; ZBox only needs them to bracket the data
     zennit_attributor = Gradient(features, EpsilonGammaBox(low=low, high=high))
     # the explainers keep their hooks for the whole run, on copies, so the plain gradient and Zennit see a clean model
-    explainer = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high))
-    explainer_cl = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high), channels_last=True)
+    explainer = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high), precision=args.precision)
+    explainer_cl = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high), channels_last=True,
+                                precision=args.precision)
 
     def plain_gradient(x: torch.Tensor) -> torch.Tensor:
         leaf = x.detach().requires_grad_()
@@ -138,6 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
         error = None
         if "zennit" in methods:
             error = max_relative_error(run("fast"), run("zennit"))
+        vs_exact = {}
+        if args.precision == "fast":  # the policy's own error: the same explainer with the exact switches
+            with precision_mode("exact", device):
+                exact = run("fast")
+            vs_exact = {name: max_relative_error(run(name), exact) for name in methods if name.startswith("fast")}
         grad_median = statistics.median(times["gradient"])
         grad_cpu = statistics.median(cpu_times["gradient"])
         for name in methods:
@@ -149,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "median_cpu_s": cpu, "cpu_ratio_to_gradient": grad_cpu / cpu,
                 "peak_memory_mb": memory[name],
                 "max_rel_error_vs_zennit": error if name.startswith("fast") else None,
+                "max_rel_error_vs_exact": vs_exact.get(name),
             })
 
     result = {
@@ -176,8 +197,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     explainer.close()
     explainer_cl.close()
-    print_table(result)
-    write_result(result, args.output, f"fast_lrp_{device.type}.json")
     return result
 
 

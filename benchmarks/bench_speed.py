@@ -37,11 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    add_device_arguments,
     environment,
     max_relative_error,
     median,
     peak_memory_mb,
     time_interleaved,
+    with_precision,
     write_result,
 )
 
@@ -115,7 +117,7 @@ def rows_for(methods: dict[str, Callable[[], object]], batch: int, device: torch
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser, "cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=120.0, help="stop repeating a configuration after this many s")
     parser.add_argument("--reference-max-batch", type=int, default=None,
                         help="time the Zennit reference path and the classifier's Zennit LRP only up to this batch")
-    parser.add_argument("--channels-last", action="store_true", help="fast path with channels_last inputs")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="fast path with channels_last inputs (the default with --precision fast)")
     parser.add_argument("--autocast", action="store_true", help="also time the fast path under bfloat16 autocast")
     parser.add_argument("--weights", default=None,
                         help="state_dict of VGG-16's conv base (default: random weights), e.g. "
@@ -140,12 +143,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/speed_<device>.json)")
     args = parser.parse_args(argv)
+    result = with_precision(args.precision, args.device, partial(_benchmark, args))
+    print(markdown(result))
+    print()
+    print(summary(result))
+    write_result(result, args.output, f"speed_{result['device']}.json")
+    return result
 
+
+def _benchmark(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # for every method alike
     torch.manual_seed(0)
     features = vgg16_features(args.weights).to(device)
     for param in features.parameters():
@@ -186,10 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
             pool = "positive" if head_name == "kmeans" else "sum"
             model = DeepNeon(features, head, pool=pool, preprocessing=args.preprocessing)
             # every explainer keeps its hooks on a model of its own
-            fast = copy.deepcopy(model).explainer(channels_last=args.channels_last)
+            options = {"channels_last": args.channels_last or None, "precision": args.precision}
+            fast = copy.deepcopy(model).explainer(**options)
             reference = DeepNeon(copy.deepcopy(features), copy.deepcopy(head), pool=pool, fast=False,
-                                 preprocessing=args.preprocessing).explainer()
-            bf16 = copy.deepcopy(model).explainer(channels_last=args.channels_last, autocast_dtype=torch.bfloat16)
+                                 preprocessing=args.preprocessing).explainer(precision=args.precision)
+            bf16 = copy.deepcopy(model).explainer(**options, autocast_dtype=torch.bfloat16)
             for batch, x in inputs.items():
                 methods = {"forward": partial(plain_forward, model, x), "gradient": partial(plain_gradient, model, x),
                            "fast": partial(heatmap, fast, x)}
@@ -229,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         **environment(device),
         "settings": {"size": args.size, "batches": args.batches, "heads": args.heads, "supports": args.supports,
                      "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget, "dtype": "float32",
-                     "channels_last": args.channels_last, "autocast": "bfloat16" if args.autocast else None,
+                     "channels_last": args.channels_last or args.precision == "fast",
+                     "autocast": "bfloat16" if args.autocast else None,
                      "reference_max_batch": args.reference_max_batch,
                      "composite": "EpsilonGammaBox (gamma 0.25, ZBox bounds of torchvision preprocessing)",
                      "weights": args.weights or "random (timings do not depend on them)",
@@ -241,10 +252,6 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "checks": checks,
     }
-    print(markdown(result))
-    print()
-    print(summary(result))
-    write_result(result, args.output, f"speed_{device.type}.json")
     return result
 
 

@@ -24,6 +24,7 @@ def explain(
     return_output: bool = False,
     return_audit: bool = False,
     strict: bool = False,
+    precision: str = "exact",
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Explain a NEON model's score for ``x``: relevance shaped like ``x``.
 
@@ -58,6 +59,9 @@ def explain(
         Also return the :class:`~neon_attrib.pipeline.Audit` (after the output, if that is returned too).
     strict : bool
         Raise :class:`~neon_attrib.pipeline.ConservationError` instead of warning when the audit fails.
+    precision : {"exact", "fast"}
+        On a GPU: ``"exact"`` (default) computes in full float32 with deterministic convolutions; ``"fast"`` allows
+        TensorFloat-32 (approximate). See :func:`~neon_attrib.pipeline.precision_mode`.
 
     Returns
     -------
@@ -82,7 +86,8 @@ def explain(
     """
     dtype, device = module_dtype_device(model)
     inputs = as_float_tensor(x, dtype=dtype, device=device, owner=type(model).__name__, name="x")
-    result = run(model, (inputs,), target, composite=composite, beta=beta, eps=eps, strict=strict)
+    result = run(model, (inputs,), target, composite=composite, beta=beta, eps=eps, strict=strict,
+                 precision=precision)
     relevance = result.relevance[0]
     extras: list[torch.Tensor | Audit | None] = []
     if return_output:

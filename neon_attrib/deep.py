@@ -534,7 +534,8 @@ class DeepNeon(nn.Module):
         audit, strict : bool
             Conservation audit per batch (:class:`~neon_attrib.pipeline.Audit`; the last in ``last_audit``).
         **options
-            ``channels_last``, ``autocast_dtype`` (approximate) and ``cudnn_benchmark`` of
+            ``precision`` (``"exact"`` or ``"fast"``), ``channels_last``, ``autocast_dtype`` (approximate) and
+            ``cudnn_benchmark`` of
             :class:`~neon_attrib.pipeline.Explainer`.
 
         Returns

@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "DEFAULT_CHUNK",
     "safe_divide",
+    "safe_sqrt",
     "squared_distance",
     "support_centre",
     "log_mean_exp",
@@ -38,6 +39,36 @@ def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Ten
     """``numerator / denominator`` with 0 where the denominator is exactly 0 (instead of NaN or inf)."""
     zero = denominator == 0
     return torch.where(zero, torch.zeros_like(numerator), numerator / torch.where(zero, 1, denominator))
+
+
+class _SafeSqrt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o: torch.Tensor) -> torch.Tensor:
+        root = o.clamp_min(0.0).sqrt()
+        ctx.save_for_backward(root)
+        return root
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (root,) = ctx.saved_tensors
+        return safe_divide(grad, 2 * root)  # torch's sqrt backward, grad / (2 √o), where √o > 0
+
+
+def safe_sqrt(o: torch.Tensor) -> torch.Tensor:
+    """``√max(o, 0)`` with the gradient ``1 / (2√o)`` where ``o > 0`` (bit for bit torch's) and 0 where ``o <= 0``.
+
+    A distance of exactly 0 (a point of the support set explained, or rounding below 0) has an infinite derivative
+    under the square root; multiplied by the zero gradient of the distance it would give NaN. Here it gives 0, so
+    the relevance of a zero score is 0.
+
+    Examples
+    --------
+    >>> o = torch.tensor([0.0, -1e-12, 4.0], requires_grad=True)
+    >>> safe_sqrt(o).sum().backward()
+    >>> o.grad
+    tensor([0.0000, 0.0000, 0.2500])
+    """
+    return _SafeSqrt.apply(o)
 
 
 def soft_argmin(h: torch.Tensor, beta: float) -> torch.Tensor:

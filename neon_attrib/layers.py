@@ -36,6 +36,7 @@ from .functional import (
     fused_outlier_score,
     log_mean_exp,
     random_cosine_features,
+    safe_sqrt,
     soft_min_pass,
     squared_distance,
     squared_mahalanobis,
@@ -367,7 +368,7 @@ class SquareRoot(nn.Module):
     the relevance down unchanged."""
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:
-        return o.clamp_min(0.0).sqrt()
+        return safe_sqrt(o)
 
 
 class MahalanobisDistance(ResizableBuffers):

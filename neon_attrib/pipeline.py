@@ -33,6 +33,7 @@ from torch import nn
 from zennit.core import Composite, Hook
 from zennit.rules import Pass
 
+from ._backend import PRECISIONS, check_precision, guard_batch_norms, precision_mode
 from ._utils import BATCH_NORMS, as_targets
 from .composites import NeonComposite, covers_children, is_neon_module, needs_own_rule
 
@@ -49,6 +50,9 @@ __all__ = [
     "Explanation",
     "run",
     "Explainer",
+    "PRECISIONS",
+    "precision_mode",
+    "guard_batch_norms",
 ]
 
 
@@ -250,6 +254,12 @@ def _residual_types() -> tuple[type, ...]:
     return (BasicBlock, Bottleneck)
 
 
+def _prepared(work: nn.Module) -> dict[str, Hook]:
+    """The last step of registering a composite on a copy: guard batch norms, then check coverage."""
+    guard_batch_norms(work)
+    return check_coverage(work)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # conservation audit
 @dataclass
@@ -339,9 +349,12 @@ class Audit:
                 f"tolerance={self.tolerance:g}{finite})")
 
 
-def default_tolerance(dtype: torch.dtype) -> float:
-    """Relative audit tolerance: 1e-2 for 16/32-bit floats, 1e-6 for float64."""
-    return 1e-6 if dtype == torch.float64 else 1e-2
+def default_tolerance(dtype: torch.dtype, precision: str = "exact") -> float:
+    """Relative audit tolerance: 1e-2 for 16/32-bit floats, 1e-6 for float64; under the ``"fast"`` precision policy
+    (TensorFloat-32 products, see :func:`precision_mode`) 5e-2 for 16/32-bit floats."""
+    if dtype == torch.float64:
+        return 1e-6
+    return 5e-2 if precision == "fast" else 1e-2
 
 
 class _AuditRecorder:
@@ -476,7 +489,7 @@ def hooked(model: nn.Module, composite: Composite | None = None, *, beta: float 
     """
     composite = _fresh(resolve_composite(model, composite, beta=beta, eps=eps))
     with composite.context(isolated(model)) as work:
-        yield work, check_coverage(work)
+        yield work, _prepared(work)
 
 
 @contextlib.contextmanager
@@ -489,7 +502,7 @@ def grad_mode() -> Iterator[None]:
 def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
         composite: Composite | None = None, beta: float | None = None, eps: float | None = None,
         extra_args: Sequence[Any] = (), audit: bool = True, strict: bool = False,
-        owner: str | None = None) -> Explanation:
+        owner: str | None = None, precision: str = "exact") -> Explanation:
     """Explain ``model(*inputs, *extra_args)`` for ``target``: the core every entry point calls.
 
     Parameters
@@ -510,13 +523,18 @@ def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
         Raise :class:`ConservationError` instead of warning when the audit fails.
     owner : str, optional
         Name for messages (default: the model's class).
+    precision : {"exact", "fast"}
+        The precision policy on CUDA (:func:`precision_mode`); default exact (no TensorFloat-32, deterministic
+        convolutions).
 
     Returns
     -------
     Explanation
     """
     owner = owner or type(model).__name__
-    with grad_mode():
+    check_precision(precision, owner)
+    device = inputs[0].device if inputs else torch.device("cpu")
+    with grad_mode(), precision_mode(precision, device):
         leaves = tuple(x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs)
         n = leaves[0].shape[0] if leaves and leaves[0].ndim else 0
         with hooked(model, composite, beta=beta, eps=eps) as (hooked_model, rules):
@@ -540,7 +558,7 @@ def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
         floating = [r for r in relevance if r.is_floating_point()]
         input_sum = sum(_sample_sums(r, n) for r in floating)
         input_mass = sum(_sample_sums(r, n, absolute=True) for r in floating)
-        tolerance = default_tolerance(leaves[0].dtype if leaves else torch.float32)
+        tolerance = default_tolerance(leaves[0].dtype if leaves else torch.float32, precision)
         result_audit = recorder.audit(_sample_sums(top, n) if n else score.to(torch.float64), input_sum, input_mass,
                                       tolerance)
         _report(result_audit, owner, strict)
@@ -569,13 +587,17 @@ class Explainer:
     composite : zennit.core.Composite
         Used as given and registered until :meth:`close` (resolve it first with :func:`resolve_composite` for NEON
         models); give each explainer its own composite object.
+    precision : {"exact", "fast"}
+        The precision policy on CUDA (:func:`precision_mode`). ``"exact"`` (default): no TensorFloat-32,
+        deterministic convolution algorithms. ``"fast"``: TensorFloat-32, cuDNN autotuning and ``channels_last``
+        (approximate: TF32 rounds products to ~1e-3; the audit tolerance is 5e-2).
     channels_last : bool, optional
-        Feed 4-D inputs in ``torch.channels_last`` memory format (often faster for convolutions).
+        Feed 4-D inputs in ``torch.channels_last`` memory format. Default: with ``precision="fast"`` only.
     autocast_dtype : torch.dtype, optional
         Run under ``torch.autocast`` with this dtype (``torch.bfloat16`` or ``torch.float16``). **Approximate**.
     cudnn_benchmark : bool, optional
         If given, ``torch.backends.cudnn.benchmark`` is set to it during each call on CUDA and restored afterwards.
-        Default None: the process-wide flag is left alone.
+        Default None: the precision policy's choice (off when exact, on when fast).
     audit : bool
         Audit conservation on every call (:class:`Audit`); the last one is in :attr:`last_audit`.
     strict : bool
@@ -595,7 +617,8 @@ class Explainer:
     torch.Size([2, 3, 32, 32])
     """
 
-    def __init__(self, model: nn.Module, composite: Composite, *, channels_last: bool = False,
+    def __init__(self, model: nn.Module, composite: Composite, *, precision: str = "exact",
+                 channels_last: bool | None = None,
                  autocast_dtype: torch.dtype | None = None, cudnn_benchmark: bool | None = None,
                  audit: bool = True, strict: bool = False,
                  default_target: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
@@ -606,9 +629,10 @@ class Explainer:
         if autocast_dtype is not None and autocast_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"The 'autocast_dtype' parameter of {type(self).__name__} must be torch.bfloat16, "
                              f"torch.float16 or None. Got {autocast_dtype!r} instead.")
+        self.precision = check_precision(precision, type(self).__name__)
         self.model = model
         self.composite = composite
-        self.channels_last = channels_last
+        self.channels_last = precision == "fast" if channels_last is None else channels_last
         self.autocast_dtype = autocast_dtype
         self.cudnn_benchmark = cudnn_benchmark
         self.audit = audit
@@ -620,7 +644,7 @@ class Explainer:
         self._closed = False
         self._work = isolated(model)
         self.composite.register(self._work)
-        self._hooked = check_coverage(self._work)
+        self._hooked = _prepared(self._work)
 
     def __enter__(self) -> Explainer:
         return self
@@ -641,6 +665,7 @@ class Explainer:
     def _context(self, device: torch.device) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(grad_mode())
+            stack.enter_context(precision_mode(self.precision, device))
             if device.type == "cuda" and self.cudnn_benchmark is not None:
                 previous = torch.backends.cudnn.benchmark
                 torch.backends.cudnn.benchmark = self.cudnn_benchmark
@@ -693,7 +718,7 @@ class Explainer:
         if recorder is not None and n:
             score, input_sum = _sample_sums(seed, n), _sample_sums(relevance, n)
             input_mass = _sample_sums(relevance, n, absolute=True)
-            self.last_audit = recorder.audit(score, input_sum, input_mass, default_tolerance(leaf.dtype))
+            self.last_audit = recorder.audit(score, input_sum, input_mass, default_tolerance(leaf.dtype, self.precision))
             _report(self.last_audit, self.owner, self.strict)
         return output.detach(), relevance.detach()
 

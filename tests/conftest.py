@@ -20,6 +20,16 @@ def shared_data_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def require_data(*files: str) -> Path:
+    """The data folder (see :func:`shared_data_dir`), or skip the test unless every one of ``files`` (paths inside it)
+    is there: a folder copied in part, or files kept out of a copy, skip cleanly instead of failing."""
+    root = shared_data_dir()
+    missing = [name for name in files if root is None or not (root / name).exists()]
+    if missing:
+        pytest.skip(f"shared data not available: {', '.join(missing)}")
+    return root
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
@@ -41,6 +51,17 @@ def pytest_report_header(config) -> str:
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source checkout on the path
         version = "unknown version"
     return f"zennit {version} from {Path(zennit.__file__).parent}"
+
+
+def assert_repeatable(result: torch.Tensor, again: torch.Tensor) -> None:
+    """The same computation run twice: equal to rounding (1e-5 of the largest value in float32, 1e-12 in float64).
+
+    Bit-for-bit equality is not promised on every machine: CPU convolution and matrix kernels may split their sums
+    differently from one call to the next with many threads, and GPU kernels may too (see docs/gpu.md).
+    """
+    rtol = 1e-12 if again.dtype == torch.float64 else 1e-5
+    scale = float(again.abs().max()) if again.numel() else 0.0
+    torch.testing.assert_close(result, again, rtol=rtol, atol=rtol * scale)
 
 
 def assert_no_hooks(model: torch.nn.Module) -> None:

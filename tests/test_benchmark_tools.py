@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -62,3 +63,15 @@ def test_peak_memory_sees_a_tensor_held_during_the_call():
     peak = peak_memory_mb(torch.device("cpu"), hold)
     assert 38 <= peak < 400
     assert peak_memory_mb(torch.device("cpu"), lambda: None) < 5
+
+
+def test_benchmark_rows_say_their_precision(tmp_path):
+    """A tiny run of bench_fast_lrp on the CPU: every row carries the precision policy it ran under."""
+    import bench_fast_lrp
+
+    out = tmp_path / "fast_lrp.json"
+    result = bench_fast_lrp.main(["--device", "cpu", "--precision", "fast", "--size", "32", "--batches", "1",
+                                  "--repeats", "1", "--warmup", "0", "--no-zennit", "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["precision"] == result["precision"] == "fast"
+    assert saved["rows"] and all(row["precision"] == "fast" for row in saved["rows"])

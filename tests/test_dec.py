@@ -13,7 +13,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from conftest import assert_no_hooks, shared_data_dir
+from conftest import assert_no_hooks, require_data
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
@@ -482,9 +482,7 @@ def test_class_evidence_is_plain_module():
 # ---------------------------------------------------------------------------------------------------- real data
 @pytest.mark.data
 def test_cifar_resnet_head_on_real_data():
-    root = shared_data_dir()
-    if root is None or not (root / "cifar10_resnet").is_dir() or not (root / "cifar10_subset").is_dir():
-        pytest.skip("shared CIFAR-10 data not available")
+    root = require_data("cifar10_resnet/resnet20-12fca82f.th", "cifar10_subset/cifar10_subset.npz")
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import assert_no_hooks, shared_data_dir
+from conftest import assert_no_hooks, assert_repeatable, require_data
 from torch import nn
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonGammaBox
@@ -286,7 +286,7 @@ def test_deep_neon_on_resnet_taps(dtype):
     before = copy.deepcopy({k: v for k, v in model.state_dict().items() if torch.is_tensor(v)})
     relevance, audit = explain(model, x[:2], return_audit=True)
     assert audit.ok, audit
-    assert torch.equal(relevance, explain(model, x[:2]))
+    assert_repeatable(relevance, explain(model, x[:2]))
     assert_no_hooks(model)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
@@ -307,10 +307,9 @@ def test_deep_neon_on_resnet_taps(dtype):
 def test_real_cifar_resnet_kde_on_cifar_images(depth, layers):
     """The real CIFAR ResNet under a KDE head on CIFAR images: the audit holds (relevance reaching the pixels = the
     score minus what the rules dissipate)."""
-    data = shared_data_dir()
-    path = data / "cifar10_resnet" / f"resnet{depth}-{'12fca82f' if depth == 20 else '4bfd9763'}.th" if data else None
-    if path is None or not path.is_file():
-        pytest.skip("shared/data with the CIFAR-10 ResNets and images is not available")
+    weights = f"cifar10_resnet/resnet{depth}-{'12fca82f' if depth == 20 else '4bfd9763'}.th"
+    data = require_data(weights, "cifar10_subset/cifar10_subset.npz")
+    path = data / weights
     arrays = np.load(data / "cifar10_subset" / "cifar10_subset.npz")
     pre = get_preprocessing("torchvision")  # what the akamaster checkpoints were trained with
     train, test = pre(torch.from_numpy(arrays["x_train"][:64])), pre(torch.from_numpy(arrays["x_test"][:4]))
@@ -329,10 +328,9 @@ def test_real_cifar_resnet_kde_on_cifar_images(depth, layers):
 
 @pytest.mark.data
 def test_real_vgg16_weights_with_taps():
-    data = shared_data_dir()
-    weights = data / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth" if data else None
-    if weights is None or not weights.is_file():
-        pytest.skip("shared/data with the VGG-16 weights is not available")
+    data = require_data("vgg16_imagenet_features/vgg16_features_keras_imagenet.pth",
+                        "cifar10_subset/cifar10_subset.npz")
+    weights = data / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth"
     arrays = np.load(data / "cifar10_subset" / "cifar10_subset.npz")
     rgb = F.interpolate(torch.from_numpy(arrays["x_test"][:6]).float() / 255, size=64, mode="bilinear")
     x = get_preprocessing("caffe")(rgb.clamp(0, 1))

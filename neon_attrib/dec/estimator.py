@@ -14,11 +14,10 @@ def is_int(value, low: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available and the CPU otherwise."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def resolve_device(device: str | torch.device | None, X: torch.Tensor) -> torch.device:
+    """``device``, or the device of the data ``X``: a GPU is used only when asked for or where the data already is, so
+    a model fitted on CPU data runs on CPU inputs."""
+    return X.device if device is None else torch.device(device)
 
 
 def check_activations(X, name: str) -> torch.Tensor:

@@ -101,7 +101,8 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
         If fine-tuning lowers the cluster quality (see Notes), keep the k-means initialisation (encoder weights and
         centroids from before fine-tuning) instead of the fine-tuned model. Either way a warning is issued.
     device : str, torch.device or None
-        Where to train (``None``: CUDA when available, else CPU). Data stays where it is and is moved per batch.
+        Where to train and keep the fitted model (``None``: where ``X`` is). Data stays where it is and is moved per
+        batch; :meth:`to` moves a fitted model.
     progress : bool
         Show tqdm progress bars (may be changed after fitting).
 
@@ -357,7 +358,7 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
         name = self._name()
         X = self._check_input(X, fitting=True)
         y_t = check_labels(y, X.shape[0], name)
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, X)
         conv = self.architecture == "conv" or (self.architecture == "auto" and X.ndim == 4)
         if conv and X.ndim != 4:
             raise ValueError(f"The 'architecture' parameter of {name} is 'conv', which needs input of shape "
@@ -440,7 +441,8 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
         Returns
         -------
         torch.Tensor
-            Embeddings ``z``, shape ``(n, embedding_dim)``, each of norm ``radius`` (CPU, float32).
+            Embeddings ``z``, shape ``(n, embedding_dim)``, each of norm ``radius`` (float32, on ``X``'s device;
+            computed on the model's, see :meth:`to`).
 
         Raises
         ------
@@ -448,7 +450,7 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
             Not fitted, wrong sample shape, or non-finite values.
         """
         X = self._check_input(X, fitting=False)
-        return self._embed(self.encoder_, X, next(self.encoder_.parameters()).device)
+        return self._embed(self.encoder_, X, next(self.encoder_.parameters()).device).to(X.device)
 
     def predict_proba(self, X) -> torch.Tensor:
         """Soft assignments ``q`` (Student-t with ``alpha``), shape ``(n, n_clusters)``, rows summing to one."""

@@ -90,8 +90,8 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
     batch_size : int
         Batch size of the classifier passes (does not change any result).
     device : str or torch.device, optional
-        Where the DEC models train and run (default: CUDA when available). Activations are kept on the CPU and moved
-        there one minibatch at a time.
+        Where the DEC models train and run (default: the classifier's device). Activations are kept on the CPU and
+        moved there one minibatch at a time.
     seed : int, optional
         Base seed; layer ``j`` uses ``seed + j``.
     progress : bool
@@ -262,7 +262,10 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
 
     def _dec_kwargs(self, layer: str) -> dict:
         kwargs = {dec_name: getattr(self, name) for name, dec_name in _DEC_PARAMS.items()}
-        kwargs.update(device=self.device, progress=self.progress)
+        device = self.device
+        if device is None:
+            device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        kwargs.update(device=device, progress=self.progress)
         params = dict(self.dec_params or {})
         if params and all(key in self.layers for key in params):
             params = dict(params.get(layer, {}))

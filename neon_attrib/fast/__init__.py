@@ -38,11 +38,6 @@ torch.Size([2, 3, 64, 64])
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
-import torch
-
 from ..pipeline import Explainer
 from ._core import FastHook, FastNorm, FastPass
 from .canonizers import FastResNetCanonizer, MergeBatchNorms
@@ -65,17 +60,6 @@ __all__ = [
     "MergeBatchNorms",
     "LRPExplainer",
 ]
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(value: bool) -> Iterator[None]:
-    """Set ``torch.backends.cudnn.benchmark`` for the duration of a block only."""
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = value
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous
 
 
 class LRPExplainer(Explainer):

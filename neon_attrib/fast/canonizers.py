@@ -18,6 +18,7 @@ from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, Sequential
 from zennit.layer import Sum
 
 from .._utils import BATCH_NORMS
+from ..pipeline import guard_batch_norms
 
 __all__ = ["FastResNetCanonizer", "MergeBatchNorms"]
 
@@ -39,6 +40,16 @@ class MergeBatchNorms(SequentialMergeBatchNorm):
     """
 
     batch_norm_type = BATCH_NORMS
+
+    def register(self, linears: list[nn.Module], batch_norm: nn.Module) -> None:
+        super().register(linears, batch_norm)
+        self._guarded = guard_batch_norms(batch_norm)
+
+    def remove(self) -> None:
+        super().remove()
+        for module in getattr(self, "_guarded", ()):
+            del module.forward
+        self._guarded = []
 
 
 def _basic_block_forward(self: BasicBlock, x: torch.Tensor) -> torch.Tensor:
