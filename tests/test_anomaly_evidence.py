@@ -157,16 +157,17 @@ def test_deletion_insertion_on_a_region_sum():
     good = torch.zeros(8, 8, dtype=torch.float64)
     good[:4, :4] = 1.0 + torch.arange(16, dtype=torch.float64).reshape(4, 4) / 100  # the region first
     bad = -good  # the region last
-    result = deletion_insertion(RegionSum(), x, torch.stack([good, bad]), nearest_normal(x, normal), n_steps=4)
+    quarters = [0, 0.25, 0.5, 0.75, 1]
+    result = deletion_insertion(RegionSum(), x, torch.stack([good, bad]), nearest_normal(x, normal),
+                                fractions=quarters, batch_size=3)
     # 64 pixels, 16 per step: the good ranking removes the whole region in the first step
-    assert result.deletion.scores[0].tolist() == [16.0, 0.0, 0.0, 0.0, 0.0]
-    assert result.insertion.scores[0].tolist() == [0.0, 16.0, 16.0, 16.0, 16.0]
+    assert result.deletion[0].tolist() == [16.0, 0.0, 0.0, 0.0, 0.0]
+    assert result.insertion[0].tolist() == [0.0, 16.0, 16.0, 16.0, 16.0]
     # the bad ranking keeps it to the end (ties in pixel order: the region's rows start at pixel 0 but rank last)
-    assert result.deletion.scores[1].tolist() == [16.0, 16.0, 16.0, 16.0, 0.0]
-    assert result.insertion.scores[1].tolist() == [0.0, 0.0, 0.0, 0.0, 16.0]
-    # areas by hand (trapezoid over shares 0, 1/4, ..., 1): deletion 16/8 = 2, insertion 16 − 2 = 14
-    assert result.deletion.area.tolist() == pytest.approx([2.0, 14.0])
-    assert result.insertion.area.tolist() == pytest.approx([14.0, 2.0])
+    assert result.deletion[1].tolist() == [16.0, 16.0, 16.0, 16.0, 0.0]
+    assert result.insertion[1].tolist() == [0.0, 0.0, 0.0, 0.0, 16.0]
+    assert result.input_score.tolist() == [16.0, 16.0] and result.reference_score.tolist() == [0.0, 0.0]
+    # by hand, trapezoid over the quarters: insertion − deletion = −16, 16, 16, 16, 16 → (0 + 3·16)/4 = 12
     assert result.abpc.tolist() == pytest.approx([12.0, -12.0])
     assert result.normalized_abpc.tolist() == pytest.approx([0.75, -0.75])
     assert result.mean_normalized_abpc == pytest.approx(0.0)
@@ -176,10 +177,15 @@ def test_deletion_insertion_patches_channels_and_references():
     x = torch.ones(1, 3, 8, 8, dtype=torch.float64)
     heat = torch.zeros(1, 3, 8, 8, dtype=torch.float64)
     heat[0, 1, 0, 0] = 1.0  # one pixel of one channel: with patch=4 the whole top-left patch goes first
-    result = deletion_insertion(RegionSum(), x, heat, 0.0, n_steps=4, patch=4)
-    assert result.deletion.scores[0].tolist() == [48.0, 0.0, 0.0, 0.0, 0.0]
-    blurred = deletion_insertion(RegionSum(), x, heat, blur_reference(1.0), n_steps=4)  # a blur of ones is ones
-    assert torch.allclose(blurred.deletion.scores, torch.full((1, 5), 48.0, dtype=torch.float64))
+    result = deletion_insertion(RegionSum(), x, heat, 0.0, fractions=[0, 0.25, 0.5], patch=4)
+    assert result.deletion[0].tolist() == [48.0, 0.0, 0.0]
+    # shares up to a quarter, pixels row by row: row 0 by 1/8 (4 region pixels of 16), rows 0–1 by 1/4 (8 of 16)
+    early = deletion_insertion(RegionSum(), x, -torch.arange(64.0).reshape(1, 8, 8), 0.0, fractions=[0, 0.125, 0.25])
+    assert early.deletion[0].tolist() == [48.0, 36.0, 24.0]
+    blurred = deletion_insertion(RegionSum(), x, heat, blur_reference(1.0))  # a blur of ones is ones
+    assert torch.allclose(blurred.deletion, torch.full((1, 17), 48.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="fractions"):
+        deletion_insertion(RegionSum(), x, heat, 0.0, fractions=[0.1, 0.2])
     with pytest.raises(ValueError, match="heatmaps"):
         deletion_insertion(RegionSum(), x, torch.zeros(1, 4, 4), 0.0)
     with pytest.raises(ValueError, match="NaN"):
