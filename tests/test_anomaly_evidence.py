@@ -283,3 +283,13 @@ def test_layer_relevance_refuses_a_layer_the_score_bypasses():
     with pytest.raises(ValueError, match="skip connection"):
         layer_relevance(model, inputs(1, 5), "block.inner")
     assert layer_relevance(model, inputs(1, 5), "relu").relevance.shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["neon_attrib.anomaly.faithfulness", "neon_attrib.anomaly.resolution"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), extraglobs={"np": np, "torch": torch},
+                             optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

@@ -82,9 +82,14 @@ def layer_relevance(model: AnomalyDetector, images: torch.Tensor, layer: str, ta
 
     Examples
     --------
-    >>> result = layer_relevance(model, images, "8", "sum")  # doctest: +SKIP
-    >>> result.map.shape  # doctest: +SKIP
-    torch.Size([4, 128, 128])
+    >>> from torch import nn
+    >>> from neon_attrib.anomaly import PaDiM
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+    ...                     nn.ReLU())
+    >>> model = PaDiM(net, ["4"], n_channels=None).fit(torch.rand(4, 3, 16, 16), progress=False)
+    >>> result = layer_relevance(model, torch.rand(2, 3, 16, 16), "2", "sum")  # after the pool: 8x8 positions
+    >>> tuple(result.relevance.shape), tuple(result.map.shape)
+    ((2, 4, 8, 8), (2, 16, 16))
     """
     owner = f"layer_relevance({type(model).__name__})"
     if mode not in ("bilinear", "nearest"):
