@@ -293,3 +293,18 @@ def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), extraglobs={"np": np, "torch": torch},
                              optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_the_command_line_default_target_is_the_benchmarks_recommendation():
+    import json
+    from pathlib import Path
+
+    from neon_attrib.cli import build_parser
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "anomaly_evidence.json"
+    recommended = {report["recommendation"]["where_is_the_defect"].split("_")[1]
+                   for report in json.loads(results.read_text())["detectors"].values()}
+    recommended |= {report["recommendation"]["why_this_score"].split("_")[1]
+                    for report in json.loads(results.read_text())["detectors"].values()}
+    default = build_parser().parse_args(["detect", "image.png", "--fit", "normal"]).target
+    assert recommended == {default}
