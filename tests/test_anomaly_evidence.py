@@ -173,6 +173,23 @@ def test_deletion_insertion_on_a_region_sum():
     assert result.mean_normalized_abpc == pytest.approx(0.0)
 
 
+class ImageSum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum((1, 2, 3))
+
+
+def test_abpc_of_an_additive_score_depends_on_the_shares_only():
+    # every pixel counts alike: deletion (1 − s)·f, insertion s·f, so the normalised ABPC is the mean of 2s − 1 over
+    # the shares, whatever the ranking: 0 up to 1, s_max − 1 up to s_max
+    x = torch.ones(3, 2, 8, 8, dtype=torch.float64)
+    heat = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    full = deletion_insertion(ImageSum(), x, heat, 0.0, fractions=np.linspace(0, 1, 9))
+    early = deletion_insertion(ImageSum(), x, heat, 0.0, fractions=np.linspace(0, 0.25, 9))
+    np.testing.assert_allclose(full.normalized_abpc.numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(early.normalized_abpc.numpy(), 0.25 - 1, atol=1e-12)
+    assert early.mean_normalized_abpc == pytest.approx(-0.75)
+
+
 def test_deletion_insertion_patches_channels_and_references():
     x = torch.ones(1, 3, 8, 8, dtype=torch.float64)
     heat = torch.zeros(1, 3, 8, 8, dtype=torch.float64)

@@ -14,9 +14,12 @@ texture model), so a removed region is replaced by normal content:
 falls, the more faithful the heatmap. **Insertion** starts from the normal content and puts the image back, most
 relevant first: the faster the score rises, the better. :func:`deletion_insertion` returns both curves and the **area
 between the perturbation curves** (ABPC: insertion minus deletion, averaged over the shares), normalised by
-``f(x) − f(reference)``: 1 at best, about 0 for a random ranking, negative for a misleading one. Defects cover a few
-per cent of an image, so the shares can stop early and step finely (e.g. ``np.linspace(0, 0.2, 9)``); the general
-curves of :mod:`neon_attrib.evaluation` step evenly over the whole input.
+``f(x) − f(reference)``: higher is more faithful. Defects cover a few per cent of an image, so the shares can stop
+early and step finely (e.g. ``np.linspace(0, 0.2, 9)``); the general curves of :mod:`neon_attrib.evaluation` step
+evenly over the whole input. The scale depends on the shares: for a score that adds up its pixels, a random ranking
+gives about 0 with shares up to 1 but ``s_max − 1`` (−0.8 for ``s_max = 0.2``) with shares up to ``s_max``, and a
+score that reacts to the replacement itself (seams, sharp edges on a blurred copy) can take the curves past ``f(x)``
+and the ABPC past 1. Compare heatmaps with each other and with a random ranking on the same images and shares.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ class Faithfulness:
 
     @property
     def normalized_abpc(self) -> torch.Tensor:
-        """``abpc / (f(x) − f(reference))`` per image, (n,): 1 at best (NaN where the two scores coincide)."""
+        """``abpc / (f(x) − f(reference))`` per image, (n,); higher is more faithful (NaN where the two scores
+        coincide)."""
         span = self.input_score - self.reference_score
         scale = torch.maximum(self.input_score.abs(), self.reference_score.abs()).clamp_min(1e-30)
         degenerate = span.abs() <= 1e-9 * scale
