@@ -86,9 +86,10 @@ def register_detect(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--relative-reg", action=argparse.BooleanOptionalAction, default=True,
                         help="PaDiM: add R times the mean feature variance, whatever the backbone's scale (default); "
                              "--no-relative-reg adds R itself, as the paper does for ResNet features")
-    parser.add_argument("--target", choices=TARGETS, default="max",
-                        help="explained score: the image score (max), all patch scores (sum), or their excess over "
-                             "the normal level τ (excess; needs calibration) (default: %(default)s)")
+    parser.add_argument("--target", choices=TARGETS, default="sum",
+                        help="explained score: all patch scores (sum: the heatmap that localises defects best and "
+                             "follows the image score best, see docs/anomaly.md), the image score (max), or their "
+                             "excess over the normal level τ (excess; needs calibration) (default: %(default)s)")
     parser.add_argument("--save-raw", choices=("npy", "npz"), default=None,
                         help="also write the raw arrays: the anomaly map (H, W) and the relevance (C, H, W), float32")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="default: %(default)s")

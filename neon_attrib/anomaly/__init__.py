@@ -9,7 +9,9 @@ module                     contents
 ``anomaly._detector``      :class:`AnomalyDetector` (their base: maps, calibration, targets), :class:`Detection`
 ``anomaly._layers``        :class:`PatchPool` and its rule, :class:`ChannelSelect`, :func:`greedy_coreset`,
                            :func:`gaussian_blur`, :func:`upsample`
-``anomaly.metrics``        :func:`pixel_auroc`, :func:`pro_auc` (per-region overlap)
+``anomaly.metrics``        :func:`pixel_auroc`, :func:`pro_auc` (per-region overlap), :func:`aupimo` (per image)
+``anomaly.faithfulness``   :func:`deletion_insertion` with normal content (:func:`nearest_normal`), ABPC
+``anomaly.resolution``     :func:`layer_relevance`: relevance stopped at a backbone layer, upsampled
 =========================  ===========================================================================================
 """
 
@@ -23,9 +25,11 @@ from ._layers import (
     greedy_coreset,
     upsample,
 )
-from .metrics import pixel_auroc, pro_auc
+from .faithfulness import Faithfulness, deletion_insertion, nearest_normal
+from .metrics import aupimo, pixel_auroc, pro_auc
 from .padim import PaDiM
 from .patchcore import PatchCore
+from .resolution import LayerRelevance, layer_relevance
 
 __all__ = [
     "PatchCore",
@@ -42,4 +46,10 @@ __all__ = [
     "upsample",
     "pixel_auroc",
     "pro_auc",
+    "aupimo",
+    "deletion_insertion",
+    "nearest_normal",
+    "Faithfulness",
+    "layer_relevance",
+    "LayerRelevance",
 ]
