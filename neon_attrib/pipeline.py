@@ -718,7 +718,8 @@ class Explainer:
         if recorder is not None and n:
             score, input_sum = _sample_sums(seed, n), _sample_sums(relevance, n)
             input_mass = _sample_sums(relevance, n, absolute=True)
-            self.last_audit = recorder.audit(score, input_sum, input_mass, default_tolerance(leaf.dtype, self.precision))
+            tolerance = default_tolerance(leaf.dtype, self.precision)
+            self.last_audit = recorder.audit(score, input_sum, input_mass, tolerance)
             _report(self.last_audit, self.owner, self.strict)
         return output.detach(), relevance.detach()
 

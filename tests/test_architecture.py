@@ -55,9 +55,11 @@ def test_no_function_level_imports_of_our_modules():
     assert not offenders, offenders
 
 
-def test_no_file_above_about_700_lines():
+def test_no_file_above_1000_lines():
+    # Modules are split by concern (checked in review); a file past 1,000 lines is only a warning sign that one holds
+    # several, so this bound is deliberately loose.
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 720}
+            if (n := len(p.read_text().splitlines())) > 1000}
     assert not long, long
 
 
