@@ -10,6 +10,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import threading
 import time
 from collections import Counter
@@ -43,6 +44,28 @@ def evenly_spaced(items: list, count: int) -> list:
     if count >= len(items):
         return list(items)
     return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
+
+
+def split_evenly(items: list, *counts: int) -> list[list]:
+    """Disjoint groups of ``counts[i]`` items each, every one :func:`evenly_spaced` over what the groups before it
+    left, and last the items left over: ``fit, calibration, rest = split_evenly(files, 40, 16)``."""
+    groups, rest = [], list(items)
+    for count in counts:
+        group = evenly_spaced(rest, count)
+        taken = set(group)
+        groups.append(group)
+        rest = [item for item in rest if item not in taken]
+    return [*groups, rest]
+
+
+def magnetic_tiles(data: Path, script: str) -> tuple[Path, Path] | None:
+    """The magnetic-tile folder and the Keras VGG-16 weights under ``data``, or None after saying what is missing."""
+    tiles = data / "magnetic_tile_defects"
+    weights = data / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth"
+    if tiles.is_dir() and weights.is_file():
+        return tiles, weights
+    print(f"{script}: needs {tiles} and {weights} (set --data or NEON_ATTRIB_DATA)", file=sys.stderr)
+    return None
 
 
 def synchronize(device: torch.device) -> None:

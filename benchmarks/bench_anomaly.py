@@ -54,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import data_dir, evenly_spaced  # noqa: E402
+from _common import data_dir, environment, evenly_spaced, magnetic_tiles, split_evenly  # noqa: E402
 
 CLASSES = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
 TARGETS = ("max", "sum", "excess")
@@ -290,26 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import environment
-
     from neon_attrib.vision import get_preprocessing, vgg16_features
 
-    tiles = args.data / "magnetic_tile_defects"
-    weights = args.data / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth"
-    if not tiles.is_dir() or not weights.is_file():
-        print(f"bench_anomaly: needs {tiles} and {weights} (set --data or NEON_ATTRIB_DATA)", file=sys.stderr)
+    if (found := magnetic_tiles(args.data, "bench_anomaly")) is None:
         return 2
+    tiles, weights = found
     started = time.perf_counter()
     caffe = get_preprocessing("caffe")
     features = vgg16_features(weights)
 
     free = sorted((tiles / "MT_Free" / "Imgs").glob("*.jpg"))
-    fit_files = evenly_spaced(free, args.fit_images)
-    rest = [p for p in free if p not in set(fit_files)]
-    calibration_files = evenly_spaced(rest, args.calibration_images)
-    rest = [p for p in rest if p not in set(calibration_files)]
-    test_files = [(p, "Free") for p in evenly_spaced(rest, args.test_free)]
+    fit_files, calibration_files, test_free, _ = split_evenly(free, args.fit_images, args.calibration_images,
+                                                              args.test_free)
+    test_files = [(p, "Free") for p in test_free]
     for name in CLASSES:
         candidates = sorted((tiles / f"MT_{name}" / "Imgs").glob("*.jpg"))
         visible = [p for p in candidates if load_tile(p, args.size)[1].any()]  # defects visible at this size

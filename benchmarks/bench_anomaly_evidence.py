@@ -65,7 +65,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import data_dir, environment, evenly_spaced  # noqa: E402
+from _common import data_dir, environment, evenly_spaced, magnetic_tiles, split_evenly  # noqa: E402
 from bench_anomaly import CLASSES, LAYERS, load_tile  # noqa: E402
 
 SYNTHETIC = ("CutPaste", "Scratch")
@@ -303,23 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     from neon_attrib.evaluation import blur_reference
     from neon_attrib.vision import get_preprocessing, vgg16_features
 
-    tiles = args.data / "magnetic_tile_defects"
-    weights = args.data / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth"
-    if not tiles.is_dir() or not weights.is_file():
-        print(f"bench_anomaly_evidence: needs {tiles} and {weights} (set --data or NEON_ATTRIB_DATA)", file=sys.stderr)
+    if (found := magnetic_tiles(args.data, "bench_anomaly_evidence")) is None:
         return 2
+    tiles, weights = found
     started = time.perf_counter()
     caffe = get_preprocessing("caffe")
     features = vgg16_features(weights)
 
     free = sorted((tiles / "MT_Free" / "Imgs").glob("*.jpg"))
-    fit_files = evenly_spaced(free, args.fit_images)
-    rest = [p for p in free if p not in set(fit_files)]
-    calibration_files = evenly_spaced(rest, args.calibration_images)
-    rest = [p for p in rest if p not in set(calibration_files)]
-    normal_files = evenly_spaced(rest, args.normal)
-    rest = [p for p in rest if p not in set(normal_files)]
-    synthetic_files = evenly_spaced(rest, 2 * args.synthetic)
+    fit_files, calibration_files, normal_files, synthetic_files, _ = split_evenly(
+        free, args.fit_images, args.calibration_images, args.normal, 2 * args.synthetic)
 
     images, masks, classes, names = [], [], [], []
     for name in CLASSES:
