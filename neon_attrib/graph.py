@@ -52,7 +52,8 @@ from ._utils import BATCH_NORMS
 from .canonical import ChannelAffine, ConstantNormGroupNorm, ConstantNormLayerNorm, Gate, GateRule, Mean, Scale
 from .composites import is_neon_module, register_rule
 
-__all__ = ["GraphCanonizer", "register_trusted_container", "canonical_layer_map", "RULES_NEEDED"]
+__all__ = ["GraphCanonizer", "register_trusted_container", "is_trusted_container", "canonical_layer_map",
+           "RULES_NEEDED"]
 
 #: Attribute set on a canonized root module: ``{module path: module}`` of the layers that must receive an LRP rule
 #: from the composite (the explain pipeline checks it before explaining).
@@ -85,6 +86,11 @@ def register_trusted_container(types_: type | tuple[type, ...]) -> None:
     :class:`~neon_attrib.vision.taps.FeatureTaps` and :class:`~neon_attrib.deep.DeepNeon` are declared so.
     """
     _TRUSTED.extend(types_ if isinstance(types_, tuple) else (types_,))
+
+
+def is_trusted_container(module: nn.Module) -> bool:
+    """Whether ``module`` is of a class declared with :func:`register_trusted_container`."""
+    return isinstance(module, tuple(_TRUSTED))
 
 
 def canonical_layer_map(norm: Any = None, gate: Any = None) -> list[tuple[type, Any]]:
@@ -663,7 +669,10 @@ class GraphCanonizer(Canonizer):
         self.leaf_types = tuple(leaf_types)
 
     def apply(self, root_module: nn.Module) -> list[Canonizer]:
-        """Canonize ``root_module`` in place; returns the instance whose ``remove()`` undoes it."""
+        """Canonize ``root_module`` in place; returns the instance whose ``remove()`` undoes it (none if
+        ``root_module`` is canonized already)."""
+        if RULES_NEEDED in root_module.__dict__:
+            return []
         canonization = _Canonization(root_module, self.leaf_types)
         try:
             canonization.run()
