@@ -465,6 +465,8 @@ class _Canonization(Canonizer):
                 first, second = second, first
             elif gates != [False, True]:
                 return self._refuse(traced, node, "multiplies two signals (neither is a sigmoid gate or a parameter)")
+            with traced.graph.inserting_before(node):  # the gate's branch gets no relevance and no gradient
+                second = traced.graph.call_method("detach", (second,))
             new = self._call_new(traced, node, "gate", Gate(), (first, second))
         elif first_tensor or second_tensor:
             signal, factor = (first, second) if first_tensor else (second, first)

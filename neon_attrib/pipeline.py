@@ -215,6 +215,7 @@ def check_coverage(model: nn.Module) -> dict[str, Hook]:
     covered: list[str] = []
     residual = _residual_types()
     needed = {id(module) for module in getattr(model, RULES_NEEDED, {}).values()}
+    unmerged: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in covered):
             continue
@@ -225,9 +226,7 @@ def check_coverage(model: nn.Module) -> dict[str, Hook]:
             if covers_children(module) or is_neon_module(module) and not needs_own_rule(module):
                 covered.append(f"{name}." if name else "")
             if isinstance(module, BATCH_NORMS) and _passes_through(hooks[0]) and not _merged(module):
-                raise ValueError(f"{label} ({type(module).__name__}) passes the relevance through but was not merged "
-                                 f"into a convolution, so the heatmap would ignore its scaling. Canonize the model: "
-                                 f"neon_attrib.vision.default_canonizers(model) in the composite's canonizers.")
+                unmerged.append(f"{label} ({type(module).__name__})")
             continue
         if id(module) in needed or type(module).__name__ == "Sum" and type(module).__module__.startswith("zennit"):
             raise ValueError(f"{label} ({type(module).__name__}) is a layer of the canonized graph that received no "
@@ -250,6 +249,10 @@ def check_coverage(model: nn.Module) -> dict[str, Hook]:
                              f"into the layer before it (neon_attrib.fast.MergeBatchNorms() in the canonizers) and map "
                              f"it to Pass (add ({type(module).__name__}, zennit.rules.Pass()) to the composite's "
                              f"layer_map).")
+    if unmerged:
+        raise ValueError(f"{unmerged[0]} passes the relevance through but was not merged into a convolution, so the "
+                         f"heatmap would ignore its scaling. Canonize the model: "
+                         f"neon_attrib.vision.default_canonizers(model) in the composite's canonizers.")
     return hooked
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -25,6 +26,7 @@ from zennit.composites import EpsilonGammaBox
 from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm
 
+from neon_attrib import KDEOutlier, explain
 from neon_attrib.canonical import (
     ChannelAffine,
     ConstantNormGroupNorm,
@@ -34,9 +36,11 @@ from neon_attrib.canonical import (
     Mean,
     Scale,
 )
+from neon_attrib.deep import DeepNeon
 from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer
-from neon_attrib.graph import RULES_NEEDED, canonical_layer_map
-from neon_attrib.vision import default_canonizers
+from neon_attrib.graph import RULES_NEEDED, GraphCanonizer, canonical_layer_map
+from neon_attrib.pipeline import isolated
+from neon_attrib.vision import FeatureTaps, default_canonizers
 
 LOW, HIGH = -3.0, 3.0
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -367,3 +371,82 @@ def test_squeezenet_needs_no_canonization():
     model = calibrated(torchvision.models.squeezenet1_1(weights=None, num_classes=10), size=64)
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     check_against(model, model, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torchvision CNNs: canonized, conserved, fast = Zennit's rules, as classifiers and under a DeepNeon head
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: name -> (constructor keywords, input size, tapped layer for DeepNeon)
+NETWORKS = {
+    "googlenet": ({"aux_logits": False, "init_weights": False}, 32, "inception3b"),
+    "densenet121": ({}, 32, "features.transition1"),
+    "inception_v3": ({"aux_logits": False, "init_weights": False}, 75, "Mixed_5b"),
+    "mobilenet_v2": ({}, 32, "features.4"),
+    "mobilenet_v3_small": ({}, 32, "features.2"),
+    "efficientnet_b0": ({}, 32, "features.3"),
+    "regnet_y_400mf": ({}, 32, "trunk_output.block1"),
+    "mnasnet0_5": ({}, 32, "layers.9"),
+    "shufflenet_v2_x0_5": ({}, 32, "stage2"),
+    "convnext_tiny": ({}, 32, "features.1"),
+    "resnext50_32x4d": ({}, 32, "layer1"),
+    "squeezenet1_0": ({}, 32, "features.4"),
+}
+_BUILT: dict[str, nn.Module] = {}
+
+
+def network(name: str) -> nn.Module:
+    """Random weights, calibrated batch-norm statistics, float64 (built once per session; tests take copies)."""
+    if name not in _BUILT:
+        kwargs, size, _ = NETWORKS[name]
+        torch.manual_seed(0)
+        _BUILT[name] = calibrated(getattr(torchvision.models, name)(weights=None, num_classes=10, **kwargs), size)
+    return copy.deepcopy(_BUILT[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_torchvision_cnn(name):
+    model = network(name)
+    _, size, tap = NETWORKS[name]
+    before = state(model)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        output = model(x)
+    # the canonized copy computes the model's output and keeps no batch norm
+    work = isolated(model)
+    instances = GraphCanonizer().apply(work) if name != "resnext50_32x4d" else []
+    with torch.no_grad():
+        assert max_rel_error(work(x), output) < 1e-10
+    if instances:
+        assert not any(isinstance(m, BATCH_NORM_TYPES) for m in work.modules())
+        assert all(hasattr(m, "weight") or not list(m.parameters()) for m in work.__dict__[RULES_NEEDED].values())
+    # classifier: fast rules = Zennit's rules (on the same canonical graph), relevance conserved, nothing left behind
+    attr = one_hot(output)
+    canonizers = default_canonizers(model)
+    expected = Gradient(isolated(model), zennit_composite(canonizers))(x, attr)[1]
+    relevance, audit = fast_relevance(model, x, attr)
+    assert audit.ok, audit
+    assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+    assert max_rel_error(relevance, expected) < 1e-9
+    # DeepNeon with a KDE head on a tapped layer: the fast path = the Zennit-rule path
+    images = torch.cat([x, x.flip(-1)])  # two images: the audit is per image
+    deep = DeepNeon(FeatureTaps(model, [tap]), KDEOutlier(gamma=1e-2)).fit(images, progress=False)
+    heads, head_audit = explain(deep, images, return_audit=True, strict=True)
+    deep.fast = False
+    assert head_audit.ok, head_audit
+    assert max_rel_error(heads, explain(deep, images, strict=True)) < 1e-9
+    assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "convnext_tiny"])
+def test_float32_equals_zennit(name):
+    model = network(name).float()
+    _, size, _ = NETWORKS[name]
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        attr = one_hot(model(x))
+    expected = Gradient(isolated(model), zennit_composite(default_canonizers(model)))(x, attr)[1]
+    relevance, audit = fast_relevance(model, x, attr)
+    assert audit.ok, audit
+    assert max_rel_error(relevance, expected) < 1e-5
