@@ -450,3 +450,112 @@ def test_float32_equals_zennit(name):
     relevance, audit = fast_relevance(model, x, attr)
     assert audit.ok, audit
     assert max_rel_error(relevance, expected) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# refusals: before explaining, naming what and where
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, match", [
+    ("vit_b_16", r"encoder\.layers\.encoder_layer_0\.self_attention \(MultiheadAttention\) cannot be traced"),
+    ("swin_t", r"_get_relative_position_bias in the forward of features\.1\.0\.attn \(ShiftedWindowAttention\)"),
+])
+def test_transformers_are_refused(name, match):
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+    before = state(model)
+    with pytest.raises(ValueError, match=match):
+        explain_classifier = LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH,
+                                                                     canonizers=default_canonizers(model)))
+        explain_classifier.close()
+    assert_same_state(model, before)
+
+
+class Squared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y * y).flatten(1)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.flatten(1) if y.sum() > 0 else -y.flatten(1)
+
+
+def test_operation_without_rule_is_refused_with_its_place():
+    model = nn.Sequential(nn.Identity(), Squared()).double().eval()
+    with pytest.raises(ValueError, match=r"operator\.mul in the forward of 1 \(Squared\), graph node 'mul' "
+                                         r"\(File .*test_graph_canonize\.py.*return \(y \* y\)\.flatten\(1\)\), "
+                                         r"multiplies two signals.*register_rule"):
+        GraphCanonizer().apply(model)
+    assert "forward" not in model[1].__dict__ and RULES_NEEDED not in model.__dict__  # a failed apply left nothing
+    with pytest.raises(ValueError, match=r"1 \(Branchy\) cannot be traced with torch\.fx"):
+        GraphCanonizer().apply(nn.Sequential(nn.Identity(), Branchy()))
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    model = HandResNet().double()
+    with pytest.raises(ValueError, match=r"batch norm norm \(BatchNorm2d\) is in training mode.*model\.eval\(\)"):
+        GraphCanonizer().apply(model)
+
+
+def test_composite_without_rules_for_canonical_layers_is_refused():
+    """Zennit's own composite knows no rule for a gate or an affine layer: refused before explaining, not a plain
+    gradient; with canonical_layer_map() it runs."""
+    model = calibrated(CatSkip(), size=16)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"norm \(ChannelAffine\) is a layer of the canonized graph that received "
+                                         r"no rule"):
+        LRPExplainer(model, EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[GraphCanonizer()]))
+    with LRPExplainer(model, zennit_composite([GraphCanonizer()])) as explainer:
+        explainer(x)
+        assert explainer.last_audit.ok
+
+
+def test_unmerged_batch_norm_is_refused():
+    """A batch norm given Pass without being merged (no canonizer) scales nothing: refused (was silently wrong)."""
+    model = calibrated(HandResNet(), size=16)
+    with pytest.raises(ValueError, match=r"norm \(BatchNorm2d\) passes the relevance through but was not merged"):
+        LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH))
+
+
+def test_user_composite_runs_after_the_graph_canonizer():
+    """docs' advice EpsilonGammaBox(..., canonizers=[SequentialMergeBatchNorm()]) on a DenseNet under DeepNeon: the
+    graph canonizer runs first (nothing left for the user's merge), the heatmap equals the default one; a user
+    canonizer that fails is named."""
+    from zennit.canonizers import SequentialMergeBatchNorm
+
+    torch.manual_seed(0)
+    features = FeatureTaps(calibrated(torchvision.models.densenet121(weights=None, num_classes=10), 32),
+                           ["features.transition1"])
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    deep = DeepNeon(features, KDEOutlier(gamma=1e-2)).fit(x, progress=False)
+    low, high = deep.input_bounds()
+    user = EpsilonGammaBox(low=low, high=high, layer_map=canonical_layer_map(),
+                           canonizers=[SequentialMergeBatchNorm()])
+    relevance, audit = explain(deep, x, composite=user, return_audit=True, strict=True)
+    deep.fast = False
+    assert audit.ok and max_rel_error(relevance, explain(deep, x)) < 1e-9
+
+    class Broken(SequentialMergeBatchNorm):
+        def apply(self, root_module):
+            raise RuntimeError("shape mismatch")
+
+    with pytest.raises(ValueError, match=r"The canonizer Broken of the composite failed.*remove Broken"):
+        explain(deep, x, composite=EpsilonGammaBox(low=low, high=high, canonizers=[Broken()]))
+
+
+def test_taps_refuse_channels_last_maps():
+    """A channels-last (n, h, w, C) map, as Swin's stages return, was read as (n, C, h, w) without complaint."""
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), torchvision.ops.Permute([0, 2, 3, 1]))
+    with pytest.raises(ValueError, match=r"layer '1' returned \(1, 16, 16, 8\).*channels-last"):
+        FeatureTaps(backbone, ["1"])(torch.rand(1, 3, 32, 32))
+    assert FeatureTaps(backbone, ["0"])(torch.rand(1, 3, 32, 48)).shape == (1, 8, 16, 24)
