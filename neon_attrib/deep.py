@@ -465,9 +465,10 @@ class DeepNeon(nn.Module):
             backbones, the graph canonizer (:func:`~neon_attrib.vision.default_canonizers`) runs before the base's
             own canonizers.
         """
-        if base is None:
+        if base is None and not isinstance(self.composite, Composite):
             return NeonComposite(beta=beta, eps=eps, base=self.base_composite())
         # a composite of the user's: the graph canonizer (for architectures that need it) runs before its canonizers
+        base = base if base is not None else self.composite
         first = [] if any(isinstance(c, GraphCanonizer) for c in base.canonizers) else [
             c for c in default_canonizers(self.features) if isinstance(c, GraphCanonizer)]
         return NeonComposite(beta=beta, eps=eps, base=base, pre_canonizers=first)
