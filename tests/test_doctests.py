@@ -9,7 +9,8 @@ import pytest
 
 MODULES = ["neon_attrib.layers", "neon_attrib.kde", "neon_attrib.kmeans", "neon_attrib.rules", "neon_attrib.composites",
            "neon_attrib.attribution", "neon_attrib.datasets", "neon_attrib.deep", "neon_attrib.viz", "neon_attrib.fast",
-           "neon_attrib.captum", "neon_attrib.evaluation", "neon_attrib.pipeline", "neon_attrib.vision.preprocessing"]
+           "neon_attrib.captum", "neon_attrib.evaluation", "neon_attrib.pipeline", "neon_attrib.vision.preprocessing",
+           "neon_attrib.graph", "neon_attrib.canonical"]
 
 
 @pytest.mark.parametrize("name", MODULES)
