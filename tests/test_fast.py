@@ -82,9 +82,10 @@ def vgg_features(vgg16_features):
     return lambda dtype: copy.deepcopy(vgg16_features).to(dtype)
 
 
-def tiny_cnn(dtype: torch.dtype = torch.float64) -> nn.Sequential:
+def tiny_cnn(dtype: torch.dtype = torch.float64, batch_norm: bool = True) -> nn.Sequential:
     """Conv / ReLU (in place) / max pool / strided, bias-free, dilated convolutions / batch norm / average pooling /
-    linear layers: every layer type the composites map."""
+    linear layers: every layer type the composites map. ``batch_norm=False``: an identity in the batch norm's place,
+    for tests of the explainer's mechanics without a canonizer (an unmerged batch norm is refused)."""
     torch.manual_seed(1)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
@@ -96,6 +97,8 @@ def tiny_cnn(dtype: torch.dtype = torch.float64) -> nn.Sequential:
     with torch.no_grad():
         model[6].running_mean.uniform_(-0.5, 0.5)
         model[6].running_var.uniform_(0.5, 2.0)
+    if not batch_norm:
+        model[6] = nn.Identity()
     return model.eval().to(dtype)
 
 
@@ -315,7 +318,7 @@ def test_invalid_hyperparameters():
 
 
 def test_explainer_reuse_determinism_and_cleanup():
-    model = tiny_cnn(torch.float32)
+    model = tiny_cnn(torch.float32, batch_norm=False)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         plain = model(x)
@@ -337,7 +340,7 @@ def test_explainer_reuse_determinism_and_cleanup():
 
 
 def test_explainer_attr_output_forms_and_channels_last():
-    model = tiny_cnn(torch.float32)[:10]  # ends with a (1x1, grouped) convolution and ReLU: (2, 16, 4, 4)
+    model = tiny_cnn(torch.float32, batch_norm=False)[:10]  # ends with a (1x1, grouped) conv and ReLU: (2, 16, 4, 4)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
     with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as explainer:
         out, by_default = explainer(x)
@@ -352,7 +355,7 @@ def test_explainer_attr_output_forms_and_channels_last():
 
 
 def test_autocast_is_approximate():
-    model = tiny_cnn(torch.float32)
+    model = tiny_cnn(torch.float32, batch_norm=False)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
     with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as explainer:
         _, exact = explainer(x)
@@ -382,7 +385,7 @@ def test_custom_layer_map_in_front():
 
 def test_weight_changes_are_seen():
     """The rules cache modified weights; an in-place weight update must invalidate them."""
-    model = tiny_cnn()
+    model = tiny_cnn(batch_norm=False)
     x = torch.randn(1, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as explainer:
         _, before = explainer(x)
