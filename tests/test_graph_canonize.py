@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox
 from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm
@@ -531,8 +532,6 @@ def test_user_composite_runs_after_the_graph_canonizer():
     """docs' advice EpsilonGammaBox(..., canonizers=[SequentialMergeBatchNorm()]) on a DenseNet under DeepNeon: the
     graph canonizer runs first (nothing left for the user's merge), the heatmap equals the default one; a user
     canonizer that fails is named."""
-    from zennit.canonizers import SequentialMergeBatchNorm
-
     torch.manual_seed(0)
     features = FeatureTaps(calibrated(torchvision.models.densenet121(weights=None, num_classes=10), 32),
                            ["features.transition1"])
