@@ -393,6 +393,8 @@ NETWORKS = {
     "resnext50_32x4d": ({}, 32, "layer1"),
     "squeezenet1_0": ({}, 32, "features.4"),
 }
+#: networks whose DeepNeon heatmap is also compared with Zennit's rules (affine batch norms, gates, layer norms, sums)
+DEEP_REFERENCE = ("densenet121", "efficientnet_b0", "convnext_tiny", "mobilenet_v2")
 _BUILT: dict[str, nn.Module] = {}
 
 
@@ -434,9 +436,10 @@ def test_torchvision_cnn(name):
     images = torch.cat([x, x.flip(-1)])  # two images: the audit is per image
     deep = DeepNeon(FeatureTaps(model, [tap]), KDEOutlier(gamma=1e-2)).fit(images, progress=False)
     heads, head_audit = explain(deep, images, return_audit=True, strict=True)
-    deep.fast = False
     assert head_audit.ok, head_audit
-    assert max_rel_error(heads, explain(deep, images, strict=True)) < 1e-9
+    if name in DEEP_REFERENCE:  # the Zennit-rule path is slow: on the networks with each kind of canonical layer
+        deep.fast = False
+        assert max_rel_error(heads, explain(deep, images, strict=True)) < 1e-9
     assert_same_state(model, before)
 
 
