@@ -52,8 +52,8 @@ from ._utils import BATCH_NORMS
 from .canonical import ChannelAffine, ConstantNormGroupNorm, ConstantNormLayerNorm, Gate, GateRule, Mean, Scale
 from .composites import is_neon_module, register_rule
 
-__all__ = ["GraphCanonizer", "register_trusted_container", "is_trusted_container", "canonical_layer_map",
-           "RULES_NEEDED"]
+__all__ = ["GraphCanonizer", "register_trusted_container", "is_trusted_container", "register_gradient_leaf",
+           "is_gradient_leaf", "canonical_layer_map", "RULES_NEEDED"]
 
 #: Attribute set on a canonized root module: ``{module path: module}`` of the layers that must receive an LRP rule
 #: from the composite (the explain pipeline checks it before explaining).
@@ -77,6 +77,18 @@ _GRADIENT_LEAVES: tuple[type, ...] = (
 )
 
 _TRUSTED: list[type] = []
+_GRADIENT_REGISTERED: list[type] = []
+
+
+def register_gradient_leaf(types_: type | tuple[type, ...]) -> None:
+    """Declare module classes whose gradient is exact LRP (a selection, a copy): the canonizer does not trace them
+    and they need no rule (e.g. PaDiM's channel selection)."""
+    _GRADIENT_REGISTERED.extend(types_ if isinstance(types_, tuple) else (types_,))
+
+
+def is_gradient_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer whose gradient is exact LRP (built in, or :func:`register_gradient_leaf`)."""
+    return isinstance(module, (*_GRADIENT_LEAVES, *_GRADIENT_REGISTERED))
 
 
 def register_trusted_container(types_: type | tuple[type, ...]) -> None:
@@ -256,7 +268,7 @@ class _Canonization(Canonizer):
         if isinstance(module, (*_RULED_LEAVES, *self.leaf_types)):
             self.required[path] = module
             return
-        if isinstance(module, _GRADIENT_LEAVES) or isinstance(module, BATCH_NORMS) or _is_norm(module):
+        if is_gradient_leaf(module) or isinstance(module, BATCH_NORMS) or _is_norm(module):
             return
         try:
             graph = _LocalTracer().trace(module)
@@ -355,7 +367,7 @@ class _Canonization(Canonizer):
         owner._modules[name] = module
         self.undo.append(lambda: owner._modules.pop(name, None))
         traced.new_modules[name] = module
-        if not isinstance(module, _GRADIENT_LEAVES):
+        if not is_gradient_leaf(module):
             self.required[_path(traced.path, name)] = module
         return name
 

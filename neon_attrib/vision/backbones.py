@@ -34,7 +34,7 @@ from zennit.layer import Sum
 from .._utils import BATCH_NORMS
 from ..composites import is_neon_module
 from ..fast import FastResNetCanonizer, MergeBatchNorms
-from ..graph import GraphCanonizer, is_trusted_container
+from ..graph import GraphCanonizer, is_gradient_leaf, is_trusted_container
 from .taps import BilinearResize, ChannelPool
 
 __all__ = [
@@ -554,7 +554,8 @@ _DOCUMENTED = (
 
 
 def _documented(module: nn.Module) -> bool:
-    return type(module) in _DOCUMENTED or is_trusted_container(module)
+    return type(module) in _DOCUMENTED or is_trusted_container(module) or (
+        is_gradient_leaf(module) and not isinstance(module, BATCH_NORMS))
 
 
 def _mergeable(parent: nn.Module, name: str) -> bool:
