@@ -377,11 +377,12 @@ class _Canonization(Canonizer):
             new = traced.graph.call_module(name, args)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
-        if _in_place(node) and isinstance(node.args[0], fx.Node):
+        written = node.args[0] if node.args else None
+        if _in_place(node) and isinstance(written, fx.Node):
             # the operation wrote into its first argument: later readers of that tensor see the result
-            later = new.next
+            later = node.next
             while later.op != "root":
-                later.replace_input_with(node.args[0], new)
+                later.replace_input_with(written, new)
                 later = later.next
         traced.graph.erase_node(node)
         traced.changed = True
@@ -402,14 +403,10 @@ class _Canonization(Canonizer):
             new = self._call_new(traced, node, "scale", Scale(1.0 / node.args[1]), (node.args[0],))
             tensors[new] = True
             return None
-        key = target
-        if key in _ACTIVATIONS and (not method or isinstance(key, str)):
-            args = node.args[1:] if not method else ()
-            kwargs = {k: v for k, v in node.kwargs.items() if k != "input"}
-            if method or not args:
-                module = _ACTIVATIONS[key](**kwargs) if not method else _ACTIVATIONS[key]()
-            else:
-                module = _ACTIVATIONS[key](*args, **kwargs)
+        if target in _ACTIVATIONS:  # functions by object, methods (x.relu()) by name
+            factory = _ACTIVATIONS[target]
+            module = factory() if method else factory(
+                *node.args[1:], **{key: value for key, value in node.kwargs.items() if key != "input"})
             new = self._call_new(traced, node, "activation", module, (node.args[0],))
             tensors[new] = True
             return None

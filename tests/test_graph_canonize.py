@@ -561,3 +561,31 @@ def test_taps_refuse_channels_last_maps():
     with pytest.raises(ValueError, match=r"layer '1' returned \(1, 16, 16, 8\).*channels-last"):
         FeatureTaps(backbone, ["1"])(torch.rand(1, 3, 32, 32))
     assert FeatureTaps(backbone, ["0"])(torch.rand(1, 3, 32, 48)).shape == (1, 8, 16, 24)
+
+
+class InPlace(nn.Module):
+    """In-place operations whose input is read again afterwards: the canonized graph must see the written values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = y.relu_()
+        w = y + z  # y was overwritten by relu_: 2 relu(conv(x))
+        F.relu(w, inplace=True)
+        return torch.flatten(w, 1)  # w was overwritten too
+
+
+def test_in_place_operations_keep_their_meaning():
+    model = InPlace().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    work = isolated(model)
+    GraphCanonizer().apply(work)
+    with torch.no_grad():
+        assert torch.equal(work(x), expected)
+    relevance, audit = fast_relevance(model, x, one_hot(expected))
+    assert audit.ok and relevance.abs().sum() > 0
