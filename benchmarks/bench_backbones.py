@@ -1,8 +1,10 @@
 """Benchmark: NEON heatmaps on ResNet backbones (PatchCore-style taps) against the plain gradient and Zennit.
 
-For each backbone (ResNet-18, ResNet-50, Wide-ResNet-50-2 by default; random weights, torchvision's architectures),
-a KDE outlier head (fused, N support locations) sits on :class:`~neon_attrib.vision.FeatureTaps` at ``layer2`` and
-``layer3`` (3x3 aggregation, ``layer3`` resized to ``layer2``'s resolution, concatenated), 224x224 inputs. At each
+For each backbone (ResNet-18, ResNet-50, Wide-ResNet-50-2, and EfficientNet-B0, MobileNetV2, DenseNet-121,
+ConvNeXt-T canonized from their graph, tapped at two stages of strides 8 and 16; random weights, torchvision's
+architectures), a KDE outlier head (fused, N support locations) sits on :class:`~neon_attrib.vision.FeatureTaps` at
+``layer2`` and ``layer3`` (3x3 aggregation, ``layer3`` resized to ``layer2``'s resolution, concatenated), 224x224
+inputs. At each
 batch size, interleaved in every repeat:
 
 * ``forward``: the score, no gradient (``torch.inference_mode``);
@@ -46,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,11 +74,20 @@ from neon_attrib import KDEOutlier  # noqa: E402
 from neon_attrib.attribution import attribution_output  # noqa: E402
 from neon_attrib.deep import DeepNeon, median_gamma  # noqa: E402
 from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, LRPExplainer  # noqa: E402
+from neon_attrib.graph import canonical_layer_map  # noqa: E402
 from neon_attrib.pipeline import isolated  # noqa: E402
 from neon_attrib.vision import FeatureTaps, backbone, default_canonizers, get_preprocessing  # noqa: E402
 
 DATA = data_dir()
 BACKBONES = ("resnet18", "resnet50", "wide_resnet50_2")
+#: CNNs outside the documented backbones, canonized from their graph (GraphCanonizer): torchvision classifiers tapped
+#: at two stages (strides 8 and 16, as PatchCore taps layer2 and layer3 of a ResNet)
+GRAPH_BACKBONES = {
+    "efficientnet_b0": ["features.3", "features.5"],
+    "mobilenet_v2": ["features.6", "features.13"],
+    "densenet121": ["features.denseblock2", "features.denseblock3"],
+    "convnext_tiny": ["features.3", "features.5"],
+}
 
 
 def plain_gradient(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -143,8 +155,7 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
                                                            canonizers=default_canonizers(features)), audit=False,
                              precision=args.precision)
     # registered once, on a copy (Zennit's canonizers change the modules they are applied to)
-    taps_zennit = Gradient(isolated(features), EpsilonGammaBox(low=low, high=high,
-                                                                canonizers=zennit_canonizers(features)))
+    taps_zennit = Gradient(isolated(features), zennit_composite(low, high, features))
     taps_zennit.__enter__()
     rows, checks = [], []
     for batch, x in inputs.items():
@@ -196,9 +207,25 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
 
 
 def zennit_canonizers(features: torch.nn.Module) -> list:
-    """The canonizers a Zennit user picks: Zennit's own ``ResNetCanonizer`` for torchvision ResNets."""
+    """The canonizers a Zennit user picks: Zennit's own ``ResNetCanonizer`` for torchvision ResNets. Zennit has none
+    for the other CNNs: there its rules run on the graph-canonized network (``GraphCanonizer``)."""
     canonizers = default_canonizers(features)
     return [ResNetCanonizer() if isinstance(c, FastResNetCanonizer) else c for c in canonizers]
+
+
+def zennit_composite(low, high, features: torch.nn.Module) -> EpsilonGammaBox:
+    """Zennit's EpsilonGammaBox with the canonizers a Zennit user picks (and Zennit's rules for the layers the graph
+    canonizer makes: Norm for affine and normalisation layers, the gate rule for gates)."""
+    return EpsilonGammaBox(low=low, high=high, layer_map=canonical_layer_map(),
+                           canonizers=zennit_canonizers(features))
+
+
+def features_of(name: str, layers: list[str]) -> tuple[FeatureTaps, list[str]]:
+    """A documented backbone by name tapped at ``layers``, or a torchvision CNN tapped at its own two stages."""
+    if name in GRAPH_BACKBONES:
+        layers = GRAPH_BACKBONES[name]
+        return FeatureTaps(getattr(torchvision.models, name)(weights=None), layers), layers
+    return FeatureTaps(backbone(name), layers), list(layers)
 
 
 def float64_check(label: str, model: DeepNeon, x: torch.Tensor) -> dict:
@@ -221,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_device_arguments(parser, "cpu")
     parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=BACKBONES)
+    parser.add_argument("--backbones", nargs="*", default=[*BACKBONES, *GRAPH_BACKBONES],
+                        choices=[*BACKBONES, *GRAPH_BACKBONES])
     parser.add_argument("--layers", nargs="+", default=["layer2", "layer3"], help="tapped layers (FeatureTaps)")
     parser.add_argument("--support", type=int, default=2_000,
                         help="support locations of the KDE head (default 2000: PatchCore's 1 %% coreset of about 250 "
@@ -264,10 +292,11 @@ def _benchmark(args: argparse.Namespace) -> dict:
     rows, checks = [], []
     for name in args.backbones:
         torch.manual_seed(0)
-        features = frozen(FeatureTaps(backbone(name), args.layers)).to(device)
+        features, layers = features_of(name, args.layers)
+        features = frozen(features).to(device)
         model = build_model(features, support_rows(features, fit_images, args.support), "torchvision")
         canonizers = [type(c).__name__ for c in default_canonizers(model)]
-        extra = {"weights": "random", "size": args.size, "layers": list(args.layers), "canonizers": canonizers}
+        extra = {"weights": "random", "size": args.size, "layers": layers, "canonizers": canonizers}
         new_rows, new_checks = measure(name, model, inputs, device, args, extra)
         rows += new_rows
         checks += new_checks
@@ -314,8 +343,11 @@ def _benchmark(args: argparse.Namespace) -> dict:
                      "head": "KDEOutlier(fused=True), gamma = 1 / median squared distance of support locations",
                      "taps": "FeatureTaps(aggregate=3), coarser maps resized bilinearly to the finest",
                      "composite": "EpsilonGammaBox (gamma 0.25, ZBox bounds of the preprocessing); fast and zennit: "
-                                  "DeepNeon's default canonizers (FastResNetCanonizer); taps_zennit: Zennit's own "
-                                  "ResNetCanonizer",
+                                  "DeepNeon's default canonizers (FastResNetCanonizer for ResNets, GraphCanonizer "
+                                  "for the other CNNs); taps_zennit: Zennit's own ResNetCanonizer for ResNets; "
+                                  "Zennit has no canonizer for the other CNNs, so its rules run on the "
+                                  "graph-canonized network",
+                     "graph_backbones": GRAPH_BACKBONES,
                      "weights": "random for the named backbones (timings do not depend on them)",
                      "allocator": allocator,
                      "memory": ("CUDA max_memory_allocated above the start" if device.type == "cuda" else

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from zennit.core import Composite, Hook
@@ -167,6 +167,9 @@ class NeonComposite(Composite):
         Extra ``(module type, rule)`` pairs checked before ours, for your own layers.
     canonizers : list, optional
         Extra Zennit canonizers.
+    pre_canonizers : list, optional
+        Canonizers applied before ``base``'s (e.g. :class:`~neon_attrib.graph.GraphCanonizer`, so that the base's own
+        canonizers see the canonical graph). A canonizer of ``base`` that fails raises a ``ValueError`` naming it.
 
     Examples
     --------
@@ -183,7 +186,7 @@ class NeonComposite(Composite):
 
     def __init__(self, beta: float | None = None, eps: float | None = None, mode: Mode = "auto",
                  base: Composite | None = None, layer_map: list[tuple[type, Hook]] | None = None,
-                 canonizers: list | None = None):
+                 canonizers: list | None = None, pre_canonizers: list | None = None):
         if mode not in ("auto", "input", "activation"):
             raise ValueError(f"The 'mode' parameter of NeonComposite must be 'auto', 'input' or 'activation'. "
                              f"Got {mode!r}.")
@@ -202,7 +205,8 @@ class NeonComposite(Composite):
             raise ValueError(f"The 'eps' parameter of NeonComposite must be a float >= 0. Got {eps!r}.")
         self.beta, self.eps, self.mode, self.base = beta, eps, mode, base
         self.layer_map = list(layer_map or [])
-        all_canonizers = list(base.canonizers if base is not None else []) + list(canonizers or [])
+        base_canonizers = [_Reported(canonizer) for canonizer in (base.canonizers if base is not None else [])]
+        all_canonizers = list(pre_canonizers or []) + base_canonizers + list(canonizers or [])
         super().__init__(module_map=self._map, canonizers=all_canonizers)
 
     def register(self, module: torch.nn.Module) -> None:
@@ -246,6 +250,29 @@ class NeonComposite(Composite):
         if self.base is not None and not is_neon_module(module):
             return self.base.module_map(ctx, name, module)
         return None
+
+
+class _Reported:
+    """A canonizer of a user's composite whose failure names it (Zennit's own errors are bare shape errors)."""
+
+    def __init__(self, canonizer: Any):
+        self.canonizer = canonizer
+
+    def apply(self, root_module: torch.nn.Module) -> list:
+        try:
+            return self.canonizer.apply(root_module)
+        except Exception as exc:  # any error of a third-party canonizer
+            name = type(self.canonizer).__name__
+            raise ValueError(f"The canonizer {name} of the composite failed on {type(root_module).__name__} "
+                             f"({type(exc).__name__}: {exc}). It cannot apply to this architecture (e.g. a batch-norm "
+                             f"merge that follows the registration order of modules, not the data flow); neon_attrib "
+                             f"canonizes CNNs from their graph itself (neon_attrib.vision.default_canonizers), so "
+                             f"remove {name} from the composite's canonizers.") from exc
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "canonizer":
+            raise AttributeError(name)
+        return getattr(self.canonizer, name)
 
 
 def _check_layered(module: torch.nn.Module, name: str) -> None:

@@ -50,6 +50,7 @@ from zennit.rules import Pass
 from ._utils import BATCH_NORMS, ArrayLike, as_float_tensor, check_int, module_dtype_device
 from .composites import NeonComposite, is_neon_module, register_activation_children
 from .fast import FastEpsilonGammaBox, FastEpsilonPlusFlat
+from .graph import GraphCanonizer, register_trusted_container
 from .layers import LocationPool, PoolMode
 from .leave_one_out import LeaveOneOutKDEInlier, LeaveOneOutKDEOutlier
 from .models import KDEInlier, KDEOutlier
@@ -514,9 +515,17 @@ class DeepNeon(nn.Module):
             Override the head's soft-argmin sharpness / random-feature stabiliser.
         base : zennit.core.Composite, optional
             Rules for the feature extractor instead of :meth:`base_composite` (what ``explain(model, x,
-            composite=...)`` passes): the head and the pool keep their rules.
+            composite=...)`` passes): the head and the pool keep their rules. For features outside the documented
+            backbones, the graph canonizer (:func:`~neon_attrib.vision.default_canonizers`) runs before the base's
+            own canonizers.
         """
-        return NeonComposite(beta=beta, eps=eps, base=base if base is not None else self.base_composite())
+        if base is None and not isinstance(self.composite, Composite):
+            return NeonComposite(beta=beta, eps=eps, base=self.base_composite())
+        # a composite of the user's: the graph canonizer (for architectures that need it) runs before its canonizers
+        base = base if base is not None else self.composite
+        first = [] if any(isinstance(c, GraphCanonizer) for c in base.canonizers) else [
+            c for c in default_canonizers(self.features) if isinstance(c, GraphCanonizer)]
+        return NeonComposite(beta=beta, eps=eps, base=base, pre_canonizers=first)
 
     def explainer(self, *, beta: float | None = None, eps: float | None = None, composite: Composite | None = None,
                   audit: bool = True, strict: bool = False, **options: Any) -> Explainer:
@@ -676,3 +685,4 @@ def _batch_count(images: Any, batch_size: int) -> int | None:
 
 
 register_activation_children(DeepNeon, ("head",))
+register_trusted_container(DeepNeon)  # features, head, pool: the graph canonizer canonizes the features

@@ -36,6 +36,7 @@ from zennit.rules import Pass
 from ._backend import PRECISIONS, check_precision, guard_batch_norms, precision_mode
 from ._utils import BATCH_NORMS, as_targets
 from .composites import NeonComposite, covers_children, is_neon_module, needs_own_rule
+from .graph import RULES_NEEDED
 
 __all__ = [
     "attribution_output",
@@ -217,16 +218,25 @@ def check_coverage(model: nn.Module) -> dict[str, Hook]:
     hooked: dict[str, Hook] = {}
     covered: list[str] = []
     residual = _residual_types()
+    needed = {id(module) for module in getattr(model, RULES_NEEDED, {}).values()}
+    unmerged: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in covered):
             continue
         hooks = _hooks_of(module)
+        label = name or "the model"
         if hooks:
             hooked[name] = hooks[0]
             if covers_children(module) or is_neon_module(module) and not needs_own_rule(module):
                 covered.append(f"{name}." if name else "")
+            if isinstance(module, BATCH_NORMS) and _passes_through(hooks[0]) and not _merged(module):
+                unmerged.append(f"{label} ({type(module).__name__})")
             continue
-        label = name or "the model"
+        if id(module) in needed or type(module).__name__ == "Sum" and type(module).__module__.startswith("zennit"):
+            raise ValueError(f"{label} ({type(module).__name__}) is a layer of the canonized graph that received no "
+                             f"rule from the composite, so LRP would pass it as a plain gradient. Add "
+                             f"({type(module).__name__}, rule) to the composite's layer_map, or explain through "
+                             f"NeonComposite(base=your_composite), which has rules for the canonical layers.")
         if needs_own_rule(module):
             raise ValueError(f"{label} ({type(module).__name__}) received no NEON rule from the composite, so LRP "
                              f"would pass it as a plain gradient and the relevance would be wrong. Use "
@@ -243,7 +253,18 @@ def check_coverage(model: nn.Module) -> dict[str, Hook]:
                              f"into the layer before it (neon_attrib.fast.MergeBatchNorms() in the canonizers) and map "
                              f"it to Pass (add ({type(module).__name__}, zennit.rules.Pass()) to the composite's "
                              f"layer_map).")
+    if unmerged:
+        raise ValueError(f"{unmerged[0]} passes the relevance through but was not merged into a convolution, so the "
+                         f"heatmap would ignore its scaling. Canonize the model: "
+                         f"neon_attrib.vision.default_canonizers(model) in the composite's canonizers.")
     return hooked
+
+
+def _merged(norm: nn.Module) -> bool:
+    """Whether a batch norm computes (close to) the identity, as Zennit's merge leaves it."""
+    pairs = ((norm.weight, 1.0), (norm.bias, 0.0), (getattr(norm, "running_mean", None), 0.0),
+             (getattr(norm, "running_var", None), 1.0))
+    return all(value is None or bool((value.detach() == target).all()) for value, target in pairs)
 
 
 def _residual_types() -> tuple[type, ...]:

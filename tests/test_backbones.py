@@ -37,6 +37,7 @@ from neon_attrib.fast import (
     MergeBatchNorms,
 )
 from neon_attrib.fast._core import _stabilize
+from neon_attrib.graph import GraphCanonizer
 from neon_attrib.pipeline import isolated
 from neon_attrib.vision import (
     BACKBONES,
@@ -276,7 +277,8 @@ def test_default_canonizers():
         def forward(self, x):
             return self.conv(self.norm(x))
 
-    assert kinds(Unknown()) == []
+    assert kinds(Unknown()) == [GraphCanonizer]  # canonized from its graph: the batch norm feeds the convolution
+    assert kinds(torchvision.models.googlenet(weights=None, init_weights=False)) == [GraphCanonizer]
 
 
 def test_residual_blocks_need_the_canonizer():

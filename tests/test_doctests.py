@@ -10,7 +10,7 @@ import pytest
 MODULES = ["neon_attrib.layers", "neon_attrib.kde", "neon_attrib.kmeans", "neon_attrib.rules", "neon_attrib.composites",
            "neon_attrib.attribution", "neon_attrib.datasets", "neon_attrib.deep", "neon_attrib.viz", "neon_attrib.fast",
            "neon_attrib.captum", "neon_attrib.evaluation", "neon_attrib.pipeline", "neon_attrib.vision.preprocessing",
-           "neon_attrib._backend", "neon_attrib.functional"]
+           "neon_attrib._backend", "neon_attrib.functional", "neon_attrib.graph", "neon_attrib.canonical"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
 from zennit.rules import Pass
 
@@ -33,6 +34,7 @@ from neon_attrib.fast import (
     FastZPlus,
     LRPExplainer,
 )
+from neon_attrib.pipeline import isolated
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
 LOW, HIGH = -3.0, 3.0
@@ -42,17 +44,19 @@ def max_rel_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     return ((result - reference).abs().max() / reference.abs().max()).item()
 
 
-def composites(name: str):
+def composites(name: str, canonizers: tuple = ()):
     """(zennit composite, fast composite) pairs."""
     if name == "epsilon_gamma_box":
-        return EpsilonGammaBox(low=LOW, high=HIGH), FastEpsilonGammaBox(low=LOW, high=HIGH)
-    return EpsilonPlusFlat(), FastEpsilonPlusFlat()
+        return (EpsilonGammaBox(low=LOW, high=HIGH, canonizers=list(canonizers)),
+                FastEpsilonGammaBox(low=LOW, high=HIGH, canonizers=list(canonizers)))
+    return EpsilonPlusFlat(canonizers=list(canonizers)), FastEpsilonPlusFlat(canonizers=list(canonizers))
 
 
-def explain_both(model, x, attr_output, name):
-    """Relevance from Zennit and from the fast composite, plus the fast rules' paths (shortcut / exact)."""
-    zennit_composite, fast_composite = composites(name)
-    _, reference = Gradient(model, zennit_composite)(x, attr_output)
+def explain_both(model, x, attr_output, name, canonizers: tuple = ()):
+    """Relevance from Zennit (on a copy: canonizers change it) and from the fast composite, plus the fast rules' paths
+    (shortcut / exact)."""
+    zennit_composite, fast_composite = composites(name, canonizers)
+    _, reference = Gradient(isolated(model), zennit_composite)(x, attr_output)
     with LRPExplainer(model, fast_composite) as explainer:
         _, relevance = explainer(x, attr_output)
         paths = [hook.last_path for hook in fast_composite.hook_refs if hasattr(hook, "last_path")]
@@ -78,9 +82,10 @@ def vgg_features(vgg16_features):
     return lambda dtype: copy.deepcopy(vgg16_features).to(dtype)
 
 
-def tiny_cnn(dtype: torch.dtype = torch.float64) -> nn.Sequential:
+def tiny_cnn(dtype: torch.dtype = torch.float64, batch_norm: bool = True) -> nn.Sequential:
     """Conv / ReLU (in place) / max pool / strided, bias-free, dilated convolutions / batch norm / average pooling /
-    linear layers: every layer type the composites map."""
+    linear layers: every layer type the composites map. ``batch_norm=False``: an identity in the batch norm's place,
+    for tests of the explainer's mechanics without a canonizer (an unmerged batch norm is refused)."""
     torch.manual_seed(1)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
@@ -92,6 +97,8 @@ def tiny_cnn(dtype: torch.dtype = torch.float64) -> nn.Sequential:
     with torch.no_grad():
         model[6].running_mean.uniform_(-0.5, 0.5)
         model[6].running_var.uniform_(0.5, 2.0)
+    if not batch_norm:
+        model[6] = nn.Identity()
     return model.eval().to(dtype)
 
 
@@ -131,7 +138,8 @@ def test_vgg16_features_signed_relevance_at_zero_activations(vgg_features, dtype
 def test_tiny_cnn_all_layer_types(name):
     model = tiny_cnn()
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    relevance, reference, paths = explain_both(model, x, lambda out: out, name)
+    # the batch norm merged (a batch norm passed through unmerged is refused)
+    relevance, reference, paths = explain_both(model, x, lambda out: out, name, (SequentialMergeBatchNorm(),))
     assert max_rel_error(relevance, reference) < 1e-9
     assert "shortcut" in paths
     # the model is left as it was: in-place flags and outputs
@@ -310,7 +318,7 @@ def test_invalid_hyperparameters():
 
 
 def test_explainer_reuse_determinism_and_cleanup():
-    model = tiny_cnn(torch.float32)
+    model = tiny_cnn(torch.float32, batch_norm=False)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         plain = model(x)
@@ -334,7 +342,7 @@ def test_explainer_reuse_determinism_and_cleanup():
 
 
 def test_explainer_attr_output_forms_and_channels_last():
-    model = tiny_cnn(torch.float32)[:10]  # ends with a (1x1, grouped) convolution and ReLU: (2, 16, 4, 4)
+    model = tiny_cnn(torch.float32, batch_norm=False)[:10]  # ends with a (1x1, grouped) conv and ReLU: (2, 16, 4, 4)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
     with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as explainer:
         out, by_default = explainer(x)
@@ -349,7 +357,7 @@ def test_explainer_attr_output_forms_and_channels_last():
 
 
 def test_autocast_is_approximate():
-    model = tiny_cnn(torch.float32)
+    model = tiny_cnn(torch.float32, batch_norm=False)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
     with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as explainer:
         _, exact = explainer(x)
@@ -379,7 +387,7 @@ def test_custom_layer_map_in_front():
 
 def test_weight_changes_are_seen():
     """The rules cache modified weights; an in-place weight update must invalidate them."""
-    model = tiny_cnn()
+    model = tiny_cnn(batch_norm=False)
     x = torch.randn(1, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as explainer:
         _, before = explainer(x)

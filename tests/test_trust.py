@@ -26,6 +26,7 @@ from neon_attrib import (
     neuralize,
 )
 from neon_attrib.captum import NeonLRP
+from neon_attrib.composites import NeonComposite
 from neon_attrib.deep import DeepNeon
 from neon_attrib.evaluation import deletion_curve
 
@@ -306,10 +307,14 @@ def test_audit_catches_relevance_created_without_a_rule(images):
     model = DeepNeon(features, KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
     good, audit = explain(deep_kde(images), images, return_audit=True)
     assert audit.ok
+    # DeepNeon canonizes the addition from the graph (a Sum with its rule): conserved
+    assert explain(model, images, return_audit=True)[1].ok
+    # a NeonComposite is used as given, without the graph canonizer: the addition stays a plain gradient
+    composite = NeonComposite(base=EpsilonGammaBox(low=0.0, high=1.0))
     with pytest.warns(ConservationWarning):
-        explain(model, images)
+        explain(model, images, composite=composite)
     with pytest.raises(ConservationError):
-        explain(model, images, strict=True)
+        explain(model, images, composite=composite, strict=True)
 
 
 class _Root(nn.Module):

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..composites import register_rule
 from ..functional import safe_divide
+from ..graph import register_gradient_leaf
 from ..layers import ResizableBuffers
 from ..rules import NeonHook
 
@@ -306,3 +307,4 @@ def gaussian_blur(maps: torch.Tensor, sigma: float | None = 4.0) -> torch.Tensor
 
 
 register_rule(PatchPool, lambda beta, eps: PatchPoolRule(), mode="any")
+register_gradient_leaf(ChannelSelect)  # a selection: its gradient is the LRP rule

@@ -12,6 +12,7 @@ from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 
 from .._utils import BATCH_NORMS
+from ..canonical import ChannelAffine, ConstantNormGroupNorm, ConstantNormLayerNorm, Gate, Scale
 from ._core import FastNorm, FastPass, LayerMap, StabilizerLike, _supports
 from .rules import FastEpsilon, FastFlat, FastGamma, FastZBox, FastZPlus, _LinearRule
 
@@ -29,6 +30,8 @@ def _layer_map_base(stabilizer: StabilizerLike) -> LayerMap:
         (Activation, FastPass()),
         (Sum, FastNorm(stabilizer=stabilizer)),
         (AvgPool, FastNorm(stabilizer=stabilizer)),
+        ((Gate, Scale), FastPass()),  # the graph canonizer's layers (neon_attrib.canonical): gate held constant
+        ((ChannelAffine, ConstantNormLayerNorm, ConstantNormGroupNorm), FastNorm(stabilizer=stabilizer)),
         ((BatchNorm, *BATCH_NORMS), FastPass()),
     ]
 
@@ -48,7 +51,8 @@ class FastEpsilonGammaBox(_FastMapMixin, SpecialFirstLayerMapComposite):
 
     ZBox for the first convolution, Gamma for the other convolutions, Epsilon for ``torch.nn.Linear``, Pass for
     activations and batch norm, Norm for average pooling and :class:`zennit.layer.Sum`; max pooling keeps its
-    gradient. Same mapping, same numbers as Zennit's composite.
+    gradient. Same mapping, same numbers as Zennit's composite. The layers of the graph canonizer
+    (:mod:`neon_attrib.canonical`) get Pass (gates) and Norm (affine and normalisation layers).
 
     Parameters
     ----------
@@ -92,7 +96,8 @@ class FastEpsilonPlusFlat(_FastMapMixin, SpecialFirstLayerMapComposite):
     """Zennit's :class:`~zennit.composites.EpsilonPlusFlat` with the fast rules.
 
     Flat for the first linear or convolutional layer, ZPlus for the other convolutions, Epsilon for
-    ``torch.nn.Linear``, Pass for activations and batch norm, Norm for average pooling and :class:`zennit.layer.Sum`.
+    ``torch.nn.Linear``, Pass for activations and batch norm, Norm for average pooling and :class:`zennit.layer.Sum`
+    (and the graph canonizer's layers, as in :class:`FastEpsilonGammaBox`).
 
     Parameters
     ----------

@@ -32,7 +32,10 @@ from zennit.canonizers import Canonizer
 from zennit.layer import Sum
 
 from .._utils import BATCH_NORMS
+from ..composites import is_neon_module
 from ..fast import FastResNetCanonizer, MergeBatchNorms
+from ..graph import GraphCanonizer, is_gradient_leaf, is_trusted_container
+from .taps import BilinearResize, ChannelPool
 
 __all__ = [
     "BACKBONES",
@@ -490,17 +493,23 @@ def _key_order(key: str) -> tuple:
 
 
 def default_canonizers(model: nn.Module) -> list[Canonizer]:
-    """The Zennit canonizers that make a known architecture fit for LRP (an empty list for others).
+    """The canonizers that make ``model`` fit for LRP.
 
-    * torchvision ResNets (any module containing torchvision ``BasicBlock``/``Bottleneck``):
-      :class:`~neon_attrib.fast.FastResNetCanonizer` (Zennit's ``ResNetCanonizer``, same numbers, faster): batch norms
-      merged into the convolution before them, the residual addition as a :class:`zennit.layer.Sum` module (Norm
-      rule: each branch gets its proportional share);
-    * VGG with batch norm and :class:`CifarResNet` (additions are already ``Sum`` modules):
-      :class:`~neon_attrib.fast.MergeBatchNorms` (Zennit's ``SequentialMergeBatchNorm``, also for torchvision's
-      ``FrozenBatchNorm2d``);
-    * nothing for models without batch norms, and for batch norms whose predecessor is not known from the module
-      structure (merging follows the registration order of modules, which only known architectures guarantee).
+    * The documented backbones (every module a torchvision ResNet / VGG, their blocks, :class:`CifarResNet`, a
+      ``Sequential`` or a standard layer):
+
+      - torchvision ResNets (any module containing torchvision ``BasicBlock``/``Bottleneck``):
+        :class:`~neon_attrib.fast.FastResNetCanonizer` (Zennit's ``ResNetCanonizer``, same numbers, faster): batch
+        norms merged into the convolution before them, the residual addition as a :class:`zennit.layer.Sum` module
+        (Norm rule: each branch gets its proportional share);
+      - VGG with batch norm and :class:`CifarResNet` (additions are already ``Sum`` modules):
+        :class:`~neon_attrib.fast.MergeBatchNorms` (Zennit's ``SequentialMergeBatchNorm``, also for torchvision's
+        ``FrozenBatchNorm2d``);
+      - nothing for them without batch norms.
+
+    * Any other model: :class:`~neon_attrib.graph.GraphCanonizer`, which canonizes it from its ``torch.fx`` graph
+      (additions, functional activations and pools, batch norms merged by data flow, gates, layer norms) or refuses
+      it, naming the operation without a rule, when the canonizer is applied.
 
     The model is searched whole, so a backbone inside a :class:`~neon_attrib.vision.taps.FeatureTaps` or a
     :class:`~neon_attrib.deep.DeepNeon` is found. Canonizers are applied by the composite to the private copy the
@@ -510,7 +519,8 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     differs from the model's by a relative ~``eps / 2`` per batch norm (5e-6 with PyTorch's default ``eps = 1e-5``).
     Zennit 1.0 also sets the merged batch norm's ``eps`` to 0, so its canonized network computes the model's output up
     to rounding. Relevance therefore differs between the two Zennit versions by about that much; within one version
-    the fast rules and Zennit's agree.
+    the fast rules and Zennit's agree. The graph canonizer folds the batch norm into the convolution and replaces it by
+    ``nn.Identity``: the model's output up to rounding with either version.
 
     Examples
     --------
@@ -518,8 +528,12 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     ['FastResNetCanonizer']
     >>> [type(c).__name__ for c in default_canonizers(backbone("vgg11_bn"))], default_canonizers(backbone("vgg11"))
     (['MergeBatchNorms'], [])
+    >>> [type(c).__name__ for c in default_canonizers(torchvision.models.densenet121(weights=None))]
+    ['GraphCanonizer']
     """
-    modules = list(model.modules())
+    modules = [module for module in model.modules() if not is_neon_module(module)]
+    if not all(_documented(module) for module in modules):
+        return [GraphCanonizer()]
     if any(isinstance(module, (BasicBlock, Bottleneck)) for module in modules):
         return [FastResNetCanonizer()]
     if not any(isinstance(module, BATCH_NORMS) for module in modules):
@@ -527,7 +541,21 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     if all(_mergeable(parent, name) for parent in modules for name, child in parent.named_children()
            if isinstance(child, BATCH_NORMS)):
         return [MergeBatchNorms()]
-    return []
+    return [GraphCanonizer()]
+
+
+#: Modules of the documented backbones: their forward has no operation outside a module with a rule (or one whose
+#: gradient is exact) once the legacy canonizers ran.
+_DOCUMENTED = (
+    torchvision.models.ResNet, torchvision.models.VGG, BasicBlock, Bottleneck, CifarResNet, CifarBasicBlock,
+    ShortcutA, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, Sum, BilinearResize, ChannelPool, *BATCH_NORMS,
+)
+
+
+def _documented(module: nn.Module) -> bool:
+    return type(module) in _DOCUMENTED or is_trusted_container(module) or (
+        is_gradient_leaf(module) and not isinstance(module, BATCH_NORMS))
 
 
 def _mergeable(parent: nn.Module, name: str) -> bool:

@@ -27,6 +27,7 @@ from torch import nn
 from zennit.core import collect_leaves
 
 from .._utils import BATCH_NORMS
+from ..graph import register_trusted_container
 
 __all__ = ["FeatureTaps", "BilinearResize", "ChannelPool"]
 
@@ -213,6 +214,7 @@ class FeatureTaps(nn.Module):
                     shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                     raise ValueError(f"FeatureTaps: layer {name!r} returned {shape}, not a feature map "
                                      f"(n, C, h, w).")
+                _check_channels_first(name, output, images)
                 captured[name] = output
                 if not output.is_inference():  # inference tensors have no version counter
                     versions[name] = output._version
@@ -260,6 +262,22 @@ class FeatureTaps(nn.Module):
         return f"layers={list(self.layers)}, aggregate={self.aggregate}, reduce_to={self.reduce_to}"
 
 
+def _check_channels_first(name: str, output: torch.Tensor, images: torch.Tensor) -> None:
+    """Refuse a channels-last map (n, h, w, C) (Swin's stages, ConvNeXt's blocks inside): its last two dimensions do
+    not scale like the image's height and width, which those of an (n, C, h, w) map do (the same stride for both, up
+    to rounding at the borders)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        return
+    height, width = images.shape[-2:]
+    rows, columns = output.shape[-2:]
+    if abs(columns * height - rows * width) > height + width:
+        raise ValueError(f"FeatureTaps: layer {name!r} returned {tuple(output.shape)} for {height}x{width} images: its "
+                         f"last two dimensions ({rows}x{columns}) do not scale like the image's, so it is not a map "
+                         f"(n, C, h, w) but probably a channels-last map (n, h, w, C), as Swin's stages return. Tap "
+                         f"a layer that returns (n, C, h, w), or wrap the layer so that it permutes its output with "
+                         f"permute(0, 3, 1, 2).")
+
+
 def _check_not_merged(backbone: nn.Module, layers: Sequence[str]) -> None:
     """Refuse taps on a convolution / linear layer that a batch norm follows (canonization would change them)."""
     leaves = list(collect_leaves(backbone))
@@ -272,3 +290,8 @@ def _check_not_merged(backbone: nn.Module, layers: Sequence[str]) -> None:
             raise ValueError(f"FeatureTaps: layer {name!r} ({type(module).__name__}) is followed by a batch norm, "
                              f"which LRP canonization merges into it, changing its output; tap the batch norm or the "
                              f"activation after it instead.")
+
+
+# its forward only calls the backbone (under hooks), poolings and a concatenation: the graph canonizer canonizes the
+# backbone and leaves the rest as it is
+register_trusted_container(FeatureTaps)
