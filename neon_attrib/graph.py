@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import fx, nn
 from zennit.canonizers import Canonizer
 from zennit.layer import Sum
@@ -52,8 +53,8 @@ from ._utils import BATCH_NORMS
 from .canonical import ChannelAffine, ConstantNormGroupNorm, ConstantNormLayerNorm, Gate, GateRule, Mean, Scale
 from .composites import is_neon_module, register_rule
 
-__all__ = ["GraphCanonizer", "register_trusted_container", "is_trusted_container", "register_gradient_leaf",
-           "is_gradient_leaf", "canonical_layer_map", "RULES_NEEDED"]
+__all__ = ["GraphCanonizer", "needs_graph_canonizer", "register_documented", "register_trusted_container",
+           "is_trusted_container", "register_gradient_leaf", "is_gradient_leaf", "canonical_layer_map", "RULES_NEEDED"]
 
 #: Attribute set on a canonized root module: ``{module path: module}`` of the layers that must receive an LRP rule
 #: from the composite (the explain pipeline checks it before explaining).
@@ -103,6 +104,35 @@ def register_trusted_container(types_: type | tuple[type, ...]) -> None:
 def is_trusted_container(module: nn.Module) -> bool:
     """Whether ``module`` is of a class declared with :func:`register_trusted_container`."""
     return isinstance(module, tuple(_TRUSTED))
+
+
+#: Module classes of the documented backbones: their ``forward`` has no operation outside a module with a rule (or
+#: one whose gradient is exact) once the legacy canonizers (Zennit's ResNet canonizer, the batch-norm merge) ran.
+_DOCUMENTED: list[type] = [
+    torchvision.models.ResNet, torchvision.models.VGG, torchvision.models.resnet.BasicBlock,
+    torchvision.models.resnet.Bottleneck, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d,
+    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, Sum, *BATCH_NORMS,
+]
+
+
+def register_documented(types_: type | tuple[type, ...]) -> None:
+    """Declare module classes of documented backbones (see :func:`needs_graph_canonizer`); the backbones of
+    :mod:`neon_attrib.vision` declare theirs."""
+    _DOCUMENTED.extend(types_ if isinstance(types_, tuple) else (types_,))
+
+
+def needs_graph_canonizer(model: nn.Module) -> bool:
+    """Whether ``model`` holds a module outside the documented backbones (NEON layers, trusted containers and layers
+    whose gradient is exact aside), so that only :class:`GraphCanonizer` makes it fit for LRP.
+
+    Examples
+    --------
+    >>> needs_graph_canonizer(torchvision.models.vgg11()), needs_graph_canonizer(torchvision.models.mobilenet_v2())
+    (False, True)
+    """
+    return not all(type(module) in _DOCUMENTED or is_trusted_container(module)
+                   or is_gradient_leaf(module) and not isinstance(module, BATCH_NORMS)
+                   for module in model.modules() if not is_neon_module(module))
 
 
 def canonical_layer_map(norm: Any = None, gate: Any = None) -> list[tuple[type, Any]]:

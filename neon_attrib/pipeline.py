@@ -36,7 +36,7 @@ from zennit.rules import Pass
 from ._backend import PRECISIONS, check_precision, guard_batch_norms, precision_mode
 from ._utils import BATCH_NORMS, as_targets
 from .composites import NeonComposite, covers_children, is_neon_module, needs_own_rule
-from .graph import RULES_NEEDED
+from .graph import RULES_NEEDED, GraphCanonizer, needs_graph_canonizer
 
 __all__ = [
     "attribution_output",
@@ -128,7 +128,10 @@ def resolve_composite(model: nn.Module, composite: Composite | None = None, *, b
     factory = getattr(model, "neon_composite", None)
     if factory is not None:
         return factory(beta=beta, eps=eps, base=composite)
-    return NeonComposite(beta=beta, eps=eps, base=composite)
+    # a CNN outside the documented backbones: the graph canonizer runs before the composite's own canonizers
+    first = [GraphCanonizer()] if composite is not None and needs_graph_canonizer(model) and not any(
+        isinstance(canonizer, GraphCanonizer) for canonizer in composite.canonizers) else []
+    return NeonComposite(beta=beta, eps=eps, base=composite, pre_canonizers=first)
 
 
 def _fresh(composite: Composite) -> Composite:

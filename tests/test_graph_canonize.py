@@ -555,6 +555,26 @@ def test_user_composite_runs_after_the_graph_canonizer():
         explain(deep, x, composite=EpsilonGammaBox(low=low, high=high, canonizers=[Broken()]))
 
 
+def test_user_composite_on_a_classifier_runs_after_the_graph_canonizer():
+    """explain(cnn, x, composite=EpsilonGammaBox(...)) on a CNN outside the documented backbones: the graph canonizer
+    runs before the user's canonizers (was: the unmerged batch norms refused, or with the user's batch-norm merge the
+    residual additions passed as plain gradients, relevance off with only a warning); equal to Zennit's own rules on
+    a copy canonized by hand."""
+    torch.manual_seed(0)
+    model = calibrated(torchvision.models.mobilenet_v2(weights=None, num_classes=10), size=32)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        attr = one_hot(model(x))
+    expected = Gradient(by_hand_mobilenet_v2(model), EpsilonGammaBox(low=LOW, high=HIGH))(x, attr)[1]
+    before = state(model)
+    for canonizers in ([], [SequentialMergeBatchNorm()]):
+        composite = EpsilonGammaBox(low=LOW, high=HIGH, canonizers=canonizers)
+        relevance, audit = explain(model, x, attr.argmax(1), composite=composite, return_audit=True, strict=True)
+        assert audit.ok and relevance.abs().sum() > 0
+        assert max_rel_error(relevance, expected) < 1e-9
+    assert_same_state(model, before)
+
+
 def test_taps_refuse_channels_last_maps():
     """A channels-last (n, h, w, C) map, as Swin's stages return, was read as (n, C, h, w) without complaint."""
     backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), torchvision.ops.Permute([0, 2, 3, 1]))

@@ -29,6 +29,7 @@ from neon_attrib.captum import NeonLRP
 from neon_attrib.composites import NeonComposite
 from neon_attrib.deep import DeepNeon
 from neon_attrib.evaluation import deletion_curve
+from neon_attrib.graph import register_gradient_leaf
 
 
 def tiny_cnn(seed: int = 0, dtype=torch.float64) -> nn.Sequential:
@@ -320,6 +321,11 @@ def test_audit_catches_relevance_created_without_a_rule(images):
 class _Root(nn.Module):
     def forward(self, x):
         return x.sqrt()  # finite forward; the gradient at the ReLU's zeros is inf, the relevance NaN
+
+
+# declared (wrongly) as a layer whose gradient is exact LRP, so the graph canonizer lets it through: the NaN it makes
+# must still fail the audit everywhere
+register_gradient_leaf(_Root)
 
 
 def test_audit_fails_on_nan_relevance_everywhere_it_is_consumed(images, tmp_path):

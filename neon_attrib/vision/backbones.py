@@ -34,7 +34,7 @@ from zennit.layer import Sum
 from .._utils import BATCH_NORMS
 from ..composites import is_neon_module
 from ..fast import FastResNetCanonizer, MergeBatchNorms
-from ..graph import GraphCanonizer, is_gradient_leaf, is_trusted_container
+from ..graph import GraphCanonizer, needs_graph_canonizer, register_documented
 from .taps import BilinearResize, ChannelPool
 
 __all__ = [
@@ -531,9 +531,9 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     >>> [type(c).__name__ for c in default_canonizers(torchvision.models.densenet121(weights=None))]
     ['GraphCanonizer']
     """
-    modules = [module for module in model.modules() if not is_neon_module(module)]
-    if not all(_documented(module) for module in modules):
+    if needs_graph_canonizer(model):
         return [GraphCanonizer()]
+    modules = [module for module in model.modules() if not is_neon_module(module)]
     if any(isinstance(module, (BasicBlock, Bottleneck)) for module in modules):
         return [FastResNetCanonizer()]
     if not any(isinstance(module, BATCH_NORMS) for module in modules):
@@ -544,18 +544,7 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
     return [GraphCanonizer()]
 
 
-#: Modules of the documented backbones: their forward has no operation outside a module with a rule (or one whose
-#: gradient is exact) once the legacy canonizers ran.
-_DOCUMENTED = (
-    torchvision.models.ResNet, torchvision.models.VGG, BasicBlock, Bottleneck, CifarResNet, CifarBasicBlock,
-    ShortcutA, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, Sum, BilinearResize, ChannelPool, *BATCH_NORMS,
-)
-
-
-def _documented(module: nn.Module) -> bool:
-    return type(module) in _DOCUMENTED or is_trusted_container(module) or (
-        is_gradient_leaf(module) and not isinstance(module, BATCH_NORMS))
+register_documented((CifarResNet, CifarBasicBlock, ShortcutA, BilinearResize, ChannelPool))
 
 
 def _mergeable(parent: nn.Module, name: str) -> bool:
