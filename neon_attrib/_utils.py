@@ -7,6 +7,7 @@ so a failed call never leaves a half-updated model behind.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,9 @@ def as_float_tensor(
                 )
             return x
         return x.to(device=device, dtype=dtype)
+    if hasattr(x, "toarray") and hasattr(x, "nnz"):  # scipy.sparse: np.asarray would make a 0-d object array
+        raise TypeError(f"{name} passed to {owner} is a sparse {type(x).__name__}; sparse input is not supported. "
+                        f"Convert it with {name}.toarray().")
     try:
         array = np.asarray(x)
     except Exception as exc:  # pragma: no cover - numpy raises many types here
@@ -78,10 +82,12 @@ def check_2d_finite(x: torch.Tensor, *, owner: str, name: str = "X", n_features:
     """Check that ``x`` is a 2-D (n_samples, n_features) tensor of finite values with the expected feature count."""
     if x.ndim != 2:
         raise ValueError(
-            f"{name} passed to {owner} must be 2-D of shape (n_samples, n_features). Got shape {tuple(x.shape)}."
+            f"{name} passed to {owner} must be 2-D of shape (n_samples, n_features). Got shape {tuple(x.shape)}. "
+            f"Reshape your data: {name}.reshape(1, -1) for one sample, {name}.reshape(-1, 1) for one feature."
         )
     if x.shape[1] == 0:
-        raise ValueError(f"{name} passed to {owner} has 0 features (shape {tuple(x.shape)}); at least 1 is required.")
+        raise ValueError(f"{name} passed to {owner} has 0 feature(s) (shape={tuple(x.shape)}) while a minimum of 1 is "
+                         f"required.")
     if n_features is not None and x.shape[1] != n_features:
         raise ValueError(f"{name} has {x.shape[1]} features, but {owner} was fitted with {n_features} features.")
     if not bool(torch.isfinite(x).all()):
@@ -142,3 +148,18 @@ def as_targets(target: Any, *, n: int, n_outputs: int, owner: str, device: torch
 #: includes ``SyncBatchNorm`` (what ``convert_sync_batchnorm`` makes of a model for distributed training).
 BATCH_NORMS: tuple[type, ...] = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
                                  torch.nn.SyncBatchNorm, FrozenBatchNorm2d)
+
+
+def resolve_random_state(random_state: int | None, seed: int | None, *, owner: str) -> int | None:
+    """The seed an estimator uses: ``random_state``, or the deprecated alias ``seed`` (with a FutureWarning).
+
+    ``seed`` stays for one release so that code written for 0.1 keeps running; both given and different raises.
+    """
+    if seed is None:
+        return random_state
+    if random_state is not None and random_state != seed:
+        raise ValueError(f"{owner} got random_state={random_state!r} and the deprecated seed={seed!r}. Pass only "
+                         f"random_state.")
+    warnings.warn(f"The 'seed' parameter of {owner} is deprecated and will be removed in the next release; use "
+                  f"'random_state' instead.", FutureWarning, stacklevel=3)
+    return seed

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 
-from ._utils import ArrayLike, as_float_tensor, check_2d_finite, module_dtype_device
+from ._utils import ArrayLike, as_float_tensor, check_2d_finite, module_dtype_device, resolve_random_state
 from .layers import ResizableBuffers
 
 __all__ = ["NeonEstimator"]
@@ -40,12 +41,25 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
     #: width of 1e-300 is 0 in float32, and the scores would be NaN or constant)
     _dtype_parameters: tuple[str, ...] = ()
 
-    def __init__(self):
-        super().__init__()
-        self.n_features_in_: int | None = None
+    #: the number of features seen by ``fit``; set by ``fit`` only (scikit-learn's convention: an unfitted estimator
+    #: has no fitted attribute at all)
+    n_features_in_: int
 
     def __sklearn_is_fitted__(self) -> bool:
         return self.__dict__.get("n_features_in_") is not None
+
+    def _fitted_features(self) -> int | None:
+        """``n_features_in_`` of a fitted model, None before ``fit``."""
+        return self.__dict__.get("n_features_in_")
+
+    def _unfit(self) -> None:
+        """Forget ``n_features_in_`` (the model is unfitted again)."""
+        self.__dict__.pop("n_features_in_", None)
+
+    def _random_state(self) -> int | None:
+        """The seed ``fit`` uses: ``random_state``, or the deprecated ``seed`` (with a FutureWarning)."""
+        return resolve_random_state(getattr(self, "random_state", None), getattr(self, "seed", None),
+                                    owner=self._name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         fitted = self.__dict__.get("n_features_in_") is not None and not self.__dict__.get("_loading", False)
@@ -89,7 +103,7 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
         self._check_representable(dtype)
         tensor = as_float_tensor(x, dtype=dtype, device=device, owner=self._name, name=name)
         check_2d_finite(tensor, owner=self._name, name=name,
-                        n_features=self.n_features_in_ if check_features else None)
+                        n_features=self._fitted_features() if check_features else None)
         return tensor
 
     def _check_representable(self, dtype: torch.dtype) -> None:
@@ -109,8 +123,9 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
                                  f"Use float64 (model.double()) or a value in that range.")
 
     def _check_fitted(self) -> None:
-        if self.n_features_in_ is None:
-            raise ValueError(f"This {self._name} instance is not fitted yet. Call 'fit' first.")
+        """Raise scikit-learn's ``NotFittedError`` (a ``ValueError`` and an ``AttributeError``) before ``fit``."""
+        if not self.__sklearn_is_fitted__():
+            raise NotFittedError(f"This {self._name} instance is not fitted yet. Call 'fit' first.")
 
     # -- state dict ----------------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -118,7 +133,8 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
         # compute differently from the saved one), then the fitted attributes
         params = {key: _plain(value) for key, value in self.get_params(deep=False).items()}
         params = {key: value for key, value in params.items() if _is_plain(value)}
-        return {"class": self._name, **params, **{key: _plain(getattr(self, key)) for key in self._state_attributes}}
+        fitted = {key: _plain(getattr(self, key, None)) for key in self._state_attributes}
+        return {"class": self._name, **params, **fitted}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("class", self._name) != self._name:
@@ -126,7 +142,9 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
         self.__dict__["_loading"] = True
         try:
             for key in (*sorted(_param_names(type(self))), *self._state_attributes):
-                if key in state:
+                if key == "n_features_in_" and state.get(key) is None:
+                    self._unfit()  # an unfitted model's state
+                elif key in state:
                     setattr(self, key, state[key])
         finally:
             self.__dict__.pop("_loading", None)

@@ -138,8 +138,10 @@ class MahalanobisOutlier(_QuadraticForm):
     reg : float
         Added to the covariance's diagonal before inverting it (PaDiM uses 0.01); 0 (default) inverts it as it is
         (a pseudo-inverse if it is singular).
-    seed : int, optional
+    random_state : int, optional
         Seed of MinCovDet's random subsets.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Attributes
     ----------
@@ -155,22 +157,25 @@ class MahalanobisOutlier(_QuadraticForm):
     torch.Size([1])
     """
 
-    _state_attributes = ("robust", "reg", "seed", "n_features_in_", "offset_")
-    _refit_parameters = ("robust", "reg", "seed")
+    _state_attributes = ("robust", "reg", "random_state", "seed", "n_features_in_", "offset_")
+    _refit_parameters = ("robust", "reg", "random_state", "seed")
 
-    def __init__(self, robust: bool = False, reg: float = 0.0, seed: int | None = None):
+    def __init__(self, robust: bool = False, reg: float = 0.0, random_state: int | None = None, *,
+                 seed: int | None = None):
         super().__init__()
         self.robust = robust
         self.reg = reg
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.offset_: float | None = None
 
     def _validate_hyperparameters(self) -> None:
         if not isinstance(self.robust, (bool, np.bool_)):
             raise ValueError(f"The 'robust' parameter of {self._name} must be a bool. Got {self.robust!r} instead.")
         _check_reg(self.reg, self._name)
-        if self.seed is not None:
-            check_int(self.seed, owner=self._name, name="seed", minimum=0)
+        for name in ("random_state", "seed"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), owner=self._name, name=name, minimum=0)
 
     def fit(self, X: ArrayLike, y: Any = None) -> MahalanobisOutlier:
         """Estimate μ and the covariance of ``X`` (n_samples >= 2), invert it. Returns ``self``."""
@@ -179,7 +184,7 @@ class MahalanobisOutlier(_QuadraticForm):
 
         self._validate_hyperparameters()
         data = _fit_array(self, X, 2)
-        estimator = MinCovDet(random_state=self.seed) if self.robust else EmpiricalCovariance()
+        estimator = MinCovDet(random_state=self._random_state()) if self.robust else EmpiricalCovariance()
         estimator.fit(data)
         if self.reg:
             precision = pinvh(estimator.covariance_ + self.reg * np.eye(data.shape[1]))
@@ -197,6 +202,7 @@ class MahalanobisOutlier(_QuadraticForm):
     @torch.no_grad()
     def decision_function(self, x: ArrayLike) -> torch.Tensor:
         """``−o(x) − offset_``: ``EllipticEnvelope.decision_function`` (> 0 for inliers); needs ``offset_``."""
+        self._check_fitted()
         if self.offset_ is None:
             raise ValueError(f"This {self._name} has no decision threshold ('offset_'): build it from a fitted "
                              f"EllipticEnvelope to use decision_function.")
@@ -221,7 +227,8 @@ class MahalanobisOutlier(_QuadraticForm):
                             f"(EmpiricalCovariance, MinCovDet, EllipticEnvelope, ...). Got {type(estimator).__name__}.")
         _check_fitted_sklearn(estimator, "location_", cls.__name__)
         seed = getattr(estimator, "random_state", None)
-        model = cls(robust=isinstance(estimator, MinCovDet), seed=seed if isinstance(seed, int) else None,
+        model = cls(robust=isinstance(estimator, MinCovDet),
+                    random_state=seed if isinstance(seed, int) else None,
                     **kwargs).double()
         model._validate_hyperparameters()
         model._set_form(estimator.location_, precision_factor(estimator.get_precision()))
@@ -359,8 +366,9 @@ class _MixtureParameters:
         check_int(self.n_components, owner=self._name, name="n_components", minimum=self._min_components)
         check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
         check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
-        if self.seed is not None:
-            check_int(self.seed, owner=self._name, name="seed", minimum=0)
+        for name in ("random_state", "seed"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), owner=self._name, name=name, minimum=0)
         check_positive_float(self.reg_covar, owner=self._name, name="reg_covar")
         check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
 
@@ -368,7 +376,7 @@ class _MixtureParameters:
         from sklearn.mixture import GaussianMixture
 
         return GaussianMixture(n_components=self.n_components, covariance_type=covariance_type, n_init=self.n_init,
-                               max_iter=self.max_iter, reg_covar=self.reg_covar, random_state=self.seed)
+                               max_iter=self.max_iter, reg_covar=self.reg_covar, random_state=self._random_state())
 
 
 class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
@@ -391,33 +399,38 @@ class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
         Number of components K.
     covariance_type : {"full", "tied", "diag", "spherical"}
         As scikit-learn's.
-    seed : int, optional
+    random_state : int, optional
         Seed of the initialisation.
     n_init, max_iter, reg_covar :
         As scikit-learn's ``GaussianMixture``.
     beta : float, optional
         Sharpness of the responsibilities in the explanation; ``None`` (default) = 1: the posterior.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Examples
     --------
     >>> import numpy as np
     >>> X = np.random.default_rng(0).normal(size=(200, 2))
-    >>> model = GaussianMixtureOutlier(n_components=2, seed=0).double().fit(X)
+    >>> model = GaussianMixtureOutlier(n_components=2, random_state=0).double().fit(X)
     >>> bool(torch.allclose(model.predict_proba(X[:3]).sum(1), torch.ones(3, dtype=torch.float64)))
     True
     """
 
-    _state_attributes = ("n_components", "covariance_type", "seed", "n_init", "max_iter", "reg_covar", "beta",
-                         "n_features_in_")
-    _refit_parameters = ("n_components", "covariance_type", "seed", "n_init", "max_iter", "reg_covar")
+    _state_attributes = ("n_components", "covariance_type", "random_state", "seed", "n_init", "max_iter", "reg_covar",
+                         "beta", "n_features_in_")
+    _refit_parameters = ("n_components", "covariance_type", "random_state", "seed", "n_init", "max_iter",
+                         "reg_covar")
     _min_components = 1
 
-    def __init__(self, n_components: int = 1, covariance_type: str = "full", seed: int | None = None, *,
-                 n_init: int = 1, max_iter: int = 100, reg_covar: float = 1e-6, beta: float | None = None):
+    def __init__(self, n_components: int = 1, covariance_type: str = "full", random_state: int | None = None, *,
+                 n_init: int = 1, max_iter: int = 100, reg_covar: float = 1e-6, beta: float | None = None,
+                 seed: int | None = None):
         super().__init__()
         self.n_components = n_components
         self.covariance_type = covariance_type
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.n_init = n_init
         self.max_iter = max_iter
         self.reg_covar = reg_covar
@@ -487,7 +500,7 @@ class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
         """
         _check_mixture(gmm, cls.__name__)
         seed = gmm.random_state if isinstance(gmm.random_state, int) else None
-        model = cls(n_components=gmm.n_components, covariance_type=gmm.covariance_type, seed=seed,
+        model = cls(n_components=gmm.n_components, covariance_type=gmm.covariance_type, random_state=seed,
                     n_init=gmm.n_init, max_iter=gmm.max_iter, reg_covar=gmm.reg_covar, **kwargs).double()
         model._validate_hyperparameters()
         model._set_mixture(gmm)
@@ -510,31 +523,35 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
     ----------
     n_components : int
         K >= 2.
-    seed, n_init, max_iter, reg_covar :
+    random_state, n_init, max_iter, reg_covar :
         As scikit-learn's ``GaussianMixture`` (``covariance_type="tied"``).
     beta : float, optional
         Soft-argmin sharpness; ``None`` = 1 / mean training evidence (as :class:`~neon_attrib.models.KMeansMembership`),
         1 when built without data.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Examples
     --------
     >>> import numpy as np
     >>> X = np.r_[np.zeros((20, 2)), np.ones((20, 2)) * 5] + np.random.default_rng(0).normal(size=(40, 2))
-    >>> model = GaussianMixtureMembership(n_components=2, seed=0).double().fit(X)
+    >>> model = GaussianMixtureMembership(n_components=2, random_state=0).double().fit(X)
     >>> model(X).shape
     torch.Size([40, 2])
     """
 
-    _state_attributes = ("n_components", "seed", "n_init", "max_iter", "reg_covar", "beta", "n_features_in_",
-                         "default_beta_")
-    _refit_parameters = ("n_components", "seed", "n_init", "max_iter", "reg_covar")
+    _state_attributes = ("n_components", "random_state", "seed", "n_init", "max_iter", "reg_covar", "beta",
+                         "n_features_in_", "default_beta_")
+    _refit_parameters = ("n_components", "random_state", "seed", "n_init", "max_iter", "reg_covar")
     _min_components = 2
 
-    def __init__(self, n_components: int = 2, seed: int | None = None, *, n_init: int = 1, max_iter: int = 100,
-                 reg_covar: float = 1e-6, beta: float | None = None):
+    def __init__(self, n_components: int = 2, random_state: int | None = None, *, n_init: int = 1,
+                 max_iter: int = 100, reg_covar: float = 1e-6, beta: float | None = None,
+                 seed: int | None = None):
         super().__init__()
         self.n_components = n_components
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.n_init = n_init
         self.max_iter = max_iter
         self.reg_covar = reg_covar
@@ -550,7 +567,7 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
         self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))
 
     def _configure_layers(self) -> None:
-        if self.n_features_in_ is not None:
+        if self.__sklearn_is_fitted__():
             self._refresh_fitted()
 
     def fit(self, X: ArrayLike, y: Any = None) -> GaussianMixtureMembership:
@@ -624,7 +641,7 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
             raise ValueError(f"{cls.__name__} needs a GaussianMixture with n_components >= 2. "
                              f"Got {gmm.n_components}.")
         seed = gmm.random_state if isinstance(gmm.random_state, int) else None
-        model = cls(n_components=gmm.n_components, seed=seed, n_init=gmm.n_init, max_iter=gmm.max_iter,
+        model = cls(n_components=gmm.n_components, random_state=seed, n_init=gmm.n_init, max_iter=gmm.max_iter,
                     reg_covar=gmm.reg_covar, **kwargs).double()
         model._validate_hyperparameters()
         data = None
@@ -633,7 +650,7 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
             try:
                 data = model._as_tensor(X)
             finally:
-                model.n_features_in_ = None
+                model._unfit()
         model._set_tied(gmm, data)
         return model
 

@@ -96,7 +96,7 @@ class KDEOutlier(NeonEstimator):
             raise ValueError(f"The 'fused' parameter of {self._name} must be a bool. Got {self.fused!r} instead.")
 
     def _configure_layers(self) -> None:
-        if self.n_features_in_ is None:
+        if not self.__sklearn_is_fitted__():
             return
         self.pool.alpha = -float(self.gamma)
         self.pool.beta = self.beta_
@@ -316,31 +316,36 @@ class KDEInlier(NeonEstimator):
         Kernel sharpness γ > 0.
     n_features : int
         Number H of random features (the book uses 2500).
-    seed : int, optional
+    random_state : int, optional
         Seed of the random draw. The draw is made on the CPU in float64 and then cast, so the same seed gives the same
         model on every device and dtype. ``None`` draws from a fresh, non-reproducible seed.
     eps : float, optional
         Stabiliser of the activation rule (:class:`~neon_attrib.rules.KDEInlierActivationRule`); default 1.0.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Examples
     --------
     >>> import numpy as np
     >>> X = np.random.default_rng(0).normal(size=(100, 3))
-    >>> model = KDEInlier(gamma=0.5, n_features=4000, seed=0).double().fit(X)
+    >>> model = KDEInlier(gamma=0.5, n_features=4000, random_state=0).double().fit(X)
     >>> bool((model(X[:5]) - model.exact(X[:5])).abs().max() < 0.05)
     True
     """
 
-    _state_attributes = ("gamma", "n_features", "seed", "eps", "n_features_in_", "eps_")
+    _state_attributes = ("gamma", "n_features", "random_state", "seed", "eps", "n_features_in_", "eps_")
     _dtype_parameters = ("gamma", "eps_")
-    _refit_parameters = ("gamma", "n_features", "seed")
+    _refit_parameters = ("gamma", "n_features", "random_state", "seed")
 
-    def __init__(self, gamma: float = 1.0, n_features: int = 2500, seed: int | None = None, *,
-                 eps: float | None = None):
+    support: torch.Tensor
+
+    def __init__(self, gamma: float = 1.0, n_features: int = 2500, random_state: int | None = None, *,
+                 eps: float | None = None, seed: int | None = None):
         super().__init__()
         self.gamma = gamma
         self.n_features = n_features
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.eps = eps
         self.eps_: float | None = None
         self.features = RandomCosineFeatures()
@@ -353,8 +358,9 @@ class KDEInlier(NeonEstimator):
         support = self._as_tensor(X, check_features=False)
         if support.shape[0] < 1:
             raise ValueError(f"{self._name} needs at least 1 sample to fit. Got 0.")
+        random_state = self._random_state()
         generator = torch.Generator().manual_seed(
-            self.seed if self.seed is not None else int(torch.randint(2**62, (1,)).item()))
+            random_state if random_state is not None else int(torch.randint(2**62, (1,)).item()))
         d = support.shape[1]
         omega = torch.randn(self.n_features, d, generator=generator, dtype=torch.float64) * math.sqrt(2 * self.gamma)
         bias = torch.rand(self.n_features, generator=generator, dtype=torch.float64) * (2 * math.pi)
@@ -364,8 +370,9 @@ class KDEInlier(NeonEstimator):
     def _validate_hyperparameters(self) -> None:
         check_positive_float(self.gamma, owner=self._name, name="gamma")
         check_int(self.n_features, owner=self._name, name="n_features", minimum=1)
-        if self.seed is not None:
-            check_int(self.seed, owner=self._name, name="seed", minimum=0)
+        for name in ("random_state", "seed"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), owner=self._name, name=name, minimum=0)
         check_positive_float(self.eps, owner=self._name, name="eps", allow_none=True)
 
     def _refresh_fitted(self) -> None:
@@ -410,7 +417,7 @@ class KDEInlier(NeonEstimator):
             raise ValueError(f"{self._name} needs at least 2 support points to leave one out.")
         keep = torch.ones(self.support.shape[0], dtype=torch.bool, device=self.support.device)
         keep[index] = False
-        clone = type(self)(self.gamma, self.n_features, self.seed, eps=self.eps)
+        clone = type(self)(**self.get_params(deep=False))
         clone.to(dtype=self.support.dtype, device=self.support.device)
         clone._set(self.support[keep], self.features.omega, self.features.bias)
         return clone

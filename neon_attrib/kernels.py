@@ -289,6 +289,7 @@ class OneClassSVMOutlier(WeightedKDEOutlier):
     @torch.no_grad()
     def decision_function(self, x: ArrayLike) -> torch.Tensor:
         """``exp(−γ o(x)) − ρ`` (n,), as ``OneClassSVM.decision_function`` (> 0: inlier)."""
+        self._check_fitted()
         return self.density(x) - self.offset_
 
     @torch.no_grad()

@@ -90,7 +90,7 @@ class KNNOutlier(NeonEstimator):
 
     def _validate_hyperparameters(self) -> None:
         check_int(self.n_neighbors, owner=self._name, name="n_neighbors", minimum=1)
-        if self.n_features_in_ is not None and self.n_neighbors > self.distance.support.shape[0]:
+        if self.__sklearn_is_fitted__() and self.n_neighbors > self.distance.support.shape[0]:
             raise ValueError(f"The 'n_neighbors' parameter of {self._name} must be <= the "
                              f"{self.distance.support.shape[0]} support points. Got {self.n_neighbors} instead.")
         for name in ("sqrt", "fused"):

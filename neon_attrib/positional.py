@@ -40,6 +40,10 @@ class PositionalMoments(ResizableBuffers):
     without them (by an older version) loads as "no statistics" too.
     """
 
+    count: torch.Tensor
+    mean: torch.Tensor
+    scatter: torch.Tensor
+
     def __init__(self):
         super().__init__()
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
@@ -230,7 +234,7 @@ class PositionalMahalanobis(NeonEstimator):
                              f"partial_fit(..., finalize=False); its Gaussians are those of before. Call 'fit' on all "
                              f"the data, or 'partial_fit' chunk by chunk from a new model.")
         if self.moments.empty:
-            fitted = "was fitted, but has" if self.n_features_in_ is not None else "has"
+            fitted = "was fitted, but has" if self.__sklearn_is_fitted__() else "has"
             raise ValueError(f"This {self._name} {fitted} no running statistics to continue from (discarded with "
                              f"finalize(keep_statistics=False), or loaded from a state saved without them). Call "
                              f"'fit' on all the data, or 'partial_fit' chunk by chunk from a new model.")
@@ -241,7 +245,7 @@ class PositionalMahalanobis(NeonEstimator):
         if tensor.ndim not in (2, 4):
             raise ValueError(f"{name} passed to {self._name} must be feature maps (n, C, h, w) or location rows "
                              f"(n·h·w, C). Got shape {tuple(tensor.shape)}.")
-        if self.n_features_in_ is not None and tensor.shape[1] != self.n_features_in_:
+        if self._fitted_features() not in (None, tensor.shape[1]):
             raise ValueError(f"{name} has {tensor.shape[1]} channels, but {self._name} was fitted with "
                              f"{self.n_features_in_} channels.")
         if not bool(torch.isfinite(tensor).all()):
@@ -367,7 +371,7 @@ class PositionalMahalanobis(NeonEstimator):
         """
         self._validate_hyperparameters()
         continuing = not self.moments.empty
-        if continuing or self.n_features_in_ is not None:
+        if continuing or self.__sklearn_is_fitted__():
             self._check_statistics()  # a fitted model without statistics, or half-updated ones: raise
         rows, map_shape = self._rows(X, continuing=continuing)
         count = self.n_images_seen_
@@ -409,7 +413,7 @@ class PositionalMahalanobis(NeonEstimator):
             return self
         count_b, mean_b, scatter_b = other.n_images_seen_, other.moments.mean, other.moments.scatter
         if self.moments.empty:
-            if self.n_features_in_ is not None or int(self.moments.count) < 0:
+            if self.__sklearn_is_fitted__() or int(self.moments.count) < 0:
                 self._check_statistics()
             self.moments.set(count_b, mean_b.to(self.moments.mean.device, copy=True),
                              scatter_b.to(self.moments.mean.device, copy=True))
