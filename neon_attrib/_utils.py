@@ -6,6 +6,7 @@ so a failed call never leaves a half-updated model behind.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Any
@@ -98,14 +99,15 @@ def check_positive_float(value: Any, *, owner: str, name: str, allow_none: bool 
     """Raise a ValueError unless ``value`` is a finite real number > 0 (or None when ``allow_none``)."""
     if value is None and allow_none:
         return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+          and float(value) > 0)
     if not ok:
         raise ValueError(f"The '{name}' parameter of {owner} must be a float > 0. Got {value!r} instead.")
 
 
 def check_int(value: Any, *, owner: str, name: str, minimum: int) -> None:
     """Raise a ValueError unless ``value`` is an integer >= ``minimum``."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= minimum
     if not ok:
         raise ValueError(f"The '{name}' parameter of {owner} must be an int >= {minimum}. Got {value!r} instead.")
 

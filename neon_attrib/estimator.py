@@ -45,6 +45,14 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
     #: has no fitted attribute at all)
     n_features_in_: int
 
+    # BaseEstimator's methods, typed (torch's Module.__getattr__ would otherwise type them as tensors or modules)
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return BaseEstimator.get_params(self, deep=deep)
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        return list(super()._get_param_names())
+
     def __sklearn_is_fitted__(self) -> bool:
         return self.__dict__.get("n_features_in_") is not None
 
@@ -157,7 +165,7 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
 _PARAM_NAMES: dict[type, frozenset[str]] = {}
 
 
-def _param_names(cls: type) -> frozenset[str]:
+def _param_names(cls: type[NeonEstimator]) -> frozenset[str]:
     names = _PARAM_NAMES.get(cls)
     if names is None:
         names = _PARAM_NAMES[cls] = frozenset(cls._get_param_names())

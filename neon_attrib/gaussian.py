@@ -22,6 +22,7 @@ get negative relevance through correlations (given the other features, its value
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -361,6 +362,16 @@ def _check_mixture(gmm: Any, owner: str) -> None:
 
 class _MixtureParameters:
     """Validation of the hyperparameters the two mixture estimators share."""
+
+    # provided by the estimator classes (annotations only: nothing is defined here)
+    n_components: int
+    n_init: int
+    max_iter: int
+    reg_covar: float
+    beta: float | None
+    _min_components: int
+    _name: str
+    _random_state: Callable[[], int | None]
 
     def _validate_mixture(self) -> None:
         check_int(self.n_components, owner=self._name, name="n_components", minimum=self._min_components)

@@ -101,7 +101,7 @@ class KDEOutlier(NeonEstimator):
         self.pool.alpha = -float(self.gamma)
         self.pool.beta = self.beta_
         self.pool.chunk_size = self.chunk_size
-        self.distance.eps = self.eps_
+        self.distance.eps = float(self.eps_ if self.eps_ is not None else 0.0)  # set with beta_ by _refresh_fitted
 
     def fit(self, X: ArrayLike, y: Any = None) -> KDEOutlier:
         """Use the rows of ``X`` (n_samples, n_features) as the support points. Returns ``self``."""

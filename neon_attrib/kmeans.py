@@ -26,6 +26,9 @@ class _Membership(NeonEstimator):
     """A min over linear cluster differences (``self.difference``, ``self.pool``): the forward, the assignment and the
     default β shared by the k-means membership networks."""
 
+    difference: torch.nn.Module
+    pool: MinPool
+
     def forward(self, x: ArrayLike) -> torch.Tensor:
         """Cluster evidence ``f_c(x)`` for every cluster, shape (n, K)."""
         self._check_fitted()
@@ -89,6 +92,8 @@ class KMeansMembership(_Membership):
                          "n_features_in_")
     _refit_parameters = ("n_clusters", "n_init", "random_state", "seed", "max_iter", "centroid_norm")
 
+    difference: ClusterDifference
+
     def __init__(self, n_clusters: int = 8, n_init: int = 10, random_state: int | None = None, *,
                  max_iter: int = 300, centroid_norm: float | None = None, beta: float | None = None,
                  seed: int | None = None):
@@ -141,7 +146,7 @@ class KMeansMembership(_Membership):
         self._refresh_fitted()
 
     def _refresh_fitted(self) -> None:
-        self.pool.beta = float(self.beta if self.beta is not None else self.default_beta_)
+        self.pool.beta = float(self.beta if self.beta is not None else self.default_beta_)  # type: ignore[arg-type]
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "pool_beta": self.pool.beta, "default_beta_": self.default_beta_}
@@ -248,6 +253,8 @@ class BisectingKMeansMembership(_Membership):
     _refit_parameters = ("n_clusters", "random_state", "seed", "n_init", "max_iter", "bisecting_strategy")
 
     centroids: torch.Tensor
+
+    difference: LinearClusterDifference
 
     def __init__(self, n_clusters: int = 8, random_state: int | None = None, *, n_init: int = 1,
                  max_iter: int = 300, bisecting_strategy: str = "biggest_inertia", beta: float | None = None,

@@ -40,6 +40,16 @@ def test_import_layers_contract():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
+def test_package_ships_its_type_information():
+    """PEP 561: py.typed is in the package and in its package data, and CI runs the type checker as the README says."""
+    assert (PACKAGE / "py.typed").is_file()
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert '"neon_attrib" = ["py.typed"]' in pyproject and '"mypy>=' in pyproject
+    readme = (PACKAGE.parent / "README.md").read_text()
+    ci = (PACKAGE.parent / ".ci" / "run").read_text()
+    assert ".venv/bin/mypy &&" in readme and ".venv/bin/mypy &&" in ci
+
+
 def test_no_function_level_imports_of_our_modules():
     offenders = []
     for path in PACKAGE.rglob("*.py"):
