@@ -165,3 +165,91 @@ def resolve_random_state(random_state: int | None, seed: int | None, *, owner: s
     warnings.warn(f"The 'seed' parameter of {owner} is deprecated and will be removed in the next release; use "
                   f"'random_state' instead.", FutureWarning, stacklevel=3)
     return seed
+
+
+# -- declarative parameter constraints -----------------------------------------------------------------------------
+class Constraint:
+    """One entry of an estimator's ``_parameter_checks`` table: what a hyperparameter may be, checked at ``fit``."""
+
+    allow_none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def check(self, value: Any, *, owner: str, name: str) -> None:
+        """Raise a ValueError naming the parameter, what was expected and what was received."""
+        if value is None and self.allow_none:
+            return
+        if not self.accepts(value):
+            raise ValueError(f"The '{name}' parameter of {owner} must be {self.describe()}"
+                             f"{' or None' if self.allow_none else ''}. Got {value!r} instead.")
+
+
+class Real(Constraint):
+    """A finite real number (not a bool) above ``low`` (or at it, with ``closed``), at most ``high`` if given.
+
+    Examples
+    --------
+    >>> Real().describe(), Real(closed=True).describe(), Real(high=1.0).describe()
+    ('a float > 0', 'a finite float >= 0', 'a float in (0, 1]')
+    """
+
+    def __init__(self, low: float = 0.0, *, closed: bool = False, high: float | None = None, allow_none: bool = False):
+        self.low, self.closed, self.high, self.allow_none = low, closed, high, allow_none
+
+    def accepts(self, value: Any) -> bool:
+        if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not math.isfinite(value):
+            return False
+        above = float(value) >= self.low if self.closed else float(value) > self.low
+        return above and (self.high is None or float(value) <= self.high)
+
+    def describe(self) -> str:
+        if self.high is not None:
+            return f"a float in {'[' if self.closed else '('}{self.low:g}, {self.high:g}]"
+        return f"a finite float >= {self.low:g}" if self.closed else f"a float > {self.low:g}"
+
+
+class Integer(Constraint):
+    """An integer (not a bool) >= ``minimum``."""
+
+    def __init__(self, minimum: int, *, allow_none: bool = False):
+        self.minimum, self.allow_none = minimum, allow_none
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and \
+            int(value) >= self.minimum
+
+    def describe(self) -> str:
+        return f"an int >= {self.minimum}"
+
+
+class Boolean(Constraint):
+    """``True`` or ``False`` (Python's or numpy's)."""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (bool, np.bool_))
+
+    def describe(self) -> str:
+        return "a bool"
+
+
+class Options(Constraint):
+    """One of a few strings."""
+
+    def __init__(self, *values: str):
+        self.values = values
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.values
+
+    def describe(self) -> str:
+        return f"one of {self.values}"
+
+
+def check_parameters(estimator: Any, constraints: dict[str, Constraint], owner: str) -> None:
+    """Check every hyperparameter of ``estimator`` named in ``constraints`` (in the table's order)."""
+    for name, constraint in constraints.items():
+        constraint.check(getattr(estimator, name), owner=owner, name=name)

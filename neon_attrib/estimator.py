@@ -7,18 +7,30 @@ everywhere or raises). :mod:`neon_attrib.kde`, :mod:`neon_attrib.kmeans` and the
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from ._utils import ArrayLike, as_float_tensor, check_2d_finite, module_dtype_device, resolve_random_state
+from ._utils import (
+    ArrayLike,
+    Constraint,
+    Integer,
+    as_float_tensor,
+    check_2d_finite,
+    check_parameters,
+    module_dtype_device,
+    resolve_random_state,
+)
 from .layers import ResizableBuffers
 
-__all__ = ["NeonEstimator"]
+__all__ = ["NeonEstimator", "SEED_CONSTRAINTS"]
+
+#: ``random_state`` and its deprecated alias ``seed``: an int >= 0 or None
+SEED_CONSTRAINTS: dict[str, Constraint] = {"random_state": Integer(0, allow_none=True),
+                                           "seed": Integer(0, allow_none=True)}
 
 
 class NeonEstimator(ResizableBuffers, BaseEstimator):
@@ -40,6 +52,10 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
     #: float attributes the forward computes with in the model's dtype: each must lie in its normal range (a kernel
     #: width of 1e-300 is 0 in float32, and the scores would be NaN or constant)
     _dtype_parameters: tuple[str, ...] = ()
+    #: what each hyperparameter may be (:class:`~neon_attrib._utils.Real`, ``Integer``, ``Boolean``, ``Options``),
+    #: checked at ``fit`` and when a fitted model's hyperparameter is set; checks that need the data or several
+    #: parameters at once stay in :meth:`_validate_hyperparameters`
+    _parameter_checks: ClassVar[dict[str, Constraint]] = {}
 
     #: the number of features seen by ``fit``; set by ``fit`` only (scikit-learn's convention: an unfitted estimator
     #: has no fitted attribute at all)
@@ -95,7 +111,9 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
         return False
 
     def _validate_hyperparameters(self) -> None:
-        """Raise a ValueError naming the parameter if a hyperparameter is invalid."""
+        """Raise a ValueError naming the parameter if a hyperparameter is invalid (the ``_parameter_checks`` table;
+        subclasses add the checks a table cannot say and call this first)."""
+        check_parameters(self, self._parameter_checks, self._name)
 
     def _refresh_fitted(self) -> None:
         """Derive the effective hyperparameters of a fitted model again (after one was set)."""
@@ -189,13 +207,6 @@ def _is_plain(value: Any) -> bool:
 def _plain(value: Any) -> Any:
     """numpy scalars as Python numbers, so that ``torch.load(weights_only=True)`` reads the state dict."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _check_eps(eps: Any, owner: str) -> None:
-    ok = eps is None or (isinstance(eps, (int, float, np.floating, np.integer)) and not isinstance(eps, bool)
-                         and math.isfinite(eps) and eps >= 0)
-    if not ok:
-        raise ValueError(f"The 'eps' parameter of {owner} must be a finite float >= 0. Got {eps!r} instead.")
 
 
 def _check_index(index: Any, n: int, owner: str) -> int:

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import ArrayLike, check_int, check_positive_float, module_dtype_device
+from ._utils import ArrayLike, Boolean, Constraint, Integer, Options, Real, module_dtype_device
 from .composites import register_rule
-from .estimator import NeonEstimator
+from .estimator import SEED_CONSTRAINTS, NeonEstimator
 from .layers import (
     LinearClusterDifference,
     MahalanobisDistance,
@@ -38,7 +38,7 @@ from .layers import (
     MinPool,
     WeightedLogSumExpPool,
 )
-from .positional import PositionalMahalanobis, _check_reg
+from .positional import REG, PositionalMahalanobis
 from .rules import GaussianActivationRule, KMeansActivationRule
 
 __all__ = [
@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 _COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+#: the GaussianMixture settings both mixture estimators pass on, and the explanation's sharpness
+_MIXTURE_CONSTRAINTS: dict[str, Constraint] = {"n_init": Integer(1), "max_iter": Integer(1), "reg_covar": Real(),
+                                               "beta": Real(allow_none=True)}
 
 
 def precision_factor(precision: np.ndarray) -> np.ndarray:
@@ -161,6 +164,8 @@ class MahalanobisOutlier(_QuadraticForm):
     _state_attributes = ("robust", "reg", "random_state", "seed", "n_features_in_", "offset_")
     _refit_parameters = ("robust", "reg", "random_state", "seed")
 
+    _parameter_checks = {"robust": Boolean(), "reg": REG, **SEED_CONSTRAINTS}
+
     def __init__(self, robust: bool = False, reg: float = 0.0, random_state: int | None = None, *,
                  seed: int | None = None):
         super().__init__()
@@ -169,14 +174,6 @@ class MahalanobisOutlier(_QuadraticForm):
         self.random_state = random_state
         self.seed = seed  # deprecated alias of random_state
         self.offset_: float | None = None
-
-    def _validate_hyperparameters(self) -> None:
-        if not isinstance(self.robust, (bool, np.bool_)):
-            raise ValueError(f"The 'robust' parameter of {self._name} must be a bool. Got {self.robust!r} instead.")
-        _check_reg(self.reg, self._name)
-        for name in ("random_state", "seed"):
-            if getattr(self, name) is not None:
-                check_int(getattr(self, name), owner=self._name, name=name, minimum=0)
 
     def fit(self, X: ArrayLike, y: Any = None) -> MahalanobisOutlier:
         """Estimate μ and the covariance of ``X`` (n_samples >= 2), invert it. Returns ``self``."""
@@ -262,12 +259,11 @@ class PCAResidual(_QuadraticForm):
     _state_attributes = ("n_components", "n_features_in_")
     _refit_parameters = ("n_components",)
 
+    _parameter_checks = {"n_components": Integer(1)}
+
     def __init__(self, n_components: int = 1):
         super().__init__()
         self.n_components = n_components
-
-    def _validate_hyperparameters(self) -> None:
-        check_int(self.n_components, owner=self._name, name="n_components", minimum=1)
 
     def fit(self, X: ArrayLike, y: Any = None) -> PCAResidual:
         """Principal components of ``X`` (scikit-learn's ``PCA``, full SVD). Returns ``self``."""
@@ -361,7 +357,7 @@ def _check_mixture(gmm: Any, owner: str) -> None:
 
 
 class _MixtureParameters:
-    """Validation of the hyperparameters the two mixture estimators share."""
+    """The scikit-learn mixture the two mixture estimators fit."""
 
     # provided by the estimator classes (annotations only: nothing is defined here)
     n_components: int
@@ -369,19 +365,8 @@ class _MixtureParameters:
     max_iter: int
     reg_covar: float
     beta: float | None
-    _min_components: int
     _name: str
     _random_state: Callable[[], int | None]
-
-    def _validate_mixture(self) -> None:
-        check_int(self.n_components, owner=self._name, name="n_components", minimum=self._min_components)
-        check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
-        check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
-        for name in ("random_state", "seed"):
-            if getattr(self, name) is not None:
-                check_int(getattr(self, name), owner=self._name, name=name, minimum=0)
-        check_positive_float(self.reg_covar, owner=self._name, name="reg_covar")
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
 
     def _sklearn_mixture(self, covariance_type: str) -> Any:
         from sklearn.mixture import GaussianMixture
@@ -432,7 +417,8 @@ class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
                          "beta", "n_features_in_")
     _refit_parameters = ("n_components", "covariance_type", "random_state", "seed", "n_init", "max_iter",
                          "reg_covar")
-    _min_components = 1
+    _parameter_checks = {"n_components": Integer(1), "covariance_type": Options(*_COVARIANCE_TYPES), **SEED_CONSTRAINTS,
+                         **_MIXTURE_CONSTRAINTS}
 
     def __init__(self, n_components: int = 1, covariance_type: str = "full", random_state: int | None = None, *,
                  n_init: int = 1, max_iter: int = 100, reg_covar: float = 1e-6, beta: float | None = None,
@@ -448,12 +434,6 @@ class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
         self.beta = beta
         self.distance = MahalanobisDistance()
         self.pool = WeightedLogSumExpPool(alpha=-1.0)
-
-    def _validate_hyperparameters(self) -> None:
-        self._validate_mixture()
-        if self.covariance_type not in _COVARIANCE_TYPES:
-            raise ValueError(f"The 'covariance_type' parameter of {self._name} must be one of {_COVARIANCE_TYPES}. "
-                             f"Got {self.covariance_type!r} instead.")
 
     def _configure_layers(self) -> None:
         self.pool.beta = None if self.beta is None else float(self.beta)
@@ -554,7 +534,7 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
     _state_attributes = ("n_components", "random_state", "seed", "n_init", "max_iter", "reg_covar", "beta",
                          "n_features_in_", "default_beta_")
     _refit_parameters = ("n_components", "random_state", "seed", "n_init", "max_iter", "reg_covar")
-    _min_components = 2
+    _parameter_checks = {"n_components": Integer(2), **SEED_CONSTRAINTS, **_MIXTURE_CONSTRAINTS}
 
     def __init__(self, n_components: int = 2, random_state: int | None = None, *, n_init: int = 1,
                  max_iter: int = 100, reg_covar: float = 1e-6, beta: float | None = None,
@@ -570,9 +550,6 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
         self.default_beta_: float | None = None
         self.difference = LinearClusterDifference()
         self.pool = MinPool()
-
-    def _validate_hyperparameters(self) -> None:
-        self._validate_mixture()
 
     def _refresh_fitted(self) -> None:
         self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import ArrayLike, check_int, check_positive_float
+from ._utils import ArrayLike, Boolean, Integer, Real, check_int
 from .composites import register_rule
-from .estimator import NeonEstimator, _check_eps, _check_index
+from .estimator import SEED_CONSTRAINTS, NeonEstimator, _check_index
 from .functional import (
     DEFAULT_CHUNK,
     fused_outlier_score,
@@ -74,6 +74,9 @@ class KDEOutlier(NeonEstimator):
     _state_attributes = ("gamma", "beta", "eps", "fused", "n_features_in_", "beta_", "eps_")
     _dtype_parameters = ("gamma", "eps_")
 
+    _parameter_checks = {"gamma": Real(), "beta": Real(allow_none=True), "eps": Real(closed=True, allow_none=True),
+                         "chunk_size": Integer(1), "fused": Boolean()}
+
     def __init__(self, gamma: float = 1.0, *, beta: float | None = None, eps: float | None = None,
                  chunk_size: int = DEFAULT_CHUNK, fused: bool = False):
         super().__init__()
@@ -86,14 +89,6 @@ class KDEOutlier(NeonEstimator):
         self.eps_: float | None = None
         self.distance = SquaredDistance()
         self.pool = LogMeanExpPool(alpha=-1.0, chunk_size=chunk_size)
-
-    def _validate_hyperparameters(self) -> None:
-        check_positive_float(self.gamma, owner=self._name, name="gamma")
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
-        _check_eps(self.eps, self._name)
-        check_int(self.chunk_size, owner=self._name, name="chunk_size", minimum=1)
-        if not isinstance(self.fused, (bool, np.bool_)):
-            raise ValueError(f"The 'fused' parameter of {self._name} must be a bool. Got {self.fused!r} instead.")
 
     def _configure_layers(self) -> None:
         if not self.__sklearn_is_fitted__():
@@ -339,6 +334,8 @@ class KDEInlier(NeonEstimator):
 
     support: torch.Tensor
 
+    _parameter_checks = {"gamma": Real(), "n_features": Integer(1), **SEED_CONSTRAINTS, "eps": Real(allow_none=True)}
+
     def __init__(self, gamma: float = 1.0, n_features: int = 2500, random_state: int | None = None, *,
                  eps: float | None = None, seed: int | None = None):
         super().__init__()
@@ -366,14 +363,6 @@ class KDEInlier(NeonEstimator):
         bias = torch.rand(self.n_features, generator=generator, dtype=torch.float64) * (2 * math.pi)
         self._set(support, omega.to(support), bias.to(support))
         return self
-
-    def _validate_hyperparameters(self) -> None:
-        check_positive_float(self.gamma, owner=self._name, name="gamma")
-        check_int(self.n_features, owner=self._name, name="n_features", minimum=1)
-        for name in ("random_state", "seed"):
-            if getattr(self, name) is not None:
-                check_int(getattr(self, name), owner=self._name, name=name, minimum=0)
-        check_positive_float(self.eps, owner=self._name, name="eps", allow_none=True)
 
     def _refresh_fitted(self) -> None:
         self.eps_ = float(self.eps if self.eps is not None else 1.0)

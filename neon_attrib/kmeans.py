@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import ArrayLike, check_int, check_positive_float, module_dtype_device
+from ._utils import ArrayLike, Integer, Options, Real, module_dtype_device
 from .composites import register_rule
-from .estimator import NeonEstimator
+from .estimator import SEED_CONSTRAINTS, NeonEstimator
 from .layers import ClusterDifference, LinearClusterDifference, MinPool
 from .rules import KMeansActivationRule
 
@@ -93,6 +93,8 @@ class KMeansMembership(_Membership):
     _refit_parameters = ("n_clusters", "n_init", "random_state", "seed", "max_iter", "centroid_norm")
 
     difference: ClusterDifference
+    _parameter_checks = {"n_clusters": Integer(2), "n_init": Integer(1), **SEED_CONSTRAINTS, "max_iter": Integer(1),
+                         "centroid_norm": Real(allow_none=True), "beta": Real(allow_none=True)}
 
     def __init__(self, n_clusters: int = 8, n_init: int = 10, random_state: int | None = None, *,
                  max_iter: int = 300, centroid_norm: float | None = None, beta: float | None = None,
@@ -109,16 +111,6 @@ class KMeansMembership(_Membership):
         self.pool = MinPool()
         self.labels_: np.ndarray | None = None
         self.default_beta_: float | None = None
-
-    def _validate_hyperparameters(self) -> None:
-        check_int(self.n_clusters, owner=self._name, name="n_clusters", minimum=2)
-        check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
-        check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
-        for name in ("random_state", "seed"):
-            if getattr(self, name) is not None:
-                check_int(getattr(self, name), owner=self._name, name=name, minimum=0)
-        check_positive_float(self.centroid_norm, owner=self._name, name="centroid_norm", allow_none=True)
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
 
     def fit(self, X: ArrayLike, y: Any = None) -> KMeansMembership:
         """Run k-means (scikit-learn, float64, ``n_init`` restarts) on ``X`` and neuralize the result."""
@@ -255,6 +247,9 @@ class BisectingKMeansMembership(_Membership):
     centroids: torch.Tensor
 
     difference: LinearClusterDifference
+    _parameter_checks = {"n_clusters": Integer(2), **SEED_CONSTRAINTS, "n_init": Integer(1), "max_iter": Integer(1),
+                         "bisecting_strategy": Options("biggest_inertia", "largest_cluster"),
+                         "beta": Real(allow_none=True)}
 
     def __init__(self, n_clusters: int = 8, random_state: int | None = None, *, n_init: int = 1,
                  max_iter: int = 300, bisecting_strategy: str = "biggest_inertia", beta: float | None = None,
@@ -272,18 +267,6 @@ class BisectingKMeansMembership(_Membership):
         self.register_buffer("centroids", torch.empty(0, 0))
         self.difference = LinearClusterDifference()
         self.pool = MinPool()
-
-    def _validate_hyperparameters(self) -> None:
-        check_int(self.n_clusters, owner=self._name, name="n_clusters", minimum=2)
-        check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
-        check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
-        for name in ("random_state", "seed"):
-            if getattr(self, name) is not None:
-                check_int(getattr(self, name), owner=self._name, name=name, minimum=0)
-        if self.bisecting_strategy not in ("biggest_inertia", "largest_cluster"):
-            raise ValueError(f"The 'bisecting_strategy' parameter of {self._name} must be 'biggest_inertia' or "
-                             f"'largest_cluster'. Got {self.bisecting_strategy!r} instead.")
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
 
     def _refresh_fitted(self) -> None:
         self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))

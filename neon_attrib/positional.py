@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from ._utils import ArrayLike, as_float_tensor, check_int, module_dtype_device
+from ._utils import ArrayLike, Boolean, Integer, Real, as_float_tensor, module_dtype_device
 from .composites import register_rule
 from .estimator import NeonEstimator
 from .layers import PositionalMahalanobisDistance, ResizableBuffers, SquareRoot
@@ -24,11 +23,8 @@ __all__ = ["PositionalMahalanobis", "PositionalMoments"]
 _POSITION_BLOCK = 64
 
 
-def _check_reg(value: Any, owner: str) -> None:
-    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-          and np.isfinite(value) and value >= 0)
-    if not ok:
-        raise ValueError(f"The 'reg' parameter of {owner} must be a finite float >= 0. Got {value!r} instead.")
+#: a covariance regulariser: a finite float >= 0
+REG = Real(closed=True)
 
 
 class PositionalMoments(ResizableBuffers):
@@ -180,6 +176,8 @@ class PositionalMahalanobis(NeonEstimator):
     _fits_on_feature_maps = True
     _refit_parameters = ("reg", "n_positions")
 
+    _parameter_checks = {"reg": REG, "n_positions": Integer(1, allow_none=True), "sqrt": Boolean()}
+
     def __init__(self, reg: float = 0.01, n_positions: int | None = None, *, sqrt: bool = False):
         super().__init__()
         self.reg = reg
@@ -195,7 +193,7 @@ class PositionalMahalanobis(NeonEstimator):
         # them (freed, half-updated, or an old saved state) it needs a new fit
         if name != "reg" or self.moments.empty or int(self.moments.count) < 0:
             return False
-        _check_reg(value, self._name)
+        REG.check(value, owner=self._name, name="reg")
         old = self.reg
         object.__setattr__(self, "reg", value)  # past the refit guard: finalize reads it
         try:
@@ -204,13 +202,6 @@ class PositionalMahalanobis(NeonEstimator):
             object.__setattr__(self, "reg", old)
             raise
         return True
-
-    def _validate_hyperparameters(self) -> None:
-        _check_reg(self.reg, self._name)
-        if self.n_positions is not None:
-            check_int(self.n_positions, owner=self._name, name="n_positions", minimum=1)
-        if not isinstance(self.sqrt, (bool, np.bool_)):
-            raise ValueError(f"The 'sqrt' parameter of {self._name} must be a bool. Got {self.sqrt!r} instead.")
 
     def _configure_layers(self) -> None:
         self.distance.map_shape = None if self.map_shape_ is None else tuple(self.map_shape_)

@@ -26,8 +26,10 @@ from neon_attrib import (
     MahalanobisOutlier,
     OneClassSVMOutlier,
     PCAResidual,
+    PositionalMahalanobis,
     WeightedKDEOutlier,
 )
+from neon_attrib._utils import Boolean, Integer, Real
 
 # -- the deviations from scikit-learn's estimator checks, each with its reason -----------------------------------------
 _EVERY = {
@@ -184,3 +186,41 @@ def test_random_state_is_validated_and_saved():
     loaded = KDEInlier(n_features=16).double()
     loaded.load_state_dict(model.state_dict())
     assert loaded.random_state == 5 and torch.equal(loaded(X), model(X))
+
+
+# -- declarative parameter constraints ---------------------------------------------------------------------------------
+def _invalid_values(constraint):
+    if isinstance(constraint, Real):
+        return [constraint.low - 1.0, float("nan"), True, "1"]
+    if isinstance(constraint, Integer):
+        return [constraint.minimum - 1, 1.5, True]
+    if isinstance(constraint, Boolean):
+        return ["yes", 1]
+    return ["nope", 1]
+
+
+@pytest.mark.parametrize("cls", [*EXPECTED_FAILED_CHECKS, PositionalMahalanobis])
+def test_parameter_table_names_real_parameters_and_is_checked_at_fit(cls):
+    table = cls._parameter_checks
+    assert table and set(table) <= set(cls._get_param_names())  # no typo: every entry is a constructor parameter
+    unchecked = set(cls._get_param_names()) - set(table)
+    assert unchecked <= {"gamma"}  # WeightedKDEOutlier / OneClassSVMOutlier check gamma themselves ('scale', 'auto')
+    for name, constraint in table.items():
+        for value in _invalid_values(constraint):
+            model = cls(**{name: value})
+            with pytest.raises(ValueError, match=f"The '{name}' parameter of {cls.__name__} must be "):
+                model.fit(X)
+
+
+def test_constraint_messages_read_as_before():
+    exact = r"^The 'gamma' parameter of KDEOutlier must be a float > 0. Got -1.0 instead.$"
+    with pytest.raises(ValueError, match=exact):
+        KDEOutlier(gamma=-1.0).fit(X)
+    with pytest.raises(ValueError, match=r"must be one of \('biggest_inertia', 'largest_cluster'\). Got 'x' instead."):
+        BisectingKMeansMembership(bisecting_strategy="x").fit(X)
+    with pytest.raises(ValueError, match=r"'nu' parameter of OneClassSVMOutlier must be a float in \(0, 1\]"):
+        OneClassSVMOutlier(nu=1.5).fit(X)
+    fitted = KDEOutlier().double().fit(X)
+    with pytest.raises(ValueError, match="'beta' parameter of KDEOutlier must be a float > 0 or None"):
+        fitted.beta = -2.0  # a fitted model's hyperparameter is checked when set, and left as it was
+    assert fitted.beta is None
