@@ -215,6 +215,15 @@ def test_gradient_methods_agree_with_autograd(models, data):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # compare
+def test_compare_lives_in_evaluation_and_is_reexported():
+    import neon_attrib.captum
+    import neon_attrib.evaluation
+
+    assert neon_attrib.captum.compare is neon_attrib.evaluation.compare
+    assert neon_attrib.captum.Comparison is neon_attrib.evaluation.Comparison
+    assert neon_attrib.evaluation.compare.__module__ == "neon_attrib.evaluation"
+
+
 def test_compare(models, data):
     model, (train, x) = models["kmeans"], data
     methods = ["Saliency", "IntegratedGradients", "LRP", ("Occlusion (2)", lambda m: captum_attr.Occlusion(m))]
