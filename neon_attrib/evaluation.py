@@ -630,8 +630,10 @@ def compare(
         kwargs = {**default_kwargs(attribution, x, ref, feature_mask), **extra.get(label, {})}
         runs.append((label, seeded_run(attribution, x, targets, kwargs, seed)))
 
-    rows, relevances, curves = [], {}, {}
-    curve_kwargs = dict(target=targets, reference=ref, feature_mask=feature_mask, n_steps=n_steps)
+    rows: list[dict[str, Any]] = []
+    relevances: dict[str, torch.Tensor] = {}
+    curves: dict[str, dict[str, FlipCurve]] = {}
+    curve_kwargs: dict[str, Any] = dict(target=targets, reference=ref, feature_mask=feature_mask, n_steps=n_steps)
     for label, run in runs:
         run()  # warm-up: first-call costs (allocations, lazy imports) are not the method's
         times = []
@@ -702,7 +704,7 @@ def _comparison_figure(result: Comparison, x: torch.Tensor, feature_names: Seque
         curve = curves["deletion"]
         start, end = float(curve.input_score.mean()), float(curve.reference_score.mean())
         normalised = (curve.mean_curve() - end) / (start - end if start != end else 1.0)
-        style = {"color": "gray", "linestyle": "--"} if name == "Random" else {}
+        style: dict[str, Any] = {"color": "gray", "linestyle": "--"} if name == "Random" else {}
         curve_ax.plot(curve.fractions.numpy(), normalised.numpy(), label=name, **style)
     curve_ax.set_xlabel("fraction of features removed (most relevant first)")
     curve_ax.set_ylabel("mean score (1 = input, 0 = reference)")
