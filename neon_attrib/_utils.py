@@ -97,19 +97,12 @@ def check_2d_finite(x: torch.Tensor, *, owner: str, name: str = "X", n_features:
 
 def check_positive_float(value: Any, *, owner: str, name: str, allow_none: bool = False) -> None:
     """Raise a ValueError unless ``value`` is a finite real number > 0 (or None when ``allow_none``)."""
-    if value is None and allow_none:
-        return
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-          and float(value) > 0)
-    if not ok:
-        raise ValueError(f"The '{name}' parameter of {owner} must be a float > 0. Got {value!r} instead.")
+    Real(allow_none=allow_none).check(value, owner=owner, name=name)
 
 
 def check_int(value: Any, *, owner: str, name: str, minimum: int) -> None:
     """Raise a ValueError unless ``value`` is an integer >= ``minimum``."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= minimum
-    if not ok:
-        raise ValueError(f"The '{name}' parameter of {owner} must be an int >= {minimum}. Got {value!r} instead.")
+    Integer(minimum).check(value, owner=owner, name=name)
 
 
 def as_targets(target: Any, *, n: int, n_outputs: int, owner: str, device: torch.device) -> torch.Tensor:
@@ -163,7 +156,7 @@ def resolve_random_state(random_state: int | None, seed: int | None, *, owner: s
         raise ValueError(f"{owner} got random_state={random_state!r} and the deprecated seed={seed!r}. Pass only "
                          f"random_state.")
     warnings.warn(f"The 'seed' parameter of {owner} is deprecated and will be removed in the next release; use "
-                  f"'random_state' instead.", FutureWarning, stacklevel=3)
+                  f"'random_state' instead.", FutureWarning, stacklevel=4)
     return seed
 
 
