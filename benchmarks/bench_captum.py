@@ -138,21 +138,22 @@ def wholesale_items(kind: str, n_instances: int) -> tuple[list[dict], dict]:
     data = preprocess_wholesale(load_wholesale()[0])
     window = (1,)
     if kind == "kmeans":
-        model = KMeansMembership(n_clusters=6, n_init=10, seed=8).double().fit(data)
+        model = KMeansMembership(n_clusters=6, n_init=10, random_state=8).double().fit(data)
         x = torch.as_tensor(data)
         targets = model.predict(x)
         reference = median_reference(data).expand_as(x).contiguous()
         item = dict(model=model, x=x, target=targets, reference=reference, feature_mask=None, curve_mask=None,
                     window=window)
-        return [item], {"model": "KMeansMembership(n_clusters=6, n_init=10, seed=8)", "examples": 440, "batch": 440}
+        return [item], {"model": "KMeansMembership(n_clusters=6, n_init=10, random_state=8)", "examples": 440,
+                        "batch": 440}
     if kind in ("outlier", "outlier_nn"):
         full = KDEOutlier(gamma=1.0).double().fit(data)
         chosen = torch.argsort(full.score_training(), descending=True)[:n_instances].tolist()
         spec = "KDEOutlier(gamma=1), leave-one-out, most outlying"
     else:
-        full = KDEInlier(gamma=1.0, n_features=2500, seed=0).double().fit(data)
+        full = KDEInlier(gamma=1.0, n_features=2500, random_state=0).double().fit(data)
         chosen = torch.argsort(full.score_training(), descending=True)[:n_instances].tolist()
-        spec = "KDEInlier(gamma=1, n_features=2500, seed=0), leave-one-out, most typical"
+        spec = "KDEInlier(gamma=1, n_features=2500, random_state=0), leave-one-out, most typical"
     if kind == "outlier_nn":
         spec += "; reference: the nearest other customer"
     items = []

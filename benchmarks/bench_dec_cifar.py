@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
                                         embedding_dim=args.embedding_dim, pretrain_steps=args.pretrain_steps,
                                         pretrain_epochs=args.pretrain_epochs, max_iter=args.max_iter,
                                         update_interval=args.update_interval, dec_batch_size=args.batch_size,
-                                        batch_size=256, device=device, seed=args.seed, progress=False)
+                                        batch_size=256, device=device, random_state=args.seed, progress=False)
     t0 = time.perf_counter()
     sur.fit(x_train, y_train)
     fit_s = time.perf_counter() - t0

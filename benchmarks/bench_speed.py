@@ -73,9 +73,9 @@ def build_head(name: str, support: torch.Tensor) -> torch.nn.Module:
     if name == "kde_outlier":
         head = KDEOutlier(gamma=gamma, fused=True)
     elif name == "kde_inlier":
-        head = KDEInlier(gamma=gamma, n_features=2500, seed=0)
+        head = KDEInlier(gamma=gamma, n_features=2500, random_state=0)
     else:
-        head = KMeansMembership(n_clusters=8, n_init=1, seed=0)
+        head = KMeansMembership(n_clusters=8, n_init=1, random_state=0)
     return head.to(support.device).fit(support)
 
 

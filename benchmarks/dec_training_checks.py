@@ -56,7 +56,7 @@ def short_pretraining_cifar(root: Path, n_train: int, pretrain_epochs: int, max_
     x_train, y_train = data["x_train"][:n_train], data["y_train"][:n_train]
     x_test, y_test = data["x_test"], data["y_test"]
     params = {"n_clusters": 15, "embedding_dim": 20, "pretrain_epochs": pretrain_epochs, "max_iter": max_iter,
-              "update_interval": 100, "dec_batch_size": 256, "batch_size": 256, "seed": seed}
+              "update_interval": 100, "dec_batch_size": 256, "batch_size": 256, "random_state": seed}
     sur = ActivationClusteringSurrogate(model, list(TABLE1_LAYERS), device="cpu", progress=False, **params)
     t0 = time.perf_counter()
     issued = _fit_recording(sur, x_train, y_train)
@@ -93,7 +93,7 @@ def silhouette_proxy_blobs(finetune_lrs: tuple[float, ...], seed: int) -> dict:
     """(b): the fine-tuning check on three blobs, without labels (silhouette) and with labels (purity)."""
     x, y = blobs(seed=seed)
     params = {"n_clusters": 3, "embedding_dim": 3, "hidden_dims": [16], "batch_size": 32, "update_interval": 10,
-              "pretrain_steps": 100, "max_iter": 60, "seed": seed, "keep_best": True}
+              "pretrain_steps": 100, "max_iter": 60, "random_state": seed, "keep_best": True}
     runs = {}
     for lr in finetune_lrs:
         for measure, args in (("silhouette", (x,)), ("purity", (x, y))):

@@ -42,15 +42,15 @@ OUTLIER_MODELS = {
     "k-NN (k=5)": lambda: KNNOutlier(n_neighbors=5),
     "1-NN distance": lambda: KNNOutlier(n_neighbors=1, sqrt=True),
     "Mahalanobis": lambda: MahalanobisOutlier(),
-    "Mahalanobis (MCD)": lambda: MahalanobisOutlier(robust=True, seed=0),
+    "Mahalanobis (MCD)": lambda: MahalanobisOutlier(robust=True, random_state=0),
     "PCA residual (r=2)": lambda: PCAResidual(n_components=2),
-    "GMM (K=4, full)": lambda: GaussianMixtureOutlier(n_components=4, seed=0, n_init=5),
+    "GMM (K=4, full)": lambda: GaussianMixtureOutlier(n_components=4, random_state=0, n_init=5),
     "one-class SVM (γ=1, ν=0.1)": lambda: OneClassSVMOutlier(gamma=1.0, nu=0.1),
 }
 #: Membership models (fitted on all customers; the explained output is the assigned cluster's evidence).
 MEMBERSHIP_MODELS = {
-    "k-means (K=6)": lambda: KMeansMembership(n_clusters=6, n_init=10, seed=8),
-    "tied GMM (K=6)": lambda: GaussianMixtureMembership(n_components=6, seed=0, n_init=5),
+    "k-means (K=6)": lambda: KMeansMembership(n_clusters=6, n_init=10, random_state=8),
+    "tied GMM (K=6)": lambda: GaussianMixtureMembership(n_components=6, random_state=0, n_init=5),
 }
 
 

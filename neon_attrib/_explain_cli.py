@@ -119,8 +119,8 @@ def _make_head(kind: str, args: argparse.Namespace, gamma: float):
     if kind == "kde-outlier":
         return KDEOutlier(gamma=gamma)
     if kind == "kde-inlier":
-        return KDEInlier(gamma=gamma, n_features=2500, seed=args.seed)
-    return KMeansMembership(n_clusters=args.clusters, n_init=10, seed=args.seed, centroid_norm=1.0)
+        return KDEInlier(gamma=gamma, n_features=2500, random_state=args.seed)
+    return KMeansMembership(n_clusters=args.clusters, n_init=10, random_state=args.seed, centroid_norm=1.0)
 
 
 def _fast_available() -> bool:

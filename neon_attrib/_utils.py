@@ -6,7 +6,9 @@ so a failed call never leaves a half-updated model behind.
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from typing import Any
 
 import numpy as np
@@ -63,6 +65,9 @@ def as_float_tensor(
                 )
             return x
         return x.to(device=device, dtype=dtype)
+    if hasattr(x, "toarray") and hasattr(x, "nnz"):  # scipy.sparse: np.asarray would make a 0-d object array
+        raise TypeError(f"{name} passed to {owner} is a sparse {type(x).__name__}; sparse input is not supported. "
+                        f"Convert it with {name}.toarray().")
     try:
         array = np.asarray(x)
     except Exception as exc:  # pragma: no cover - numpy raises many types here
@@ -78,10 +83,12 @@ def check_2d_finite(x: torch.Tensor, *, owner: str, name: str = "X", n_features:
     """Check that ``x`` is a 2-D (n_samples, n_features) tensor of finite values with the expected feature count."""
     if x.ndim != 2:
         raise ValueError(
-            f"{name} passed to {owner} must be 2-D of shape (n_samples, n_features). Got shape {tuple(x.shape)}."
+            f"{name} passed to {owner} must be 2-D of shape (n_samples, n_features). Got shape {tuple(x.shape)}. "
+            f"Reshape your data: {name}.reshape(1, -1) for one sample, {name}.reshape(-1, 1) for one feature."
         )
     if x.shape[1] == 0:
-        raise ValueError(f"{name} passed to {owner} has 0 features (shape {tuple(x.shape)}); at least 1 is required.")
+        raise ValueError(f"{name} passed to {owner} has 0 feature(s) (shape={tuple(x.shape)}) while a minimum of 1 is "
+                         f"required.")
     if n_features is not None and x.shape[1] != n_features:
         raise ValueError(f"{name} has {x.shape[1]} features, but {owner} was fitted with {n_features} features.")
     if not bool(torch.isfinite(x).all()):
@@ -90,18 +97,12 @@ def check_2d_finite(x: torch.Tensor, *, owner: str, name: str = "X", n_features:
 
 def check_positive_float(value: Any, *, owner: str, name: str, allow_none: bool = False) -> None:
     """Raise a ValueError unless ``value`` is a finite real number > 0 (or None when ``allow_none``)."""
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value > 0
-    if not ok:
-        raise ValueError(f"The '{name}' parameter of {owner} must be a float > 0. Got {value!r} instead.")
+    Real(allow_none=allow_none).check(value, owner=owner, name=name)
 
 
 def check_int(value: Any, *, owner: str, name: str, minimum: int) -> None:
     """Raise a ValueError unless ``value`` is an integer >= ``minimum``."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
-    if not ok:
-        raise ValueError(f"The '{name}' parameter of {owner} must be an int >= {minimum}. Got {value!r} instead.")
+    Integer(minimum).check(value, owner=owner, name=name)
 
 
 def as_targets(target: Any, *, n: int, n_outputs: int, owner: str, device: torch.device) -> torch.Tensor:
@@ -142,3 +143,106 @@ def as_targets(target: Any, *, n: int, n_outputs: int, owner: str, device: torch
 #: includes ``SyncBatchNorm`` (what ``convert_sync_batchnorm`` makes of a model for distributed training).
 BATCH_NORMS: tuple[type, ...] = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
                                  torch.nn.SyncBatchNorm, FrozenBatchNorm2d)
+
+
+def resolve_random_state(random_state: int | None, seed: int | None, *, owner: str) -> int | None:
+    """The seed an estimator uses: ``random_state``, or the deprecated alias ``seed`` (with a FutureWarning).
+
+    ``seed`` stays for one release so that code written for 0.1 keeps running; both given and different raises.
+    """
+    if seed is None:
+        return random_state
+    if random_state is not None and random_state != seed:
+        raise ValueError(f"{owner} got random_state={random_state!r} and the deprecated seed={seed!r}. Pass only "
+                         f"random_state.")
+    warnings.warn(f"The 'seed' parameter of {owner} is deprecated and will be removed in the next release; use "
+                  f"'random_state' instead.", FutureWarning, stacklevel=4)
+    return seed
+
+
+# -- declarative parameter constraints -----------------------------------------------------------------------------
+class Constraint:
+    """One entry of an estimator's ``_parameter_checks`` table: what a hyperparameter may be, checked at ``fit``."""
+
+    allow_none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def check(self, value: Any, *, owner: str, name: str) -> None:
+        """Raise a ValueError naming the parameter, what was expected and what was received."""
+        if value is None and self.allow_none:
+            return
+        if not self.accepts(value):
+            raise ValueError(f"The '{name}' parameter of {owner} must be {self.describe()}"
+                             f"{' or None' if self.allow_none else ''}. Got {value!r} instead.")
+
+
+class Real(Constraint):
+    """A finite real number (not a bool) above ``low`` (or at it, with ``closed``), at most ``high`` if given.
+
+    Examples
+    --------
+    >>> Real().describe(), Real(closed=True).describe(), Real(high=1.0).describe()
+    ('a float > 0', 'a finite float >= 0', 'a float in (0, 1]')
+    """
+
+    def __init__(self, low: float = 0.0, *, closed: bool = False, high: float | None = None, allow_none: bool = False):
+        self.low, self.closed, self.high, self.allow_none = low, closed, high, allow_none
+
+    def accepts(self, value: Any) -> bool:
+        if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not math.isfinite(value):
+            return False
+        above = float(value) >= self.low if self.closed else float(value) > self.low
+        return above and (self.high is None or float(value) <= self.high)
+
+    def describe(self) -> str:
+        if self.high is not None:
+            return f"a float in {'[' if self.closed else '('}{self.low:g}, {self.high:g}]"
+        return f"a finite float >= {self.low:g}" if self.closed else f"a float > {self.low:g}"
+
+
+class Integer(Constraint):
+    """An integer (not a bool) >= ``minimum``."""
+
+    def __init__(self, minimum: int, *, allow_none: bool = False):
+        self.minimum, self.allow_none = minimum, allow_none
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and \
+            int(value) >= self.minimum
+
+    def describe(self) -> str:
+        return f"an int >= {self.minimum}"
+
+
+class Boolean(Constraint):
+    """``True`` or ``False`` (Python's or numpy's)."""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (bool, np.bool_))
+
+    def describe(self) -> str:
+        return "a bool"
+
+
+class Options(Constraint):
+    """One of a few strings."""
+
+    def __init__(self, *values: str):
+        self.values = values
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.values
+
+    def describe(self) -> str:
+        return f"one of {self.values}"
+
+
+def check_parameters(estimator: Any, constraints: dict[str, Constraint], owner: str) -> None:
+    """Check every hyperparameter of ``estimator`` named in ``constraints`` (in the table's order)."""
+    for name, constraint in constraints.items():
+        constraint.check(getattr(estimator, name), owner=owner, name=name)

@@ -79,7 +79,7 @@ def explain(
     >>> import numpy as np
     >>> from neon_attrib import KMeansMembership
     >>> X = np.random.default_rng(0).normal(size=(60, 4))
-    >>> model = KMeansMembership(n_clusters=3, seed=0).double().fit(X)
+    >>> model = KMeansMembership(n_clusters=3, random_state=0).double().fit(X)
     >>> relevance = explain(model, X[:5])
     >>> bool(torch.allclose(relevance.sum(1), model(X[:5]).amax(1)))
     True

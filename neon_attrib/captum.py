@@ -23,13 +23,10 @@ in ``R``, so starting from 1 and rescaling by the score gives the same numbers a
 from __future__ import annotations
 
 import sys
-import time
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from captum._utils.common import (
     _format_additional_forward_args,
@@ -44,22 +41,12 @@ from captum.log import log_usage
 from torch import nn
 from zennit.core import Composite
 
-from ._captum_methods import MethodSpec, default_kwargs, make_methods, seeded_run
 from ._utils import module_dtype_device
 from .composites import NeonComposite
-from .evaluation import (
-    FlipCurve,
-    Reference,
-    _reference_tensor,
-    deletion_curve,
-    flip_curve,
-    insertion_curve,
-    model_score,
-    patch_mask,
-)
+from .evaluation import DEFAULT_METHODS, Comparison, compare  # noqa: F401 (re-exported: compare lives in evaluation)
 from .layers import CAPTUM_LAYERS, LocationPool, register_captum_rules  # noqa: F401 (CAPTUM_LAYERS: re-exported)
 from .models import KDEInlier, KDEOutlier, KMeansMembership
-from .pipeline import resolve_composite, resolve_targets
+from .pipeline import resolve_composite
 from .pipeline import run as run_pipeline
 from .rules import LocationPoolRule, NeonHook
 
@@ -422,241 +409,6 @@ def _delete_layer_rule(layer: nn.Module) -> None:
     lrp = _calling_lrp()
     for visited in getattr(lrp, "layers", None) or ():
         visited.__dict__.pop("activations", None)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# compare: NEON next to the Captum methods you use today
-#: Captum methods :func:`compare` runs by default: a gradient, gradient × input, a path method, an occlusion and a
-#: sampling method.
-DEFAULT_METHODS: tuple[str, ...] = ("Saliency", "InputXGradient", "IntegratedGradients", "Occlusion", "KernelShap")
-
-
-@dataclass
-class Comparison:
-    """What :func:`compare` returns: one row per method, their relevances, curves and a figure.
-
-    Attributes
-    ----------
-    rows : list of dict
-        Per method: ``method``, ``seconds`` (median wall time per explained example), ``relative_time`` (to NEON),
-        ``deletion`` (mean normalised deletion area: lower is better), ``insertion`` (mean normalised insertion area:
-        higher is better), ``deletion_raw`` (mean deletion area in score units). The ``Random`` row is the random-order
-        baseline (no relevance, no time).
-    relevances : dict of str to torch.Tensor
-        The relevance of every method, shaped like the inputs.
-    curves : dict of str to dict of str to FlipCurve
-        ``curves[method]["deletion"]`` and ``["insertion"]``.
-    scores : torch.Tensor
-        The explained score per example.
-    figure : matplotlib.figure.Figure or None
-        Relevance of the first example per method, and the mean deletion curves.
-    """
-
-    rows: list[dict[str, Any]]
-    relevances: dict[str, torch.Tensor]
-    curves: dict[str, dict[str, FlipCurve]]
-    scores: torch.Tensor
-    figure: Any = None
-
-    def __str__(self) -> str:
-        header = f"{'method':<22}{'s / example':>13}{'× NEON':>9}{'deletion ↓':>12}{'insertion ↑':>13}"
-        lines = [header, "-" * len(header)]
-        for row in self.rows:
-            seconds = "" if row["seconds"] is None else f"{row['seconds']:.2e}"
-            relative = "" if row["relative_time"] is None else f"{row['relative_time']:.1f}"
-            lines.append(f"{row['method']:<22}{seconds:>13}{relative:>9}{row['deletion']:>12.3f}"
-                         f"{row['insertion']:>13.3f}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The rows and the mean curves as plain Python (for JSON)."""
-        return {"rows": self.rows,
-                "curves": {name: {mode: {"fractions": c.fractions.tolist(), "mean_scores": c.mean_curve().tolist()}
-                                  for mode, c in curves.items()} for name, curves in self.curves.items()}}
-
-
-def compare(
-    model: nn.Module,
-    x: torch.Tensor,
-    methods: Sequence[MethodSpec] = DEFAULT_METHODS,
-    *,
-    target: Any = None,
-    reference: Reference = None,
-    feature_mask: torch.Tensor | None = None,
-    n_steps: int | None = None,
-    method_kwargs: dict[str, dict[str, Any]] | None = None,
-    composite: Composite | None = None,
-    repeats: int = 1,
-    figure: bool = True,
-    feature_names: Sequence[str] | None = None,
-    seed: int = 0,
-) -> Comparison:
-    """Run NEON and Captum methods on the same score and inputs; time them and evaluate them by deletion/insertion.
-
-    Every method explains the same number: the model's score (KDE) or the ``target`` cluster's evidence (k-means,
-    default: each example's assigned cluster). Perturbation methods and Integrated Gradients use the same ``reference``
-    as the deletion curves (their baseline is what "removed" means), so all methods are judged on one footing.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A NEON model (or any module with a score; NEON then needs its rules).
-    x : torch.Tensor
-        Inputs (n, d) or images (n, C, H, W), in the model's dtype.
-    methods : sequence
-        Captum methods: names in ``captum.attr`` (``"IntegratedGradients"``), Attribution classes, or
-        ``(label, factory)`` pairs with ``factory(model) -> Attribution``. NEON (:class:`NeonLRP`) always runs first.
-    target : optional
-        Output index per example (k-means cluster); default as in :func:`neon_attrib.explain`.
-    reference : tensor, float or callable, optional
-        Value of a removed feature (:func:`~neon_attrib.evaluation.default_reference`: the training median for tabular
-        data, a blurred copy for images); also the baseline of IG, DeepLift, Occlusion, ablation and Shapley methods.
-    feature_mask : torch.Tensor, optional
-        Feature groups for the curves and the perturbation methods; default: every feature (tabular), 4 × 4 … pixel
-        patches of side ``max(1, min(H, W) // 16)`` over all channels (images).
-    n_steps : int, optional
-        Steps of the curves (default: one per feature up to 100 groups, else 50).
-    method_kwargs : dict, optional
-        Extra ``attribute`` keyword arguments per method label, overriding the defaults above (e.g.
-        ``{"IntegratedGradients": {"n_steps": 200}}``).
-    composite : zennit.core.Composite, optional
-        NEON's composite (default: the model's).
-    repeats : int
-        Timed runs per method (the median is reported).
-    figure : bool
-        Draw the matplotlib figure.
-    feature_names : sequence of str, optional
-        Names for the bar chart of tabular relevance.
-    seed : int
-        Seed of the sampling methods (KernelShap, Lime, ShapleyValueSampling, ...): every run of every method starts
-        from it (the caller's global generator is left as it was), and of the random curve.
-
-    Returns
-    -------
-    Comparison
-        ``print(result)`` shows the table.
-
-    Raises
-    ------
-    ValueError
-        For an unknown method, two methods with one label (or the label of NEON / Random), ``method_kwargs`` for a
-        label that does not run, or no example.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from neon_attrib import KDEOutlier
-    >>> X = np.random.default_rng(0).normal(size=(50, 3))
-    >>> model = KDEOutlier(gamma=1.0).double().fit(X)
-    >>> result = compare(model, torch.tensor(X[:4]), methods=["Saliency"], figure=False)
-    >>> [row["method"] for row in result.rows]
-    ['NEON', 'Saliency', 'Random']
-    """
-    dtype, device = module_dtype_device(model)
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
-    x = x.detach().to(device=device, dtype=dtype)
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError(f"compare needs at least one example to explain. Got x of shape {tuple(x.shape)}.")
-    if not (isinstance(repeats, int) and repeats >= 1):
-        raise ValueError(f"The 'repeats' parameter of compare must be an int >= 1. Got {repeats!r} instead.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"The 'seed' parameter of compare must be an int >= 0. Got {seed!r} instead.")
-    with torch.no_grad():
-        output = model(x)
-    targets = resolve_targets(model, output, target)
-    scores = model_score(model, x, targets)
-    ref = _reference_tensor(model, x, reference)
-    if feature_mask is None and x.ndim == 4:
-        feature_mask = patch_mask(tuple(x.shape[1:]), max(1, min(x.shape[-2:]) // 16)).unsqueeze(0)
-    extra = dict(method_kwargs or {})
-
-    runs: list[tuple[str, Callable[[], torch.Tensor]]] = []
-    neon = NeonLRP(model, composite)
-    runs.append(("NEON", lambda: neon.attribute(x, target=targets)))
-    for label, attribution in make_methods(methods, model, reserved=("NEON", "Random"), method_kwargs=extra):
-        kwargs = {**default_kwargs(attribution, x, ref, feature_mask), **extra.get(label, {})}
-        runs.append((label, seeded_run(attribution, x, targets, kwargs, seed)))
-
-    rows, relevances, curves = [], {}, {}
-    curve_kwargs = dict(target=targets, reference=ref, feature_mask=feature_mask, n_steps=n_steps)
-    for label, run in runs:
-        run()  # warm-up: first-call costs (allocations, lazy imports) are not the method's
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            relevance = run()
-            times.append(time.perf_counter() - start)
-        relevance = relevance.detach().to(torch.float64)
-        relevances[label] = relevance
-        curves[label] = {"deletion": deletion_curve(model, x, relevance, **curve_kwargs),
-                         "insertion": insertion_curve(model, x, relevance, **curve_kwargs)}
-        rows.append({"method": label, "seconds": float(np.median(times)) / x.shape[0]})
-    random_relevance = torch.zeros_like(x, dtype=torch.float64)
-    curves["Random"] = {mode: flip_curve(model, x, random_relevance, mode=mode, order="random", seed=seed,
-                                         **curve_kwargs)
-                        for mode in ("deletion", "insertion")}
-    rows.append({"method": "Random", "seconds": None})
-    neon_seconds = rows[0]["seconds"]
-    for row in rows:
-        c = curves[row["method"]]
-        row["relative_time"] = None if row["seconds"] is None else row["seconds"] / neon_seconds
-        row["deletion"] = c["deletion"].mean_normalized_area
-        row["insertion"] = c["insertion"].mean_normalized_area
-        row["deletion_raw"] = float(c["deletion"].area.mean())
-    result = Comparison(rows=rows, relevances=relevances, curves=curves, scores=scores)
-    if figure:
-        result.figure = _comparison_figure(result, x, feature_names)
-    return result
-
-
-def _comparison_figure(result: Comparison, x: torch.Tensor, feature_names: Sequence[str] | None) -> Any:
-    from matplotlib.figure import Figure  # no pyplot: no global figure registry, nothing left open
-
-    methods = list(result.relevances)
-    if x.ndim == 4:
-        fig = Figure(figsize=(2.2 * (len(methods) + 1), 5.2), layout="constrained")
-        grid = fig.add_gridspec(2, len(methods) + 1, height_ratios=[1, 1.2])
-        image = x[0].detach().double().cpu()
-        shown = image.mean(0) if image.shape[0] != 3 else (image - image.min()) / (image.max() - image.min() + 1e-12)
-        ax = fig.add_subplot(grid[0, 0])
-        ax.imshow(shown.permute(1, 2, 0).numpy() if shown.ndim == 3 else shown.numpy(), cmap="gray")
-        ax.set_title("input", fontsize=9)
-        ax.axis("off")
-        for i, name in enumerate(methods):
-            heat = result.relevances[name][0].sum(0).cpu().numpy()
-            bound = float(np.abs(heat).max()) or 1.0
-            ax = fig.add_subplot(grid[0, i + 1])
-            ax.imshow(heat, cmap="bwr", vmin=-bound, vmax=bound)
-            ax.set_title(name, fontsize=9)
-            ax.axis("off")
-        curve_ax = fig.add_subplot(grid[1, :])
-    else:
-        fig = Figure(figsize=(11, 3.8), layout="constrained")
-        bar_ax, curve_ax = fig.subplots(1, 2)
-        d = x.shape[1]
-        width = 0.8 / len(methods)
-        for i, name in enumerate(methods):
-            values = result.relevances[name][0].cpu().numpy()
-            scale = float(np.abs(values).max()) or 1.0
-            bar_ax.bar(np.arange(d) + (i - (len(methods) - 1) / 2) * width, values / scale, width, label=name)
-        names = list(feature_names) if feature_names is not None else [str(i) for i in range(d)]
-        bar_ax.set_xticks(np.arange(d), names, rotation=30, ha="right", fontsize=8)
-        bar_ax.axhline(0, color="black", linewidth=0.6)
-        bar_ax.set_ylabel("relevance / max |relevance|")
-        bar_ax.set_title("first example", fontsize=10)
-        bar_ax.legend(fontsize=7)
-    for name, curves in result.curves.items():
-        curve = curves["deletion"]
-        start, end = float(curve.input_score.mean()), float(curve.reference_score.mean())
-        normalised = (curve.mean_curve() - end) / (start - end if start != end else 1.0)
-        style = {"color": "gray", "linestyle": "--"} if name == "Random" else {}
-        curve_ax.plot(curve.fractions.numpy(), normalised.numpy(), label=name, **style)
-    curve_ax.set_xlabel("fraction of features removed (most relevant first)")
-    curve_ax.set_ylabel("mean score (1 = input, 0 = reference)")
-    curve_ax.set_title("deletion curves (lower is better)", fontsize=10)
-    curve_ax.legend(fontsize=7)
-    return fig
 
 
 # the class-level ``rule`` slot of CAPTUM_LAYERS (neon_attrib.layers.CaptumRuleSlot) is answered by this module

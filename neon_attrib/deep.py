@@ -207,7 +207,7 @@ class DeepNeon(nn.Module):
     --------
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
-    >>> model = DeepNeon(vgg16_features(), KMeansMembership(n_clusters=2, n_init=1, seed=0), pool="positive")
+    >>> model = DeepNeon(vgg16_features(), KMeansMembership(n_clusters=2, n_init=1, random_state=0), pool="positive")
     >>> images = torch.randn(3, 3, 64, 64)
     >>> model.fit(images, progress=False).location_scores(images).shape
     torch.Size([3, 2, 2, 2])

@@ -66,14 +66,14 @@ def wholesale_analysis(n_draws: int = 100, seed: int = 0, kmeans_seed: int = 8, 
     inlier_scores = []
     inlier_relevance = {key: [] for key in BOOK_INSTANCES}
     for draw in tqdm(range(n_draws), desc="random-feature draws", disable=not progress):
-        inlier = KDEInlier(gamma=1.0, n_features=n_features, seed=seed + draw).double().fit(data)
+        inlier = KDEInlier(gamma=1.0, n_features=n_features, random_state=seed + draw).double().fit(data)
         inlier_scores.append(inlier.score_training(leave_one_out=True).numpy())
         for key, row in BOOK_INSTANCES.items():
             inlier_relevance[key].append(explain(inlier.leave_one_out(row), data[row:row + 1])[0].numpy())
     result["inlierness"] = np.mean(inlier_scores, axis=0)
     result["inlierness_exact"] = np.exp(-result["outlierness"])  # i(x) = exp(−γ o(x)), γ = 1
 
-    kmeans = KMeansMembership(n_clusters=6, n_init=10, seed=kmeans_seed).double().fit(data)
+    kmeans = KMeansMembership(n_clusters=6, n_init=10, random_state=kmeans_seed).double().fit(data)
     evidence = kmeans(data).detach()
     result["cluster"] = evidence.argmax(1).numpy()
     result["evidence"] = evidence.amax(1).numpy()

@@ -7,17 +7,30 @@ everywhere or raises). :mod:`neon_attrib.kde`, :mod:`neon_attrib.kmeans` and the
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 
-from ._utils import ArrayLike, as_float_tensor, check_2d_finite, module_dtype_device
+from ._utils import (
+    ArrayLike,
+    Constraint,
+    Integer,
+    as_float_tensor,
+    check_2d_finite,
+    check_parameters,
+    module_dtype_device,
+    resolve_random_state,
+)
 from .layers import ResizableBuffers
 
-__all__ = ["NeonEstimator"]
+__all__ = ["NeonEstimator", "SEED_CONSTRAINTS"]
+
+#: ``random_state`` and its deprecated alias ``seed``: an int >= 0 or None
+SEED_CONSTRAINTS: dict[str, Constraint] = {"random_state": Integer(0, allow_none=True),
+                                           "seed": Integer(0, allow_none=True)}
 
 
 class NeonEstimator(ResizableBuffers, BaseEstimator):
@@ -39,13 +52,38 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
     #: float attributes the forward computes with in the model's dtype: each must lie in its normal range (a kernel
     #: width of 1e-300 is 0 in float32, and the scores would be NaN or constant)
     _dtype_parameters: tuple[str, ...] = ()
+    #: what each hyperparameter may be (:class:`~neon_attrib._utils.Real`, ``Integer``, ``Boolean``, ``Options``),
+    #: checked at ``fit`` and when a fitted model's hyperparameter is set; checks that need the data or several
+    #: parameters at once stay in :meth:`_validate_hyperparameters`
+    _parameter_checks: ClassVar[dict[str, Constraint]] = {}
 
-    def __init__(self):
-        super().__init__()
-        self.n_features_in_: int | None = None
+    #: the number of features seen by ``fit``; set by ``fit`` only (scikit-learn's convention: an unfitted estimator
+    #: has no fitted attribute at all)
+    n_features_in_: int
+
+    # BaseEstimator's methods, typed (torch's Module.__getattr__ would otherwise type them as tensors or modules)
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return BaseEstimator.get_params(self, deep=deep)
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        return list(super()._get_param_names())
 
     def __sklearn_is_fitted__(self) -> bool:
         return self.__dict__.get("n_features_in_") is not None
+
+    def _fitted_features(self) -> int | None:
+        """``n_features_in_`` of a fitted model, None before ``fit``."""
+        return self.__dict__.get("n_features_in_")
+
+    def _unfit(self) -> None:
+        """Forget ``n_features_in_`` (the model is unfitted again)."""
+        self.__dict__.pop("n_features_in_", None)
+
+    def _random_state(self) -> int | None:
+        """The seed ``fit`` uses: ``random_state``, or the deprecated ``seed`` (with a FutureWarning)."""
+        return resolve_random_state(getattr(self, "random_state", None), getattr(self, "seed", None),
+                                    owner=self._name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         fitted = self.__dict__.get("n_features_in_") is not None and not self.__dict__.get("_loading", False)
@@ -73,7 +111,9 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
         return False
 
     def _validate_hyperparameters(self) -> None:
-        """Raise a ValueError naming the parameter if a hyperparameter is invalid."""
+        """Raise a ValueError naming the parameter if a hyperparameter is invalid (the ``_parameter_checks`` table;
+        subclasses add the checks a table cannot say and call this first)."""
+        check_parameters(self, self._parameter_checks, self._name)
 
     def _refresh_fitted(self) -> None:
         """Derive the effective hyperparameters of a fitted model again (after one was set)."""
@@ -89,7 +129,7 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
         self._check_representable(dtype)
         tensor = as_float_tensor(x, dtype=dtype, device=device, owner=self._name, name=name)
         check_2d_finite(tensor, owner=self._name, name=name,
-                        n_features=self.n_features_in_ if check_features else None)
+                        n_features=self._fitted_features() if check_features else None)
         return tensor
 
     def _check_representable(self, dtype: torch.dtype) -> None:
@@ -109,8 +149,9 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
                                  f"Use float64 (model.double()) or a value in that range.")
 
     def _check_fitted(self) -> None:
-        if self.n_features_in_ is None:
-            raise ValueError(f"This {self._name} instance is not fitted yet. Call 'fit' first.")
+        """Raise scikit-learn's ``NotFittedError`` (a ``ValueError`` and an ``AttributeError``) before ``fit``."""
+        if not self.__sklearn_is_fitted__():
+            raise NotFittedError(f"This {self._name} instance is not fitted yet. Call 'fit' first.")
 
     # -- state dict ----------------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -118,7 +159,8 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
         # compute differently from the saved one), then the fitted attributes
         params = {key: _plain(value) for key, value in self.get_params(deep=False).items()}
         params = {key: value for key, value in params.items() if _is_plain(value)}
-        return {"class": self._name, **params, **{key: _plain(getattr(self, key)) for key in self._state_attributes}}
+        fitted = {key: _plain(getattr(self, key, None)) for key in self._state_attributes}
+        return {"class": self._name, **params, **fitted}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("class", self._name) != self._name:
@@ -126,7 +168,9 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
         self.__dict__["_loading"] = True
         try:
             for key in (*sorted(_param_names(type(self))), *self._state_attributes):
-                if key in state:
+                if key == "n_features_in_" and state.get(key) is None:
+                    self._unfit()  # an unfitted model's state
+                elif key in state:
                     setattr(self, key, state[key])
         finally:
             self.__dict__.pop("_loading", None)
@@ -139,7 +183,7 @@ class NeonEstimator(ResizableBuffers, BaseEstimator):
 _PARAM_NAMES: dict[type, frozenset[str]] = {}
 
 
-def _param_names(cls: type) -> frozenset[str]:
+def _param_names(cls: type[NeonEstimator]) -> frozenset[str]:
     names = _PARAM_NAMES.get(cls)
     if names is None:
         names = _PARAM_NAMES[cls] = frozenset(cls._get_param_names())
@@ -163,13 +207,6 @@ def _is_plain(value: Any) -> bool:
 def _plain(value: Any) -> Any:
     """numpy scalars as Python numbers, so that ``torch.load(weights_only=True)`` reads the state dict."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _check_eps(eps: Any, owner: str) -> None:
-    ok = eps is None or (isinstance(eps, (int, float, np.floating, np.integer)) and not isinstance(eps, bool)
-                         and math.isfinite(eps) and eps >= 0)
-    if not ok:
-        raise ValueError(f"The 'eps' parameter of {owner} must be a finite float >= 0. Got {eps!r} instead.")
 
 
 def _check_index(index: Any, n: int, owner: str) -> int:

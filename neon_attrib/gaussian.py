@@ -22,14 +22,15 @@ get negative relevance through correlations (given the other features, its value
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._utils import ArrayLike, check_int, check_positive_float, module_dtype_device
+from ._utils import ArrayLike, Boolean, Constraint, Integer, Options, Real, module_dtype_device
 from .composites import register_rule
-from .estimator import NeonEstimator
+from .estimator import SEED_CONSTRAINTS, NeonEstimator
 from .layers import (
     LinearClusterDifference,
     MahalanobisDistance,
@@ -37,7 +38,7 @@ from .layers import (
     MinPool,
     WeightedLogSumExpPool,
 )
-from .positional import PositionalMahalanobis, _check_reg
+from .positional import REG, PositionalMahalanobis
 from .rules import GaussianActivationRule, KMeansActivationRule
 
 __all__ = [
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 _COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+#: the GaussianMixture settings both mixture estimators pass on, and the explanation's sharpness
+_MIXTURE_CONSTRAINTS: dict[str, Constraint] = {"n_init": Integer(1), "max_iter": Integer(1), "reg_covar": Real(),
+                                               "beta": Real(allow_none=True)}
 
 
 def precision_factor(precision: np.ndarray) -> np.ndarray:
@@ -138,8 +142,10 @@ class MahalanobisOutlier(_QuadraticForm):
     reg : float
         Added to the covariance's diagonal before inverting it (PaDiM uses 0.01); 0 (default) inverts it as it is
         (a pseudo-inverse if it is singular).
-    seed : int, optional
+    random_state : int, optional
         Seed of MinCovDet's random subsets.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Attributes
     ----------
@@ -155,22 +161,19 @@ class MahalanobisOutlier(_QuadraticForm):
     torch.Size([1])
     """
 
-    _state_attributes = ("robust", "reg", "seed", "n_features_in_", "offset_")
-    _refit_parameters = ("robust", "reg", "seed")
+    _state_attributes = ("robust", "reg", "random_state", "seed", "n_features_in_", "offset_")
+    _refit_parameters = ("robust", "reg", "random_state", "seed")
 
-    def __init__(self, robust: bool = False, reg: float = 0.0, seed: int | None = None):
+    _parameter_checks = {"robust": Boolean(), "reg": REG, **SEED_CONSTRAINTS}
+
+    def __init__(self, robust: bool = False, reg: float = 0.0, random_state: int | None = None, *,
+                 seed: int | None = None):
         super().__init__()
         self.robust = robust
         self.reg = reg
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.offset_: float | None = None
-
-    def _validate_hyperparameters(self) -> None:
-        if not isinstance(self.robust, (bool, np.bool_)):
-            raise ValueError(f"The 'robust' parameter of {self._name} must be a bool. Got {self.robust!r} instead.")
-        _check_reg(self.reg, self._name)
-        if self.seed is not None:
-            check_int(self.seed, owner=self._name, name="seed", minimum=0)
 
     def fit(self, X: ArrayLike, y: Any = None) -> MahalanobisOutlier:
         """Estimate μ and the covariance of ``X`` (n_samples >= 2), invert it. Returns ``self``."""
@@ -179,7 +182,7 @@ class MahalanobisOutlier(_QuadraticForm):
 
         self._validate_hyperparameters()
         data = _fit_array(self, X, 2)
-        estimator = MinCovDet(random_state=self.seed) if self.robust else EmpiricalCovariance()
+        estimator = MinCovDet(random_state=self._random_state()) if self.robust else EmpiricalCovariance()
         estimator.fit(data)
         if self.reg:
             precision = pinvh(estimator.covariance_ + self.reg * np.eye(data.shape[1]))
@@ -197,6 +200,7 @@ class MahalanobisOutlier(_QuadraticForm):
     @torch.no_grad()
     def decision_function(self, x: ArrayLike) -> torch.Tensor:
         """``−o(x) − offset_``: ``EllipticEnvelope.decision_function`` (> 0 for inliers); needs ``offset_``."""
+        self._check_fitted()
         if self.offset_ is None:
             raise ValueError(f"This {self._name} has no decision threshold ('offset_'): build it from a fitted "
                              f"EllipticEnvelope to use decision_function.")
@@ -221,7 +225,8 @@ class MahalanobisOutlier(_QuadraticForm):
                             f"(EmpiricalCovariance, MinCovDet, EllipticEnvelope, ...). Got {type(estimator).__name__}.")
         _check_fitted_sklearn(estimator, "location_", cls.__name__)
         seed = getattr(estimator, "random_state", None)
-        model = cls(robust=isinstance(estimator, MinCovDet), seed=seed if isinstance(seed, int) else None,
+        model = cls(robust=isinstance(estimator, MinCovDet),
+                    random_state=seed if isinstance(seed, int) else None,
                     **kwargs).double()
         model._validate_hyperparameters()
         model._set_form(estimator.location_, precision_factor(estimator.get_precision()))
@@ -254,12 +259,11 @@ class PCAResidual(_QuadraticForm):
     _state_attributes = ("n_components", "n_features_in_")
     _refit_parameters = ("n_components",)
 
+    _parameter_checks = {"n_components": Integer(1)}
+
     def __init__(self, n_components: int = 1):
         super().__init__()
         self.n_components = n_components
-
-    def _validate_hyperparameters(self) -> None:
-        check_int(self.n_components, owner=self._name, name="n_components", minimum=1)
 
     def fit(self, X: ArrayLike, y: Any = None) -> PCAResidual:
         """Principal components of ``X`` (scikit-learn's ``PCA``, full SVD). Returns ``self``."""
@@ -353,22 +357,22 @@ def _check_mixture(gmm: Any, owner: str) -> None:
 
 
 class _MixtureParameters:
-    """Validation of the hyperparameters the two mixture estimators share."""
+    """The scikit-learn mixture the two mixture estimators fit."""
 
-    def _validate_mixture(self) -> None:
-        check_int(self.n_components, owner=self._name, name="n_components", minimum=self._min_components)
-        check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
-        check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
-        if self.seed is not None:
-            check_int(self.seed, owner=self._name, name="seed", minimum=0)
-        check_positive_float(self.reg_covar, owner=self._name, name="reg_covar")
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
+    # provided by the estimator classes (annotations only: nothing is defined here)
+    n_components: int
+    n_init: int
+    max_iter: int
+    reg_covar: float
+    beta: float | None
+    _name: str
+    _random_state: Callable[[], int | None]
 
     def _sklearn_mixture(self, covariance_type: str) -> Any:
         from sklearn.mixture import GaussianMixture
 
         return GaussianMixture(n_components=self.n_components, covariance_type=covariance_type, n_init=self.n_init,
-                               max_iter=self.max_iter, reg_covar=self.reg_covar, random_state=self.seed)
+                               max_iter=self.max_iter, reg_covar=self.reg_covar, random_state=self._random_state())
 
 
 class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
@@ -391,45 +395,45 @@ class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
         Number of components K.
     covariance_type : {"full", "tied", "diag", "spherical"}
         As scikit-learn's.
-    seed : int, optional
+    random_state : int, optional
         Seed of the initialisation.
     n_init, max_iter, reg_covar :
         As scikit-learn's ``GaussianMixture``.
     beta : float, optional
         Sharpness of the responsibilities in the explanation; ``None`` (default) = 1: the posterior.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Examples
     --------
     >>> import numpy as np
     >>> X = np.random.default_rng(0).normal(size=(200, 2))
-    >>> model = GaussianMixtureOutlier(n_components=2, seed=0).double().fit(X)
+    >>> model = GaussianMixtureOutlier(n_components=2, random_state=0).double().fit(X)
     >>> bool(torch.allclose(model.predict_proba(X[:3]).sum(1), torch.ones(3, dtype=torch.float64)))
     True
     """
 
-    _state_attributes = ("n_components", "covariance_type", "seed", "n_init", "max_iter", "reg_covar", "beta",
-                         "n_features_in_")
-    _refit_parameters = ("n_components", "covariance_type", "seed", "n_init", "max_iter", "reg_covar")
-    _min_components = 1
+    _state_attributes = ("n_components", "covariance_type", "random_state", "seed", "n_init", "max_iter", "reg_covar",
+                         "beta", "n_features_in_")
+    _refit_parameters = ("n_components", "covariance_type", "random_state", "seed", "n_init", "max_iter",
+                         "reg_covar")
+    _parameter_checks = {"n_components": Integer(1), "covariance_type": Options(*_COVARIANCE_TYPES), **SEED_CONSTRAINTS,
+                         **_MIXTURE_CONSTRAINTS}
 
-    def __init__(self, n_components: int = 1, covariance_type: str = "full", seed: int | None = None, *,
-                 n_init: int = 1, max_iter: int = 100, reg_covar: float = 1e-6, beta: float | None = None):
+    def __init__(self, n_components: int = 1, covariance_type: str = "full", random_state: int | None = None, *,
+                 n_init: int = 1, max_iter: int = 100, reg_covar: float = 1e-6, beta: float | None = None,
+                 seed: int | None = None):
         super().__init__()
         self.n_components = n_components
         self.covariance_type = covariance_type
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.n_init = n_init
         self.max_iter = max_iter
         self.reg_covar = reg_covar
         self.beta = beta
         self.distance = MahalanobisDistance()
         self.pool = WeightedLogSumExpPool(alpha=-1.0)
-
-    def _validate_hyperparameters(self) -> None:
-        self._validate_mixture()
-        if self.covariance_type not in _COVARIANCE_TYPES:
-            raise ValueError(f"The 'covariance_type' parameter of {self._name} must be one of {_COVARIANCE_TYPES}. "
-                             f"Got {self.covariance_type!r} instead.")
 
     def _configure_layers(self) -> None:
         self.pool.beta = None if self.beta is None else float(self.beta)
@@ -487,7 +491,7 @@ class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
         """
         _check_mixture(gmm, cls.__name__)
         seed = gmm.random_state if isinstance(gmm.random_state, int) else None
-        model = cls(n_components=gmm.n_components, covariance_type=gmm.covariance_type, seed=seed,
+        model = cls(n_components=gmm.n_components, covariance_type=gmm.covariance_type, random_state=seed,
                     n_init=gmm.n_init, max_iter=gmm.max_iter, reg_covar=gmm.reg_covar, **kwargs).double()
         model._validate_hyperparameters()
         model._set_mixture(gmm)
@@ -510,31 +514,35 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
     ----------
     n_components : int
         K >= 2.
-    seed, n_init, max_iter, reg_covar :
+    random_state, n_init, max_iter, reg_covar :
         As scikit-learn's ``GaussianMixture`` (``covariance_type="tied"``).
     beta : float, optional
         Soft-argmin sharpness; ``None`` = 1 / mean training evidence (as :class:`~neon_attrib.models.KMeansMembership`),
         1 when built without data.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Examples
     --------
     >>> import numpy as np
     >>> X = np.r_[np.zeros((20, 2)), np.ones((20, 2)) * 5] + np.random.default_rng(0).normal(size=(40, 2))
-    >>> model = GaussianMixtureMembership(n_components=2, seed=0).double().fit(X)
+    >>> model = GaussianMixtureMembership(n_components=2, random_state=0).double().fit(X)
     >>> model(X).shape
     torch.Size([40, 2])
     """
 
-    _state_attributes = ("n_components", "seed", "n_init", "max_iter", "reg_covar", "beta", "n_features_in_",
-                         "default_beta_")
-    _refit_parameters = ("n_components", "seed", "n_init", "max_iter", "reg_covar")
-    _min_components = 2
+    _state_attributes = ("n_components", "random_state", "seed", "n_init", "max_iter", "reg_covar", "beta",
+                         "n_features_in_", "default_beta_")
+    _refit_parameters = ("n_components", "random_state", "seed", "n_init", "max_iter", "reg_covar")
+    _parameter_checks = {"n_components": Integer(2), **SEED_CONSTRAINTS, **_MIXTURE_CONSTRAINTS}
 
-    def __init__(self, n_components: int = 2, seed: int | None = None, *, n_init: int = 1, max_iter: int = 100,
-                 reg_covar: float = 1e-6, beta: float | None = None):
+    def __init__(self, n_components: int = 2, random_state: int | None = None, *, n_init: int = 1,
+                 max_iter: int = 100, reg_covar: float = 1e-6, beta: float | None = None,
+                 seed: int | None = None):
         super().__init__()
         self.n_components = n_components
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.n_init = n_init
         self.max_iter = max_iter
         self.reg_covar = reg_covar
@@ -543,14 +551,11 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
         self.difference = LinearClusterDifference()
         self.pool = MinPool()
 
-    def _validate_hyperparameters(self) -> None:
-        self._validate_mixture()
-
     def _refresh_fitted(self) -> None:
         self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))
 
     def _configure_layers(self) -> None:
-        if self.n_features_in_ is not None:
+        if self.__sklearn_is_fitted__():
             self._refresh_fitted()
 
     def fit(self, X: ArrayLike, y: Any = None) -> GaussianMixtureMembership:
@@ -624,7 +629,7 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
             raise ValueError(f"{cls.__name__} needs a GaussianMixture with n_components >= 2. "
                              f"Got {gmm.n_components}.")
         seed = gmm.random_state if isinstance(gmm.random_state, int) else None
-        model = cls(n_components=gmm.n_components, seed=seed, n_init=gmm.n_init, max_iter=gmm.max_iter,
+        model = cls(n_components=gmm.n_components, random_state=seed, n_init=gmm.n_init, max_iter=gmm.max_iter,
                     reg_covar=gmm.reg_covar, **kwargs).double()
         model._validate_hyperparameters()
         data = None
@@ -633,7 +638,7 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
             try:
                 data = model._as_tensor(X)
             finally:
-                model.n_features_in_ = None
+                model._unfit()
         model._set_tied(gmm, data)
         return model
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import ArrayLike, check_int, check_positive_float
+from ._utils import ArrayLike, Boolean, Integer, Real, check_int
 from .composites import register_rule
-from .estimator import NeonEstimator, _check_eps, _check_index
+from .estimator import SEED_CONSTRAINTS, NeonEstimator, _check_index
 from .functional import (
     DEFAULT_CHUNK,
     fused_outlier_score,
@@ -74,6 +74,9 @@ class KDEOutlier(NeonEstimator):
     _state_attributes = ("gamma", "beta", "eps", "fused", "n_features_in_", "beta_", "eps_")
     _dtype_parameters = ("gamma", "eps_")
 
+    _parameter_checks = {"gamma": Real(), "beta": Real(allow_none=True), "eps": Real(closed=True, allow_none=True),
+                         "chunk_size": Integer(1), "fused": Boolean()}
+
     def __init__(self, gamma: float = 1.0, *, beta: float | None = None, eps: float | None = None,
                  chunk_size: int = DEFAULT_CHUNK, fused: bool = False):
         super().__init__()
@@ -87,21 +90,13 @@ class KDEOutlier(NeonEstimator):
         self.distance = SquaredDistance()
         self.pool = LogMeanExpPool(alpha=-1.0, chunk_size=chunk_size)
 
-    def _validate_hyperparameters(self) -> None:
-        check_positive_float(self.gamma, owner=self._name, name="gamma")
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
-        _check_eps(self.eps, self._name)
-        check_int(self.chunk_size, owner=self._name, name="chunk_size", minimum=1)
-        if not isinstance(self.fused, (bool, np.bool_)):
-            raise ValueError(f"The 'fused' parameter of {self._name} must be a bool. Got {self.fused!r} instead.")
-
     def _configure_layers(self) -> None:
-        if self.n_features_in_ is None:
+        if not self.__sklearn_is_fitted__():
             return
         self.pool.alpha = -float(self.gamma)
         self.pool.beta = self.beta_
         self.pool.chunk_size = self.chunk_size
-        self.distance.eps = self.eps_
+        self.distance.eps = float(self.eps_ if self.eps_ is not None else 0.0)  # set with beta_ by _refresh_fitted
 
     def fit(self, X: ArrayLike, y: Any = None) -> KDEOutlier:
         """Use the rows of ``X`` (n_samples, n_features) as the support points. Returns ``self``."""
@@ -316,31 +311,38 @@ class KDEInlier(NeonEstimator):
         Kernel sharpness γ > 0.
     n_features : int
         Number H of random features (the book uses 2500).
-    seed : int, optional
+    random_state : int, optional
         Seed of the random draw. The draw is made on the CPU in float64 and then cast, so the same seed gives the same
         model on every device and dtype. ``None`` draws from a fresh, non-reproducible seed.
     eps : float, optional
         Stabiliser of the activation rule (:class:`~neon_attrib.rules.KDEInlierActivationRule`); default 1.0.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Examples
     --------
     >>> import numpy as np
     >>> X = np.random.default_rng(0).normal(size=(100, 3))
-    >>> model = KDEInlier(gamma=0.5, n_features=4000, seed=0).double().fit(X)
+    >>> model = KDEInlier(gamma=0.5, n_features=4000, random_state=0).double().fit(X)
     >>> bool((model(X[:5]) - model.exact(X[:5])).abs().max() < 0.05)
     True
     """
 
-    _state_attributes = ("gamma", "n_features", "seed", "eps", "n_features_in_", "eps_")
+    _state_attributes = ("gamma", "n_features", "random_state", "seed", "eps", "n_features_in_", "eps_")
     _dtype_parameters = ("gamma", "eps_")
-    _refit_parameters = ("gamma", "n_features", "seed")
+    _refit_parameters = ("gamma", "n_features", "random_state", "seed")
 
-    def __init__(self, gamma: float = 1.0, n_features: int = 2500, seed: int | None = None, *,
-                 eps: float | None = None):
+    support: torch.Tensor
+
+    _parameter_checks = {"gamma": Real(), "n_features": Integer(1), **SEED_CONSTRAINTS, "eps": Real(allow_none=True)}
+
+    def __init__(self, gamma: float = 1.0, n_features: int = 2500, random_state: int | None = None, *,
+                 eps: float | None = None, seed: int | None = None):
         super().__init__()
         self.gamma = gamma
         self.n_features = n_features
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.eps = eps
         self.eps_: float | None = None
         self.features = RandomCosineFeatures()
@@ -353,20 +355,14 @@ class KDEInlier(NeonEstimator):
         support = self._as_tensor(X, check_features=False)
         if support.shape[0] < 1:
             raise ValueError(f"{self._name} needs at least 1 sample to fit. Got 0.")
+        random_state = self._random_state()
         generator = torch.Generator().manual_seed(
-            self.seed if self.seed is not None else int(torch.randint(2**62, (1,)).item()))
+            random_state if random_state is not None else int(torch.randint(2**62, (1,)).item()))
         d = support.shape[1]
         omega = torch.randn(self.n_features, d, generator=generator, dtype=torch.float64) * math.sqrt(2 * self.gamma)
         bias = torch.rand(self.n_features, generator=generator, dtype=torch.float64) * (2 * math.pi)
         self._set(support, omega.to(support), bias.to(support))
         return self
-
-    def _validate_hyperparameters(self) -> None:
-        check_positive_float(self.gamma, owner=self._name, name="gamma")
-        check_int(self.n_features, owner=self._name, name="n_features", minimum=1)
-        if self.seed is not None:
-            check_int(self.seed, owner=self._name, name="seed", minimum=0)
-        check_positive_float(self.eps, owner=self._name, name="eps", allow_none=True)
 
     def _refresh_fitted(self) -> None:
         self.eps_ = float(self.eps if self.eps is not None else 1.0)
@@ -410,7 +406,7 @@ class KDEInlier(NeonEstimator):
             raise ValueError(f"{self._name} needs at least 2 support points to leave one out.")
         keep = torch.ones(self.support.shape[0], dtype=torch.bool, device=self.support.device)
         keep[index] = False
-        clone = type(self)(self.gamma, self.n_features, self.seed, eps=self.eps)
+        clone = type(self)(**self.get_params(deep=False))
         clone.to(dtype=self.support.dtype, device=self.support.device)
         clone._set(self.support[keep], self.features.omega, self.features.bias)
         return clone

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import ArrayLike, check_int, check_positive_float, module_dtype_device
+from ._utils import ArrayLike, Integer, Real, check_positive_float, module_dtype_device
 from .composites import register_rule
 from .estimator import NeonEstimator
 from .functional import DEFAULT_CHUNK
@@ -85,14 +85,12 @@ class WeightedKDEOutlier(NeonEstimator):
     def _validate_gamma(self) -> None:
         check_positive_float(self.gamma, owner=self._name, name="gamma")
 
+    _parameter_checks = {"beta": Real(allow_none=True), "eps": Real(closed=True, allow_none=True),
+                         "chunk_size": Integer(1)}
+
     def _validate_hyperparameters(self) -> None:
-        self._validate_gamma()
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
-        if self.eps is not None and not (isinstance(self.eps, (int, float, np.integer, np.floating))
-                                         and not isinstance(self.eps, bool) and math.isfinite(self.eps)
-                                         and self.eps >= 0):
-            raise ValueError(f"The 'eps' parameter of {self._name} must be a finite float >= 0. Got {self.eps!r}.")
-        check_int(self.chunk_size, owner=self._name, name="chunk_size", minimum=1)
+        self._validate_gamma()  # a float > 0 here; OneClassSVMOutlier also takes scikit-learn's 'scale' and 'auto'
+        super()._validate_hyperparameters()
 
     def _effective_gamma(self) -> float:
         return float(self.gamma)
@@ -249,14 +247,11 @@ class OneClassSVMOutlier(WeightedKDEOutlier):
         self.tol = tol
         self.offset_: float | None = None
 
+    _parameter_checks = {"nu": Real(high=1.0), "tol": Real(), **WeightedKDEOutlier._parameter_checks}
+
     def _validate_gamma(self) -> None:
         if self.gamma not in ("scale", "auto"):
             check_positive_float(self.gamma, owner=self._name, name="gamma")
-        ok = (isinstance(self.nu, (int, float, np.integer, np.floating)) and not isinstance(self.nu, bool)
-              and 0 < self.nu <= 1)
-        if not ok:
-            raise ValueError(f"The 'nu' parameter of {self._name} must be a float in (0, 1]. Got {self.nu!r} instead.")
-        check_positive_float(self.tol, owner=self._name, name="tol")
 
     def _effective_gamma(self) -> float:
         return float(self.gamma_)
@@ -289,6 +284,7 @@ class OneClassSVMOutlier(WeightedKDEOutlier):
     @torch.no_grad()
     def decision_function(self, x: ArrayLike) -> torch.Tensor:
         """``exp(−γ o(x)) − ρ`` (n,), as ``OneClassSVM.decision_function`` (> 0: inlier)."""
+        self._check_fitted()
         return self.density(x) - self.offset_
 
     @torch.no_grad()

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import ArrayLike, check_int, check_positive_float, module_dtype_device
+from ._utils import ArrayLike, Integer, Options, Real, module_dtype_device
 from .composites import register_rule
-from .estimator import NeonEstimator
+from .estimator import SEED_CONSTRAINTS, NeonEstimator
 from .layers import ClusterDifference, LinearClusterDifference, MinPool
 from .rules import KMeansActivationRule
 
@@ -25,6 +25,9 @@ __all__ = ["KMeansMembership", "BisectingKMeansMembership"]
 class _Membership(NeonEstimator):
     """A min over linear cluster differences (``self.difference``, ``self.pool``): the forward, the assignment and the
     default β shared by the k-means membership networks."""
+
+    difference: torch.nn.Module
+    pool: MinPool
 
     def forward(self, x: ArrayLike) -> torch.Tensor:
         """Cluster evidence ``f_c(x)`` for every cluster, shape (n, K)."""
@@ -62,8 +65,8 @@ class KMeansMembership(_Membership):
         Number of clusters K >= 2.
     n_init : int
         k-means restarts; the run with the lowest objective is kept (scikit-learn's KMeans).
-    seed : int, optional
-        Seed of the k-means initialisations.
+    random_state : int, optional
+        Seed of the k-means initialisations (scikit-learn's ``random_state``).
     max_iter : int
         Maximum Lloyd iterations per restart.
     centroid_norm : float, optional
@@ -73,25 +76,34 @@ class KMeansMembership(_Membership):
         Soft-argmin sharpness of the explanation. Default ``None`` = ``1 / mean_x f_{c(x)}(x)`` over the training
         data: a competitor whose difference exceeds the typical evidence by one unit of it gets ``e^{-1}`` of the
         weight. This makes the default invariant to rescaling the data.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Examples
     --------
     >>> import numpy as np
     >>> X = np.r_[np.zeros((5, 2)), np.ones((5, 2)) * 4]
-    >>> model = KMeansMembership(n_clusters=2, seed=0).double().fit(X)
+    >>> model = KMeansMembership(n_clusters=2, random_state=0).double().fit(X)
     >>> model.predict(X).tolist() == model.labels_.tolist()
     True
     """
 
-    _state_attributes = ("n_clusters", "n_init", "seed", "max_iter", "centroid_norm", "beta", "n_features_in_")
-    _refit_parameters = ("n_clusters", "n_init", "seed", "max_iter", "centroid_norm")
+    _state_attributes = ("n_clusters", "n_init", "random_state", "seed", "max_iter", "centroid_norm", "beta",
+                         "n_features_in_")
+    _refit_parameters = ("n_clusters", "n_init", "random_state", "seed", "max_iter", "centroid_norm")
 
-    def __init__(self, n_clusters: int = 8, n_init: int = 10, seed: int | None = None, *, max_iter: int = 300,
-                 centroid_norm: float | None = None, beta: float | None = None):
+    difference: ClusterDifference
+    _parameter_checks = {"n_clusters": Integer(2), "n_init": Integer(1), **SEED_CONSTRAINTS, "max_iter": Integer(1),
+                         "centroid_norm": Real(allow_none=True), "beta": Real(allow_none=True)}
+
+    def __init__(self, n_clusters: int = 8, n_init: int = 10, random_state: int | None = None, *,
+                 max_iter: int = 300, centroid_norm: float | None = None, beta: float | None = None,
+                 seed: int | None = None):
         super().__init__()
         self.n_clusters = n_clusters
         self.n_init = n_init
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.max_iter = max_iter
         self.centroid_norm = centroid_norm
         self.beta = beta
@@ -99,15 +111,6 @@ class KMeansMembership(_Membership):
         self.pool = MinPool()
         self.labels_: np.ndarray | None = None
         self.default_beta_: float | None = None
-
-    def _validate_hyperparameters(self) -> None:
-        check_int(self.n_clusters, owner=self._name, name="n_clusters", minimum=2)
-        check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
-        check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
-        if self.seed is not None:
-            check_int(self.seed, owner=self._name, name="seed", minimum=0)
-        check_positive_float(self.centroid_norm, owner=self._name, name="centroid_norm", allow_none=True)
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
 
     def fit(self, X: ArrayLike, y: Any = None) -> KMeansMembership:
         """Run k-means (scikit-learn, float64, ``n_init`` restarts) on ``X`` and neuralize the result."""
@@ -119,7 +122,7 @@ class KMeansMembership(_Membership):
             raise ValueError(f"{self._name} with n_clusters={self.n_clusters} needs at least that many samples. "
                              f"Got {data.shape[0]}.")
         kmeans = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, max_iter=self.max_iter,
-                        random_state=self.seed).fit(data.detach().cpu().double().numpy())
+                        random_state=self._random_state()).fit(data.detach().cpu().double().numpy())
         self._set_centroids(torch.as_tensor(kmeans.cluster_centers_).to(data), data)
         self.labels_ = kmeans.labels_
         self.inertia_ = float(kmeans.inertia_)
@@ -135,7 +138,7 @@ class KMeansMembership(_Membership):
         self._refresh_fitted()
 
     def _refresh_fitted(self) -> None:
-        self.pool.beta = float(self.beta if self.beta is not None else self.default_beta_)
+        self.pool.beta = float(self.beta if self.beta is not None else self.default_beta_)  # type: ignore[arg-type]
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "pool_beta": self.pool.beta, "default_beta_": self.default_beta_}
@@ -171,8 +174,9 @@ class KMeansMembership(_Membership):
             raise ValueError(f"This {type(kmeans).__name__} instance is not fitted yet. Call 'fit' before "
                              f"{cls.__name__}.from_sklearn.")
         centers = torch.as_tensor(np.asarray(kmeans.cluster_centers_, dtype=np.float64))
+        seed = kmeans.random_state if isinstance(kmeans.random_state, int) else None
         model = cls(n_clusters=centers.shape[0], n_init=kmeans.n_init if isinstance(kmeans.n_init, int) else 1,
-                    seed=kmeans.random_state if isinstance(kmeans.random_state, int) else None, **kwargs).double()
+                    random_state=seed, **kwargs).double()
         model._validate_hyperparameters()
         data = None
         if X is not None:
@@ -213,7 +217,7 @@ class BisectingKMeansMembership(_Membership):
     ----------
     n_clusters : int
         Number of clusters K >= 2.
-    seed : int, optional
+    random_state : int, optional
         Seed of the bisections' initialisations.
     n_init, max_iter : int
         k-means restarts per bisection, and their maximum Lloyd iterations.
@@ -222,27 +226,38 @@ class BisectingKMeansMembership(_Membership):
     beta : float, optional
         Soft-argmin sharpness of the explanation; ``None`` = 1 / mean training evidence (as
         :class:`KMeansMembership`), 1 when built without data.
+    seed : int, optional
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
 
     Examples
     --------
     >>> import numpy as np
     >>> X = np.random.default_rng(0).normal(size=(60, 2))
-    >>> model = BisectingKMeansMembership(n_clusters=4, seed=0).double().fit(X)
+    >>> model = BisectingKMeansMembership(n_clusters=4, random_state=0).double().fit(X)
     >>> from sklearn.cluster import BisectingKMeans
     >>> reference = BisectingKMeans(n_clusters=4, random_state=0).fit(X)
     >>> bool((model.predict(X).numpy() == reference.predict(X)).all())
     True
     """
 
-    _state_attributes = ("n_clusters", "seed", "n_init", "max_iter", "bisecting_strategy", "beta", "n_features_in_",
-                         "default_beta_")
-    _refit_parameters = ("n_clusters", "seed", "n_init", "max_iter", "bisecting_strategy")
+    _state_attributes = ("n_clusters", "random_state", "seed", "n_init", "max_iter", "bisecting_strategy", "beta",
+                         "n_features_in_", "default_beta_")
+    _refit_parameters = ("n_clusters", "random_state", "seed", "n_init", "max_iter", "bisecting_strategy")
 
-    def __init__(self, n_clusters: int = 8, seed: int | None = None, *, n_init: int = 1, max_iter: int = 300,
-                 bisecting_strategy: str = "biggest_inertia", beta: float | None = None):
+    centroids: torch.Tensor
+
+    difference: LinearClusterDifference
+    _parameter_checks = {"n_clusters": Integer(2), **SEED_CONSTRAINTS, "n_init": Integer(1), "max_iter": Integer(1),
+                         "bisecting_strategy": Options("biggest_inertia", "largest_cluster"),
+                         "beta": Real(allow_none=True)}
+
+    def __init__(self, n_clusters: int = 8, random_state: int | None = None, *, n_init: int = 1,
+                 max_iter: int = 300, bisecting_strategy: str = "biggest_inertia", beta: float | None = None,
+                 seed: int | None = None):
         super().__init__()
         self.n_clusters = n_clusters
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.n_init = n_init
         self.max_iter = max_iter
         self.bisecting_strategy = bisecting_strategy
@@ -253,22 +268,11 @@ class BisectingKMeansMembership(_Membership):
         self.difference = LinearClusterDifference()
         self.pool = MinPool()
 
-    def _validate_hyperparameters(self) -> None:
-        check_int(self.n_clusters, owner=self._name, name="n_clusters", minimum=2)
-        check_int(self.n_init, owner=self._name, name="n_init", minimum=1)
-        check_int(self.max_iter, owner=self._name, name="max_iter", minimum=1)
-        if self.seed is not None:
-            check_int(self.seed, owner=self._name, name="seed", minimum=0)
-        if self.bisecting_strategy not in ("biggest_inertia", "largest_cluster"):
-            raise ValueError(f"The 'bisecting_strategy' parameter of {self._name} must be 'biggest_inertia' or "
-                             f"'largest_cluster'. Got {self.bisecting_strategy!r} instead.")
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
-
     def _refresh_fitted(self) -> None:
         self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))
 
     def _configure_layers(self) -> None:
-        if self.n_features_in_ is not None:
+        if self.__sklearn_is_fitted__():
             self._refresh_fitted()
 
     def fit(self, X: ArrayLike, y: Any = None) -> BisectingKMeansMembership:
@@ -280,7 +284,7 @@ class BisectingKMeansMembership(_Membership):
         if data.shape[0] < self.n_clusters:
             raise ValueError(f"{self._name} with n_clusters={self.n_clusters} needs at least that many samples. "
                              f"Got {data.shape[0]}.")
-        bisecting = BisectingKMeans(n_clusters=self.n_clusters, random_state=self.seed, n_init=self.n_init,
+        bisecting = BisectingKMeans(n_clusters=self.n_clusters, random_state=self._random_state(), n_init=self.n_init,
                                     max_iter=self.max_iter, bisecting_strategy=self.bisecting_strategy)
         self._set_tree(bisecting.fit(data.detach().cpu().double().numpy()), data)
         return self
@@ -352,12 +356,13 @@ class BisectingKMeansMembership(_Membership):
         if not hasattr(bisecting, "_bisecting_tree"):  # scikit-learn's (private) tree: 1.1 to at least 1.9
             raise ValueError(f"{cls.__name__}.from_sklearn reads the tree of bisections scikit-learn keeps in "
                              f"'_bisecting_tree', which this scikit-learn version does not have; fit "
-                             f"{cls.__name__}(n_clusters, seed) on the data instead.")
+                             f"{cls.__name__}(n_clusters, random_state) on the data instead.")
         centres = np.asarray(bisecting.cluster_centers_)
         if centres.shape[0] < 2:
             raise ValueError(f"{cls.__name__} needs a BisectingKMeans with n_clusters >= 2. Got {centres.shape[0]}.")
         seed = bisecting.random_state if isinstance(bisecting.random_state, int) else None
-        model = cls(n_clusters=centres.shape[0], seed=seed, n_init=bisecting.n_init, max_iter=bisecting.max_iter,
+        model = cls(n_clusters=centres.shape[0], random_state=seed, n_init=bisecting.n_init,
+                    max_iter=bisecting.max_iter,
                     bisecting_strategy=bisecting.bisecting_strategy, **kwargs).double()
         model._validate_hyperparameters()
         data = None
@@ -366,7 +371,7 @@ class BisectingKMeansMembership(_Membership):
             try:
                 data = model._as_tensor(X)
             finally:
-                model.n_features_in_ = None
+                model._unfit()
         model._set_tree(bisecting, data)
         return model
 

@@ -111,6 +111,9 @@ class SquaredDistance(ResizableBuffers):
     tensor([[ 0., 25.]])
     """
 
+    support: torch.Tensor
+    centre: torch.Tensor
+
     def __init__(self, support: torch.Tensor | None = None, eps: float = 0.0):
         super().__init__()
         self.register_buffer("support", torch.empty(0, 0) if support is None else support.detach().clone())
@@ -127,7 +130,7 @@ class SquaredDistance(ResizableBuffers):
     @torch.no_grad()
     def refresh_centre(self) -> None:
         """Recompute :attr:`centre` from the support points (call it after changing ``support`` in place)."""
-        self._buffers["centre"] = support_centre(self._buffers["support"])
+        self._buffers["centre"] = support_centre(self.support)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -182,6 +185,10 @@ class RandomCosineFeatures(ResizableBuffers):
         ``μ_j = 1/N Σ_k √2 cos(ω_jᵀu_k + b_j)`` (H,), the support set's mean feature.
     """
 
+    omega: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor
+
     def __init__(self, omega: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  mean: torch.Tensor | None = None):
         super().__init__()
@@ -221,6 +228,11 @@ class ClusterDifference(ResizableBuffers):
     tensor([[[ 2.],
              [-2.]]])
     """
+
+    centroids: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    others: torch.Tensor
 
     def __init__(self, centroids: torch.Tensor | None = None):
         super().__init__()
@@ -393,6 +405,9 @@ class MahalanobisDistance(ResizableBuffers):
     tensor([[5.]])
     """
 
+    means: torch.Tensor
+    factors: torch.Tensor
+
     def __init__(self, means: torch.Tensor | None = None, factors: torch.Tensor | None = None, eps: float = 0.0):
         super().__init__()
         self.register_buffer("means", torch.empty(0, 0) if means is None else means.detach().clone())
@@ -437,6 +452,8 @@ class WeightedLogSumExpPool(ResizableBuffers):
     tensor([1.])
     """
 
+    log_weights: torch.Tensor
+
     def __init__(self, alpha: float = -1.0, log_weights: torch.Tensor | None = None, beta: float | None = None,
                  chunk_size: int = DEFAULT_CHUNK):
         super().__init__()
@@ -479,6 +496,11 @@ class LinearClusterDifference(ResizableBuffers):
              [-2.5000]]])
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    centre: torch.Tensor
+    others: torch.Tensor
+
     def __init__(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  centre: torch.Tensor | None = None):
         super().__init__()
@@ -517,6 +539,9 @@ class PositionalMahalanobisDistance(ResizableBuffers):
     map_shape : tuple of int, optional
         ``(h, w)``; feature maps must have it. ``None``: only ``h·w = L`` is checked.
     """
+
+    means: torch.Tensor
+    factors: torch.Tensor
 
     def __init__(self, means: torch.Tensor | None = None, factors: torch.Tensor | None = None,
                  map_shape: tuple[int, int] | None = None):
@@ -609,5 +634,5 @@ CAPTUM_LAYERS = (SquaredDistance, LogMeanExpPool, RandomCosineFeatures, MeanPool
                  LocationPool, KMinPool, SquareRoot, MahalanobisDistance, WeightedLogSumExpPool,
                  LinearClusterDifference, PositionalMahalanobisDistance)
 for _layer_class in CAPTUM_LAYERS:
-    _layer_class.rule = CaptumRuleSlot()
+    _layer_class.rule = CaptumRuleSlot()  # type: ignore[union-attr]
 del _layer_class

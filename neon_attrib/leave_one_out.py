@@ -122,7 +122,7 @@ class LeaveOneOutKDEInlier(_SelfFitted, KDEInlier):
     def from_head(cls, head: KDEInlier) -> LeaveOneOutKDEInlier:
         """An unfitted copy of ``head``'s hyperparameters, on its dtype and device."""
         dtype, device = module_dtype_device(head)
-        return cls(head.gamma, head.n_features, head.seed, eps=head.eps).to(dtype=dtype, device=device)
+        return cls(**head.get_params(deep=False)).to(dtype=dtype, device=device)
 
     def fit(self, X: ArrayLike, y: Any = None) -> LeaveOneOutKDEInlier:
         super().fit(X, y)

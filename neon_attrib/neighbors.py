@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import ArrayLike, check_int, check_positive_float
+from ._utils import ArrayLike, Boolean, Integer, Real, check_int
 from .composites import register_rule
 from .estimator import NeonEstimator
 from .functional import DEFAULT_CHUNK, k_nearest
@@ -88,18 +88,14 @@ class KNNOutlier(NeonEstimator):
         self.pool = KMinPool(k=1)
         self.root = SquareRoot()
 
+    _parameter_checks = {"n_neighbors": Integer(1), "sqrt": Boolean(), "fused": Boolean(),
+                         "beta": Real(allow_none=True), "eps": Real(closed=True), "chunk_size": Integer(1)}
+
     def _validate_hyperparameters(self) -> None:
-        check_int(self.n_neighbors, owner=self._name, name="n_neighbors", minimum=1)
-        if self.n_features_in_ is not None and self.n_neighbors > self.distance.support.shape[0]:
+        super()._validate_hyperparameters()
+        if self.__sklearn_is_fitted__() and self.n_neighbors > self.distance.support.shape[0]:
             raise ValueError(f"The 'n_neighbors' parameter of {self._name} must be <= the "
                              f"{self.distance.support.shape[0]} support points. Got {self.n_neighbors} instead.")
-        for name in ("sqrt", "fused"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"The '{name}' parameter of {self._name} must be a bool. "
-                                 f"Got {getattr(self, name)!r} instead.")
-        check_positive_float(self.beta, owner=self._name, name="beta", allow_none=True)
-        _check_non_negative(self.eps, self._name, "eps")
-        check_int(self.chunk_size, owner=self._name, name="chunk_size", minimum=1)
 
     def _configure_layers(self) -> None:
         self.pool.k = int(self.n_neighbors)
@@ -211,13 +207,6 @@ class KNNOutlier(NeonEstimator):
                              f"matrix.")
         k = neighbors.n_neighbors if k is None else k
         return cls(n_neighbors=k, **kwargs).double().fit(np.asarray(neighbors._fit_X, dtype=np.float64))
-
-
-def _check_non_negative(value: Any, owner: str, name: str) -> None:
-    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-          and np.isfinite(value) and value >= 0)
-    if not ok:
-        raise ValueError(f"The '{name}' parameter of {owner} must be a finite float >= 0. Got {value!r} instead.")
 
 
 register_rule(KNNOutlier, lambda beta, eps: KNNOutlierActivationRule(beta=beta), mode="activation",

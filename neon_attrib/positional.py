@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from ._utils import ArrayLike, as_float_tensor, check_int, module_dtype_device
+from ._utils import ArrayLike, Boolean, Integer, Real, as_float_tensor, module_dtype_device
 from .composites import register_rule
 from .estimator import NeonEstimator
 from .layers import PositionalMahalanobisDistance, ResizableBuffers, SquareRoot
@@ -24,11 +23,8 @@ __all__ = ["PositionalMahalanobis", "PositionalMoments"]
 _POSITION_BLOCK = 64
 
 
-def _check_reg(value: Any, owner: str) -> None:
-    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-          and np.isfinite(value) and value >= 0)
-    if not ok:
-        raise ValueError(f"The 'reg' parameter of {owner} must be a finite float >= 0. Got {value!r} instead.")
+#: a covariance regulariser: a finite float >= 0
+REG = Real(closed=True)
 
 
 class PositionalMoments(ResizableBuffers):
@@ -39,6 +35,10 @@ class PositionalMoments(ResizableBuffers):
     (``.float()``, ``.half()``) leaves them in float64. Empty placeholders mean "no statistics"; a state dict saved
     without them (by an older version) loads as "no statistics" too.
     """
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    scatter: torch.Tensor
 
     def __init__(self):
         super().__init__()
@@ -176,6 +176,8 @@ class PositionalMahalanobis(NeonEstimator):
     _fits_on_feature_maps = True
     _refit_parameters = ("reg", "n_positions")
 
+    _parameter_checks = {"reg": REG, "n_positions": Integer(1, allow_none=True), "sqrt": Boolean()}
+
     def __init__(self, reg: float = 0.01, n_positions: int | None = None, *, sqrt: bool = False):
         super().__init__()
         self.reg = reg
@@ -191,7 +193,7 @@ class PositionalMahalanobis(NeonEstimator):
         # them (freed, half-updated, or an old saved state) it needs a new fit
         if name != "reg" or self.moments.empty or int(self.moments.count) < 0:
             return False
-        _check_reg(value, self._name)
+        REG.check(value, owner=self._name, name="reg")
         old = self.reg
         object.__setattr__(self, "reg", value)  # past the refit guard: finalize reads it
         try:
@@ -200,13 +202,6 @@ class PositionalMahalanobis(NeonEstimator):
             object.__setattr__(self, "reg", old)
             raise
         return True
-
-    def _validate_hyperparameters(self) -> None:
-        _check_reg(self.reg, self._name)
-        if self.n_positions is not None:
-            check_int(self.n_positions, owner=self._name, name="n_positions", minimum=1)
-        if not isinstance(self.sqrt, (bool, np.bool_)):
-            raise ValueError(f"The 'sqrt' parameter of {self._name} must be a bool. Got {self.sqrt!r} instead.")
 
     def _configure_layers(self) -> None:
         self.distance.map_shape = None if self.map_shape_ is None else tuple(self.map_shape_)
@@ -230,7 +225,7 @@ class PositionalMahalanobis(NeonEstimator):
                              f"partial_fit(..., finalize=False); its Gaussians are those of before. Call 'fit' on all "
                              f"the data, or 'partial_fit' chunk by chunk from a new model.")
         if self.moments.empty:
-            fitted = "was fitted, but has" if self.n_features_in_ is not None else "has"
+            fitted = "was fitted, but has" if self.__sklearn_is_fitted__() else "has"
             raise ValueError(f"This {self._name} {fitted} no running statistics to continue from (discarded with "
                              f"finalize(keep_statistics=False), or loaded from a state saved without them). Call "
                              f"'fit' on all the data, or 'partial_fit' chunk by chunk from a new model.")
@@ -241,7 +236,7 @@ class PositionalMahalanobis(NeonEstimator):
         if tensor.ndim not in (2, 4):
             raise ValueError(f"{name} passed to {self._name} must be feature maps (n, C, h, w) or location rows "
                              f"(n·h·w, C). Got shape {tuple(tensor.shape)}.")
-        if self.n_features_in_ is not None and tensor.shape[1] != self.n_features_in_:
+        if self._fitted_features() not in (None, tensor.shape[1]):
             raise ValueError(f"{name} has {tensor.shape[1]} channels, but {self._name} was fitted with "
                              f"{self.n_features_in_} channels.")
         if not bool(torch.isfinite(tensor).all()):
@@ -367,7 +362,7 @@ class PositionalMahalanobis(NeonEstimator):
         """
         self._validate_hyperparameters()
         continuing = not self.moments.empty
-        if continuing or self.n_features_in_ is not None:
+        if continuing or self.__sklearn_is_fitted__():
             self._check_statistics()  # a fitted model without statistics, or half-updated ones: raise
         rows, map_shape = self._rows(X, continuing=continuing)
         count = self.n_images_seen_
@@ -409,7 +404,7 @@ class PositionalMahalanobis(NeonEstimator):
             return self
         count_b, mean_b, scatter_b = other.n_images_seen_, other.moments.mean, other.moments.scatter
         if self.moments.empty:
-            if self.n_features_in_ is not None or int(self.moments.count) < 0:
+            if self.__sklearn_is_fitted__() or int(self.moments.count) < 0:
                 self._check_statistics()
             self.moments.set(count_b, mean_b.to(self.moments.mean.device, copy=True),
                              scatter_b.to(self.moments.mean.device, copy=True))

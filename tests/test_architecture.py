@@ -40,6 +40,16 @@ def test_import_layers_contract():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
+def test_package_ships_its_type_information():
+    """PEP 561: py.typed is in the package and in its package data, and CI runs the type checker as the README says."""
+    assert (PACKAGE / "py.typed").is_file()
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert '"neon_attrib" = ["py.typed"]' in pyproject and '"mypy>=' in pyproject
+    readme = (PACKAGE.parent / "README.md").read_text()
+    ci = (PACKAGE.parent / ".ci" / "run").read_text()
+    assert ".venv/bin/mypy &&" in readme and ".venv/bin/mypy &&" in ci
+
+
 def test_no_function_level_imports_of_our_modules():
     offenders = []
     for path in PACKAGE.rglob("*.py"):
@@ -95,8 +105,8 @@ def _deep(composite="epsilon_gamma_box", head=None):
 
 @pytest.mark.parametrize("head", ["kde", "kmeans", "inlier"])
 def test_a_passed_composite_is_the_base_for_the_cnn(head):
-    heads = {"kde": KDEOutlier(gamma=0.5), "kmeans": KMeansMembership(n_clusters=2, n_init=1, seed=0),
-             "inlier": KDEInlier(gamma=0.5, n_features=64, seed=0)}
+    heads = {"kde": KDEOutlier(gamma=0.5), "kmeans": KMeansMembership(n_clusters=2, n_init=1, random_state=0),
+             "inlier": KDEInlier(gamma=0.5, n_features=64, random_state=0)}
     base = EpsilonGammaBox(low=0.0, high=1.0, gamma=0.5)
     built, images = _deep(composite=base, head=heads[head])
     default, _ = _deep(head=type(heads[head])(**heads[head].get_params()))
@@ -119,7 +129,7 @@ def test_dec_head_with_zennit_and_neon_composite_equals_explain():
     from neon_attrib.dec import DEC, DECHead
 
     X = torch.randn(120, 6, generator=torch.Generator().manual_seed(0)).double()
-    dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_steps=120, max_iter=10, seed=0,
+    dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_steps=120, max_iter=10, random_state=0,
               progress=False)
     with warnings.catch_warnings():  # a deliberately short training: its quality is not the point here
         warnings.simplefilter("ignore")
@@ -188,8 +198,9 @@ def test_public_rule_base_and_registry():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # scikit-learn
-@pytest.mark.parametrize("estimator", [KDEOutlier(gamma=0.5, eps=0.1), KDEInlier(gamma=0.5, n_features=20, seed=1),
-                                       KMeansMembership(n_clusters=3, seed=0, centroid_norm=2.0)])
+@pytest.mark.parametrize("estimator", [KDEOutlier(gamma=0.5, eps=0.1),
+                                       KDEInlier(gamma=0.5, n_features=20, random_state=1),
+                                       KMeansMembership(n_clusters=3, random_state=0, centroid_norm=2.0)])
 def test_clone_round_trips(estimator, blobs):
     from sklearn.base import clone
 
@@ -197,7 +208,7 @@ def test_clone_round_trips(estimator, blobs):
     assert type(copy) is type(estimator) and copy.get_params() == estimator.get_params()
     fitted = clone(estimator).double().fit(blobs)
     again = clone(fitted)
-    assert again.get_params() == fitted.get_params() and again.n_features_in_ is None
+    assert again.get_params() == fitted.get_params() and not hasattr(again, "n_features_in_")
 
 
 def test_pipeline_and_grid_search(blobs):
@@ -221,7 +232,7 @@ def test_score_samples_equals_scikit_learn(blobs):
     kde = KernelDensity(bandwidth=0.7).fit(blobs)
     model = KDEOutlier.from_sklearn(kde)
     np.testing.assert_allclose(model.score_samples(blobs[:6]).numpy(), kde.score_samples(blobs[:6]), rtol=1e-10)
-    kmeans = KMeansMembership(3, seed=0).double().fit(blobs)
+    kmeans = KMeansMembership(3, random_state=0).double().fit(blobs)
     assert kmeans.labels_.shape == (60,)
 
 

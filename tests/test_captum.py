@@ -40,8 +40,8 @@ def models(data):
     train, _ = data
     return {
         "kde_outlier": KDEOutlier(gamma=0.5).double().fit(train),
-        "kde_inlier": KDEInlier(gamma=0.5, n_features=300, seed=0).double().fit(train),
-        "kmeans": KMeansMembership(n_clusters=3, seed=0).double().fit(train),
+        "kde_inlier": KDEInlier(gamma=0.5, n_features=300, random_state=0).double().fit(train),
+        "kmeans": KMeansMembership(n_clusters=3, random_state=0).double().fit(train),
     }
 
 
@@ -215,6 +215,15 @@ def test_gradient_methods_agree_with_autograd(models, data):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # compare
+def test_compare_lives_in_evaluation_and_is_reexported():
+    import neon_attrib.captum
+    import neon_attrib.evaluation
+
+    assert neon_attrib.captum.compare is neon_attrib.evaluation.compare
+    assert neon_attrib.captum.Comparison is neon_attrib.evaluation.Comparison
+    assert neon_attrib.evaluation.compare.__module__ == "neon_attrib.evaluation"
+
+
 def test_compare(models, data):
     model, (train, x) = models["kmeans"], data
     methods = ["Saliency", "IntegratedGradients", "LRP", ("Occlusion (2)", lambda m: captum_attr.Occlusion(m))]
@@ -307,7 +316,7 @@ def test_captum_lrp_on_deep_neon(deep):
 
     module, features, images = deep
     same_rules = LayerMapComposite([(Convolution, Epsilon(epsilon=1e-9))])
-    head = KMeansMembership(n_clusters=2, n_init=1, seed=0)
+    head = KMeansMembership(n_clusters=2, n_init=1, random_state=0)
     model = module.DeepNeon(features, head, pool="positive", composite=same_rules).double().fit(images,
                                                                                                 progress=False)
     x = images[:2]
@@ -332,8 +341,8 @@ def test_captum_layer_lrp_gives_the_heads_relevance_exactly(deep, head_name):
     module, features, images = deep
     head, pool, target = {
         "kde_outlier": (KDEOutlier(gamma=1e-3), "sum", None),
-        "kde_inlier": (KDEInlier(gamma=1e-3, n_features=200, seed=0), "sum", None),
-        "kmeans": (KMeansMembership(n_clusters=2, n_init=1, seed=0), "positive", 1),
+        "kde_inlier": (KDEInlier(gamma=1e-3, n_features=200, random_state=0), "sum", None),
+        "kmeans": (KMeansMembership(n_clusters=2, n_init=1, random_state=0), "positive", 1),
     }[head_name]
     cheap = LayerMapComposite([(Convolution, Epsilon(epsilon=1e-9))])  # the VGG rules do not matter here
     model = module.DeepNeon(features, head, pool=pool, composite=cheap).double().fit(images, progress=False)

@@ -60,7 +60,7 @@ def fitted_kde(folder: str | Path, gamma: float = 0.05) -> DeepNeon:
 
 
 def fitted_kmeans(folder: str | Path) -> DeepNeon:
-    model = DeepNeon(tiny_cnn(), KMeansMembership(n_clusters=3, n_init=2, seed=0), pool="positive")
+    model = DeepNeon(tiny_cnn(), KMeansMembership(n_clusters=3, n_init=2, random_state=0), pool="positive")
     return fit_dataset(model, files(folder), max_locations=60, seed=1, lloyd_steps=1, batch_size=3, progress=False)
 
 

@@ -83,7 +83,7 @@ def cnn_data():
 @pytest.fixture(scope="module")
 def surrogate(cnn_data):
     model, images, labels = cnn_data
-    sur = ActivationClusteringSurrogate(model, ["relu1", "relu2"], n_clusters=4, embedding_dim=3, seed=0,
+    sur = ActivationClusteringSurrogate(model, ["relu1", "relu2"], n_clusters=4, embedding_dim=3, random_state=0,
                                         **SUR_TINY)
     return sur.fit(images, labels)
 
@@ -130,7 +130,7 @@ def test_assignment_change():
 def fitted_dec():
     x, y = blobs()
     params = {**TINY, "pretrain_epochs": 30, "max_iter": 60}
-    return DEC(n_clusters=3, embedding_dim=3, seed=0, **params).fit(x), x, y
+    return DEC(n_clusters=3, embedding_dim=3, random_state=0, **params).fit(x), x, y
 
 
 def test_embeddings_on_sphere_and_predict_is_nearest_centroid(fitted_dec):
@@ -148,23 +148,23 @@ def test_embeddings_on_sphere_and_predict_is_nearest_centroid(fitted_dec):
 
 def test_custom_radius_and_conv_input_of_odd_size():
     x = torch.rand(40, 3, 9, 7)
-    dec = DEC(n_clusters=2, embedding_dim=2, radius=3.0, seed=0, **TINY).fit(x)
+    dec = DEC(n_clusters=2, embedding_dim=2, radius=3.0, random_state=0, **TINY).fit(x)
     assert dec.architecture_ == "conv"
     np.testing.assert_allclose(dec.transform(x).norm(dim=1).numpy(), 3.0, rtol=1e-5)
     assert dec.decoder_(dec.encoder_(x)).shape == x.shape  # the decoder restores the exact size
-    pooled = DEC(n_clusters=2, embedding_dim=2, seed=0, pool_to=4, **TINY).fit(torch.rand(30, 2, 10, 10))
+    pooled = DEC(n_clusters=2, embedding_dim=2, random_state=0, pool_to=4, **TINY).fit(torch.rand(30, 2, 10, 10))
     assert any(isinstance(m, nn.AvgPool2d) for m in pooled.encoder_)
 
 
 def test_seeded_reproducibility_and_global_rng_untouched():
     x, _ = blobs(n_per=20)
     state = torch.get_rng_state()
-    a = DEC(n_clusters=3, embedding_dim=3, seed=7, **TINY).fit(x)
+    a = DEC(n_clusters=3, embedding_dim=3, random_state=7, **TINY).fit(x)
     assert torch.equal(torch.get_rng_state(), state)
-    b = DEC(n_clusters=3, embedding_dim=3, seed=7, **TINY).fit(x)
+    b = DEC(n_clusters=3, embedding_dim=3, random_state=7, **TINY).fit(x)
     assert torch.equal(a.cluster_centers_, b.cluster_centers_)
     assert torch.equal(a.transform(x), b.transform(x))
-    c = DEC(n_clusters=3, embedding_dim=3, seed=8, **TINY).fit(x)
+    c = DEC(n_clusters=3, embedding_dim=3, random_state=8, **TINY).fit(x)
     assert not torch.equal(a.cluster_centers_, c.cluster_centers_)
 
 
@@ -173,17 +173,17 @@ def test_stopping_rule():
     # keep_best=False: the fine-tuned model is kept even where it is worse (here it is; test_dec_training covers that)
     params = {**TINY, "max_iter": 50, "update_interval": 10, "finetune_lr": 0.02, "keep_best": False}
     # tol = 0 can never be met: runs to max_iter and records one change per refresh after the first
-    full = DEC(n_clusters=3, embedding_dim=3, seed=0, tol=0.0, **params).fit(x)
+    full = DEC(n_clusters=3, embedding_dim=3, random_state=0, tol=0.0, **params).fit(x)
     assert not full.converged_ and full.n_iter_ == 50 and len(full.history_["delta_label"]) == 4
     assert len(full.history_["kl"]) == 5 and all(0.0 <= d <= 1.0 for d in full.history_["delta_label"])
-    init_only = DEC(n_clusters=3, embedding_dim=3, seed=0, **{**params, "max_iter": 0}).fit(x)
+    init_only = DEC(n_clusters=3, embedding_dim=3, random_state=0, **{**params, "max_iter": 0}).fit(x)
     assert init_only.n_iter_ == 0 and not torch.equal(init_only.cluster_centers_, full.cluster_centers_)  # trained
     # the stop is "fraction changed < tol", checked at every refresh of the target (every update_interval steps)
     first = full.history_["delta_label"][0]
     assert first > 0
-    early = DEC(n_clusters=3, embedding_dim=3, seed=0, tol=first + 1e-9, **params).fit(x)
+    early = DEC(n_clusters=3, embedding_dim=3, random_state=0, tol=first + 1e-9, **params).fit(x)
     assert early.converged_ and early.n_iter_ == 10 and early.history_["delta_label"] == [first]
-    strict = DEC(n_clusters=3, embedding_dim=3, seed=0, tol=first, **params).fit(x)
+    strict = DEC(n_clusters=3, embedding_dim=3, random_state=0, tol=first, **params).fit(x)
     assert strict.n_iter_ > 10  # equal to tol is not below it
     expected = next((10 * (i + 1) for i, d in enumerate(full.history_["delta_label"]) if d < first), 50)
     assert strict.n_iter_ == expected
@@ -297,7 +297,7 @@ def test_concepts_brute_force(surrogate):
 def test_fit_from_loader_equals_fit_from_tensors(surrogate, cnn_data):
     model, images, labels = cnn_data
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=40)
-    other = ActivationClusteringSurrogate(model, ["relu1", "relu2"], n_clusters=4, embedding_dim=3, seed=0,
+    other = ActivationClusteringSurrogate(model, ["relu1", "relu2"], n_clusters=4, embedding_dim=3, random_state=0,
                                           **SUR_TINY).fit(loader)
     for name in ["relu1", "relu2"]:
         torch.testing.assert_close(other.decs_[name].cluster_centers_, surrogate.decs_[name].cluster_centers_)
@@ -493,7 +493,7 @@ def test_cifar_resnet_head_on_real_data():
     x, y = data["x_test"][:96], data["y_test"][:96]
     acts, logits, _ = capture_activations(model, ["layer3"], x)
     assert float((logits.argmax(1) == y).double().mean()) > 0.8  # the pretrained model works on the real images
-    dec = DEC(n_clusters=4, embedding_dim=4, seed=0, **TINY).fit(acts["layer3"])
+    dec = DEC(n_clusters=4, embedding_dim=4, random_state=0, **TINY).fit(acts["layer3"])
     head = DECHead.from_dec(dec, features=TruncatedModel(fuse_batchnorm(model), "layer3"))
     with torch.no_grad():
         assert torch.equal(head(x).argmax(1), dec.predict(acts["layer3"]))

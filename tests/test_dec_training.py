@@ -36,9 +36,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-SMALL = {"n_clusters": 3, "embedding_dim": 3, "seed": 0, "update_interval": 10, "batch_size": 32,
+SMALL = {"n_clusters": 3, "embedding_dim": 3, "random_state": 0, "update_interval": 10, "batch_size": 32,
          "hidden_dims": (16,), "progress": False}
-SUR = {"n_clusters": 3, "embedding_dim": 3, "seed": 0, "pretrain_steps": 20, "max_iter": 10, "update_interval": 5,
+SUR = {"n_clusters": 3, "embedding_dim": 3, "random_state": 0, "pretrain_steps": 20, "max_iter": 10,
+       "update_interval": 5,
        "dec_batch_size": 32, "hidden_dims": (8,), "conv_channels": (4,), "dense_dim": 8, "n_init": 2,
        "progress": False}
 

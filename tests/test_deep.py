@@ -167,7 +167,7 @@ def test_shapes_and_pooling(features, images):
     assert scores.shape == (3,) and maps.shape == (3, 2, 2)
     assert torch.allclose(scores, maps.sum((1, 2)))
 
-    kmeans = DeepNeon(features, KMeansMembership(n_clusters=3, n_init=2, seed=0), pool="positive")
+    kmeans = DeepNeon(features, KMeansMembership(n_clusters=3, n_init=2, random_state=0), pool="positive")
     kmeans.fit(images, progress=False)
     scores, maps = kmeans(x), kmeans.location_scores(x)
     assert scores.shape == (3, 3) and maps.shape == (3, 3, 2, 2)
@@ -247,7 +247,7 @@ def test_block5_relevance_kde_outlier_matches_spec(kde64, images):
 
 def test_block5_relevance_kde_inlier_matches_spec(features64, images):
     x = images.double()
-    head = KDEInlier(gamma=_gamma(features64, x), n_features=300, seed=0, eps=0.5)
+    head = KDEInlier(gamma=_gamma(features64, x), n_features=300, random_state=0, eps=0.5)
     model = DeepNeon(features64, head).fit(x, progress=False)
     x = x[:2]
     staged = model.relevance(x, to_pixels=False)
@@ -272,7 +272,7 @@ def test_block5_relevance_kde_inlier_matches_spec(features64, images):
 @pytest.mark.parametrize("pool", ["sum", "positive"])
 def test_block5_relevance_kmeans_matches_spec(features64, images, pool):
     x = images.double()
-    head = KMeansMembership(n_clusters=3, n_init=2, seed=0, centroid_norm=1.0)
+    head = KMeansMembership(n_clusters=3, n_init=2, random_state=0, centroid_norm=1.0)
     model = DeepNeon(features64, head, pool=pool).fit(x, progress=False)
     x = x[:2].repeat(3, 1, 1, 1)  # every image once per target cluster, in one call
     targets = torch.arange(3).repeat_interleave(2)
@@ -320,7 +320,7 @@ def test_block5_relevance_leave_one_out(features64, images):
     with pytest.raises(ValueError, match="fit_self"):
         model(x[:1])
 
-    inlier = DeepNeon(features64, KDEInlier(gamma=_gamma(features64, x), n_features=64, seed=0)).fit_self(x)
+    inlier = DeepNeon(features64, KDEInlier(gamma=_gamma(features64, x), n_features=64, random_state=0)).fit_self(x)
     assert isinstance(inlier.head, LeaveOneOutKDEInlier)
     phi = math.sqrt(2.0) * torch.cos(rows @ inlier.head.features.omega.T + inlier.head.features.bias)
     loo_mean = (phi.sum(0, keepdim=True) - phi) / (phi.shape[0] - 1)
@@ -334,7 +334,7 @@ def test_inactive_neurons_get_exactly_zero(kde64, features64, images):
     inactive = fmap == 0
     assert 0 < int(inactive.sum()) < inactive.numel()
     assert bool((kde64.relevance(x, to_pixels=False).features[inactive] == 0).all())
-    kmeans = DeepNeon(features64, KMeansMembership(n_clusters=2, n_init=1, seed=0)).fit(images.double(),
+    kmeans = DeepNeon(features64, KMeansMembership(n_clusters=2, n_init=1, random_state=0)).fit(images.double(),
                                                                                        progress=False)
     assert bool((kmeans.relevance(x, to_pixels=False).features[inactive] == 0).all())
 
@@ -364,8 +364,8 @@ def test_fast_rules_are_the_default_and_match_zennit(features, features64, image
     float32, 1e-9 in float64, for both named composites and all three heads."""
     gamma = _gamma(features, images)
     x = images[:2, :, :32, :32]  # the rules below block 5 are what differs; one location each is enough
-    heads = [KDEOutlier(gamma=gamma), KDEInlier(gamma=gamma, n_features=64, seed=0),
-             KMeansMembership(n_clusters=2, n_init=1, seed=0)]
+    heads = [KDEOutlier(gamma=gamma), KDEInlier(gamma=gamma, n_features=64, random_state=0),
+             KMeansMembership(n_clusters=2, n_init=1, random_state=0)]
     for feats, dtype, tolerance in ((features, torch.float32, 1e-5), (features64, torch.float64, 1e-9)):
         for head in heads:
             for composite in ("epsilon_gamma_box", "epsilon_plus_flat"):
@@ -383,7 +383,7 @@ def test_fast_rules_are_the_default_and_match_zennit(features, features64, image
 def test_explainer_reuses_its_hooks_and_equals_explain(features, images):
     gamma = _gamma(features, images)
     kde = DeepNeon(features, KDEOutlier(gamma=gamma, fused=True)).fit(images, progress=False)
-    kmeans = DeepNeon(features, KMeansMembership(n_clusters=2, n_init=1, seed=0), pool="positive").fit(
+    kmeans = DeepNeon(features, KMeansMembership(n_clusters=2, n_init=1, random_state=0), pool="positive").fit(
         images, progress=False)
     batches = (images[:2, :, :32, :32], images[2:5, :, :32, :32])
     for model in (kde, kmeans):
@@ -411,7 +411,7 @@ def test_explainer_reuses_its_hooks_and_equals_explain(features, images):
 def test_state_dict_round_trip(features, images):
     gamma = _gamma(features, images)
     for head, fresh in [(KDEOutlier(gamma=gamma), KDEOutlier()),
-                        (KMeansMembership(n_clusters=2, n_init=1, seed=0), KMeansMembership())]:
+                        (KMeansMembership(n_clusters=2, n_init=1, random_state=0), KMeansMembership())]:
         model = DeepNeon(features, head).fit(images, progress=False)
         loaded = DeepNeon(vgg16_features(), fresh)
         loaded.load_state_dict(model.state_dict())

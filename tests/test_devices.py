@@ -48,7 +48,7 @@ def test_device_choice_follows_the_data(gpu_seems_available):
 
 def test_dec_trains_where_the_data_is():
     x = blobs()
-    dec = DEC(n_clusters=3, embedding_dim=3, seed=0, **TINY).fit(x)
+    dec = DEC(n_clusters=3, embedding_dim=3, random_state=0, **TINY).fit(x)
     assert {p.device.type for p in dec.encoder_.parameters()} == {"cpu"}
     head = DECHead.from_dec(dec)
     with torch.no_grad():
@@ -60,13 +60,13 @@ def test_dec_trains_where_the_data_is():
 @cuda
 def test_fitted_dec_follows_to_and_returns_results_where_the_input_is():
     x = blobs()
-    dec = DEC(n_clusters=3, embedding_dim=3, seed=0, **TINY).fit(x)
+    dec = DEC(n_clusters=3, embedding_dim=3, random_state=0, **TINY).fit(x)
     expected = dec.predict_proba(x)
     dec.to("cuda")
     on_cpu, on_gpu = dec.predict_proba(x), dec.predict_proba(x.cuda())
     assert on_cpu.device.type == "cpu" and on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_cpu, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(on_gpu.cpu(), expected, rtol=1e-5, atol=1e-6)
-    gpu_dec = DEC(n_clusters=3, embedding_dim=3, seed=0, **TINY).fit(x.cuda())  # trains where the data is
+    gpu_dec = DEC(n_clusters=3, embedding_dim=3, random_state=0, **TINY).fit(x.cuda())  # trains where the data is
     assert {p.device.type for p in gpu_dec.encoder_.parameters()} == {"cuda"}
     assert DECHead.from_dec(gpu_dec)(x.cuda()).device.type == "cuda"

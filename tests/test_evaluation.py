@@ -180,7 +180,7 @@ def test_references(blobs):
     x = torch.as_tensor(blobs[:3])
     np.testing.assert_allclose(default_reference(model, x), np.median(blobs, axis=0))
     with pytest.raises(ValueError, match="median_reference"):
-        default_reference(KMeansMembership(n_clusters=3, seed=0).double().fit(blobs), x)
+        default_reference(KMeansMembership(n_clusters=3, random_state=0).double().fit(blobs), x)
     images = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     blurred = default_reference(model, images)
     assert blurred.shape == images.shape and blurred.std() < images.std()
@@ -197,7 +197,7 @@ def test_references(blobs):
 
 
 def test_model_score_follows_explain_targets(blobs):
-    model = KMeansMembership(n_clusters=3, seed=0).double().fit(blobs)
+    model = KMeansMembership(n_clusters=3, random_state=0).double().fit(blobs)
     x = torch.as_tensor(blobs[::10])
     output = model(x)
     torch.testing.assert_close(model_score(model, x), output.amax(1))

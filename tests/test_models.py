@@ -78,7 +78,7 @@ def test_leave_one_out_scores_equal_refits(rng):
         refit = KDEOutlier(gamma=0.8).double().fit(np.delete(support, i, axis=0))
         assert float(refit(support[i:i + 1])[0]) == pytest.approx(float(loo[i]), rel=1e-12)
         assert float(model.leave_one_out(i)(support[i:i + 1])[0]) == pytest.approx(float(loo[i]), rel=1e-12)
-    inlier = KDEInlier(gamma=0.8, n_features=300, seed=3).double().fit(support)
+    inlier = KDEInlier(gamma=0.8, n_features=300, random_state=3).double().fit(support)
     loo_i = inlier.score_training(leave_one_out=True)
     assert float(inlier.leave_one_out(5)(support[5:6])[0]) == pytest.approx(float(loo_i[5]), rel=1e-10)
 
@@ -88,12 +88,12 @@ def test_kmeans_argmax_equals_sklearn_predict(rng, blobs):
     model = KMeansMembership.from_sklearn(kmeans)
     x = np.concatenate([blobs, rng.normal(size=(200, 4)) * 4])
     np.testing.assert_array_equal(model.predict(x).numpy(), kmeans.predict(x))
-    fitted = KMeansMembership(n_clusters=3, n_init=4, seed=0).double().fit(blobs)
+    fitted = KMeansMembership(n_clusters=3, n_init=4, random_state=0).double().fit(blobs)
     np.testing.assert_array_equal(fitted.predict(blobs).numpy(), fitted.kmeans_labels_)
 
 
 def test_kmeans_evidence_is_min_difference_of_squared_distances(rng, blobs):
-    model = KMeansMembership(n_clusters=3, seed=1).double().fit(blobs)
+    model = KMeansMembership(n_clusters=3, random_state=1).double().fit(blobs)
     x = rng.normal(size=(50, 4)) * 3
     centres = model.cluster_centers_.numpy()
     d = ((x[:, None] - centres[None]) ** 2).sum(-1)
@@ -104,7 +104,8 @@ def test_kmeans_evidence_is_min_difference_of_squared_distances(rng, blobs):
 
 
 def test_kmeans_border_point_has_no_positive_evidence():
-    model = KMeansMembership(n_clusters=2, seed=0).double().fit(np.array([[0.0, 0], [0, 0.1], [2, 0], [2, 0.1]]))
+    data = np.array([[0.0, 0], [0, 0.1], [2, 0], [2, 0.1]])
+    model = KMeansMembership(n_clusters=2, random_state=0).double().fit(data)
     evidence = model(np.array([[1.0, 0.05]]))
     assert bool((evidence <= 1e-12).all())
 
@@ -112,29 +113,29 @@ def test_kmeans_border_point_has_no_positive_evidence():
 def test_random_features_converge_and_are_seeded(rng):
     support = rng.normal(size=(80, 3))
     x = rng.normal(size=(40, 3))
-    exact = KDEInlier(gamma=0.5, seed=0).double().fit(support).exact(x)
+    exact = KDEInlier(gamma=0.5, random_state=0).double().fit(support).exact(x)
     brute = np.exp(-0.5 * ((x[:, None] - support[None]) ** 2).sum(-1)).mean(1)
     np.testing.assert_allclose(exact.numpy(), brute, rtol=1e-10)
     errors = []
     for h in (100, 1000, 10000):
-        runs = [KDEInlier(gamma=0.5, n_features=h, seed=s).double().fit(support)(x) - exact for s in range(4)]
+        runs = [KDEInlier(gamma=0.5, n_features=h, random_state=s).double().fit(support)(x) - exact for s in range(4)]
         errors.append(float(torch.stack(runs).pow(2).mean().sqrt()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.5 * errors[0] / np.sqrt(10)  # ~1/√H decay (10x H → ~3.2x smaller)
-    a = KDEInlier(gamma=0.5, n_features=50, seed=7).fit(support)
-    b = KDEInlier(gamma=0.5, n_features=50, seed=7).fit(support)
-    c = KDEInlier(gamma=0.5, n_features=50, seed=8).fit(support)
+    a = KDEInlier(gamma=0.5, n_features=50, random_state=7).fit(support)
+    b = KDEInlier(gamma=0.5, n_features=50, random_state=7).fit(support)
+    c = KDEInlier(gamma=0.5, n_features=50, random_state=8).fit(support)
     assert torch.equal(a.features.omega, b.features.omega) and torch.equal(a(x), b(x))
     assert not torch.equal(a.features.omega, c.features.omega)
     # the draw is made in float64 on the CPU: the float32 model is the cast of the float64 one
-    d64 = KDEInlier(gamma=0.5, n_features=50, seed=7).double().fit(support)
+    d64 = KDEInlier(gamma=0.5, n_features=50, random_state=7).double().fit(support)
     assert torch.equal(d64.features.omega.float(), a.features.omega)
 
 
 @pytest.mark.parametrize("make", [
     lambda: KDEOutlier(gamma=0.7, beta=2.0, eps=0.1),
-    lambda: KDEInlier(gamma=0.7, n_features=64, seed=1, eps=0.5),
-    lambda: KMeansMembership(n_clusters=3, seed=0, centroid_norm=2.0),
+    lambda: KDEInlier(gamma=0.7, n_features=64, random_state=1, eps=0.5),
+    lambda: KMeansMembership(n_clusters=3, random_state=0, centroid_norm=2.0),
 ])
 def test_state_dict_round_trip_into_fresh_model(make, blobs):
     model = make().double().fit(blobs)
@@ -159,15 +160,16 @@ def test_dtype_and_input_conversion(blobs):
 
 
 def test_buffers_not_parameters(blobs):
-    for model in (KDEOutlier().fit(blobs), KDEInlier(n_features=8, seed=0).fit(blobs),
-                  KMeansMembership(3, seed=0).fit(blobs)):
+    for model in (KDEOutlier().fit(blobs), KDEInlier(n_features=8, random_state=0).fit(blobs),
+                  KMeansMembership(3, random_state=0).fit(blobs)):
         assert list(model.parameters()) == []
         assert len(list(model.buffers())) >= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(blobs):
-    for model in (KDEOutlier(gamma=0.5), KDEInlier(gamma=0.5, n_features=64, seed=0), KMeansMembership(3, seed=0)):
+    for model in (KDEOutlier(gamma=0.5), KDEInlier(gamma=0.5, n_features=64, random_state=0),
+                  KMeansMembership(3, random_state=0)):
         cpu = model.double().fit(blobs)
         gpu = type(model)().double().cuda()
         gpu.load_state_dict(cpu.state_dict())
@@ -198,7 +200,7 @@ def test_errors_name_class_and_problem(blobs):
     with pytest.raises(ValueError, match="X has 3 features, but KDEOutlier was fitted with 4 features."):
         KDEOutlier().fit(blobs)(blobs[:, :3])
     with pytest.raises(ValueError, match="KDEInlier contains NaN"):
-        KDEInlier(n_features=4, seed=0).fit(np.where(np.eye(60, 4) > 0, np.nan, blobs))
+        KDEInlier(n_features=4, random_state=0).fit(np.where(np.eye(60, 4) > 0, np.nan, blobs))
     with pytest.raises(ValueError, match="n_clusters=5 needs at least that many samples. Got 4"):
         KMeansMembership(n_clusters=5).fit(blobs[:4])
     with pytest.raises(ValueError, match="must be 2-D"):
@@ -222,11 +224,11 @@ def test_failed_fit_changes_nothing(blobs):
         unfitted.fit(blobs[:10])
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    kmeans = KMeansMembership(3, seed=0).double().fit(blobs)
+    kmeans = KMeansMembership(3, random_state=0).double().fit(blobs)
     centres = kmeans.cluster_centers_.clone()
     with pytest.raises(ValueError, match="needs a new fit"):
         kmeans.n_clusters = 100
-    unfitted = KMeansMembership(100, seed=0).double()
+    unfitted = KMeansMembership(100, random_state=0).double()
     with pytest.raises(ValueError):
         unfitted.fit(blobs[:50])
     assert torch.equal(kmeans.cluster_centers_, centres)

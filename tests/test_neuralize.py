@@ -132,7 +132,7 @@ def test_bisecting_kmeans_predicts_as_its_tree_on_every_point(rng, strategy):
     nearest = ((grid[:, None] - tree.cluster_centers_[None]) ** 2).sum(-1).argmin(1)
     assert (nearest != tree.predict(grid)).sum() > 10  # the tree is not the nearest centroid near borders
     for model in (neuralize(tree, dtype=F64), neuralize(tree, X=Y, dtype=F64),
-                  BisectingKMeansMembership(8, seed=0, bisecting_strategy=strategy).double().fit(Y)):
+                  BisectingKMeansMembership(8, random_state=0, bisecting_strategy=strategy).double().fit(Y)):
         assert type(model) is BisectingKMeansMembership
         assert (model.predict(grid).numpy() == tree.predict(grid)).all()
         assert (model.predict(Y).numpy() == tree.labels_).all()
@@ -404,7 +404,7 @@ def test_own_fit_equals_sklearn(rng):
     knn = KNNOutlier(n_neighbors=3).double().fit(X)
     close(knn(x), (NearestNeighbors(n_neighbors=3).fit(X).kneighbors(x)[0] ** 2).mean(1), 1e-10)
     close(MahalanobisOutlier().double().fit(X)(x), EmpiricalCovariance().fit(X).mahalanobis(x), 1e-10)
-    robust = MahalanobisOutlier(robust=True, seed=0).double().fit(X)
+    robust = MahalanobisOutlier(robust=True, random_state=0).double().fit(X)
     close(robust(x), MinCovDet(random_state=0).fit(X).mahalanobis(x), 1e-10)
     padim_like = MahalanobisOutlier(reg=0.01).double().fit(X)
     cov = np.cov(X.T, bias=True) + 0.01 * np.eye(4)
@@ -413,9 +413,10 @@ def test_own_fit_equals_sklearn(rng):
     pca = PCA(2).fit(X)
     close(PCAResidual(2).double().fit(X)(x), ((x - pca.inverse_transform(pca.transform(x))) ** 2).sum(1), 1e-10)
     gmm = GaussianMixture(2, covariance_type="diag", random_state=0).fit(X)
-    close(GaussianMixtureOutlier(2, "diag", seed=0).double().fit(X).score_samples(x), gmm.score_samples(x), 1e-10)
+    close(GaussianMixtureOutlier(2, "diag", random_state=0).double().fit(X).score_samples(x), gmm.score_samples(x),
+          1e-10)
     tied = GaussianMixture(2, covariance_type="tied", random_state=0).fit(X)
-    assert (GaussianMixtureMembership(2, seed=0).double().fit(X).predict(x).numpy() == tied.predict(x)).all()
+    assert (GaussianMixtureMembership(2, random_state=0).double().fit(X).predict(x).numpy() == tied.predict(x)).all()
     svm = OneClassSVM(gamma=0.3, nu=0.3).fit(X)
     ours = OneClassSVMOutlier(gamma=0.3, nu=0.3).double().fit(X)
     close(ours.decision_function(x), svm.decision_function(x), 1e-10, scale=abs(svm.decision_function(x)) + 1)
@@ -587,7 +588,7 @@ def test_positional_partial_fit_equals_fit_on_the_concatenation(rng, dtype, rtol
     order = torch.as_tensor(rng.permutation(13))
     permuted = PositionalMahalanobis(reg=0.01).to(dtype)
     for chunk in maps[order].split([3, 1, 7, 2]):
-        assert permuted.partial_fit(chunk, finalize=False).n_features_in_ is None  # not fitted before finalize
+        assert not hasattr(permuted.partial_fit(chunk, finalize=False), "n_features_in_")  # not fitted before finalize
     _gaussians_close(permuted.finalize(), head, rtol)
     # location rows (DeepNeon's layout) with n_positions, chunk by chunk
     rows = maps.permute(0, 2, 3, 1).reshape(-1, 3)
@@ -778,9 +779,9 @@ def test_positional_statistics_survive_save_and_load(rng):
     lambda X: KNNOutlier(n_neighbors=3, sqrt=True, beta=0.5).fit(X),
     lambda X: MahalanobisOutlier(reg=0.1).fit(X),
     lambda X: PCAResidual(2).fit(X),
-    lambda X: GaussianMixtureOutlier(2, "spherical", seed=0, beta=2.0).fit(X),
-    lambda X: GaussianMixtureMembership(3, seed=0).fit(X),
-    lambda X: BisectingKMeansMembership(4, seed=0, beta=0.5).fit(X),
+    lambda X: GaussianMixtureOutlier(2, "spherical", random_state=0, beta=2.0).fit(X),
+    lambda X: GaussianMixtureMembership(3, random_state=0).fit(X),
+    lambda X: BisectingKMeansMembership(4, random_state=0, beta=0.5).fit(X),
     lambda X: WeightedKDEOutlier(gamma=0.5).fit(X, sample_weight=np.arange(1, len(X) + 1)),
     lambda X: OneClassSVMOutlier(gamma=0.5, nu=0.2).fit(X),
     lambda X: PositionalMahalanobis(n_positions=4, sqrt=True).fit(X),
@@ -803,8 +804,8 @@ def test_state_dict_round_trip_into_fresh_instance(make, blobs):
 # heads on a CNN
 @pytest.mark.parametrize("head", [
     KNNOutlier(3), KNNOutlier(1, sqrt=True, fused=True), KNNOutlier(2, beta=1.0), MahalanobisOutlier(reg=1e-3),
-    PCAResidual(2), GaussianMixtureOutlier(2, seed=0), GaussianMixtureMembership(2, seed=0),
-    BisectingKMeansMembership(3, seed=0), WeightedKDEOutlier(0.5), OneClassSVMOutlier(gamma=0.5, nu=0.3),
+    PCAResidual(2), GaussianMixtureOutlier(2, random_state=0), GaussianMixtureMembership(2, random_state=0),
+    BisectingKMeansMembership(3, random_state=0), WeightedKDEOutlier(0.5), OneClassSVMOutlier(gamma=0.5, nu=0.3),
     PositionalMahalanobis(n_positions=64),
 ], ids=lambda head: type(head).__name__)
 def test_every_head_inside_deep_neon(head):

@@ -97,14 +97,14 @@ def test_kde_outlier_expansion_path_matches_direct(rng):
 def test_kde_inlier_input_rules_match_naive_and_conserve(rng):
     support = rng.normal(size=(25, 3))
     x = rng.normal(size=(5, 3))
-    model = KDEInlier(gamma=0.5, n_features=200, seed=0).double().fit(support)
+    model = KDEInlier(gamma=0.5, n_features=200, random_state=0).double().fit(support)
     relevance, output = explain(model, x, return_output=True)
     np.testing.assert_allclose(relevance.numpy(), naive_kde_inlier(x, model), rtol=1e-9, atol=1e-14)
     np.testing.assert_allclose(relevance.sum(1).numpy(), output.numpy(), rtol=1e-12, atol=1e-15)
 
 
 def test_kmeans_input_rules_match_naive_and_conserve(rng, blobs):
-    model = KMeansMembership(n_clusters=3, seed=0, beta=0.8).double().fit(blobs)
+    model = KMeansMembership(n_clusters=3, random_state=0, beta=0.8).double().fit(blobs)
     x = rng.normal(size=(10, 4)) * 3
     target = model.predict(x).numpy()
     relevance, output = explain(model, x, return_output=True)
@@ -141,19 +141,19 @@ def test_kmeans_and_random_features_conserve_exactly(seed, k, d, beta):
     rng = np.random.default_rng(seed)
     data = rng.normal(size=(max(k, 12), d))
     x = rng.normal(size=(4, d)) * 2
-    kmeans = KMeansMembership(n_clusters=k, n_init=1, seed=0).double().fit(data)
+    kmeans = KMeansMembership(n_clusters=k, n_init=1, random_state=0).double().fit(data)
     for target in range(k):
         rel = explain(kmeans, x, target=target, beta=beta)
         np.testing.assert_allclose(rel.sum(1).numpy(), kmeans(x)[:, target].numpy(), rtol=1e-10, atol=1e-10)
-    inlier = KDEInlier(gamma=beta, n_features=64, seed=seed).double().fit(data)
+    inlier = KDEInlier(gamma=beta, n_features=64, random_state=seed).double().fit(data)
     rel, out = explain(inlier, x, return_output=True)
     np.testing.assert_allclose(rel.sum(1).numpy(), out.numpy(), rtol=1e-9, atol=1e-14)
 
 
 @pytest.mark.parametrize("make", [
     lambda X: KDEOutlier(gamma=0.5).double().fit(X),
-    lambda X: KDEInlier(gamma=0.5, n_features=128, seed=0).double().fit(X),
-    lambda X: KMeansMembership(n_clusters=3, seed=0).double().fit(X),
+    lambda X: KDEInlier(gamma=0.5, n_features=128, random_state=0).double().fit(X),
+    lambda X: KMeansMembership(n_clusters=3, random_state=0).double().fit(X),
 ])
 def test_explain_equals_zennit_gradient_with_composite(make, blobs):
     model = make(blobs)
@@ -186,7 +186,7 @@ def test_copy_keeps_hyperparameters():
 
 
 def test_explain_bad_targets_and_inputs(blobs):
-    model = KMeansMembership(n_clusters=3, seed=0).double().fit(blobs)
+    model = KMeansMembership(n_clusters=3, random_state=0).double().fit(blobs)
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
         explain(model, blobs[:2], target=3)
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
@@ -298,7 +298,7 @@ def test_outlier_activation_rule_matches_naive(activations):
 
 def test_inlier_activation_rule_matches_naive(activations):
     support, a = activations
-    model = KDEInlier(gamma=0.5, n_features=100, seed=2).double().fit(support)
+    model = KDEInlier(gamma=0.5, n_features=100, random_state=2).double().fit(support)
     rel = explain(model, a, composite=NeonComposite(mode="activation", eps=0.5))
     np.testing.assert_allclose(rel.numpy(), naive_inlier_activation(a, model, 0.5), rtol=1e-8, atol=1e-12)
     assert bool((rel[torch.as_tensor(a) == 0] == 0).all())
@@ -306,7 +306,7 @@ def test_inlier_activation_rule_matches_naive(activations):
 
 def test_kmeans_activation_rule_matches_naive(activations):
     support, a = activations
-    model = KMeansMembership(n_clusters=4, seed=0, beta=0.7).double().fit(support)
+    model = KMeansMembership(n_clusters=4, random_state=0, beta=0.7).double().fit(support)
     rel = explain(model, a, composite=NeonComposite(mode="activation"))
     target = model.predict(a).numpy()
     np.testing.assert_allclose(rel.numpy(), naive_kmeans_activation(a, model.cluster_centers_.numpy(), target, 0.7),

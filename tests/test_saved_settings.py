@@ -93,7 +93,7 @@ def test_fit_self_refuses_other_images():
         model(images[1:])
     with pytest.raises(ValueError, match="other images"):
         explain(model, images[1:])
-    both = DeepNeon(_cnn(), KDEInlier(gamma=0.1, n_features=64, seed=0)).fit_self(images)
+    both = DeepNeon(_cnn(), KDEInlier(gamma=0.1, n_features=64, random_state=0)).fit_self(images)
     both(images)
     with pytest.raises(ValueError, match="other images"):
         both(images.flip(0))  # the same images in another order
@@ -103,7 +103,7 @@ def test_seed_must_be_an_integer_and_features_at_least_one():
     model = DeepNeon(_cnn(), KDEOutlier(gamma=0.1))
     with pytest.raises(ValueError, match="'seed' parameter of DeepNeon must be an int"):
         model.fit(_images(), seed=1.5, progress=False)
-    with pytest.raises(ValueError, match="0 features"):
+    with pytest.raises(ValueError, match="0 feature"):
         KDEOutlier(gamma=1.0).fit(np.zeros((5, 0)))
 
 

@@ -48,7 +48,7 @@ def deep_kde(images, fused=False):
 
 
 def deep_kmeans(images):
-    head = KMeansMembership(n_clusters=2, n_init=1, seed=0)
+    head = KMeansMembership(n_clusters=2, n_init=1, random_state=0)
     return DeepNeon(tiny_cnn(), head, pool="positive", low=0.0, high=1.0).fit(images, progress=False)
 
 
@@ -79,7 +79,7 @@ def test_concurrent_explanations_on_one_model_are_correct(kind, blobs, images):
         model = KDEOutlier(gamma=0.5).double().fit(blobs)
         inputs = [torch.as_tensor(blobs[i:i + 3]) for i in range(4)]
     elif kind == "kmeans":
-        model = KMeansMembership(3, seed=0).double().fit(blobs)
+        model = KMeansMembership(3, random_state=0).double().fit(blobs)
         inputs = [torch.as_tensor(blobs[i::7]) for i in range(4)]
     else:
         model, inputs = deep_kde(images), [images[i:i + 2] for i in range(3)]
@@ -127,13 +127,13 @@ def test_explain_inside_no_grad_and_inference_mode(mode, blobs, images):
         torch.testing.assert_close(explain(kde, blobs[:3]), expected[0])
         torch.testing.assert_close(explain(deep, images[:2]), expected[1])
     with mode():  # a model built inside inference mode holds inference tensors
-        inner = KMeansMembership(3, seed=0).double().fit(blobs)
+        inner = KMeansMembership(3, random_state=0).double().fit(blobs)
     assert explain(inner, blobs[:2]).shape == (2, 4)
 
 
 def test_empty_batches_give_empty_results(blobs, images):
     kde = KDEOutlier(gamma=0.5).double().fit(blobs)
-    kmeans = KMeansMembership(3, seed=0).double().fit(blobs)
+    kmeans = KMeansMembership(3, random_state=0).double().fit(blobs)
     for model in (kde, kmeans):
         relevance, output = explain(model, blobs[:0], return_output=True)
         assert relevance.shape == (0, 4) and output.shape[0] == 0
@@ -156,7 +156,7 @@ def test_float32_far_from_the_origin_matches_float64(rng):
         r64 = explain(KDEOutlier(gamma=0.5).double().fit(X + offset), x + offset)
         # float32 cannot even hold the inputs better than eps·offset: compare at that resolution
         assert float((r32 - r64).abs().max() / r64.abs().max()) < 200 * offset * 1.2e-7
-        m32 = KMeansMembership(4, seed=0).fit(X + offset)
+        m32 = KMeansMembership(4, random_state=0).fit(X + offset)
         assert (m32.predict(X + offset).numpy() == m32.labels_).all()
 
 
@@ -180,10 +180,10 @@ def test_overflowing_distances_give_inf_scores_and_failed_audits_not_nan(rng):
         with pytest.warns(ConservationWarning, match="not finite"):
             _, audit = explain(model, far, return_audit=True)
         assert not audit.ok
-    assert bool((KDEInlier(gamma=0.5, seed=0).fit(X).exact(far32) == 0).all())  # the density underflows to 0
-    assert bool((KDEInlier(gamma=0.5, seed=0).double().fit(X).exact(far64) == 0).all())
+    assert bool((KDEInlier(gamma=0.5, random_state=0).fit(X).exact(far32) == 0).all())  # the density underflows to 0
+    assert bool((KDEInlier(gamma=0.5, random_state=0).double().fit(X).exact(far64) == 0).all())
     knn = neuralize(NearestNeighbors(n_neighbors=2).fit(X), dtype=torch.float64)
-    kmeans = KMeansMembership(3, seed=0).fit(X)
+    kmeans = KMeansMembership(3, random_state=0).fit(X)
     for model, far in ((knn, far64), (kmeans, torch.full((2, 3), 1e38))):
         assert not bool(torch.isnan(model(far)).any())
         with pytest.raises(ConservationError, match="not finite"):
@@ -193,8 +193,8 @@ def test_overflowing_distances_give_inf_scores_and_failed_audits_not_nan(rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_huge_beta_gives_the_hard_argmin_not_nan(blobs, dtype):
     x = torch.as_tensor(blobs[:6], dtype=dtype)
-    hard = KMeansMembership(3, seed=0, beta=1e300).to(dtype).fit(blobs)  # β·h overflows (float32: β itself)
-    sharp = KMeansMembership(3, seed=0, beta=1e6).to(dtype).fit(blobs)  # exp(−β · gap) = 0: the argmin already
+    hard = KMeansMembership(3, random_state=0, beta=1e300).to(dtype).fit(blobs)  # β·h overflows (float32: β itself)
+    sharp = KMeansMembership(3, random_state=0, beta=1e6).to(dtype).fit(blobs)  # exp(−β · gap) = 0: the argmin already
     relevance, audit = explain(hard, x, return_audit=True)
     assert audit.ok and bool(torch.isfinite(relevance).all())
     torch.testing.assert_close(relevance, explain(sharp, x))
@@ -202,7 +202,7 @@ def test_huge_beta_gives_the_hard_argmin_not_nan(blobs, dtype):
 
 def test_kernel_widths_the_dtype_cannot_hold_are_refused(rng):
     X = rng.normal(size=(20, 3))
-    for make in (lambda: KDEOutlier(gamma=1e-300), lambda: KDEInlier(gamma=1e-300, seed=0)):
+    for make in (lambda: KDEOutlier(gamma=1e-300), lambda: KDEInlier(gamma=1e-300, random_state=0)):
         with pytest.raises(ValueError, match=r"'gamma' parameter of KDE\w+ is 1e-300, which torch.float32 cannot"):
             make().fit(X)
         model = make().double().fit(X)  # float64 holds it ...
@@ -264,10 +264,10 @@ def test_setting_a_hyperparameter_after_fit_takes_effect_everywhere(blobs):
     torch.testing.assert_close(model(blobs[:3]), reference(blobs[:3]))
     torch.testing.assert_close(model.score(blobs[:3]), reference(blobs[:3]))
     torch.testing.assert_close(explain(model, blobs[:3]), explain(reference, blobs[:3]))
-    inlier = KDEInlier(gamma=1.0, n_features=50, seed=0).double().fit(blobs)
+    inlier = KDEInlier(gamma=1.0, n_features=50, random_state=0).double().fit(blobs)
     with pytest.raises(ValueError, match="needs a new fit"):
         inlier.gamma = 2.0
-    kmeans = KMeansMembership(3, seed=0).double().fit(blobs)
+    kmeans = KMeansMembership(3, random_state=0).double().fit(blobs)
     kmeans.beta = 5.0
     assert kmeans.pool.beta == 5.0
     kmeans.beta = None
@@ -375,7 +375,7 @@ def test_audit_reports_the_rules_dissipation(blobs):
     assert bool((audit.dissipated >= 0).all())  # eps > 0 absorbs a share of near points, never creates
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        explain(KMeansMembership(3, seed=0).double().fit(blobs), blobs[:4])
+        explain(KMeansMembership(3, random_state=0).double().fit(blobs), blobs[:4])
 
 
 def test_captum_paths_refuse_what_they_cannot_do(blobs):

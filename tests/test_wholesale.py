@@ -36,7 +36,7 @@ def test_338_is_an_inlier_whose_inlierness_owes_least_to_frozen(wholesale):
     assert float((outlier < outlier[I338]).double().mean()) < 0.5  # less outlying than most customers
     draws = []
     for seed in range(10):
-        inlier = KDEInlier(gamma=1.0, n_features=2500, seed=seed).double().fit(data)
+        inlier = KDEInlier(gamma=1.0, n_features=2500, random_state=seed).double().fit(data)
         scores = inlier.score_training()
         assert float((scores < scores[I338]).double().mean()) > 0.5  # more inlying than most customers
         draws.append(explain(inlier.leave_one_out(I338), data[I338:I338 + 1])[0].numpy())
@@ -57,7 +57,7 @@ def test_339_is_an_outlier_explained_by_fresh_milk_frozen_detergents(wholesale):
     assert share / relevance.sum() > 0.9  # "contributing almost all evidence for outlierness"
     # "extremely low spending on 'fresh' is underrepresented ... compared to 'milk' or 'frozen'"
     assert relevance[names.index("Fresh")] < min(relevance[names.index("Milk")], relevance[names.index("Frozen")])
-    inlierness = KDEInlier(gamma=1.0, seed=0).double().fit(data).leave_one_out(I339).exact(data[I339:I339 + 1])
+    inlierness = KDEInlier(gamma=1.0, random_state=0).double().fit(data).leave_one_out(I339).exact(data[I339:I339 + 1])
     assert float(inlierness[0]) < 1e-6  # "an inlierness score almost zero"
 
 
@@ -65,7 +65,7 @@ def _book_clustering(raw, data):
     """Among k-means solutions (K=6, 10 restarts) from a few seeds, the one whose cluster of 339 is the book's."""
     best = None
     for seed in range(10):
-        model = KMeansMembership(n_clusters=6, n_init=10, seed=seed).double().fit(data)
+        model = KMeansMembership(n_clusters=6, n_init=10, random_state=seed).double().fit(data)
         labels = model.kmeans_labels_
         mean = raw[labels == labels[I339]].mean(0)
         error = np.abs(np.log(mean / BOOK_TABLE2)).max()

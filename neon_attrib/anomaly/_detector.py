@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.exceptions import NotFittedError
 from torch import nn
 from zennit.core import Composite
 
@@ -180,6 +181,8 @@ class AnomalyDetector(DeepNeon):
 
     _kind = "patchcore"
 
+    image_size_: torch.Tensor
+
     def __init__(self, features: Any, layers: Sequence[str] | str | None, head: nn.Module, *, weights: Any,
                  aggregate: int | None, reduce_to: int | None, preprocessing: Any, explain_target: Any,
                  sigma: float | None, composite: str | Composite, lrp_gamma: float, fast: bool,
@@ -241,7 +244,7 @@ class AnomalyDetector(DeepNeon):
 
     def _check_fitted(self) -> None:
         if not self.is_fitted:
-            raise ValueError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' first.")
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' first.")
 
     def _check_images(self, images: Any) -> None:
         """Checks before a forward pass (subclasses add theirs)."""

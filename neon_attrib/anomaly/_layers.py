@@ -80,6 +80,8 @@ class PatchPool(nn.Module):
     tensor([2.])
     """
 
+    tau: torch.Tensor
+
     def __init__(self, target: str | tuple[int, int] = "max"):
         super().__init__()
         self.target = check_explain_target(target, "PatchPool")
@@ -154,6 +156,8 @@ class ChannelSelect(ResizableBuffers):
     >>> select(torch.arange(3.0).reshape(1, 3, 1, 1)).flatten()
     tensor([0., 2.])
     """
+
+    index: torch.Tensor
 
     def __init__(self, index: torch.Tensor | None = None):
         super().__init__()

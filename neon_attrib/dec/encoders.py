@@ -36,6 +36,8 @@ class FeatureScale(nn.Module):
         Positive scales, shape ``(C,)``; broadcast over any trailing spatial dimensions.
     """
 
+    scale: torch.Tensor
+
     def __init__(self, scale: torch.Tensor):
         super().__init__()
         scale = torch.as_tensor(scale, dtype=torch.float32)

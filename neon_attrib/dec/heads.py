@@ -237,7 +237,7 @@ class DECHead(nn.Module):
     --------
     >>> import neon_attrib
     >>> X = torch.randn(100, 6)
-    >>> dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_steps=300, max_iter=10, seed=0,
+    >>> dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_steps=300, max_iter=10, random_state=0,
     ...           progress=False).fit(X)
     >>> head = DECHead.from_dec(dec)
     >>> bool((head(X).argmax(1) == dec.predict(X)).all())
@@ -296,6 +296,11 @@ class ClassEvidence(nn.Module):
     beta : torch.Tensor
         ``(L,)`` soft-min sharpness of the membership rule per layer.
     """
+
+    centroids: torch.Tensor
+    posteriors: torch.Tensor
+    weights: torch.Tensor
+    beta: torch.Tensor
 
     def __init__(self, centroids: torch.Tensor, posteriors: torch.Tensor, weights: torch.Tensor, alpha: float,
                  beta: torch.Tensor):

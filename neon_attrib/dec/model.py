@@ -19,7 +19,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 
+from .._utils import resolve_random_state
 from .assignment import assignment_change, student_t_assignment, target_distribution
 from .diagnostics import DECTrainingWarning, clustering_report, pretrain_report
 from .encoders import DECEncoder, FeatureScale, SphereNorm, build_autoencoder, feature_rms
@@ -61,7 +63,7 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
         Degrees of freedom of the Student-t kernel (100 in the paper; DEC uses 1).
     radius : float
         Radius of the sphere the embeddings are normalised to.
-    seed : int or None
+    random_state : int or None
         Seed for weight initialisation, shuffling and k-means. ``None`` is not reproducible.
     architecture : {"auto", "mlp", "conv"}
         ``"auto"`` uses the conv encoder for 4-d input ``(n, C, H, W)`` and the MLP otherwise.
@@ -162,7 +164,7 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
     Examples
     --------
     >>> X = torch.cat([torch.randn(100, 8) + 6 * torch.eye(8)[i] for i in range(3)])
-    >>> dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_steps=300, max_iter=20, seed=0,
+    >>> dec = DEC(n_clusters=3, embedding_dim=4, hidden_dims=(16,), pretrain_steps=300, max_iter=20, random_state=0,
     ...           progress=False).fit(X)
     >>> dec.predict(X).shape
     torch.Size([300])
@@ -179,7 +181,7 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
         embedding_dim: int = 20,
         alpha: float = 100.0,
         radius: float = 8.0,
-        seed: int | None = None,
+        random_state: int | None = None,
         *,
         architecture: str = "auto",
         hidden_dims: Sequence[int] = (500, 500, 2000),
@@ -199,12 +201,14 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
         keep_best: bool = True,
         device: str | torch.device | None = None,
         progress: bool = True,
+        seed: int | None = None,
     ):
         self.n_clusters = n_clusters
         self.embedding_dim = embedding_dim
         self.alpha = alpha
         self.radius = radius
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.architecture = architecture
         self.hidden_dims = hidden_dims
         self.conv_channels = conv_channels
@@ -277,8 +281,9 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
             if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) == 0
                     or not all(is_int(v, 1) for v in value)):
                 fail(param, "a non-empty sequence of positive ints")
-        if self.seed is not None and not is_int(self.seed, -(2**63)):
-            fail("seed", "an int or None", TypeError)
+        for param in ("random_state", "seed"):
+            if getattr(self, param) is not None and not is_int(getattr(self, param), -(2**63)):
+                fail(param, "an int or None", TypeError)
         if not isinstance(self.keep_best, (bool, np.bool_)):
             fail("keep_best", "a bool", TypeError)
         if self.device is not None:
@@ -303,7 +308,7 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
 
     def _check_fitted(self) -> None:
         if "cluster_centers_" not in self.__dict__:
-            raise ValueError(f"This {self._name()} instance is not fitted yet. Call 'fit' first.")
+            raise NotFittedError(f"This {self._name()} instance is not fitted yet. Call 'fit' first.")
 
     # ------------------------------------------------------------------ helpers
     def _embed(self, encoder: torch.nn.Module, X: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -366,11 +371,12 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
         in_shape = tuple(X.shape[1:])
         n_pretrain = self._n_pretrain_steps(X.shape[0])
         devices = [device] if device.type == "cuda" else []
+        seed = resolve_random_state(self.random_state, self.seed, owner=name)
         with torch.random.fork_rng(devices=devices):
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
+            if seed is not None:
+                torch.manual_seed(seed)
             generator = torch.Generator()
-            generator.manual_seed(int(self.seed) if self.seed is not None else int(torch.seed() % 2**62))
+            generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**62))
             encoder, decoder, pool = build_autoencoder(
                 in_shape, conv=conv, embedding_dim=self.embedding_dim, radius=self.radius,
                 scale=feature_rms(X, conv), hidden_dims=self.hidden_dims, conv_channels=self.conv_channels,
@@ -382,7 +388,7 @@ class DEC(FrozenAfterFitMixin, BaseEstimator):
                                                 batch_size=self.batch_size, generator=generator, device=device,
                                                 conv=conv, pool=pool, progress=self.progress, name=name)
             z_init = self._embed(encoder, X, device)
-            centers_init = kmeans_centroids(z_init, self.n_clusters, self.n_init, self.seed, name)
+            centers_init = kmeans_centroids(z_init, self.n_clusters, self.n_init, seed, name)
             snapshot = []
             if self.keep_best and self.max_iter > 0:  # the decoder only changes in fine-tuning with reconstruction
                 trained = (encoder, decoder) if self.reconstruction_weight > 0 else (encoder,)

@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from .._utils import resolve_random_state
 from .activations import (
     Data,
     ModeGuard,
@@ -48,7 +50,7 @@ _DEC_PARAMS = {
     "finetune_lr": "finetune_lr", "reconstruction_weight": "reconstruction_weight", "n_init": "n_init",
     "keep_best": "keep_best",
 }
-# DEC parameters the deprecated ``dec_params`` may set (n_clusters, embedding_dim, seed come from the surrogate)
+# DEC parameters the deprecated ``dec_params`` may set (n_clusters, embedding_dim, random_state come from the surrogate)
 _DEC_PARAMS_KEYS = frozenset(_DEC_PARAMS.values()) | {"device", "progress"}
 
 
@@ -92,8 +94,10 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
     device : str or torch.device, optional
         Where the DEC models train and run (default: the classifier's device). Activations are kept on the CPU and
         moved there one minibatch at a time.
+    random_state : int, optional
+        Base seed; layer ``j``'s DEC uses ``random_state + j``.
     seed : int, optional
-        Base seed; layer ``j`` uses ``seed + j``.
+        Deprecated alias of ``random_state`` (a ``FutureWarning`` at ``fit``); removed in the next release.
     progress : bool
         Progress bars.
 
@@ -128,8 +132,9 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
     ...                           torch.nn.Linear(4 * 6 * 6, 3))
     >>> images, labels = torch.randn(60, 3, 8, 8), torch.randint(0, 3, (60,))
-    >>> sur = ActivationClusteringSurrogate(net, ["1", "3"], n_clusters=3, embedding_dim=4, seed=0, progress=False,
-    ...                                     pretrain_steps=100, max_iter=10, hidden_dims=(16,), conv_channels=(4,))
+    >>> sur = ActivationClusteringSurrogate(net, ["1", "3"], n_clusters=3, embedding_dim=4, random_state=0,
+    ...                                     progress=False, pretrain_steps=100, max_iter=10, hidden_dims=(16,),
+    ...                                     conv_channels=(4,))
     >>> sur.fit(images, labels).predict_proba(images).shape
     torch.Size([60, 3])
     >>> sorted(sur.diagnostics_["layers"])
@@ -168,8 +173,9 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
         dec_params: Mapping[str, Any] | None = None,
         batch_size: int = 128,
         device: str | torch.device | None = None,
-        seed: int | None = None,
+        random_state: int | None = None,
         progress: bool = True,
+        seed: int | None = None,
     ):
         self.model = model
         self.layers = layers
@@ -197,7 +203,8 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
         self.dec_params = dec_params
         self.batch_size = batch_size
         self.device = device
-        self.seed = seed
+        self.random_state = random_state
+        self.seed = seed  # deprecated alias of random_state
         self.progress = progress
 
     def __sklearn_clone__(self) -> ActivationClusteringSurrogate:
@@ -241,8 +248,10 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
         if not is_int(self.batch_size, 1):
             raise ValueError(f"The 'batch_size' parameter of {name} must be an int >= 1. "
                              f"Got {self.batch_size!r} instead.")
-        if self.seed is not None and not is_int(self.seed, -(2**63)):
-            raise TypeError(f"The 'seed' parameter of {name} must be an int or None. Got {self.seed!r} instead.")
+        for param in ("random_state", "seed"):
+            value = getattr(self, param)
+            if value is not None and not is_int(value, -(2**63)):
+                raise TypeError(f"The '{param}' parameter of {name} must be an int or None. Got {value!r} instead.")
         if self.dec_params is not None:
             if not isinstance(self.dec_params, Mapping):
                 raise TypeError(f"The 'dec_params' parameter of {name} must be a dict or None. "
@@ -277,9 +286,10 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
         name = type(self).__name__
         aliases = {dec_name: name_ for name_, dec_name in _DEC_PARAMS.items()}
         decs = {}
+        base = resolve_random_state(self.random_state, self.seed, owner=name)
         for j, layer in enumerate(self.layers):
-            seed = None if self.seed is None else int(self.seed) + j
-            dec = DEC(n_clusters=self.n_clusters, embedding_dim=self.embedding_dim, seed=seed,
+            seed = None if base is None else int(base) + j
+            dec = DEC(n_clusters=self.n_clusters, embedding_dim=self.embedding_dim, random_state=seed,
                       **self._dec_kwargs(layer))
             dec._check_params(owner=name, aliases=aliases)
             decs[layer] = dec
@@ -287,7 +297,7 @@ class ActivationClusteringSurrogate(FrozenAfterFitMixin, BaseEstimator):
 
     def _check_fitted(self) -> None:
         if "decs_" not in self.__dict__:
-            raise ValueError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' first.")
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' first.")
 
     def fit(self, images: Data, labels: Any = None) -> ActivationClusteringSurrogate:
         """Capture the layers' activations on the training data, fit one DEC per layer and the class posteriors.

@@ -287,7 +287,7 @@ def _fit_on_rank0(model: nn.Module, rows: torch.Tensor) -> dict[str, Any]:
         if data.shape[0] < head.n_clusters:
             raise ValueError(f"fit_dataset: {data.shape[0]} sampled locations for {head.n_clusters} clusters.")
         kmeans = KMeans(n_clusters=head.n_clusters, n_init=head.n_init, max_iter=head.max_iter,
-                        random_state=head.seed).fit(data)
+                        random_state=head._random_state()).fit(data)
         _set_kmeans_head(model, rows, kmeans)
         return {"centroids": torch.as_tensor(kmeans.cluster_centers_), "sklearn": kmeans, **_head_state(model)}
     model.fit_head(rows)
