@@ -24,9 +24,9 @@ from ._utils import (
     module_dtype_device,
     resolve_random_state,
 )
-from .layers import ResizableBuffers
+from .layers import MinPool, ResizableBuffers
 
-__all__ = ["NeonEstimator", "SEED_CONSTRAINTS"]
+__all__ = ["NeonEstimator", "MembershipEstimator", "SEED_CONSTRAINTS"]
 
 #: ``random_state`` and its deprecated alias ``seed``: an int >= 0 or None
 SEED_CONSTRAINTS: dict[str, Constraint] = {"random_state": Integer(0, allow_none=True),
@@ -217,3 +217,34 @@ def _check_index(index: Any, n: int, owner: str) -> int:
     if not -n <= index < n:
         raise ValueError(f"index passed to {owner} must lie in [0, {n}). Got {index}.")
     return int(index) % n
+
+
+class MembershipEstimator(NeonEstimator):
+    """A min over linear cluster differences (``self.difference``, ``self.pool``): the forward, the assignment and the
+    default β shared by the membership networks (k-means, bisecting k-means, tied Gaussian mixtures)."""
+
+    difference: torch.nn.Module
+    pool: MinPool
+
+    def forward(self, x: ArrayLike) -> torch.Tensor:
+        """Membership evidence ``f_c(x)`` for every cluster (component), shape (n, K)."""
+        self._check_fitted()
+        return self.pool(self.difference(self._as_tensor(x)))
+
+    @torch.no_grad()
+    def predict(self, x: ArrayLike) -> torch.Tensor:
+        """The assigned cluster ``argmax_c f_c(x)`` (the one with positive evidence), shape (n,), as scikit-learn's
+        ``predict``."""
+        return self(x).argmax(-1)
+
+    def default_target(self, output: torch.Tensor) -> torch.Tensor:
+        """The target :func:`~neon_attrib.explain` uses when none is given: the assigned cluster."""
+        return output.argmax(-1)
+
+    def _mean_evidence_beta(self, data: torch.Tensor | None) -> float:
+        """``1 / mean_x f_{c(x)}(x)`` over ``data`` (1 without data or evidence): the default soft-argmin β."""
+        if data is None:
+            return 1.0
+        evidence = self.pool(self.difference(data)).amax(-1).clamp_min(0)
+        mean_evidence = float(evidence.mean()) if evidence.numel() else 0.0
+        return 1.0 / mean_evidence if mean_evidence > 0 else 1.0

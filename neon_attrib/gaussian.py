@@ -30,7 +30,7 @@ import torch
 
 from ._utils import ArrayLike, Boolean, Constraint, Integer, Options, Real, module_dtype_device
 from .composites import register_rule
-from .estimator import SEED_CONSTRAINTS, NeonEstimator
+from .estimator import SEED_CONSTRAINTS, MembershipEstimator, NeonEstimator
 from .layers import (
     LinearClusterDifference,
     MahalanobisDistance,
@@ -498,7 +498,7 @@ class GaussianMixtureOutlier(_MixtureParameters, NeonEstimator):
         return model
 
 
-class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
+class GaussianMixtureMembership(_MixtureParameters, MembershipEstimator):
     """Membership evidence of a tied-covariance Gaussian mixture, ``f_c(x) = min_{k≠c} (ℓ_c(x) − ℓ_k(x))`` for every
     component c, ``ℓ_k = log π_k N(x | μ_k, Σ)``.
 
@@ -584,26 +584,8 @@ class GaussianMixtureMembership(_MixtureParameters, NeonEstimator):
         self.difference.centre = _as_module_tensor(self, centre)
         self.difference.others = torch.tensor(others, dtype=torch.long, device=self.difference.weight.device)
         self.n_features_in_ = int(means.shape[1])
-        self.default_beta_ = 1.0
-        if data is not None:
-            evidence = self.pool(self.difference(_as_module_tensor(self, data))).amax(-1).clamp_min(0)
-            mean_evidence = float(evidence.mean()) if evidence.numel() else 0.0
-            self.default_beta_ = 1.0 / mean_evidence if mean_evidence > 0 else 1.0
+        self.default_beta_ = self._mean_evidence_beta(None if data is None else _as_module_tensor(self, data))
         self._refresh_fitted()
-
-    def forward(self, x: ArrayLike) -> torch.Tensor:
-        """Membership evidence ``f_c(x)`` for every component, shape (n, K)."""
-        self._check_fitted()
-        return self.pool(self.difference(self._as_tensor(x)))
-
-    @torch.no_grad()
-    def predict(self, x: ArrayLike) -> torch.Tensor:
-        """The component ``argmax_c f_c(x)`` (n,), as ``GaussianMixture.predict``."""
-        return self(x).argmax(-1)
-
-    def default_target(self, output: torch.Tensor) -> torch.Tensor:
-        """The target :func:`~neon_attrib.explain` uses when none is given: the predicted component."""
-        return output.argmax(-1)
 
     @classmethod
     def from_sklearn(cls, gmm: Any, X: ArrayLike | None = None, **kwargs: Any) -> GaussianMixtureMembership:

@@ -15,44 +15,14 @@ import torch
 
 from ._utils import ArrayLike, Integer, Options, Real, module_dtype_device
 from .composites import register_rule
-from .estimator import SEED_CONSTRAINTS, NeonEstimator
+from .estimator import SEED_CONSTRAINTS, MembershipEstimator
 from .layers import ClusterDifference, LinearClusterDifference, MinPool
 from .rules import KMeansActivationRule
 
 __all__ = ["KMeansMembership", "BisectingKMeansMembership"]
 
 
-class _Membership(NeonEstimator):
-    """A min over linear cluster differences (``self.difference``, ``self.pool``): the forward, the assignment and the
-    default β shared by the k-means membership networks."""
-
-    difference: torch.nn.Module
-    pool: MinPool
-
-    def forward(self, x: ArrayLike) -> torch.Tensor:
-        """Cluster evidence ``f_c(x)`` for every cluster, shape (n, K)."""
-        self._check_fitted()
-        return self.pool(self.difference(self._as_tensor(x)))
-
-    @torch.no_grad()
-    def predict(self, x: ArrayLike) -> torch.Tensor:
-        """The assigned cluster ``argmax_c f_c(x)`` (the one with positive evidence), shape (n,)."""
-        return self(x).argmax(-1)
-
-    def default_target(self, output: torch.Tensor) -> torch.Tensor:
-        """The target :func:`~neon_attrib.explain` uses when none is given: the assigned cluster."""
-        return output.argmax(-1)
-
-    def _mean_evidence_beta(self, data: torch.Tensor | None) -> float:
-        """``1 / mean_x f_{c(x)}(x)`` over ``data`` (1 without data or evidence): the default soft-argmin β."""
-        if data is None:
-            return 1.0
-        evidence = self.pool(self.difference(data)).amax(-1).clamp_min(0)
-        mean_evidence = float(evidence.mean()) if evidence.numel() else 0.0
-        return 1.0 / mean_evidence if mean_evidence > 0 else 1.0
-
-
-class KMeansMembership(_Membership):
+class KMeansMembership(MembershipEstimator):
     """k-means cluster membership evidence ``f_c(x) = min_{k≠c} {‖x − μ_k‖² − ‖x − μ_c‖²}`` for every cluster c.
 
     A :class:`~neon_attrib.layers.ClusterDifference` layer (all ``K(K−1)`` linear differences) and a
@@ -197,7 +167,7 @@ register_rule(KMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta
               covers_children=True)
 
 
-class BisectingKMeansMembership(_Membership):
+class BisectingKMeansMembership(MembershipEstimator):
     """Cluster membership of a bisecting k-means (scikit-learn's ``BisectingKMeans``), exactly as its ``predict``.
 
     A bisecting k-means assigns a point down its tree of bisections: at every split, to the nearer of the two
