@@ -36,6 +36,7 @@ was applied to directly.
 from __future__ import annotations
 
 import operator
+import threading
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ from .canonical import ChannelAffine, ConstantNormGroupNorm, ConstantNormLayerNo
 from .composites import is_neon_module, register_rule
 
 __all__ = ["GraphCanonizer", "needs_graph_canonizer", "register_documented", "register_trusted_container",
-           "is_trusted_container", "register_gradient_leaf", "is_gradient_leaf", "canonical_layer_map", "RULES_NEEDED"]
+           "is_trusted_container", "register_gradient_leaf", "is_gradient_leaf", "canonical_layer_map", "RULES_NEEDED",
+           "TRACE_LOCK"]
 
 #: Attribute set on a canonized root module: ``{module path: module}`` of the layers that must receive an LRP rule
 #: from the composite (the explain pipeline checks it before explaining).
@@ -79,6 +81,12 @@ _GRADIENT_LEAVES: tuple[type, ...] = (
 
 _TRUSTED: list[type] = []
 _GRADIENT_REGISTERED: list[type] = []
+
+
+#: Held while a graph is traced, and by every explanation's forward and backward pass (``pipeline.grad_mode``):
+#: torch.fx patches ``torch.nn.Module.__call__`` process-wide while it traces, so a forward pass in another thread
+#: would be recorded into the trace (or receive its proxies). Re-entrant: an explanation traces inside its own hold.
+TRACE_LOCK = threading.RLock()
 
 
 def register_gradient_leaf(types_: type | tuple[type, ...]) -> None:
@@ -301,7 +309,8 @@ class _Canonization(Canonizer):
         if is_gradient_leaf(module) or isinstance(module, BATCH_NORMS) or _is_norm(module):
             return
         try:
-            graph = _LocalTracer().trace(module)
+            with TRACE_LOCK:
+                graph = _LocalTracer().trace(module)
         except Exception as exc:  # torch.fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(

@@ -36,7 +36,7 @@ from zennit.rules import Pass
 from ._backend import PRECISIONS, check_precision, guard_batch_norms, precision_mode
 from ._utils import BATCH_NORMS, as_targets
 from .composites import NeonComposite, covers_children, is_neon_module, needs_own_rule
-from .graph import RULES_NEEDED, GraphCanonizer, needs_graph_canonizer
+from .graph import RULES_NEEDED, TRACE_LOCK, GraphCanonizer, needs_graph_canonizer
 
 __all__ = [
     "attribution_output",
@@ -518,8 +518,10 @@ def hooked(model: nn.Module, composite: Composite | None = None, *, beta: float 
 
 @contextlib.contextmanager
 def grad_mode() -> Iterator[None]:
-    """Gradients on, even inside the caller's ``torch.no_grad()`` or ``torch.inference_mode()``."""
-    with torch.inference_mode(False), torch.enable_grad():
+    """Gradients on, even inside the caller's ``torch.no_grad()`` or ``torch.inference_mode()``; and the process-wide
+    :data:`~neon_attrib.graph.TRACE_LOCK`, so that no explanation runs while another thread's graph canonizer traces
+    (explanations in several threads take turns)."""
+    with TRACE_LOCK, torch.inference_mode(False), torch.enable_grad():
         yield
 
 

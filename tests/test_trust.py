@@ -73,7 +73,19 @@ def _in_threads(function, inputs, n_threads=4, repeats=3):
     return results
 
 
-@pytest.mark.parametrize("kind", ["kde", "kmeans", "deep", "neonlrp"])
+class _SkipNet(nn.Module):
+    """Functional ReLUs and an addition: explained through the graph canonizer (torch.fx tracing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.conv1(x))
+        return torch.relu(a + self.conv2(a))
+
+
+@pytest.mark.parametrize("kind", ["kde", "kmeans", "deep", "neonlrp", "graph"])
 def test_concurrent_explanations_on_one_model_are_correct(kind, blobs, images):
     if kind == "kde":
         model = KDEOutlier(gamma=0.5).double().fit(blobs)
@@ -81,11 +93,15 @@ def test_concurrent_explanations_on_one_model_are_correct(kind, blobs, images):
     elif kind == "kmeans":
         model = KMeansMembership(3, random_state=0).double().fit(blobs)
         inputs = [torch.as_tensor(blobs[i::7]) for i in range(4)]
+    elif kind == "graph":  # torch.fx patches nn.Module.__call__ process-wide while it traces: threads take turns
+        torch.manual_seed(0)
+        model = DeepNeon(_SkipNet().double(), KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
+        inputs = [images[i:i + 2] for i in range(3)]
     else:
         model, inputs = deep_kde(images), [images[i:i + 2] for i in range(3)]
     run = (lambda x: NeonLRP(model).attribute(x)) if kind == "neonlrp" else (lambda x: explain(model, x))
     expected = [run(x) for x in inputs]
-    results = _in_threads(run, inputs)
+    results = _in_threads(run, inputs, n_threads=8 if kind == "graph" else 4, repeats=6 if kind == "graph" else 3)
     for i, relevance in results.items():
         torch.testing.assert_close(relevance, expected[i % len(inputs)], rtol=1e-12, atol=1e-12)
     assert_no_hooks(model)
