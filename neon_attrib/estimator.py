@@ -226,6 +226,16 @@ class MembershipEstimator(NeonEstimator):
     difference: torch.nn.Module
     pool: MinPool
 
+    beta: float | None
+    default_beta_: float | None
+
+    def _refresh_fitted(self) -> None:
+        self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))
+
+    def _configure_layers(self) -> None:
+        if self.__sklearn_is_fitted__():
+            self._refresh_fitted()
+
     def forward(self, x: ArrayLike) -> torch.Tensor:
         """Membership evidence ``f_c(x)`` for every cluster (component), shape (n, K)."""
         self._check_fitted()

@@ -551,13 +551,6 @@ class GaussianMixtureMembership(_MixtureParameters, MembershipEstimator):
         self.difference = LinearClusterDifference()
         self.pool = MinPool()
 
-    def _refresh_fitted(self) -> None:
-        self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))
-
-    def _configure_layers(self) -> None:
-        if self.__sklearn_is_fitted__():
-            self._refresh_fitted()
-
     def fit(self, X: ArrayLike, y: Any = None) -> GaussianMixtureMembership:
         """Fit a tied-covariance ``GaussianMixture`` on ``X`` (float64) and neuralize it. Returns ``self``."""
         self._validate_hyperparameters()

@@ -110,6 +110,9 @@ class KMeansMembership(MembershipEstimator):
     def _refresh_fitted(self) -> None:
         self.pool.beta = float(self.beta if self.beta is not None else self.default_beta_)  # type: ignore[arg-type]
 
+    def _configure_layers(self) -> None:  # the pool's beta travels in the extra state
+        pass
+
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "pool_beta": self.pool.beta, "default_beta_": self.default_beta_}
 
@@ -237,13 +240,6 @@ class BisectingKMeansMembership(MembershipEstimator):
         self.register_buffer("centroids", torch.empty(0, 0))
         self.difference = LinearClusterDifference()
         self.pool = MinPool()
-
-    def _refresh_fitted(self) -> None:
-        self.pool.beta = float(self.beta if self.beta is not None else (self.default_beta_ or 1.0))
-
-    def _configure_layers(self) -> None:
-        if self.__sklearn_is_fitted__():
-            self._refresh_fitted()
 
     def fit(self, X: ArrayLike, y: Any = None) -> BisectingKMeansMembership:
         """Run scikit-learn's ``BisectingKMeans`` (float64) on ``X`` and neuralize its tree. Returns ``self``."""
