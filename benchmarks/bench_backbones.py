@@ -73,7 +73,7 @@ from zennit.torchvision import ResNetCanonizer  # noqa: E402
 from neon_attrib import KDEOutlier  # noqa: E402
 from neon_attrib.attribution import attribution_output  # noqa: E402
 from neon_attrib.deep import DeepNeon, median_gamma  # noqa: E402
-from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, LRPExplainer  # noqa: E402
+from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, GuardBatchNorms, LRPExplainer  # noqa: E402
 from neon_attrib.graph import canonical_layer_map  # noqa: E402
 from neon_attrib.pipeline import isolated  # noqa: E402
 from neon_attrib.vision import FeatureTaps, backbone, default_canonizers, get_preprocessing  # noqa: E402
@@ -210,7 +210,8 @@ def zennit_canonizers(features: torch.nn.Module) -> list:
     """The canonizers a Zennit user picks: Zennit's own ``ResNetCanonizer`` for torchvision ResNets. Zennit has none
     for the other CNNs: there its rules run on the graph-canonized network (``GraphCanonizer``)."""
     canonizers = default_canonizers(features)
-    return [ResNetCanonizer() if isinstance(c, FastResNetCanonizer) else c for c in canonizers]
+    # GuardBatchNorms: Zennit 1.0's merged batch norms (eps = 0) run on PyTorch 2.10/2.11 too
+    return [ResNetCanonizer() if isinstance(c, FastResNetCanonizer) else c for c in canonizers] + [GuardBatchNorms()]
 
 
 def zennit_composite(low, high, features: torch.nn.Module) -> EpsilonGammaBox:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One run on a fresh GPU machine (Python 3.12, a CUDA build of PyTorch installed): the CUDA tests, then bench_fast_lrp
-# (exact and fast precision), bench_speed and bench_backbones on CUDA, JSON into benchmarks/results/*_cuda*.json, then
-# the whole suite with what is left of the time. About 8 minutes on an H200; each step is capped, the rest goes on.
+# One run on a fresh GPU machine (Python 3.12, a CUDA build of PyTorch installed): the CUDA tests, the whole suite,
+# then bench_fast_lrp (exact), bench_speed and bench_backbones on CUDA and bench_fast_lrp (fast precision), JSON into
+# benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
+# on. GPU_CHECK_STEPS="cuda suite fast_lrp speed backbones fast_lrp_fast" (the default) picks steps.
 #
 # Run it from the repository root:  bash benchmarks/gpu_check.sh
 #
@@ -48,24 +49,28 @@ say "environment"
 torch.__version__, 'cuda', torch.cuda.is_available(), 'zennit', m.version('zennit'), 'captum', m.version('captum'),
 'zarr', m.version('zarr'), 'threads', torch.get_num_threads())" 2>&1; } | tee -a "$LOG"
 
+# GPU_CHECK_STEPS picks steps (default: all, in this order: the tests first, they matter most)
+STEPS=" ${GPU_CHECK_STEPS:-cuda suite fast_lrp speed backbones fast_lrp_fast} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+
 # 1. the tests that need the GPU (they skip on a CPU) and the precision/device/batch-norm tests around them
-step "CUDA tests" 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_precision.py tests/test_devices.py \
+want cuda && step "CUDA tests" 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_precision.py tests/test_devices.py \
     "tests/test_deep.py::test_cuda_matches_cpu" "tests/test_models.py::test_cuda_matches_cpu"
 
-# 2. benchmarks, exact precision (the default) unless said; every row of the JSON names its precision
-step "bench_fast_lrp exact" 70 $PY benchmarks/bench_fast_lrp.py --device cuda --precision exact --size 224 \
-    --batches 1 32 128 --repeats 5 --zennit-max-batch 32 --channels-last --output $RESULTS/fast_lrp_cuda.json
-step "bench_fast_lrp fast" 60 $PY benchmarks/bench_fast_lrp.py --device cuda --precision fast --size 224 \
-    --batches 1 32 128 --repeats 5 --no-zennit --output $RESULTS/fast_lrp_cuda_fast.json
-step "bench_speed exact" 110 $PY benchmarks/bench_speed.py --device cuda --precision exact --batches 1 32 128 \
-    --heads kde_outlier --supports 10000 --repeats 3 --budget 10 --reference-max-batch 32 --autocast \
-    --output $RESULTS/speed_cuda.json
-step "bench_backbones exact" 110 $PY benchmarks/bench_backbones.py --device cuda --precision exact --batches 1 32 \
-    --backbones resnet18 resnet50 --support 2000 --repeats 3 --budget 10 --zennit-max-batch 32 --no-real-weights \
-    --output $RESULTS/backbones_cuda.json
+# 2. the whole suite on this machine's environment (its Python, torch, Zennit and thread count)
+want suite && step "whole suite" 150 $PY -m pytest -q -p no:cacheprovider -rfE -n 12 tests
 
-# 3. the whole suite on this machine's environment, with the time left
-step "whole suite" 600 $PY -m pytest -q -p no:cacheprovider -n 12 tests
+# 3. benchmarks, exact precision (the default) unless said; every row of the JSON names its precision
+want fast_lrp && step "bench_fast_lrp exact" 60 $PY benchmarks/bench_fast_lrp.py --device cuda --precision exact \
+    --size 224 --batches 1 32 128 --repeats 5 --zennit-max-batch 32 --channels-last --output $RESULTS/fast_lrp_cuda.json
+want speed && step "bench_speed exact" 80 $PY benchmarks/bench_speed.py --device cuda --precision exact \
+    --batches 1 32 128 --heads kde_outlier --supports 10000 --repeats 3 --budget 10 --reference-max-batch 32 \
+    --autocast --output $RESULTS/speed_cuda.json
+want backbones && step "bench_backbones exact" 70 $PY benchmarks/bench_backbones.py --device cuda --precision exact \
+    --batches 1 32 --backbones resnet18 resnet50 --support 2000 --repeats 3 --budget 10 --zennit-max-batch 32 \
+    --no-real-weights --output $RESULTS/backbones_cuda.json
+want fast_lrp_fast && step "bench_fast_lrp fast" 50 $PY benchmarks/bench_fast_lrp.py --device cuda --precision fast \
+    --size 224 --batches 1 32 128 --repeats 5 --no-zennit --output $RESULTS/fast_lrp_cuda_fast.json
 
 say "done"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then

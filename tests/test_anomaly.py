@@ -586,4 +586,4 @@ def test_resnet_batches_of_two_pass_the_audit_per_image():
     relevance, audit = explain(model, x, return_audit=True)
     assert audit.ok and audit.score.shape == (2,), audit
     single = torch.cat([explain(model, x[i:i + 1]) for i in range(2)])
-    assert_relative(relevance, single, 1e-5)
+    assert_relative(relevance, single, 1e-4)  # kernels for batches of 1 and 2 round differently (a mix-up is O(1))

@@ -124,7 +124,8 @@ def test_explain_dataset_fits_on_the_photos_not_the_masks(tmp_path, capsys):
     assert _explain_dataset(tiles, tmp_path / "photos.zarr", "--fit", str(photos)) == 0
     scores = {name: open_results(tmp_path / f"{name}.zarr").table()["score"]
               for name in ("default", "pattern", "photos")}
-    np.testing.assert_allclose(scores["default"], scores["photos"], rtol=1e-5)
+    # rounding only (features of batches read differently, many threads); the masks fitted in would change them O(1)
+    np.testing.assert_allclose(scores["default"], scores["photos"], rtol=1e-3)
     np.testing.assert_allclose(scores["pattern"], scores["photos"], rtol=1e-5)
 
 

@@ -7,12 +7,14 @@ is replaced by one that raises as PyTorch 2.11 does.
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import accept_zero_eps
 from torch import nn
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
@@ -21,7 +23,7 @@ from zennit.torchvision import ResNetCanonizer
 
 from neon_attrib import explain
 from neon_attrib.deep import DeepNeon
-from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, LRPExplainer, MergeBatchNorms
+from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, GuardBatchNorms, LRPExplainer, MergeBatchNorms
 from neon_attrib.functional import safe_sqrt
 from neon_attrib.neighbors import KNNOutlier
 from neon_attrib.pipeline import (
@@ -198,6 +200,10 @@ def resnet_paths():
         composite = EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[zero_eps(FastResNetCanonizer())])
         return Gradient(isolated(model), composite)(x, lambda out: out)[1]
 
+    def zennit_guarded(model, x):  # Zennit's own canonizer and attributor, our guard last
+        composite = EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[zero_eps(ResNetCanonizer()), GuardBatchNorms()])
+        return Gradient(isolated(model), composite)(x, lambda out: out)[1]
+
     return [
         ("zennit ResNetCanonizer in run", pipeline_with(EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[
             ResNetCanonizer()]))),
@@ -207,6 +213,7 @@ def resnet_paths():
         ("zero-eps MergeBatchNorms in LRPExplainer", explainer_with(FastEpsilonGammaBox(
             low=LOW, high=HIGH, canonizers=[zero_eps(FastResNetCanonizer())]))),
         ("zero-eps MergeBatchNorms with zennit's Gradient", zennit_gradient),
+        ("zero-eps zennit ResNetCanonizer + GuardBatchNorms with zennit's Gradient", zennit_guarded),
     ]
 
 
@@ -221,7 +228,8 @@ def test_no_batch_norm_with_zero_eps_reaches_torch(resnet, refuse_zero_eps, inde
     monkeypatch.undo()  # PyTorch as installed: accepts eps = 0 in eval mode; no guard
     monkeypatch.setattr("neon_attrib.pipeline.guard_batch_norms", lambda model: [])
     monkeypatch.setattr("neon_attrib.fast.canonizers.guard_batch_norms", lambda model: [])
-    reference = explain_with(resnet, x)
+    with accept_zero_eps():
+        reference = explain_with(resnet, x)
     torch.testing.assert_close(relevance, reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))
     assert all(torch.equal(value, state[key]) for key, value in resnet.state_dict().items())
     assert all("forward" not in module.__dict__ for module in resnet.modules())
@@ -233,7 +241,8 @@ def test_guarded_batch_norm_equals_torchs(dtype):
     to rounding, and the identity of a merged norm is exact."""
     bn = randomized(nn.Sequential(nn.BatchNorm2d(5, eps=0.0)))[0].to(dtype)
     x = torch.randn(2, 5, 4, 4, dtype=dtype, generator=torch.Generator().manual_seed(2))
-    expected = bn(x)
+    with accept_zero_eps():  # PyTorch's own where it runs eps = 0 (2.13 and later), a written-out one elsewhere
+        expected = bn(x)
     assert guard_batch_norms(bn) == [bn]
     torch.testing.assert_close(bn(x), expected)
     for key, func in zip(("running_mean", "running_var", "bias", "weight"), (torch.zeros_like, torch.ones_like) * 2):
@@ -263,7 +272,7 @@ def test_safe_sqrt_gradient():
     positive = o.detach()[2:].clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(positive.sqrt(), positive, torch.ones_like(positive))
     assert torch.equal(gradient[:2], torch.zeros(2, dtype=torch.float64))
-    assert torch.equal(gradient[2:], expected)  # bit for bit torch's elsewhere
+    torch.testing.assert_close(gradient[2:], expected, rtol=1e-15, atol=0)  # torch's elsewhere (to its rounding)
     assert torch.equal(safe_sqrt(o.detach()), torch.tensor([0.0, 0.0, 1e-150, 2.0 ** 0.5, 3.0], dtype=torch.float64))
 
 
@@ -286,14 +295,16 @@ def test_knn_sqrt_head_at_zero_distance_gives_zero_relevance(clamp_passes_gradie
 # on a GPU
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_exact_by_default_even_with_tf32_switched_on():
-    """With TF32 allowed process-wide (PyTorch's default for cuDNN), an explanation is still exact: GPU = CPU to 1e-5
-    of the largest relevance; the fast policy stays within its stated error and audit; the switches come back."""
+    """With TF32 allowed process-wide (PyTorch's default for cuDNN), an explanation is still exact: the GPU heatmap is
+    as close to the float64 one as the CPU's float32 heatmap is (TF32 is ~100 times further off); the fast policy
+    stays within its stated error and audit; the switches come back."""
     cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
     previous = cuda.matmul.fp32_precision, cudnn.conv.fp32_precision
     model = randomized(torchvision.models.resnet18(weights=None, num_classes=10)).float()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     composite = lambda: FastEpsilonGammaBox(low=LOW, high=HIGH, canonizers=[FastResNetCanonizer()])  # noqa: E731
     cpu = run(model, (x,), composite=composite()).relevance[0]
+    truth = run(copy.deepcopy(model).double(), (x.double(),), composite=composite()).relevance[0]
     try:
         cuda.matmul.fp32_precision, cudnn.conv.fp32_precision = "tf32", "tf32"
         gpu_model = model.cuda()
@@ -305,6 +316,9 @@ def test_cuda_exact_by_default_even_with_tf32_switched_on():
     finally:
         cuda.matmul.fp32_precision, cudnn.conv.fp32_precision = previous
         model.cpu()
-    scale = float(cpu.abs().max())
-    assert float((exact - cpu).abs().max()) <= 1e-5 * scale
+    scale = float(truth.abs().max())
+    cpu_error, gpu_error = (float((heatmap.double() - truth).abs().max()) for heatmap in (cpu, exact))
+    # float32 rounding on a ResNet-18 reaches ~2e-5 of the largest relevance on either device; TF32 gives ~3e-3
+    assert gpu_error <= 4 * cpu_error + 1e-6 * scale, (gpu_error / scale, cpu_error / scale)
+    assert float((exact - cpu).abs().max()) <= 1e-4 * scale
     assert float((fast.cpu() - cpu).abs().max()) <= 5e-2 * scale

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from ..pipeline import Explainer
 from ._core import FastHook, FastNorm, FastPass
-from .canonizers import FastResNetCanonizer, MergeBatchNorms
+from .canonizers import FastResNetCanonizer, GuardBatchNorms, MergeBatchNorms
 from .composites import FastEpsilonGammaBox, FastEpsilonPlusFlat
 from .rules import FastAlphaBeta, FastEpsilon, FastFlat, FastGamma, FastZBox, FastZPlus
 
@@ -57,6 +57,7 @@ __all__ = [
     "FastEpsilonGammaBox",
     "FastEpsilonPlusFlat",
     "FastResNetCanonizer",
+    "GuardBatchNorms",
     "MergeBatchNorms",
     "LRPExplainer",
 ]

@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, SequentialMergeBatchNorm
+from zennit.canonizers import AttributeCanonizer, Canonizer, CompositeCanonizer, SequentialMergeBatchNorm
 from zennit.layer import Sum
 
 from .._utils import BATCH_NORMS
 from ..pipeline import guard_batch_norms
 
-__all__ = ["FastResNetCanonizer", "MergeBatchNorms"]
+__all__ = ["FastResNetCanonizer", "GuardBatchNorms", "MergeBatchNorms"]
 
 
 class MergeBatchNorms(SequentialMergeBatchNorm):
@@ -50,6 +50,43 @@ class MergeBatchNorms(SequentialMergeBatchNorm):
         for module in getattr(self, "_guarded", ()):
             del module.forward
         self._guarded = []
+
+
+class GuardBatchNorms(Canonizer):
+    """Let PyTorch 2.10 and 2.11 run Zennit 1.0's merged batch norms: put it *last* in a composite's canonizers.
+
+    Zennit 1.0's batch-norm merge leaves each merged norm as the identity with ``eps = 0``, which PyTorch 2.10 and 2.11
+    refuse even in eval mode, so Zennit's own ``Gradient`` with Zennit's ``ResNetCanonizer`` (or any canonizer that
+    merges batch norms) fails there. Applied after the other canonizers, this one gives every batch norm with
+    ``eps <= 0`` an exact element-wise forward (:func:`neon_attrib.pipeline.guard_batch_norms`) and takes it away on
+    removal. The explanations of this package do so on their own; this is for Zennit's attributors used directly.
+
+    Examples
+    --------
+    >>> from zennit.composites import EpsilonPlusFlat
+    >>> from zennit.torchvision import ResNetCanonizer
+    >>> composite = EpsilonPlusFlat(canonizers=[ResNetCanonizer(), GuardBatchNorms()])
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guarded: list[nn.Module] = []
+
+    def apply(self, root_module: nn.Module) -> list[Canonizer]:
+        instance = self.copy()
+        instance.register(root_module)
+        return [instance]
+
+    def register(self, root_module: nn.Module) -> None:
+        self._guarded = guard_batch_norms(root_module)
+
+    def remove(self) -> None:
+        for module in self._guarded:
+            del module.forward
+        self._guarded = []
+
+    def copy(self) -> GuardBatchNorms:
+        return type(self)()
 
 
 def _basic_block_forward(self: BasicBlock, x: torch.Tensor) -> torch.Tensor:
