@@ -17,8 +17,9 @@ heads on feature maps, DEC, evaluation      ``deep``, ``dec``, ``evaluation``, `
 vision                                      ``vision``
 fast rules, ``explain``, Captum's LRP       ``fast``, ``attribution``, ``_captum_lrp``
 the explain pipeline                        ``pipeline``
+graph canonizer                             ``graph``, ``canonical``
 estimators                                  ``models``, ``neuralize``, ``leave_one_out``, ``kde``, ``kmeans``,
-                                            ``neighbors``, ``gaussian``, ``kernels``, ``estimator``
+                                            ``neighbors``, ``gaussian``, ``kernels``, ``positional``, ``estimator``
 the model registry                          ``registry``
 composites                                  ``composites``
 rules                                       ``rules``
@@ -67,7 +68,7 @@ __version__ = "0.1.0"
 _SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
                "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
                "gaussian", "kernels", "neighbors", "positional", "estimator", "kde", "kmeans", "sanity", "scale",
-               "anomaly", "registry")
+               "anomaly", "registry", "graph", "canonical")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {

@@ -17,9 +17,8 @@ import neon_attrib
 from neon_attrib import composites, explain, neuralize, registry
 from neon_attrib.captum import LRP
 from neon_attrib.composites import NeonComposite, needs_own_rule
-from neon_attrib.layers import LogMeanExpPool, SquaredDistance
-from neon_attrib.registry import Neuralization, register_model, registered_models
-from neon_attrib.rules import KDEOutlierActivationRule
+from neon_attrib.layers import SquaredDistance
+from neon_attrib.registry import register_model, registered_models
 
 ROOT = Path(__file__).resolve().parents[1]
 #: registered models that are not package-level names: built by DeepNeon.fit_self, documented in docs/deep.md
@@ -104,26 +103,22 @@ def test_neuralize_lists_follow_the_registry():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# a new model, added by one registration
-class SoftNearestCentroid(torch.nn.Module):
-    """``LME^{−β}_k ‖x − μ_k‖²``: a KDE outlier score on the centroids (so the KDE activation rule applies)."""
-
-    def __init__(self, centroids: torch.Tensor | None = None, beta: float = 1.0):
-        super().__init__()
-        self.distance = SquaredDistance(centroids)
-        self.pool = LogMeanExpPool(alpha=-beta)
-        self.gamma = self.beta_ = beta
-        self.chunk_size = 1024
-
-    def forward(self, x):
-        return self.pool(self.distance(x))
-
-
+# a new model, added by one registration (the example of docs/new_model.md)
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """The registries as they are now, restored after the test."""
     monkeypatch.setattr(registry, "_MODELS", list(registry._MODELS))
     monkeypatch.setattr(composites, "_REGISTRY", list(composites._REGISTRY))
+
+
+def _documented_model() -> dict:
+    """Run the python block of docs/new_model.md's section "A model: one registration"; its namespace."""
+    page = (ROOT / "docs" / "new_model.md").read_text(encoding="utf-8")
+    section = page.split("## A model: one registration", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict = {}
+    exec(compile(block, "docs/new_model.md", "exec"), namespace)
+    return namespace
 
 
 @pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")  # Captum's LRP
@@ -134,31 +129,34 @@ def test_a_new_model_joins_every_entry_point_by_one_registration(fresh_registry)
     with pytest.raises(TypeError, match="does not support NearestCentroid"):
         neuralize(sklearn_model)
 
-    register_model(SoftNearestCentroid, lambda beta, eps: KDEOutlierActivationRule(beta=beta),
-                   layers=(SquaredDistance, LogMeanExpPool), captum_split=True,
-                   neuralization=Neuralization(("sklearn.neighbors.NearestCentroid",), "NearestCentroid",
-                                               ("beta",), lambda est, beta=1.0: SoftNearestCentroid(
-                                                   torch.as_tensor(est.centroids_), beta)))
+    model_class = _documented_model()["SoftNearestCentroid"]
 
     model = neuralize(sklearn_model, beta=0.5, dtype=torch.float64)
-    assert type(model) is SoftNearestCentroid
+    assert type(model) is model_class
     with pytest.raises(TypeError, match=r"unexpected option\(s\) \['k'\] for NearestCentroid"):
         neuralize(sklearn_model, k=1)
     x = torch.as_tensor(rng.normal(size=(4, 3)) + 2)
     relevance = explain(model, x)
     torch.testing.assert_close(LRP(model).attribute(x.clone()), relevance, rtol=1e-6, atol=1e-9)
-    # on activations, the model's own rule: a KDE outlier on the centroids has the same relevance
+    # on activations, the model's own rule: a KDE outlier on the centroids has the same score and relevance
     kde = neon_attrib.KDEOutlier(gamma=0.5).double().fit(sklearn_model.centroids_)
     a = x.abs()
+    torch.testing.assert_close(model(a), kde(a))
     torch.testing.assert_close(explain(model, a, composite=NeonComposite(mode="activation")),
                                explain(kde, a, composite=NeonComposite(mode="activation")))
     assert "NearestCentroid" not in sys.modules["neon_attrib.neuralize"].SUPPORTED  # a snapshot at import
+
+
+class _Plain(torch.nn.Module):
+    def forward(self, x):
+        return x
 
 
 def test_register_model_refuses_what_it_cannot_use():
     with pytest.raises(TypeError, match="torch.nn.Module subclass"):
         register_model(int, lambda beta, eps: None, layers=())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="captum_split=True needs the model's two layers"):
-        register_model(SoftNearestCentroid, lambda beta, eps: None, layers=(SquaredDistance,), captum_split=True)
+        register_model(_Plain, lambda beta, eps: None, layers=(SquaredDistance,), captum_split=True)
     with pytest.raises(TypeError, match="must be a Neuralization"):
-        register_model(SoftNearestCentroid, lambda beta, eps: None, layers=(), neuralization=("x",))  # type: ignore
+        register_model(_Plain, lambda beta, eps: None, layers=(), neuralization=("x",))  # type: ignore[arg-type]
+    assert _Plain not in [entry.model for entry in registered_models()]
