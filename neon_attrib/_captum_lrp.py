@@ -224,25 +224,28 @@ def _rule_in_context(root: nn.Module, layer: nn.Module, assigned: dict[int, tupl
 def neon_rules_attached(model: nn.Module) -> Iterator[None]:
     """``layer.rule`` on every NEON leaf layer of ``model`` while the block runs; the model as it was afterwards.
 
-    A rule you set on a layer (``layer.rule = NeonRule(...)``, or a Captum rule on a CNN layer) is kept and put back
-    after Captum deleted it; so are the ``activations`` Captum leaves on the leaves it visited removed.
+    A rule you set on a layer (``layer.rule = NeonRule(...)``, or a Captum rule on a CNN layer) is used, and put back
+    after Captum deleted it; the ``activations`` Captum leaves on the leaves it visits are removed. Both attributes end
+    as they were before the call, also when it fails. A rule of ``None`` means Captum's default for this call (Captum
+    sets ``None`` on activation layers itself, and a failed call of Captum's own LRP leaves it behind, which would make
+    Captum's next call fail on ``None.relevance_input``).
     """
     leaves = _leaves(model)
     rules = captum_rules(model)
-    saved = {layer: vars(layer)["rule"] for layer in leaves if "rule" in vars(layer)}
-    had_activations = {layer for layer in leaves if "activations" in vars(layer)}
+    kept = ("rule", "activations")  # what Captum sets on the leaves it visits
+    saved = {layer: {key: vars(layer)[key] for key in kept if key in vars(layer)} for layer in leaves}
     try:
-        for layer, rule in rules.items():
-            if saved.get(layer) is None:  # your own rule wins
-                layer.rule = rule
+        for layer in leaves:
+            if "rule" in saved[layer] and saved[layer]["rule"] is None:
+                del layer.rule
+            if saved[layer].get("rule") is None and layer in rules:  # your own rule wins
+                layer.rule = rules[layer]
         yield
     finally:
         for layer in leaves:
-            vars(layer).pop("rule", None)
-            if layer not in had_activations:
-                vars(layer).pop("activations", None)
-        for layer, rule in saved.items():
-            layer.rule = rule
+            for key in kept:
+                vars(layer).pop(key, None)
+            vars(layer).update(saved[layer])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
