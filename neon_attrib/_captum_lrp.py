@@ -86,12 +86,8 @@ class NeonRule(PropagationRule):
         self.hook = hook
 
     def _resolve(self, module: nn.Module) -> NeonHook:
-        if self.hook is not None:
-            return self.hook
-        hook = NeonComposite()._map({}, "", module)
-        if hook is None and isinstance(module, LocationPool):
-            hook = LocationPoolRule()
-        if not isinstance(hook, NeonHook):
+        hook = self.hook if self.hook is not None else _default_hook(module)
+        if hook is None:
             raise TypeError(f"NeonRule has no default NEON rule for {type(module).__name__}; pass one: NeonRule(rule).")
         return hook
 
@@ -117,6 +113,14 @@ class NeonRule(PropagationRule):
 
     def __repr__(self) -> str:
         return f"NeonRule({self.hook!r})" if self.hook is not None else "NeonRule()"
+
+
+def _default_hook(module: nn.Module) -> NeonHook | None:
+    """The NEON rule :class:`~neon_attrib.composites.NeonComposite` puts on ``module`` alone (input mode), if any."""
+    hook = NeonComposite()._map({}, "", module)
+    if hook is None and isinstance(module, LocationPool):
+        hook = LocationPoolRule()
+    return hook if isinstance(hook, NeonHook) else None
 
 
 def _check_not_empty(inputs: tuple[torch.Tensor, ...]) -> None:
@@ -215,8 +219,8 @@ def _rule_in_context(root: nn.Module, layer: nn.Module, assigned: dict[int, tupl
         return NeonRule()
     if isinstance(hook, NeonHook):
         return NeonRule(hook)
-    if isinstance(NeonComposite()._map({}, "", layer), NeonHook) or isinstance(layer, LocationPool):
-        return NeonRule()  # a NEON layer the composite leaves without a rule: its own default, as NeonRule() gives
+    if _default_hook(layer) is not None:
+        return NeonRule()  # a NEON layer the composite leaves without a rule: its own default
     return None
 
 
