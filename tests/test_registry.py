@@ -3,6 +3,8 @@ it, and a new model joins every entry point (explain, Captum's LRP, neuralize) b
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 import sys
 from pathlib import Path
@@ -26,7 +28,9 @@ INTERNAL = {"LeaveOneOutKDEOutlier", "LeaveOneOutKDEInlier"}
 
 
 def _ours():
-    """The models the package registers (not ones a test or a docstring example registered)."""
+    """The models the package registers (not ones a test or a docstring example registered), every module imported."""
+    for module in pkgutil.walk_packages(neon_attrib.__path__, "neon_attrib."):
+        importlib.import_module(module.name)
     return [entry for entry in registered_models()
             if getattr(sys.modules.get(entry.model.__module__), entry.model.__name__, None) is entry.model
             and entry.model.__module__.startswith("neon_attrib.")]
