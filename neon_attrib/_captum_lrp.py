@@ -32,6 +32,7 @@ from captum.log import log_usage
 from torch import nn
 
 from .composites import NeonComposite
+from .graph import TRACE_LOCK
 from .layers import LocationPool
 from .pipeline import resolve_composite
 from .registry import captum_split_forwards
@@ -273,6 +274,11 @@ class LRP(CaptumLRP):
     TypeError
         For a head whose one rule Captum's leaf hooks cannot apply (a fused KDE, a leave-one-out head).
 
+    Notes
+    -----
+    Captum's LRP puts its hooks and rules on the model itself while it runs, so calls take turns with each other and
+    with every explanation (:data:`neon_attrib.graph.TRACE_LOCK`): from several threads each gets its own answer.
+
     Examples
     --------
     >>> import numpy as np
@@ -302,7 +308,7 @@ class LRP(CaptumLRP):
                   additional_forward_args: Any = None, return_convergence_delta: bool = False,
                   verbose: bool = False) -> Any:
         """Captum's :meth:`captum.attr.LRP.attribute`, with the NEON rules attached for this call."""
-        with neon_rules_attached(self.model):
+        with TRACE_LOCK, neon_rules_attached(self.model):
             return super().attribute(inputs, target, additional_forward_args,
                                      return_convergence_delta=return_convergence_delta,
                                      verbose=verbose)
@@ -328,7 +334,7 @@ class LayerLRP(CaptumLayerLRP):
                   additional_forward_args: Any = None, return_convergence_delta: bool = False,
                   attribute_to_layer_input: bool = False, verbose: bool = False) -> Any:
         """Captum's :meth:`captum.attr.LayerLRP.attribute`, with the NEON rules attached for this call."""
-        with neon_rules_attached(self.model):
+        with TRACE_LOCK, neon_rules_attached(self.model):
             return super().attribute(inputs, target, additional_forward_args,
                                      return_convergence_delta=return_convergence_delta,
                                      attribute_to_layer_input=attribute_to_layer_input, verbose=verbose)

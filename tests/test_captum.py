@@ -413,3 +413,30 @@ def test_layer_integrated_gradients_on_a_vgg_layer(deep):
         attribution = captum_attr.LayerIntegratedGradients(model, layer).attribute(images[:1], n_steps=4)
         assert attribution.shape == shape and bool(torch.isfinite(attribution).all())
     assert_no_hooks(model)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_lrp_calls_on_one_model_from_several_threads(models, data):
+    """Captum's LRP puts hooks and rules on the model itself during a call: calls on one model from several threads
+    take turns (the explanations' lock), so each returns the sequential answer."""
+    import threading
+
+    model, x = models["kmeans"], data[1]
+    expected = {target: LRP(model).attribute(x.clone(), target=target) for target in range(3)}
+    results, errors = [], []
+
+    def work(target):
+        try:
+            for _ in range(5):
+                results.append((target, LRP(model).attribute(x.clone(), target=target)))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(target % 3,)) for target in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(results) == 30 and all(torch.equal(got, expected[target]) for target, got in results)
+    assert_no_hooks(model)
