@@ -15,10 +15,12 @@ integrations                                ``captum``, ``viz``
 anomaly detectors                           ``anomaly``
 heads on feature maps, DEC, evaluation      ``deep``, ``dec``, ``evaluation``, ``sanity``
 vision                                      ``vision``
-fast rules, ``explain``                     ``fast``, ``attribution``
+fast rules, ``explain``, Captum's LRP       ``fast``, ``attribution``, ``_captum_lrp``
 the explain pipeline                        ``pipeline``
+graph canonizer                             ``graph``, ``canonical``
 estimators                                  ``models``, ``neuralize``, ``leave_one_out``, ``kde``, ``kmeans``,
-                                            ``neighbors``, ``gaussian``, ``kernels``, ``estimator``
+                                            ``neighbors``, ``gaussian``, ``kernels``, ``positional``, ``estimator``
+the model registry                          ``registry``
 composites                                  ``composites``
 rules                                       ``rules``
 layers                                      ``layers``
@@ -45,7 +47,9 @@ from .layers import (
 )
 from .models import BisectingKMeansMembership, KDEInlier, KDEOutlier, KMeansMembership, NeonEstimator
 from .pipeline import Audit, ConservationError, ConservationWarning
+from .registry import register_model
 from .rules import (
+    BetaHook,
     CosineShareRule,
     KDEInlierActivationRule,
     KDEOutlierActivationRule,
@@ -64,7 +68,7 @@ __version__ = "0.1.0"
 _SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
                "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
                "gaussian", "kernels", "neighbors", "positional", "estimator", "kde", "kmeans", "sanity", "scale",
-               "anomaly")
+               "anomaly", "registry", "graph", "canonical")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {
@@ -89,6 +93,7 @@ __all__ = [
     "attribution_output",
     "NeonComposite",
     "register_rule",
+    "register_model",
     "NeonEstimator",
     "KDEOutlier",
     "KDEInlier",
@@ -103,6 +108,7 @@ __all__ = [
     "MinPool",
     "LocationPool",
     "NeonHook",
+    "BetaHook",
     "SoftArgminRule",
     "SquaredDifferenceRule",
     "ProportionalRule",

@@ -44,9 +44,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from captum.attr import LRP as CaptumLRP
 from torch import nn
 from zennit.core import Composite
 
+from ._captum_lrp import LRP
 from ._captum_methods import MethodSpec, default_kwargs, make_methods, seeded_run
 from ._utils import ArrayLike, module_dtype_device
 from .pipeline import resolve_targets
@@ -557,7 +559,8 @@ def compare(
     methods : sequence
         Captum methods: names in ``captum.attr`` (``"IntegratedGradients"``), Attribution classes, or
         ``(label, factory)`` pairs with ``factory(model) -> Attribution``. NEON (:func:`~neon_attrib.explain`'s
-        relevance, as :class:`~neon_attrib.captum.NeonLRP` gives it) always runs first.
+        relevance, as :class:`~neon_attrib.captum.NeonLRP` gives it) always runs first. Captum's LRP (``"LRP"`` or
+        ``captum.attr.LRP``) runs as :class:`neon_attrib.captum.LRP`, with the NEON rules on the NEON layers.
     target : optional
         Output index per example (k-means cluster); default as in :func:`neon_attrib.explain`.
     reference : tensor, float or callable, optional
@@ -626,7 +629,8 @@ def compare(
     runs: list[tuple[str, Callable[[], torch.Tensor]]] = []
     runs.append(("NEON", lambda: run_pipeline(model, (x,), targets, composite=composite,
                                               owner="compare").relevance[0]))
-    for label, attribution in make_methods(methods, model, reserved=("NEON", "Random"), method_kwargs=extra):
+    specs = [("LRP", LRP) if spec == "LRP" or spec is CaptumLRP else spec for spec in methods]  # with NEON rules
+    for label, attribution in make_methods(specs, model, reserved=("NEON", "Random"), method_kwargs=extra):
         kwargs = {**default_kwargs(attribution, x, ref, feature_mask), **extra.get(label, {})}
         runs.append((label, seeded_run(attribution, x, targets, kwargs, seed)))
 

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from ._utils import ArrayLike, Boolean, Constraint, Integer, Options, Real, module_dtype_device
-from .composites import register_rule
 from .estimator import SEED_CONSTRAINTS, MembershipEstimator, NeonEstimator
 from .layers import (
     LinearClusterDifference,
@@ -39,6 +38,7 @@ from .layers import (
     WeightedLogSumExpPool,
 )
 from .positional import REG, PositionalMahalanobis
+from .registry import Neuralization, register_model
 from .rules import GaussianActivationRule, KMeansActivationRule
 
 __all__ = [
@@ -618,8 +618,37 @@ class GaussianMixtureMembership(_MixtureParameters, MembershipEstimator):
         return model
 
 
-for _head in (MahalanobisOutlier, PCAResidual, GaussianMixtureOutlier):
-    register_rule(_head, lambda beta, eps: GaussianActivationRule(beta=beta), mode="activation", covers_children=True)
-register_rule(GaussianMixtureMembership, lambda beta, eps: KMeansActivationRule(beta=beta), mode="activation",
-              covers_children=True)
-del _head
+def _membership(gmm: Any, options: Any) -> bool:
+    """``neuralize(gmm, membership=True)``: the membership network; else the outlier score."""
+    membership = options.get("membership", False)
+    if not isinstance(membership, (bool, np.bool_)):
+        raise TypeError(f"The 'membership' option of neuralize must be a bool. Got {membership!r}.")
+    return bool(membership)
+
+
+def _mixture_outlier(gmm: Any, membership: bool = False, **options: Any) -> GaussianMixtureOutlier:
+    return GaussianMixtureOutlier.from_sklearn(gmm, **options)
+
+
+def _mixture_membership(gmm: Any, membership: bool = True, **options: Any) -> GaussianMixtureMembership:
+    return GaussianMixtureMembership.from_sklearn(gmm, **options)
+
+
+register_model(MahalanobisOutlier, lambda beta, eps: GaussianActivationRule(beta=beta),
+               layers=(MahalanobisDistance, MeanPool),
+               neuralization=Neuralization(("sklearn.covariance.EmpiricalCovariance",),
+                                           "EmpiricalCovariance, MinCovDet, EllipticEnvelope (any sklearn.covariance "
+                                           "estimator)", (), MahalanobisOutlier.from_sklearn))
+register_model(PCAResidual, lambda beta, eps: GaussianActivationRule(beta=beta), layers=(MahalanobisDistance, MeanPool),
+               neuralization=Neuralization(("sklearn.decomposition.PCA", "sklearn.decomposition.IncrementalPCA"),
+                                           "PCA, IncrementalPCA (whiten=False)", (), PCAResidual.from_sklearn))
+register_model(GaussianMixtureOutlier, lambda beta, eps: GaussianActivationRule(beta=beta),
+               layers=(MahalanobisDistance, WeightedLogSumExpPool),
+               neuralization=Neuralization(("sklearn.mixture.GaussianMixture",), "GaussianMixture",
+                                           ("membership", "beta"), _mixture_outlier,
+                                           applies=lambda gmm, options: not _membership(gmm, options)))
+register_model(GaussianMixtureMembership, lambda beta, eps: KMeansActivationRule(beta=beta),
+               layers=(LinearClusterDifference, MinPool), captum_split=True,
+               neuralization=Neuralization(("sklearn.mixture.GaussianMixture",),
+                                           "GaussianMixture (covariance_type='tied'), membership=True",
+                                           ("membership", "beta", "X"), _mixture_membership, applies=_membership))

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from ._utils import ArrayLike, Boolean, Integer, Real, check_int
-from .composites import register_rule
 from .estimator import SEED_CONSTRAINTS, NeonEstimator, _check_index
 from .functional import (
     DEFAULT_CHUNK,
@@ -24,6 +23,7 @@ from .functional import (
     support_centre,
 )
 from .layers import LogMeanExpPool, MeanPool, RandomCosineFeatures, SquaredDistance
+from .registry import Neuralization, register_model
 from .rules import KDEInlierActivationRule, KDEOutlierActivationRule
 
 __all__ = ["KDEOutlier", "KDEInlier"]
@@ -425,6 +425,15 @@ class KDEInlier(NeonEstimator):
         return (phi * mean).mean(-1)
 
 
-register_rule(KDEOutlier, lambda beta, eps: KDEOutlierActivationRule(beta=beta), mode="activation",
-              covers_children=True)
-register_rule(KDEInlier, lambda beta, eps: KDEInlierActivationRule(eps=eps), mode="activation", covers_children=True)
+def _unweighted(kde: Any, options: Any) -> bool:
+    """A KernelDensity fitted without sample weights (with them: a WeightedKDEOutlier)."""
+    return getattr(kde.tree_, "sample_weight", None) is None
+
+
+register_model(KDEOutlier, lambda beta, eps: KDEOutlierActivationRule(beta=beta),
+               layers=(SquaredDistance, LogMeanExpPool), captum_split=True,
+               neuralization=Neuralization(("sklearn.neighbors.KernelDensity",), "KernelDensity (kernel='gaussian')",
+                                           ("beta", "eps", "chunk_size", "fused"), KDEOutlier.from_sklearn,
+                                           applies=_unweighted))
+register_model(KDEInlier, lambda beta, eps: KDEInlierActivationRule(eps=eps), layers=(RandomCosineFeatures, MeanPool),
+               captum_split=True)

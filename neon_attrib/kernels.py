@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from ._utils import ArrayLike, Integer, Real, check_positive_float, module_dtype_device
-from .composites import register_rule
 from .estimator import NeonEstimator
 from .functional import DEFAULT_CHUNK
 from .layers import SquaredDistance, WeightedLogSumExpPool
+from .registry import Neuralization, register_model
 from .rules import WeightedKDEOutlierActivationRule
 
 __all__ = ["WeightedKDEOutlier", "OneClassSVMOutlier"]
@@ -336,5 +336,17 @@ def _check_weights(sample_weight: Any, n: int, owner: str) -> np.ndarray:
     return weights
 
 
-register_rule(WeightedKDEOutlier, lambda beta, eps: WeightedKDEOutlierActivationRule(beta=beta), mode="activation",
-              covers_children=True)
+def _weighted(kde: Any, options: Any) -> bool:
+    """A KernelDensity fitted with sample weights (without them: a KDEOutlier)."""
+    return getattr(kde.tree_, "sample_weight", None) is not None
+
+
+register_model(WeightedKDEOutlier, lambda beta, eps: WeightedKDEOutlierActivationRule(beta=beta),
+               layers=(SquaredDistance, WeightedLogSumExpPool),
+               neuralization=Neuralization(("sklearn.neighbors.KernelDensity",),
+                                           "KernelDensity fitted with sample_weight", ("beta", "eps", "chunk_size"),
+                                           WeightedKDEOutlier.from_sklearn, applies=_weighted))
+register_model(OneClassSVMOutlier, lambda beta, eps: WeightedKDEOutlierActivationRule(beta=beta),
+               layers=(SquaredDistance, WeightedLogSumExpPool),
+               neuralization=Neuralization(("sklearn.svm.OneClassSVM",), "OneClassSVM (kernel='rbf')",
+                                           ("beta", "eps", "chunk_size"), OneClassSVMOutlier.from_sklearn))

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ._utils import ArrayLike, Integer, Options, Real, module_dtype_device
-from .composites import register_rule
 from .estimator import SEED_CONSTRAINTS, MembershipEstimator
 from .layers import ClusterDifference, LinearClusterDifference, MinPool
+from .registry import Neuralization, register_model
 from .rules import KMeansActivationRule
 
 __all__ = ["KMeansMembership", "BisectingKMeansMembership"]
@@ -166,8 +166,10 @@ class KMeansMembership(MembershipEstimator):
         return self.difference.centroids
 
 
-register_rule(KMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta), mode="activation",
-              covers_children=True)
+register_model(KMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta), layers=(ClusterDifference, MinPool),
+               captum_split=True,
+               neuralization=Neuralization(("sklearn.cluster.KMeans", "sklearn.cluster.MiniBatchKMeans"),
+                                           "KMeans, MiniBatchKMeans", ("X", "beta"), KMeansMembership.from_sklearn))
 
 
 class BisectingKMeansMembership(MembershipEstimator):
@@ -348,5 +350,7 @@ class BisectingKMeansMembership(MembershipEstimator):
         return self.centroids
 
 
-register_rule(BisectingKMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta), mode="activation",
-              covers_children=True)
+register_model(BisectingKMeansMembership, lambda beta, eps: KMeansActivationRule(beta=beta),
+               layers=(LinearClusterDifference, MinPool), captum_split=True,
+               neuralization=Neuralization(("sklearn.cluster.BisectingKMeans",), "BisectingKMeans", ("X", "beta"),
+                                           BisectingKMeansMembership.from_sklearn))

@@ -26,7 +26,7 @@ PositionalMahalanobis  ``m_p = (a_p − μ_p)ᵀ P_p (a_p − μ_p)``      PaDiM
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -590,49 +590,3 @@ class PositionalMahalanobisDistance(ResizableBuffers):
 
     def extra_repr(self) -> str:
         return f"n_positions={self.n_positions}, n_channels={self.means.shape[-1]}, map_shape={self.map_shape}"
-
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# captum.attr.LRP reads ``layer.rule`` on every leaf module
-class CaptumRuleSlot:
-    """``layer.rule`` of the NEON leaf layers, which Captum's :class:`captum.attr.LRP` reads on every leaf module.
-
-    :mod:`neon_attrib.captum` provides the rules (:func:`register_captum_rules`, when it is imported); until then,
-    reading the slot raises a TypeError that says what to do, instead of Captum's "no rule defined" or a crash deep in
-    its backward pass. Defined with the layers, so the answer does not depend on what the user imported.
-    """
-
-    provider: Any = None
-
-    def _provider(self) -> Any:
-        if CaptumRuleSlot.provider is None:
-            raise TypeError("captum.attr.LRP needs the NEON rules of neon_attrib.captum for NEON layers: add "
-                            "'import neon_attrib.captum' before calling it, or use neon_attrib.captum.NeonLRP "
-                            "(explain()'s relevance for any NEON model).")
-        return CaptumRuleSlot.provider
-
-    def __get__(self, layer: Any, owner: Any = None) -> Any:
-        return self if layer is None else self._provider().__get__(layer, owner)
-
-    def __set__(self, layer: Any, rule: Any) -> None:
-        self._provider().__set__(layer, rule)
-
-    def __delete__(self, layer: Any) -> None:
-        if CaptumRuleSlot.provider is not None:
-            CaptumRuleSlot.provider.__delete__(layer)
-
-
-def register_captum_rules(provider: Any) -> None:
-    """Make ``provider`` (a data descriptor: ``__get__``, ``__set__``, ``__delete__``) answer ``layer.rule`` for every
-    NEON leaf layer (:mod:`neon_attrib.captum` registers its own when imported)."""
-    CaptumRuleSlot.provider = provider
-
-
-#: the NEON leaf layers Captum's LRP can meet
-CAPTUM_LAYERS = (SquaredDistance, LogMeanExpPool, RandomCosineFeatures, MeanPool, ClusterDifference, MinPool,
-                 LocationPool, KMinPool, SquareRoot, MahalanobisDistance, WeightedLogSumExpPool,
-                 LinearClusterDifference, PositionalMahalanobisDistance)
-for _layer_class in CAPTUM_LAYERS:
-    _layer_class.rule = CaptumRuleSlot()  # type: ignore[union-attr]
-del _layer_class

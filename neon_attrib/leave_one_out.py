@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from ._utils import ArrayLike, module_dtype_device
-from .composites import register_rule
 from .functional import log_mean_exp, random_cosine_features, squared_distance
+from .layers import LogMeanExpPool, MeanPool, RandomCosineFeatures, SquaredDistance
 from .models import KDEInlier, KDEOutlier
+from .registry import register_model
 from .rules import LeaveOneOutKDEInlierRule, LeaveOneOutKDEOutlierRule
 
 __all__ = ["LeaveOneOutKDEOutlier", "LeaveOneOutKDEInlier"]
@@ -147,7 +148,7 @@ class LeaveOneOutKDEInlier(_SelfFitted, KDEInlier):
 
 
 # their rules are the only correct ones in either family: the forward passes bypass the layers
-register_rule(LeaveOneOutKDEOutlier, lambda beta, eps: LeaveOneOutKDEOutlierRule(beta=beta), mode="any",
-              covers_children=True)
-register_rule(LeaveOneOutKDEInlier, lambda beta, eps: LeaveOneOutKDEInlierRule(eps=eps), mode="any",
-              covers_children=True)
+register_model(LeaveOneOutKDEOutlier, lambda beta, eps: LeaveOneOutKDEOutlierRule(beta=beta), mode="any",
+               layers=(SquaredDistance, LogMeanExpPool))
+register_model(LeaveOneOutKDEInlier, lambda beta, eps: LeaveOneOutKDEInlierRule(eps=eps), mode="any",
+               layers=(RandomCosineFeatures, MeanPool))

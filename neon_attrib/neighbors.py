@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ._utils import ArrayLike, Boolean, Integer, Real, check_int
-from .composites import register_rule
 from .estimator import NeonEstimator
 from .functional import DEFAULT_CHUNK, k_nearest
 from .layers import KMinPool, SquaredDistance, SquareRoot
+from .registry import Neuralization, register_model
 from .rules import KNNOutlierActivationRule
 
 __all__ = ["KNNOutlier"]
@@ -209,5 +209,8 @@ class KNNOutlier(NeonEstimator):
         return cls(n_neighbors=k, **kwargs).double().fit(np.asarray(neighbors._fit_X, dtype=np.float64))
 
 
-register_rule(KNNOutlier, lambda beta, eps: KNNOutlierActivationRule(beta=beta), mode="activation",
-              covers_children=True)
+register_model(KNNOutlier, lambda beta, eps: KNNOutlierActivationRule(beta=beta),
+               layers=(SquaredDistance, KMinPool, SquareRoot),
+               neuralization=Neuralization(("sklearn.neighbors.NearestNeighbors",), "NearestNeighbors (Euclidean)",
+                                           ("k", "sqrt", "beta", "eps", "chunk_size", "fused"),
+                                           KNNOutlier.from_sklearn))

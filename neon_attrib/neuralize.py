@@ -23,30 +23,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from ._utils import ArrayLike
+from . import gaussian, kde, kernels, kmeans, neighbors  # noqa: F401 (their models register their neuralizations)
 from .estimator import NeonEstimator
-from .gaussian import GaussianMixtureMembership, GaussianMixtureOutlier, MahalanobisOutlier, PCAResidual
-from .kde import KDEOutlier
-from .kernels import OneClassSVMOutlier, WeightedKDEOutlier
-from .kmeans import BisectingKMeansMembership, KMeansMembership
-from .neighbors import KNNOutlier
+from .registry import Neuralization, registered_models
 
 __all__ = ["neuralize", "SUPPORTED"]
 
-#: What :func:`neuralize` accepts (scikit-learn class → NEON model), for messages and docs.
-SUPPORTED: dict[str, str] = {
-    "KernelDensity (kernel='gaussian')": "KDEOutlier / WeightedKDEOutlier",
-    "KMeans, MiniBatchKMeans": "KMeansMembership",
-    "BisectingKMeans": "BisectingKMeansMembership",
-    "NearestNeighbors (Euclidean)": "KNNOutlier",
-    "EmpiricalCovariance, MinCovDet, EllipticEnvelope (any sklearn.covariance estimator)": "MahalanobisOutlier",
-    "PCA, IncrementalPCA (whiten=False)": "PCAResidual",
-    "GaussianMixture": "GaussianMixtureOutlier (membership=True, tied: GaussianMixtureMembership)",
-    "OneClassSVM (kernel='rbf')": "OneClassSVMOutlier",
-}
+
+def _neuralizations() -> list[tuple[type, Neuralization]]:
+    """``(model class, neuralization)`` of every model registered with one, in order of registration."""
+    return [(entry.model, entry.neuralization) for entry in registered_models() if entry.neuralization is not None]
+
+
+#: What :func:`neuralize` accepts (scikit-learn estimators → NEON model), for messages and docs: one row per model
+#: registered with a neuralization (:func:`neon_attrib.registry.register_model`).
+SUPPORTED: dict[str, str] = {how.label: model.__name__ for model, how in _neuralizations()}
 
 
 def neuralize(estimator: Any, *, dtype: torch.dtype = torch.float32, **options: Any) -> NeonEstimator:
@@ -101,42 +94,24 @@ def neuralize(estimator: Any, *, dtype: torch.dtype = torch.float32, **options: 
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"The 'dtype' parameter of neuralize must be a floating torch dtype (torch.float32 or "
                         f"torch.float64). Got {dtype!r}.")
-    handler = _handler(estimator)
-    if handler is None:
-        supported = "; ".join(SUPPORTED)
+    registered = _neuralizations()
+    candidates = [(model, how) for model, how in registered if how.matches(estimator)]
+    if not candidates:
+        supported = "; ".join(how.label for _, how in registered)
         raise TypeError(f"neuralize does not support {type(estimator).__name__}: it has no exact neuralization here. "
                         f"Supported: {supported}.")
-    accepted, build = handler
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(f"neuralize got unexpected option(s) {unknown} for {type(estimator).__name__}. "
-                        f"Accepted: {sorted(accepted) or 'none'}.")
     _check_fitted(estimator)
-    return build(estimator, **options).to(dtype)
-
-
-def _handler(estimator: Any) -> tuple[tuple[str, ...], Any] | None:
-    from sklearn.cluster import BisectingKMeans, KMeans, MiniBatchKMeans
-    from sklearn.covariance import EmpiricalCovariance
-    from sklearn.decomposition import PCA, IncrementalPCA
-    from sklearn.mixture import GaussianMixture
-    from sklearn.neighbors import KernelDensity, NearestNeighbors
-    from sklearn.svm import OneClassSVM
-
-    table = (
-        (KernelDensity, ("beta", "eps", "chunk_size", "fused"), _kernel_density),
-        ((KMeans, MiniBatchKMeans), ("X", "beta"), KMeansMembership.from_sklearn),
-        (BisectingKMeans, ("X", "beta"), BisectingKMeansMembership.from_sklearn),
-        (NearestNeighbors, ("k", "sqrt", "beta", "eps", "chunk_size", "fused"), KNNOutlier.from_sklearn),
-        (EmpiricalCovariance, (), MahalanobisOutlier.from_sklearn),
-        ((PCA, IncrementalPCA), (), PCAResidual.from_sklearn),
-        (GaussianMixture, ("membership", "beta", "X"), _gaussian_mixture),
-        (OneClassSVM, ("beta", "eps", "chunk_size"), OneClassSVMOutlier.from_sklearn),
-    )
-    for types, accepted, build in table:  # no class here subclasses another one of the table
-        if isinstance(estimator, types):
-            return accepted, build
-    return None
+    chosen = [(model, how) for model, how in candidates if how.applies is None or how.applies(estimator, options)]
+    if not chosen:
+        names = ", ".join(model.__name__ for model, _ in candidates)
+        raise TypeError(f"neuralize has no model for this {type(estimator).__name__} with the options "
+                        f"{sorted(options)}: {names} declined it.")
+    model, how = chosen[0]
+    unknown = sorted(set(options) - set(how.options))
+    if unknown:
+        raise TypeError(f"neuralize got unexpected option(s) {unknown} for {type(estimator).__name__} (neuralized as "
+                        f"{model.__name__}). Accepted: {sorted(how.options) or 'none'}.")
+    return how.build(estimator, **options).to(dtype)
 
 
 def _check_fitted(estimator: Any) -> None:
@@ -144,24 +119,3 @@ def _check_fitted(estimator: Any) -> None:
 
     check_is_fitted(estimator, msg=f"This {type(estimator).__name__} instance is not fitted yet. Call 'fit' before "
                                    f"neuralize.")
-
-
-def _kernel_density(kde: Any, **options: Any) -> NeonEstimator:
-    if getattr(kde.tree_, "sample_weight", None) is None:
-        return KDEOutlier.from_sklearn(kde, **options)
-    if "fused" in options:
-        raise TypeError("neuralize got the option 'fused' for a KernelDensity fitted with sample weights "
-                        "(a WeightedKDEOutlier, which has no fused forward). Accepted: ['beta', 'chunk_size', 'eps'].")
-    return WeightedKDEOutlier.from_sklearn(kde, **options)
-
-
-def _gaussian_mixture(gmm: Any, membership: bool = False, X: ArrayLike | None = None,
-                      **options: Any) -> NeonEstimator:
-    if not isinstance(membership, (bool, np.bool_)):
-        raise TypeError(f"The 'membership' option of neuralize must be a bool. Got {membership!r}.")
-    if membership:
-        return GaussianMixtureMembership.from_sklearn(gmm, X=X, **options)
-    if X is not None:
-        raise TypeError("neuralize got the option 'X' for a GaussianMixture outlier score, which does not use it "
-                        "(X sets the default β of membership=True).")
-    return GaussianMixtureOutlier.from_sklearn(gmm, **options)

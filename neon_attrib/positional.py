@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from ._utils import ArrayLike, Boolean, Integer, Real, as_float_tensor, module_dtype_device
-from .composites import register_rule
 from .estimator import NeonEstimator
 from .layers import PositionalMahalanobisDistance, ResizableBuffers, SquareRoot
+from .registry import register_model
 from .rules import PositionalMahalanobisActivationRule
 
 __all__ = ["PositionalMahalanobis", "PositionalMoments"]
@@ -466,5 +466,5 @@ class PositionalMahalanobis(NeonEstimator):
         return self.root(scores) if self.sqrt else scores
 
 
-register_rule(PositionalMahalanobis, lambda beta, eps: PositionalMahalanobisActivationRule(), mode="activation",
-              covers_children=True)
+register_model(PositionalMahalanobis, lambda beta, eps: PositionalMahalanobisActivationRule(),
+               layers=(PositionalMahalanobisDistance, SquareRoot))

@@ -41,6 +41,7 @@ from .functional import (
 
 __all__ = [
     "NeonHook",
+    "BetaHook",
     "SoftArgminRule",
     "SquaredDifferenceRule",
     "ProportionalRule",
@@ -140,8 +141,23 @@ def _check_first_input(hook: Hook, module: torch.nn.Module, args: tuple) -> None
                          f"gradient here while another input does. Make the explained tensor the first argument.")
 
 
-class _BetaHook(NeonHook):
-    """A rule with a soft-min sharpness ``beta`` (None: the module's default)."""
+class BetaHook(NeonHook):
+    """Base class of the rules with a soft-min sharpness ``beta`` (None: the module's default): subclass it for a rule
+    of your own that takes ``beta`` (it validates it, and :meth:`copy` keeps it).
+
+    Parameters
+    ----------
+    beta : float, optional
+        A finite float > 0, or None.
+
+    Examples
+    --------
+    >>> class SharpRule(BetaHook):
+    ...     def relevance(self, module, x, out, relevance_out):
+    ...         return relevance_out
+    >>> SharpRule(beta=2.0).copy()
+    SharpRule(beta=2.0)
+    """
 
     def __init__(self, beta: float | None = None):
         super().__init__()
@@ -167,7 +183,7 @@ class _EpsHook(NeonHook):
         return {"eps": self.eps}
 
 
-class SoftArgminRule(_BetaHook):
+class SoftArgminRule(BetaHook):
     """Soft-argmin redistribution on :class:`~neon_attrib.layers.LogMeanExpPool` and
     :class:`~neon_attrib.layers.MinPool`: ``R_k = exp(−β h_k) / Σ_k' exp(−β h_k') · R``.
 
@@ -258,7 +274,7 @@ class WeightShareRule(NeonHook):
         return torch.einsum("nck,ckd->nd", relevance_out, safe_divide(sq, sq.sum(-1, keepdim=True)))
 
 
-class KDEOutlierActivationRule(_BetaHook):
+class KDEOutlierActivationRule(BetaHook):
     """Activation rule for a :class:`~neon_attrib.models.KDEOutlier` on CNN activations (a >= 0).
 
     ``R_k = p_k · o(a)`` with ``p = softmin_β(h)`` is split into ``R_k^dot = p_k aᵀ(a − u_k)``, propagated as
@@ -334,7 +350,7 @@ def _cosine_relevance(x: torch.Tensor, layer, mean: torch.Tensor, eps: float, ou
     return x * (g @ layer.omega)
 
 
-class KMeansActivationRule(_BetaHook):
+class KMeansActivationRule(BetaHook):
     """Activation rule for a :class:`~neon_attrib.models.KMeansMembership` on CNN activations.
 
     ``R_ck = p_ck f_c(a)`` with ``p_c = softmin_β(h_c)`` over ``k ≠ c``; its part ``R_ck^dot = p_ck aᵀw_ck`` is
@@ -374,7 +390,7 @@ class LocationPoolRule(NeonHook):
         return contributions * safe_divide(relevance_out, contributions.sum(-1)).unsqueeze(-1)
 
 
-class LeaveOneOutKDEOutlierRule(_BetaHook):
+class LeaveOneOutKDEOutlierRule(BetaHook):
     """CNN rule of :class:`~neon_attrib.leave_one_out.LeaveOneOutKDEOutlier`: :class:`KDEOutlierActivationRule` with
     the soft-argmin over ``k ≠ r``: ``R_i = a_i (a_i − Σ_{k≠r} p_k u_ik) · R / o_r(a)``.
     """
@@ -400,7 +416,7 @@ _NeonHook = NeonHook
 
 # ---------------------------------------------------------------------------------------------------------------------
 # rules of more models: k-NN, Mahalanobis, PCA, Gaussian mixtures, one-class SVM, PaDiM
-class KMinPoolRule(_BetaHook):
+class KMinPoolRule(BetaHook):
     """Rule of :class:`~neon_attrib.layers.KMinPool` (``o = 1/k Σ_{j ∈ kNN} h_j``). Conserves exactly.
 
     * hard (``beta=None``, the layer's default): each of the k smallest gets its share, ``R_j = h_j / Σ_{kNN} h ·
@@ -451,7 +467,7 @@ class MahalanobisRule(_EpsHook):
         return (terms * safe_divide(relevance_out, eps + out).unsqueeze(-1)).sum(1)
 
 
-class WeightedSoftArgminRule(_BetaHook):
+class WeightedSoftArgminRule(BetaHook):
     """Weighted soft-argmin on :class:`~neon_attrib.layers.WeightedLogSumExpPool`:
     ``R_k = w_k exp(−β h_k) / Σ_k' w_k' exp(−β h_k') · R`` (``+β`` for α > 0). Conserves exactly.
 
@@ -503,7 +519,7 @@ def _centre(layer) -> torch.Tensor | None:
     return getattr(layer, "centre", None)
 
 
-class KNNOutlierActivationRule(_BetaHook):
+class KNNOutlierActivationRule(BetaHook):
     """Activation rule of a :class:`~neon_attrib.neighbors.KNNOutlier` head on CNN activations ``a >= 0``.
 
     With ``p`` the k-min weights (hard: ``1/k`` on the k nearest support points; soft: ``softmin_β(h)``), each
@@ -544,7 +560,7 @@ class KNNOutlierActivationRule(_BetaHook):
         return x * (x - mean) * _score_share(relevance_out, score)
 
 
-class WeightedKDEOutlierActivationRule(_BetaHook):
+class WeightedKDEOutlierActivationRule(BetaHook):
     """Activation rule of a :class:`~neon_attrib.kernels.WeightedKDEOutlier` (and one-class SVM) head on CNN
     activations: §1's closed form with weighted soft-argmin weights ``p_k ∝ w_k exp(−β h_k)``,
     ``R_i = a_i (a_i − Σ_k p_k u_ik) · R / o(a)``. Rows are processed in blocks (temporaries rows × N); inactive
@@ -570,7 +586,7 @@ class WeightedKDEOutlierActivationRule(_BetaHook):
         return x * (x - mean) * _score_share(relevance_out, out)
 
 
-class GaussianActivationRule(_BetaHook):
+class GaussianActivationRule(BetaHook):
     """Activation rule of the Gaussian heads (:class:`~neon_attrib.gaussian.MahalanobisOutlier`,
     :class:`~neon_attrib.gaussian.PCAResidual`, :class:`~neon_attrib.gaussian.GaussianMixtureOutlier`) on CNN
     activations ``a >= 0``.

@@ -1,4 +1,5 @@
-"""The Captum bridge: NeonLRP and Captum's own LRP give explain()'s relevance, every Captum method runs, compare()."""
+"""The Captum bridge: NeonLRP and Captum's LRP with our rules give explain()'s relevance, every Captum method runs,
+compare()."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from captum import attr as captum_attr
-from captum.attr import LRP, NoiseTunnel
+from captum.attr import NoiseTunnel
 from captum.metrics import infidelity, sensitivity_max
 from conftest import assert_no_hooks
 from torch import nn
 
 from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership, SoftArgminRule, explain
-from neon_attrib.captum import Comparison, NeonLRP, NeonRule, compare
+from neon_attrib import layers as neon_layers
+from neon_attrib.captum import LRP, Comparison, LayerLRP, NeonLRP, NeonRule, compare
 from neon_attrib.evaluation import median_reference
 
 matplotlib.use("Agg")
@@ -122,7 +124,7 @@ def test_neon_lrp_images_and_visualization(rng):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Captum's own LRP
+# Captum's LRP with the NEON rules (neon_attrib.captum.LRP)
 @pytest.mark.parametrize("name", MODELS)
 def test_captum_lrp_equals_explain_on_every_call(models, data, name):
     model, x = models[name], data[1]
@@ -133,7 +135,7 @@ def test_captum_lrp_equals_explain_on_every_call(models, data, name):
         reference = explain(model, x, target=target)
         first = lrp.attribute(x.clone(), target=target)
         torch.testing.assert_close(first, reference, rtol=1e-6, atol=1e-9)
-        for _ in range(2):  # Captum deletes module.rule after each call (its issue #1059): ours survive
+        for _ in range(2):  # Captum deletes module.rule after each call (its issue #1059): ours are set per call
             assert torch.equal(lrp.attribute(x.clone(), target=target), first)
         torch.testing.assert_close(LRP(model).attribute(x.clone(), target=target), reference, rtol=1e-6, atol=1e-9)
     if name == "kmeans":  # per-example targets, as Captum passes them
@@ -146,24 +148,49 @@ def test_captum_lrp_equals_explain_on_every_call(models, data, name):
     assert_no_hooks(model)
 
 
-def test_layer_rule_is_class_level_and_overridable(models, data):
+def test_nothing_is_attached_to_our_layer_classes():
+    """No class-level 'rule' on any NEON layer: the rules exist only on the layers of a model LRP is explaining."""
+    for name in neon_layers.__all__:
+        assert "rule" not in vars(getattr(neon_layers, name)), name
+
+
+def test_a_rule_you_set_is_used_and_kept(models, data):
     model, x = models["kde_outlier"], data[1]
     pool = model.pool
-    assert isinstance(pool.rule, NeonRule) and "rule" not in vars(pool)
-    del pool.rule  # what Captum does after each call: the class-level rule stays
-    assert isinstance(pool.rule, NeonRule)
+    assert not hasattr(pool, "rule")
     pool.rule = NeonRule(SoftArgminRule(beta=3.0))
     try:
         expected = explain(model, x, beta=3.0)
-        torch.testing.assert_close(LRP(model).attribute(x.clone()), expected, rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(LRP(model).attribute(x.clone()), expected, rtol=1e-6, atol=1e-9)  # kept
-        with pytest.raises(TypeError, match="PropagationRule"):
-            pool.rule = SoftArgminRule()
+        lrp = LRP(model)
+        torch.testing.assert_close(lrp.attribute(x.clone()), expected, rtol=1e-6, atol=1e-9)
+        assert repr(pool.rule) == "NeonRule(SoftArgminRule(beta=3.0))"  # Captum deleted it; LRP put it back
+        torch.testing.assert_close(lrp.attribute(x.clone()), expected, rtol=1e-6, atol=1e-9)
     finally:
-        pool.rule = None  # back to the default
-    assert "_neon_captum_rule" not in vars(pool)
+        del pool.rule  # back to the default
     torch.testing.assert_close(LRP(model).attribute(x.clone()), explain(model, x), rtol=1e-6, atol=1e-9)
-    assert "β" not in repr(pool.rule) and repr(NeonRule(SoftArgminRule(beta=2.0))).startswith("NeonRule(")
+    assert not hasattr(pool, "rule") and repr(NeonRule(SoftArgminRule(beta=2.0))).startswith("NeonRule(")
+
+
+def test_captum_lrp_without_the_bridge_refuses_neon_layers(models, data):
+    """Captum's own LRP has no rule for our layers: its TypeError names the layer, never a silently wrong heatmap."""
+    model, x = models["kde_outlier"], data[1]
+    with pytest.raises(TypeError, match="SquaredDistance'> has no rule defined"):
+        captum_attr.LRP(model).attribute(x.clone())
+    assert_no_hooks(model)
+
+
+def test_lrp_keeps_a_rule_set_on_another_layer_and_cleans_up_after_an_error(models, data):
+    model = nn.Sequential(nn.ReLU(), models["kde_outlier"])
+    x = data[1]
+    marker = NeonRule(SoftArgminRule(beta=2.0))
+    model[1].pool.rule = marker
+    try:
+        with pytest.raises(ValueError, match="empty batch"):
+            LRP(model).attribute(x[:0].clone())
+        assert model[1].pool.rule is marker and not hasattr(model[1].distance, "rule")
+        assert "activations" not in vars(model[1].distance)
+    finally:
+        del model[1].pool.rule
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,6 +352,7 @@ def test_captum_lrp_on_deep_neon(deep):
     lrp = LRP(model)
     first = lrp.attribute(x.clone(), target=1)
     torch.testing.assert_close(first, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    assert isinstance(lrp, captum_attr.LRP)
     assert torch.equal(lrp.attribute(x.clone(), target=1), first)
     assert _snapshot(model) == before  # Captum's own 'activations' leftovers are cleaned too
     assert_no_hooks(model)
@@ -348,7 +376,7 @@ def test_captum_layer_lrp_gives_the_heads_relevance_exactly(deep, head_name):
     model = module.DeepNeon(features, head, pool=pool, composite=cheap).double().fit(images, progress=False)
     x = images[:1]
     expected = model.relevance(x, target=target).features
-    got = captum_attr.LayerLRP(model, model.features[30]).attribute(x.clone(), target=target)
+    got = LayerLRP(model, model.features[30]).attribute(x.clone(), target=target)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
 
 
@@ -370,6 +398,8 @@ def test_captum_lrp_rejects_fused_heads_and_neon_lrp_takes_them(deep):
     head.fused = True
     with pytest.raises(TypeError, match="fused KDEOutlier"):
         LRP(model)
+    with pytest.raises(TypeError, match="fused KDEOutlier"):
+        LayerLRP(model, model.features[30])
     assert_no_hooks(model)
     torch.testing.assert_close(NeonLRP(model).attribute(images[:1].clone()), layered, rtol=1e-9, atol=1e-12)
 
@@ -382,4 +412,31 @@ def test_layer_integrated_gradients_on_a_vgg_layer(deep):
     for layer, shape in ((model.features[30], (1, 512, 1, 1)), (model.features[29], (1, 512, 2, 2))):
         attribution = captum_attr.LayerIntegratedGradients(model, layer).attribute(images[:1], n_steps=4)
         assert attribution.shape == shape and bool(torch.isfinite(attribution).all())
+    assert_no_hooks(model)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_lrp_calls_on_one_model_from_several_threads(models, data):
+    """Captum's LRP puts hooks and rules on the model itself during a call: calls on one model from several threads
+    take turns (the explanations' lock), so each returns the sequential answer."""
+    import threading
+
+    model, x = models["kmeans"], data[1]
+    expected = {target: LRP(model).attribute(x.clone(), target=target) for target in range(3)}
+    results, errors = [], []
+
+    def work(target):
+        try:
+            for _ in range(5):
+                results.append((target, LRP(model).attribute(x.clone(), target=target)))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(target % 3,)) for target in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(results) == 30 and all(torch.equal(got, expected[target]) for target, got in results)
     assert_no_hooks(model)

@@ -7,10 +7,22 @@ import importlib
 
 import pytest
 
-MODULES = ["neon_attrib.layers", "neon_attrib.kde", "neon_attrib.kmeans", "neon_attrib.rules", "neon_attrib.composites",
+from neon_attrib.registry import registered_models
+
+
+def _has_examples(name: str) -> bool:
+    return any(test.examples for test in doctest.DocTestFinder().find(importlib.import_module(name)))
+
+
+_LISTED = ["neon_attrib.layers", "neon_attrib.rules", "neon_attrib.composites", "neon_attrib.registry",
            "neon_attrib.attribution", "neon_attrib.datasets", "neon_attrib.deep", "neon_attrib.viz", "neon_attrib.fast",
-           "neon_attrib.captum", "neon_attrib.evaluation", "neon_attrib.pipeline", "neon_attrib.vision.preprocessing",
-           "neon_attrib._backend", "neon_attrib.functional", "neon_attrib.graph", "neon_attrib.canonical"]
+           "neon_attrib.captum", "neon_attrib._captum_lrp", "neon_attrib.evaluation", "neon_attrib.pipeline",
+           "neon_attrib.vision.preprocessing", "neon_attrib._backend", "neon_attrib.functional", "neon_attrib.graph",
+           "neon_attrib.canonical", "neon_attrib.neuralize"]
+#: the listed modules, and every module that defines a registered model and has examples
+_MODEL_MODULES = {entry.model.__module__ for entry in registered_models()
+                  if entry.model.__module__.startswith("neon_attrib.")}
+MODULES = _LISTED + sorted(name for name in _MODEL_MODULES - set(_LISTED) if _has_examples(name))
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -8,8 +8,6 @@ customers; float64 to 1e-10 relative, float32 to 1e-6 where the conditioning all
 from __future__ import annotations
 
 import copy
-import doctest
-import importlib
 import io
 import re
 import warnings
@@ -823,17 +821,6 @@ def test_every_head_inside_deep_neon(head):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # documentation
-@pytest.mark.parametrize("name", ["neon_attrib.neighbors", "neon_attrib.gaussian", "neon_attrib.kernels",
-                                  "neon_attrib.neuralize", "neon_attrib.positional", "neon_attrib.kmeans"])
-def test_docstring_examples(name):
-    import neon_attrib
-
-    globs = {"np": np, "torch": torch, **{key: getattr(neon_attrib, key) for key in neon_attrib.__all__}}
-    result = doctest.testmod(importlib.import_module(name), extraglobs=globs,
-                             optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
-
 def test_models_page_examples_run():
     """Every python block of docs/models.md, in order, in one namespace."""
     import neon_attrib

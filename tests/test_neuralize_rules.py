@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from captum.attr import LRP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.covariance import EmpiricalCovariance
@@ -19,7 +18,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.svm import OneClassSVM
 
 from neon_attrib import NeonComposite, PositionalMahalanobis, explain, neuralize
-from neon_attrib.captum import NeonLRP
+from neon_attrib.captum import LRP, NeonLRP
 from neon_attrib.layers import KMinPool, SquaredDistance
 from neon_attrib.rules import (
     GaussianActivationRule,
@@ -376,7 +375,7 @@ def test_rules_keep_hyperparameters_and_work_through_captum(rng):
                             dtype=F64)):
         expected = explain(model, x)
         assert torch.equal(NeonLRP(model).attribute(x), expected)
-        # Captum's own LRP: the new layers carry a class-level rule too
+        # Captum's LRP with the NEON rules: they reach the new layers too
         output = model(x)
         target = None if output.ndim == 1 else output.argmax(1)
         with pytest.warns(UserWarning, match="did not already require gradients"):

@@ -108,8 +108,8 @@ def test_seed_must_be_an_integer_and_features_at_least_one():
 
 
 def test_captum_lrp_without_the_bridge_is_a_clear_error():
-    """In a fresh interpreter that never imported neon_attrib.captum, Captum's own LRP on a NEON model says what to do
-    (it used to fail with Captum's 'no rule defined' or an AttributeError deep in its backward pass)."""
+    """Captum's own LRP on a NEON model fails with Captum's TypeError naming the NEON layer, before and after importing
+    neon_attrib.captum (the import changes nothing: no rule is attached to our classes); the bridge's LRP works."""
     import subprocess
     import sys
 
@@ -121,17 +121,21 @@ from neon_attrib import KDEOutlier
 from neon_attrib.deep import DeepNeon
 assert "neon_attrib.captum" not in sys.modules
 torch.manual_seed(0)
-cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
-for fused in (True, False):
-    model = DeepNeon(cnn, KDEOutlier(gamma=0.1, fused=fused)).fit(torch.rand(3, 3, 16, 16), progress=False)
-    try:
-        LRP(model).attribute(torch.rand(1, 3, 16, 16))
-    except TypeError as exc:
-        assert "import neon_attrib.captum" in str(exc), exc
-    else:
-        raise AssertionError("no error")
-import neon_attrib.captum  # the bridge answers from now on
-LRP(model).attribute(torch.rand(1, 3, 16, 16))
+for _ in range(2):
+    for fused in (True, False):
+        cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+        model = DeepNeon(cnn, KDEOutlier(gamma=0.1, fused=fused)).fit(torch.rand(3, 3, 16, 16), progress=False)
+        try:
+            LRP(model).attribute(torch.rand(1, 3, 16, 16))
+        except TypeError as exc:
+            assert "neon_attrib.layers" in str(exc) and "has no rule defined" in str(exc), exc
+        else:
+            raise AssertionError("no error")
+    import neon_attrib.captum  # changes nothing for Captum's own LRP
+assert not hasattr(model.head.distance, "rule") and model.features[1].rule is None  # Captum's failed call leaves None
+before = {name: dict(vars(module)) for name, module in model.named_modules()}
+neon_attrib.captum.LRP(model).attribute(torch.rand(1, 3, 16, 16))  # the layered head: the bridge explains it
+assert {name: dict(vars(module)) for name, module in model.named_modules()} == before  # the model as it was
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

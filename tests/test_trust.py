@@ -396,9 +396,8 @@ def test_audit_reports_the_rules_dissipation(blobs):
 
 def test_captum_paths_refuse_what_they_cannot_do(blobs):
     import matplotlib.pyplot as plt
-    from captum.attr import LRP
 
-    from neon_attrib.captum import compare
+    from neon_attrib.captum import LRP, compare
 
     fused = KDEOutlier(gamma=1.0, fused=True).double().fit(blobs)
     with pytest.raises(ValueError, match="layered forward"):  # Captum hooks leaf layers that a fused KDE skips

@@ -42,7 +42,7 @@ from zennit.rules import Pass
 from ..composites import NeonComposite, register_rule
 from ..functional import student_t_logits
 from ..layers import ClusterDifference, MinPool
-from ..rules import KMeansActivationRule, _BetaHook
+from ..rules import BetaHook, KMeansActivationRule
 from .model import DEC, FeatureScale, SphereNorm
 
 __all__ = ["TruncatedModel", "DECMembership", "SphereMembershipRule", "DECHead", "ClassEvidence", "ClassEvidenceRule",
@@ -175,7 +175,7 @@ def _membership_relevance(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: 
     return linear + bias
 
 
-class SphereMembershipRule(_BetaHook):
+class SphereMembershipRule(BetaHook):
     """Exactly conservative rule for :class:`DECMembership`: the k-means evidence decomposed on the embedding.
 
     For cluster ``c`` with relevance ``R_c``: ``p = softmin_beta(h_c)`` over the competitors ``k`` and
@@ -322,7 +322,7 @@ class ClassEvidence(nn.Module):
         return torch.einsum("l,nlk,lkc->nc", self.weights.to(z.dtype), q, self.posteriors.to(z.dtype))
 
 
-class ClassEvidenceRule(_BetaHook):
+class ClassEvidenceRule(BetaHook):
     """LRP rule of :class:`ClassEvidence`: the assigned cluster's share of every layer, through its membership rule.
 
     For output relevance ``R_y`` and each layer ``j`` with assigned cluster ``c`` (``argmax_k q^j_k``), the share
