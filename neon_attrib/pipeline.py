@@ -1,7 +1,9 @@
 """The one explain pipeline: choose the composite, resolve the target, own the hooks, audit conservation.
 
 Every entry point (:func:`neon_attrib.explain`, :class:`~neon_attrib.captum.NeonLRP`, ``DeepNeon.explain`` /
-``relevance`` / ``explainer``, the DEC heads, the evaluation curves, the command line) runs through here:
+``relevance`` / ``explainer``, the detectors' ``relevance`` and ``layer_relevance``, the DEC heads, the evaluation
+curves, the command line) runs through here, and every explanation takes the same step (one forward, one backward,
+the audit): :func:`run` on a copy hooked for the call, :class:`Explainer` on the copy it keeps registered.
 
 1. **Composite** (:func:`resolve_composite`): a composite that a user passes is the *base* for the layers that are not
    NEON layers; NEON layers (heads, pools, DEC heads) always get their own rules. A :class:`NeonComposite` is used as
@@ -11,7 +13,9 @@ Every entry point (:func:`neon_attrib.explain`, :class:`~neon_attrib.captum.Neon
    changes nothing, and concurrent calls from several threads on one model cannot see each other's hooks.
 3. **Coverage**: before anything runs, every NEON module must have received its rule, and residual blocks that LRP
    would pass as a plain gradient must have been canonized; otherwise a ``ValueError`` names the module.
-4. **One forward, one backward**: the target is resolved from the output of the hooked forward pass.
+4. **One forward, one backward**: the target is resolved from the output of the hooked forward pass. The relevance
+   reaching intermediate modules comes from the same backward pass (``run(..., at=...)``), and the backward pass can
+   end at a module (``stop_at``) instead of the inputs.
 5. **Conservation audit** (:class:`Audit`): the relevance reaching the input is compared with the score minus what
    the rules report to have dissipated. A mismatch means relevance was created or destroyed where no rule ran
    (e.g. a residual addition that is not a module): it warns (:class:`ConservationWarning`), or raises with
