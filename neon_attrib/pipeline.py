@@ -640,9 +640,9 @@ class _Step:
 
     @classmethod
     def take(cls, work: nn.Module, rules: dict[str, Hook], leaves: tuple[torch.Tensor, ...],
-            seed_of: Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]], *,
-            extra_args: Sequence[Any] = (), audit: bool = True, owner: str, at: Sequence[str] = (),
-            stop_at: str | None = None) -> _Step:
+             seed_of: Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]], *,
+             extra_args: Sequence[Any] = (), audit: bool = True, owner: str, at: Sequence[str] = (),
+             stop_at: str | None = None) -> _Step:
         """Forward ``leaves`` through ``work`` (hooked with ``rules``), put ``seed_of(output)`` (targets, seed) on the
         output, and take the relevance of the differentiable leaves and of the outputs of the modules ``at`` (the
         backward ends at ``stop_at``'s output). Call inside :func:`grad_mode`."""
@@ -696,6 +696,9 @@ def _captured(work: nn.Module, at: Sequence[str], stop_at: str | None, owner: st
     """Context manager: record the outputs of the modules named ``at`` (and ``stop_at``, cut from the graph there) in
     one forward pass of ``work``; yields ``{name: output}``, complete once the block has run."""
     names = list(dict.fromkeys([*at, *([stop_at] if stop_at is not None else [])]))
+    if not names:  # the plain explanation (and every call of an Explainer): nothing to look up
+        yield {}
+        return
     modules = dict(work.named_modules())
     unknown = [name for name in names if not isinstance(name, str) or name not in modules]
     if unknown:

@@ -613,18 +613,24 @@ def test_in_place_operations_keep_their_meaning():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # traces are reused, never stale
+class Options(nn.Module):
+    def __init__(self, residual: bool):
+        super().__init__()
+        self.residual = residual
+
+
 class Switched(nn.Module):
-    """A residual addition and a batch norm, both behind attributes that the trace reads."""
+    """A batch norm, a scale and a residual addition behind attributes that the trace reads, one of a submodule."""
 
     def __init__(self, residual: bool = True, scale: float = 1.0):
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.norm = nn.BatchNorm2d(4)
-        self.residual, self.scale = residual, scale
+        self.options, self.scale = Options(residual), scale
 
     def forward(self, x):
         out = self.norm(self.conv(x)) * self.scale
-        return F.relu(out + x if self.residual else out)
+        return F.relu(out + x if self.options.residual else out)
 
 
 def switched_deep(residual: bool = True, scale: float = 1.0, seed: int = 0) -> DeepNeon:
@@ -689,13 +695,14 @@ def test_a_changed_model_is_canonized_again(monkeypatch):
         model.features[4].conv.weight.mul_(0.5)
     changed = explain(model, x)
     assert not torch.equal(changed, before) and torch.equal(changed, traced_afresh(model, x, monkeypatch))
-    # an attribute the trace reads: traced again, and explained as a model built that way
-    traced = calls[0]
-    for block in (model.features[2], model.features[4]):
-        block.residual = False
-    plain = explain(model, x)
-    assert calls[0] > traced
-    assert not torch.equal(plain, changed) and torch.equal(plain, traced_afresh(model, x, monkeypatch))
+    # attributes the trace reads, of the module or of a submodule: traced again, explained as a model built that way
+    for change in (lambda block: setattr(block, "scale", 0.5), lambda block: setattr(block.options, "residual", False)):
+        traced = calls[0]
+        for block in (model.features[2], model.features[4]):
+            change(block)
+        before, changed = changed, explain(model, x)
+        assert calls[0] > traced
+        assert not torch.equal(changed, before) and torch.equal(changed, traced_afresh(model, x, monkeypatch))
     # an attribute that cannot be compared by value: traced on every call
     model.features[2].config = object()
     traced = calls[0]

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_trust import _Root, _SkipNet, tiny_cnn  # _Root's NaN passes the graph canonizer: only the audit catches it
 from torch import nn
 
 from neon_attrib import ConservationError, ConservationWarning, KDEOutlier, KMeansMembership, explain
 from neon_attrib.anomaly import PatchCore
 from neon_attrib.anomaly.resolution import layer_relevance
 from neon_attrib.deep import DeepNeon
-from neon_attrib.graph import register_gradient_leaf
 from neon_attrib.pipeline import run
-
-
-def tiny_cnn(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1),
-                         nn.ReLU()).double().eval()
 
 
 @pytest.fixture
@@ -66,16 +60,6 @@ class _Twice(nn.Module):
         return self.relu(self.conv2(self.relu(self.conv1(x))))
 
 
-class _Skip(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        a = torch.relu(self.conv1(x))
-        return torch.relu(a + self.conv2(a))
-
-
 def test_modules_that_cannot_be_read_are_refused(images):
     torch.manual_seed(0)
     model = DeepNeon(_Twice().double().eval(), KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
@@ -85,18 +69,10 @@ def test_modules_that_cannot_be_read_are_refused(images):
         run(model, (images,), at=("features.relu",))
     with pytest.raises(ValueError, match="'features.unused' .*did not run"):
         run(model, (images,), stop_at="features.unused")
-    skip = DeepNeon(_Skip().double().eval(), KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
+    skip = DeepNeon(_SkipNet().double().eval(), KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
     with pytest.raises(ValueError, match="around 'features.conv2' .*skip connection"):
         run(skip, (images,), stop_at="features.conv2")
     assert run(skip, (images,), stop_at="features.conv1").audit.ok  # every path passes through conv1
-
-
-class _Root(nn.Module):
-    def forward(self, x):
-        return x.sqrt()  # finite forward; the gradient at the ReLU's zeros is inf, the relevance NaN
-
-
-register_gradient_leaf(_Root)  # (wrongly) declared exact as a gradient: only the audit can catch its NaN
 
 
 def test_deep_relevance_is_audited_like_explain(deep, images):
