@@ -615,7 +615,8 @@ class DeepNeon(nn.Module):
         features, head = result.at["features"], result.at["head"]
         n, _, h, w = features.shape
         # the head scores the rows (n·h·w, C): (n·h·w,) scores, or (n·h·w, K) for k-means (only the target's non-zero)
-        locations = head.reshape(n, h, w) if head.ndim == 1 else head.reshape(n, h, w, -1).sum(-1)
+        locations = head.reshape(n, h, w, *head.shape[1:])
+        locations = locations.sum(-1) if head.ndim == 2 else locations
         return DeepRelevance(pixels=result.relevance[0] if to_pixels else None, features=features,
                              locations=locations, output=result.output, target=result.target, audit=result.audit)
 

@@ -100,6 +100,9 @@ def test_kmeans_relevance_at_locations_is_the_targets(images):
     scores = model.location_scores(images)[torch.arange(4), targets].clamp_min(0)  # (n, h, w) of the target
     shares = scores / scores.sum((1, 2), keepdim=True) * model(images)[torch.arange(4), targets].reshape(4, 1, 1)
     torch.testing.assert_close(staged.locations, shares, rtol=1e-10, atol=1e-12)
+    for to_pixels in (True, False):  # an empty batch: empty relevance at every stage, an empty audit that passes
+        empty = model.relevance(images[:0], to_pixels=to_pixels)
+        assert empty.features.shape == (0, 8, 4, 4) and empty.locations.shape == (0, 4, 4) and empty.audit.ok
 
 
 def test_detector_relevance_and_layer_relevance_are_audited(images):
@@ -117,6 +120,8 @@ def test_detector_relevance_and_layer_relevance_are_audited(images):
     with pytest.raises(ConservationError):
         layer_relevance(model, images, "0", strict=True)
     good = PatchCore(tiny_cnn(), ["4"], coreset_ratio=1.0, seed=0).double().fit(images, progress=False)
+    empty = good.relevance(images[:0])  # an empty batch: no backward pass (the fast rules once failed on it)
+    assert empty.pixels.shape == (0, 3, 8, 8) and empty.locations.shape == (0, 4, 4) and empty.audit.ok
     result = layer_relevance(good, images, "2", "sum")
     assert result.audit.ok
     torch.testing.assert_close(result.audit.input_sum, result.relevance.sum((1, 2, 3)), rtol=1e-12, atol=0)
