@@ -54,7 +54,7 @@ from .graph import GraphCanonizer, register_trusted_container
 from .layers import LocationPool, PoolMode
 from .leave_one_out import LeaveOneOutKDEInlier, LeaveOneOutKDEOutlier
 from .models import KDEInlier, KDEOutlier
-from .pipeline import Explainer, attribution_output, grad_mode, hooked, resolve_composite, resolve_targets
+from .pipeline import Audit, Explainer, resolve_composite, run
 from .rules import LeaveOneOutKDEInlierRule, LeaveOneOutKDEOutlierRule, LocationPoolRule
 from .vision import (
     IMAGE_SUFFIXES,
@@ -145,6 +145,9 @@ class DeepRelevance:
         (n,) or (n, K): the model output.
     target : torch.Tensor or None
         (n,) the explained output index (k-means), None for scalar heads.
+    audit : Audit or None
+        The conservation audit of the explanation (:class:`~neon_attrib.pipeline.Audit`): between the score and the
+        pixels, or the feature map with ``to_pixels=False``.
     """
 
     pixels: torch.Tensor | None
@@ -152,6 +155,7 @@ class DeepRelevance:
     locations: torch.Tensor
     output: torch.Tensor
     target: torch.Tensor | None
+    audit: Audit | None = None
 
 
 class DeepNeon(nn.Module):
@@ -570,8 +574,11 @@ class DeepNeon(nn.Module):
 
     def relevance(self, images: torch.Tensor, target: Any = None, *, beta: float | None = None,
                   eps: float | None = None, composite: Composite | None = None,
-                  to_pixels: bool = True) -> DeepRelevance:
+                  to_pixels: bool = True, strict: bool = False, precision: str = "exact") -> DeepRelevance:
         """Explain like :func:`~neon_attrib.explain`, and also return the relevance at the feature map and locations.
+
+        One explanation (:func:`~neon_attrib.pipeline.run`), audited like every other
+        (:class:`~neon_attrib.pipeline.Audit`): a failing audit warns, or raises with ``strict=True``.
 
         Parameters
         ----------
@@ -585,7 +592,11 @@ class DeepNeon(nn.Module):
             Instead of :meth:`neon_composite`.
         to_pixels : bool
             Propagate down to the pixels (default). ``False`` stops at the feature map (``pixels`` is then None):
-            the head's and the pool's rules only, at the cost of one forward pass.
+            the head's and the pool's rules only, and the audit checks the relevance at the feature map.
+        strict : bool
+            Raise :class:`~neon_attrib.pipeline.ConservationError` instead of warning when the audit fails.
+        precision : {"exact", "fast"}
+            The precision policy on CUDA, as in :func:`~neon_attrib.explain`.
 
         Returns
         -------
@@ -593,24 +604,21 @@ class DeepNeon(nn.Module):
         """
         dtype, device = module_dtype_device(self)
         inputs = as_float_tensor(images, dtype=dtype, device=device, owner="DeepNeon", name="images")
-        with grad_mode(), hooked(self, composite, beta=beta, eps=eps) as (work, _):
-            inputs = inputs.detach().clone().requires_grad_(to_pixels)
-            with torch.set_grad_enabled(to_pixels):
-                fmap = work._feature_map(inputs)
-            if not to_pixels:
-                fmap.requires_grad_(True)
-            scores = work._scores(fmap)
-            output = work.pool(scores)
-            targets = resolve_targets(self, output.detach(), target)
-            wrt = (inputs, fmap, scores) if to_pixels else (fmap, scores)
-            grads = torch.autograd.grad(output, wrt, grad_outputs=attribution_output(output.detach(), targets))
-        pixels = grads[0].detach() if to_pixels else None
-        features, locations = grads[-2:]
-        if locations.ndim == 3:  # (n, K, L): only the target row is non-zero
-            locations = locations.sum(1)
-        return DeepRelevance(pixels=pixels, features=features.detach(),
-                             locations=locations.detach().reshape(-1, *fmap.shape[-2:]), output=output.detach(),
-                             target=targets)
+        return self._staged(inputs, target, beta=beta, eps=eps, composite=composite, to_pixels=to_pixels,
+                            strict=strict, precision=precision)
+
+    def _staged(self, inputs: torch.Tensor, target: Any, *, to_pixels: bool, **options: Any) -> DeepRelevance:
+        """:meth:`relevance` for checked ``inputs``: relevance at the pixels (unless ``to_pixels`` is False: the
+        backward pass stops at the feature map), at the feature map and at the head's output."""
+        result = run(self, (inputs,), target, at=("features", "head"), stop_at=None if to_pixels else "features",
+                     **options)
+        features, head = result.at["features"], result.at["head"]
+        n, _, h, w = features.shape
+        # the head scores the rows (n·h·w, C): (n·h·w,) scores, or (n·h·w, K) for k-means (only the target's non-zero)
+        locations = head.reshape(n, h, w, *head.shape[1:])
+        locations = locations.sum(-1) if head.ndim == 2 else locations
+        return DeepRelevance(pixels=result.relevance[0] if to_pixels else None, features=features,
+                             locations=locations, output=result.output, target=result.target, audit=result.audit)
 
     def extra_repr(self) -> str:
         composite = self.composite if isinstance(self.composite, str) else type(self.composite).__name__

@@ -35,9 +35,11 @@ was applied to directly.
 
 from __future__ import annotations
 
+import copy
 import operator
 import threading
 import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,6 +241,86 @@ class _LocalTracer(fx.Tracer):
         return True
 
 
+#: Graphs of modules' own ``forward`` (before any rewrite), keyed by :func:`_trace_key`; at most ``_TRACES_KEPT``.
+_TRACES: OrderedDict[tuple, fx.Graph] = OrderedDict()
+_TRACES_KEPT = 1024
+_UNKEYED = object()
+
+
+def _trace(module: nn.Module, keys: dict[int, tuple | None]) -> fx.Graph:
+    """The graph of ``module``'s own ``forward`` (its submodules as leaves): a copy for the caller to rewrite.
+
+    A module traces like another of the same class with the same parameter and buffer names and the same values of
+    its other attributes (the training flag included), whose submodules are alike in the same way (what ``torch.fx``
+    can read while tracing; it reads no tensor's values, and every rewrite that does runs again on each copy): such a
+    graph is traced once per process. A module with an attribute that cannot be compared by value (an object, a
+    tensor that is not a parameter or buffer, an instance ``forward``), in itself or a submodule, or whose tracing adds
+    attributes, is traced every time. ``keys`` holds the keys computed so far (by module id) while the model is not
+    changed.
+    """
+    key = _trace_key(module, keys)
+    with TRACE_LOCK:
+        cached = _TRACES.get(key) if key is not None else None
+        if cached is not None:
+            _TRACES.move_to_end(key)
+            return copy.deepcopy(cached)
+        names = _attribute_names(module)
+        graph = _LocalTracer().trace(module)
+        if key is not None and _attribute_names(module) == names:
+            _TRACES[key] = copy.deepcopy(graph)  # kept without the module; every caller rewrites a copy of its own
+            while len(_TRACES) > _TRACES_KEPT:
+                _TRACES.popitem(last=False)
+    return graph
+
+
+def _attribute_names(module: nn.Module) -> set[str]:
+    return set(module.__dict__) | set(module._parameters) | set(module._buffers) | set(module._modules)
+
+
+def _trace_key(module: nn.Module, keys: dict[int, tuple | None]) -> tuple | None:
+    """What tracing ``module``'s own ``forward`` can depend on, compared by value (see :func:`_trace`): its class and
+    attributes and its submodules' (a forward may read them); None when an attribute cannot be compared so."""
+    if id(module) not in keys:
+        keys[id(module)] = _own_trace_key(module, keys)
+    return keys[id(module)]
+
+
+def _own_trace_key(module: nn.Module, keys: dict[int, tuple | None]) -> tuple | None:
+    state: list[tuple] = []
+    for name, value in module.__dict__.items():
+        if name == "_modules":  # whole submodules: a forward may read a child's attributes (self.conv.stride)
+            children = []
+            for key, child in value.items():
+                child_key = () if child is None else _trace_key(child, keys)
+                if child_key is None:
+                    return None
+                children.append((key, child_key))
+            state.append((name, tuple(children)))
+        elif name in ("_parameters", "_buffers"):
+            state.append((name, tuple((key, tensor is None) for key, tensor in value.items())))
+        elif name.startswith("_") and isinstance(value, (dict, set)):
+            continue  # torch's hook tables: tracing calls forward itself, never the hooks
+        else:
+            key = _value_key(value)
+            if key is _UNKEYED:
+                return None
+            state.append((name, key))
+    return (type(module), type(module).forward, tuple(state))
+
+
+def _value_key(value: Any) -> Any:
+    """``value`` as a hashable key compared by value, or ``_UNKEYED``."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device, type,
+                                           types.BuiltinFunctionType)):
+        return (type(value), value)
+    if isinstance(value, types.FunctionType) and value.__closure__ is None:  # a closure's cells can change
+        return (types.FunctionType, value)
+    if isinstance(value, (tuple, list)):
+        items = tuple(_value_key(item) for item in value)
+        return _UNKEYED if any(item is _UNKEYED for item in items) else (type(value), items)
+    return _UNKEYED
+
+
 @dataclass
 class _Traced:
     path: str
@@ -267,6 +349,7 @@ class _Canonization(Canonizer):
         self.traced: dict[int, _Traced] = {}
         self.calls: dict[int, int] = {}
         self.required: dict[str, nn.Module] = {}
+        self.keys: dict[int, tuple | None] = {}  # trace keys of the modules, while the tracing pass changes nothing
 
     # -- zennit's canonizer interface --------------------------------------------------------------------------------
     def apply(self, root_module: nn.Module) -> list[Canonizer]:
@@ -284,6 +367,7 @@ class _Canonization(Canonizer):
     # -- the passes --------------------------------------------------------------------------------------------------
     def run(self) -> None:
         self._visit(self.root, "")
+        self.keys.clear()
         for traced in self.traced.values():
             self._rewrite(traced)
         for traced in self.traced.values():
@@ -309,8 +393,7 @@ class _Canonization(Canonizer):
         if is_gradient_leaf(module) or isinstance(module, BATCH_NORMS) or _is_norm(module):
             return
         try:
-            with TRACE_LOCK:
-                graph = _LocalTracer().trace(module)
+            graph = _trace(module, self.keys)
         except Exception as exc:  # torch.fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(

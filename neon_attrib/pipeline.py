@@ -1,7 +1,9 @@
 """The one explain pipeline: choose the composite, resolve the target, own the hooks, audit conservation.
 
 Every entry point (:func:`neon_attrib.explain`, :class:`~neon_attrib.captum.NeonLRP`, ``DeepNeon.explain`` /
-``relevance`` / ``explainer``, the DEC heads, the evaluation curves, the command line) runs through here:
+``relevance`` / ``explainer``, the detectors' ``relevance`` and ``layer_relevance``, the DEC heads, the evaluation
+curves, the command line) runs through here, and every explanation takes the same step (one forward, one backward,
+the audit): :func:`run` on a copy hooked for the call, :class:`Explainer` on the copy it keeps registered.
 
 1. **Composite** (:func:`resolve_composite`): a composite that a user passes is the *base* for the layers that are not
    NEON layers; NEON layers (heads, pools, DEC heads) always get their own rules. A :class:`NeonComposite` is used as
@@ -11,7 +13,9 @@ Every entry point (:func:`neon_attrib.explain`, :class:`~neon_attrib.captum.Neon
    changes nothing, and concurrent calls from several threads on one model cannot see each other's hooks.
 3. **Coverage**: before anything runs, every NEON module must have received its rule, and residual blocks that LRP
    would pass as a plain gradient must have been canonized; otherwise a ``ValueError`` names the module.
-4. **One forward, one backward**: the target is resolved from the output of the hooked forward pass.
+4. **One forward, one backward**: the target is resolved from the output of the hooked forward pass. The relevance
+   reaching intermediate modules comes from the same backward pass (``run(..., at=...)``), and the backward pass can
+   end at a module (``stop_at``) instead of the inputs.
 5. **Conservation audit** (:class:`Audit`): the relevance reaching the input is compared with the score minus what
    the rules report to have dissipated. A mismatch means relevance was created or destroyed where no rule ran
    (e.g. a residual addition that is not a module): it warns (:class:`ConservationWarning`), or raises with
@@ -388,6 +392,7 @@ class _AuditRecorder:
         self.n = n
         self.per_sample: dict[str, torch.Tensor | None] = {}
         self.totals: dict[str, torch.Tensor] = {}
+        self.wrapped: list[Hook] = []
         for name, hook in hooked.items():
             if not _passes_through(hook):  # a pass-through dissipates nothing: no need to sum its relevance
                 self._wrap(name, hook)
@@ -417,6 +422,12 @@ class _AuditRecorder:
             return result
 
         hook.backward = backward
+        self.wrapped.append(hook)
+
+    def close(self) -> None:
+        """Unwrap the hooks (they may serve further explanations: :class:`Explainer`)."""
+        for hook in self.wrapped:
+            hook.__dict__.pop("backward", None)
 
     def audit(self, score: torch.Tensor, input_sum: torch.Tensor, input_mass: torch.Tensor, tolerance: float) -> Audit:
         """Per sample when the score, the input and every module's record are batched alike, else in total (n = 1)."""
@@ -495,6 +506,9 @@ class Explanation:
         (n,) the explained score.
     audit : Audit or None
         The conservation audit.
+    at : dict of str to torch.Tensor
+        The relevance reaching the output of each module named in :func:`run`'s ``at`` and ``stop_at``, shaped like
+        that output.
     """
 
     relevance: tuple[torch.Tensor, ...]
@@ -502,6 +516,7 @@ class Explanation:
     target: torch.Tensor | None
     score: torch.Tensor
     audit: Audit | None
+    at: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -528,7 +543,8 @@ def grad_mode() -> Iterator[None]:
 def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
         composite: Composite | None = None, beta: float | None = None, eps: float | None = None,
         extra_args: Sequence[Any] = (), audit: bool = True, strict: bool = False,
-        owner: str | None = None, precision: str = "exact") -> Explanation:
+        owner: str | None = None, precision: str = "exact", at: Sequence[str] = (),
+        stop_at: str | None = None) -> Explanation:
     """Explain ``model(*inputs, *extra_args)`` for ``target``: the core every entry point calls.
 
     Parameters
@@ -552,43 +568,168 @@ def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
     precision : {"exact", "fast"}
         The precision policy on CUDA (:func:`precision_mode`); default exact (no TensorFloat-32, deterministic
         convolutions).
+    at : sequence of str
+        Names of modules (``model.named_modules()``) whose output's relevance is returned too, in
+        :attr:`Explanation.at` (e.g. a feature extractor and a head: the relevance reaching the feature map and each
+        location's score). Each must run exactly once in the forward pass.
+    stop_at : str, optional
+        The name of a module where the backward pass stops: its output's relevance is in :attr:`Explanation.at`, the
+        audit compares the score with it, and no relevance reaches the inputs (:attr:`Explanation.relevance` is
+        empty). Every path from the inputs to the output must pass through it.
 
     Returns
     -------
     Explanation
+
+    Raises
+    ------
+    ValueError
+        Besides the coverage checks: a module of ``at`` or ``stop_at`` that does not exist, does not return a tensor,
+        does not run or runs twice, or, for ``stop_at``, a path from the inputs to the output around the module.
+
+    Examples
+    --------
+    >>> from neon_attrib import KMeansMembership
+    >>> model = KMeansMembership(n_clusters=2, random_state=0).double().fit(torch.randn(20, 3, dtype=torch.float64))
+    >>> result = run(model, (torch.randn(4, 3, dtype=torch.float64),), at=("pool",))
+    >>> result.relevance[0].shape, result.at["pool"].shape, result.audit.ok
+    (torch.Size([4, 3]), torch.Size([4, 2]), True)
     """
     owner = owner or type(model).__name__
     check_precision(precision, owner)
     device = inputs[0].device if inputs else torch.device("cpu")
     with grad_mode(), precision_mode(precision, device):
         leaves = tuple(x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs)
-        n = leaves[0].shape[0] if leaves and leaves[0].ndim else 0
         with hooked(model, composite, beta=beta, eps=eps) as (hooked_model, rules):
-            recorder = _AuditRecorder(rules, n) if audit else None
-            output = hooked_model(*leaves, *extra_args)
+            step = _Step.take(hooked_model, rules, leaves, lambda output: _target_seed(model, output, target),
+                             extra_args=extra_args, audit=audit, owner=owner, at=at, stop_at=stop_at)
+    result_audit = step.audit(leaves[0].dtype if leaves else torch.float32, precision)
+    if result_audit is not None:
+        _report(result_audit, owner, strict)
+    return Explanation(relevance=step.relevance, output=step.output, target=step.target, score=step.score,
+                       audit=result_audit, at=step.at)
+
+
+def _target_seed(model: nn.Module, output: torch.Tensor, target: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The explained output index per sample, and the relevance put on the output (:func:`attribution_output`)."""
+    targets = resolve_targets(model, output, target)
+    return targets, attribution_output(output, targets)
+
+
+@dataclass
+class _Step:
+    """One forward and one backward pass of a model carrying its rules: the step every explanation runs once.
+
+    :func:`run` takes it on a copy hooked for the call, :class:`Explainer` on the copy it keeps registered.
+    """
+
+    output: torch.Tensor
+    target: torch.Tensor | None
+    seed: torch.Tensor
+    relevance: tuple[torch.Tensor, ...]
+    at: dict[str, torch.Tensor]
+    recorder: _AuditRecorder | None
+    stop_at: str | None
+    n: int
+
+    @property
+    def score(self) -> torch.Tensor:
+        """(n,) the explained score: the relevance put on the output, summed per sample."""
+        seed = self.seed.detach()
+        return _flat(seed).sum(1) if seed.ndim else seed.reshape(1)
+
+    @classmethod
+    def take(cls, work: nn.Module, rules: dict[str, Hook], leaves: tuple[torch.Tensor, ...],
+             seed_of: Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]], *,
+             extra_args: Sequence[Any] = (), audit: bool = True, owner: str, at: Sequence[str] = (),
+             stop_at: str | None = None) -> _Step:
+        """Forward ``leaves`` through ``work`` (hooked with ``rules``), put ``seed_of(output)`` (targets, seed) on the
+        output, and take the relevance of the differentiable leaves and of the outputs of the modules ``at`` (the
+        backward ends at ``stop_at``'s output). Call inside :func:`grad_mode`."""
+        n = leaves[0].shape[0] if leaves and leaves[0].ndim else 0
+        recorder = _AuditRecorder(rules, n) if audit else None
+        try:
+            with _captured(work, at, stop_at, owner) as captured:
+                output = work(*leaves, *extra_args)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{owner} must return a tensor to be explained. Got {type(output).__name__}.")
-            targets = resolve_targets(model, output.detach(), target)
-            top = attribution_output(output.detach(), targets)
+            targets, seed = seed_of(output.detach())
+            seed = torch.broadcast_to(seed.to(device=output.device, dtype=output.dtype), output.shape)
             differentiable = [leaf for leaf in leaves if leaf.requires_grad]
+            wrt = differentiable + list(captured.values())
             if n == 0 or not output.requires_grad:
-                grads = [None] * len(differentiable)
+                grads: Sequence[torch.Tensor | None] = [None] * len(wrt)
             else:
-                grads = torch.autograd.grad((output,), differentiable, grad_outputs=(top,), allow_unused=True)
-    grad_iter = iter(grads)
-    relevance = tuple(torch.zeros_like(leaf) if not leaf.requires_grad else _or_zeros(next(grad_iter), leaf)
-                      for leaf in leaves)
-    score = _flat(top.detach()).sum(1) if top.ndim else top.detach().reshape(1)
-    result_audit = None
-    if recorder is not None:
-        floating = [r for r in relevance if r.is_floating_point()]
-        input_sum = sum(_sample_sums(r, n) for r in floating)
-        input_mass = sum(_sample_sums(r, n, absolute=True) for r in floating)
-        tolerance = default_tolerance(leaves[0].dtype if leaves else torch.float32, precision)
-        result_audit = recorder.audit(_sample_sums(top, n) if n else score.to(torch.float64), input_sum, input_mass,
-                                      tolerance)
-        _report(result_audit, owner, strict)
-    return Explanation(relevance=relevance, output=output.detach(), target=targets, score=score, audit=result_audit)
+                grads = torch.autograd.grad((output,), wrt, grad_outputs=(seed,), allow_unused=True)
+        finally:
+            if recorder is not None:
+                recorder.close()
+        if stop_at is not None and any(grad is not None for grad in grads[:len(differentiable)]):
+            raise ValueError(f"{owner}: part of the score reaches the input around {stop_at!r} (a skip connection?), "
+                             f"so the relevance there would be incomplete. Choose a module every path passes through "
+                             f"(e.g. a whole ResNet stage rather than a layer inside a block).")
+        relevance: tuple[torch.Tensor, ...] = ()
+        if stop_at is None:
+            grad_iter = iter(grads[:len(differentiable)])
+            relevance = tuple(_or_zeros(next(grad_iter), leaf) if leaf.requires_grad else torch.zeros_like(leaf)
+                              for leaf in leaves)
+        at_relevance = {name: _or_zeros(grad, tensor)
+                        for (name, tensor), grad in zip(captured.items(), grads[len(differentiable):])}
+        return cls(output=output.detach(), target=targets, seed=seed, relevance=relevance, at=at_relevance,
+                   recorder=recorder, stop_at=stop_at, n=n)
+
+    def audit(self, dtype: torch.dtype, precision: str) -> Audit | None:
+        """The conservation audit (None unless :meth:`take` recorded one): the score against what the rules
+        dissipated and the relevance where the backward pass ended (the inputs, or ``stop_at``'s output)."""
+        if self.recorder is None:
+            return None
+        reached = self.relevance if self.stop_at is None else (self.at[self.stop_at],)
+        floating = [r for r in reached if r.is_floating_point()]
+        input_sum = sum(_sample_sums(r, self.n) for r in floating)
+        input_mass = sum(_sample_sums(r, self.n, absolute=True) for r in floating)
+        return self.recorder.audit(_sample_sums(self.seed, self.n), input_sum, input_mass,
+                                   default_tolerance(dtype, precision))
+
+
+@contextlib.contextmanager
+def _captured(work: nn.Module, at: Sequence[str], stop_at: str | None, owner: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Context manager: record the outputs of the modules named ``at`` (and ``stop_at``, cut from the graph there) in
+    one forward pass of ``work``; yields ``{name: output}``, complete once the block has run."""
+    names = list(dict.fromkeys([*at, *([stop_at] if stop_at is not None else [])]))
+    if not names:  # the plain explanation (and every call of an Explainer): nothing to look up
+        yield {}
+        return
+    modules = dict(work.named_modules())
+    unknown = [name for name in names if not isinstance(name, str) or name not in modules]
+    if unknown:
+        raise ValueError(f"{owner}: {unknown[0]!r} is not a module of the model ({type(work).__name__}); pass names "
+                         f"of model.named_modules().")
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Callable[[nn.Module, Any, Any], torch.Tensor | None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"{owner}: {name!r} ({type(module).__name__}) returns {type(output).__name__}, not "
+                                 f"a tensor, so no relevance can be read at its output.")
+            if name in captured:
+                raise ValueError(f"{owner}: {name!r} ({type(module).__name__}) runs twice in one forward pass; choose "
+                                 f"a module that runs once.")
+            if name == stop_at:  # the graph is cut here: what still reaches the inputs bypasses the module
+                output = output.detach().requires_grad_(True)
+            captured[name] = output
+            return output if name == stop_at else None
+        return hook
+
+    handles = [modules[name].register_forward_hook(capture(name)) for name in names]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in names if name not in captured]
+    if missing:
+        raise ValueError(f"{owner}: {missing[0]!r} ({type(modules[missing[0]]).__name__}) did not run in the forward "
+                         f"pass (the model never calls it, or stops before it), so no relevance reaches it.")
 
 
 def _or_zeros(grad: torch.Tensor | None, leaf: torch.Tensor) -> torch.Tensor:
@@ -720,32 +861,19 @@ class Explainer:
         with self._context(input.device):
             leaf = input.detach().clone(memory_format=memory_format)
             leaf.requires_grad_(True)
-            n = leaf.shape[0] if leaf.ndim else 0
-            recorder = _AuditRecorder(self._hooked, n) if self.audit else None
-            try:
-                output = self._work(leaf)
-                if attr_output is None:
-                    targets = self.default_target(output.detach()) if self.default_target is not None else None
-                    seed = attribution_output(output.detach(), targets)
-                elif callable(attr_output):
-                    seed = attr_output(output.detach())
-                else:
-                    seed = attr_output
-                seed = torch.broadcast_to(seed.to(device=output.device, dtype=output.dtype), output.shape)
-                if n == 0:
-                    relevance = torch.zeros_like(leaf)
-                else:
-                    (relevance,) = torch.autograd.grad(output, leaf, seed)
-            finally:
-                if recorder is not None:
-                    for hook in self._hooked.values():
-                        hook.__dict__.pop("backward", None)
-        relevance = relevance.contiguous(memory_format=torch.contiguous_format) if self.channels_last else relevance
-        if recorder is not None and n:
-            score, input_sum = _sample_sums(seed, n), _sample_sums(relevance, n)
-            input_mass = _sample_sums(relevance, n, absolute=True)
-            tolerance = default_tolerance(leaf.dtype, self.precision)
-            self.last_audit = recorder.audit(score, input_sum, input_mass, tolerance)
-            _report(self.last_audit, self.owner, self.strict)
-        return output.detach(), relevance.detach()
+            step = _Step.take(self._work, self._hooked, (leaf,), lambda output: self._seed(output, attr_output),
+                              audit=self.audit, owner=self.owner)
+        if self.channels_last:
+            step.relevance = tuple(r.contiguous(memory_format=torch.contiguous_format) for r in step.relevance)
+        audit = step.audit(leaf.dtype, self.precision)
+        if audit is not None:
+            self.last_audit = audit
+            _report(audit, self.owner, self.strict)
+        return step.output, step.relevance[0]
 
+    def _seed(self, output: torch.Tensor, attr_output: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The targets and the relevance put on the output (see :meth:`__call__`)."""
+        if attr_output is None:
+            targets = self.default_target(output) if self.default_target is not None else None
+            return targets, attribution_output(output, targets)
+        return None, attr_output(output) if callable(attr_output) else attr_output

@@ -609,3 +609,103 @@ def test_in_place_operations_keep_their_meaning():
         assert torch.equal(work(x), expected)
     relevance, audit = fast_relevance(model, x, one_hot(expected))
     assert audit.ok and relevance.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# traces are reused, never stale
+class Options(nn.Module):
+    def __init__(self, residual: bool):
+        super().__init__()
+        self.residual = residual
+
+
+class Switched(nn.Module):
+    """A batch norm, a scale and a residual addition behind attributes that the trace reads, one of a submodule."""
+
+    def __init__(self, residual: bool = True, scale: float = 1.0):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.options, self.scale = Options(residual), scale
+
+    def forward(self, x):
+        out = self.norm(self.conv(x)) * self.scale
+        return F.relu(out + x if self.options.residual else out)
+
+
+def switched_deep(residual: bool = True, scale: float = 1.0, seed: int = 0) -> DeepNeon:
+    torch.manual_seed(seed)
+    features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Switched(residual, scale), nn.MaxPool2d(2),
+                             Switched(residual, scale))
+    features = calibrated(features, size=16)
+    images = torch.rand(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    return DeepNeon(features, KDEOutlier(gamma=0.1), low=0.0, high=1.0).fit(images, progress=False)
+
+
+def count_traces(monkeypatch) -> list[int]:
+    from neon_attrib import graph
+
+    calls = [0]
+    trace = graph._LocalTracer.trace
+
+    def counting(self, *args, **kwargs):
+        calls[0] += 1
+        return trace(self, *args, **kwargs)
+
+    monkeypatch.setattr(graph._LocalTracer, "trace", counting)
+    return calls
+
+
+def test_repeated_explanations_trace_once_and_give_the_same_numbers(monkeypatch):
+    calls = count_traces(monkeypatch)
+    model = switched_deep(scale=1.25)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    first = explain(model, x)
+    traced = calls[0]
+    assert traced >= 1
+    again = explain(model, x)
+    staged = model.relevance(x)
+    assert calls[0] == traced  # the second explanation, and relevance(), trace nothing
+    assert torch.equal(first, again) and torch.equal(first, staged.pixels)
+    # another model with blocks of the same configuration traces nothing either, and explains itself, not the first
+    other = switched_deep(scale=1.25, seed=7)
+    assert torch.equal(explain(other, x), explain(copy.deepcopy(other), x))
+    assert calls[0] == traced
+
+
+def traced_afresh(model: nn.Module, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """``explain`` of a copy of ``model`` with no graph traced before."""
+    from collections import OrderedDict
+
+    from neon_attrib import graph
+
+    with monkeypatch.context() as patch:
+        patch.setattr(graph, "_TRACES", OrderedDict())
+        return explain(copy.deepcopy(model), x)
+
+
+def test_a_changed_model_is_canonized_again(monkeypatch):
+    calls = count_traces(monkeypatch)
+    model = switched_deep()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    before = explain(model, x)
+    # weights changed in place (the batch norm folded into the convolution before it): folded again
+    with torch.no_grad():
+        model.features[2].norm.running_var.mul_(4.0)
+        model.features[4].conv.weight.mul_(0.5)
+    changed = explain(model, x)
+    assert not torch.equal(changed, before) and torch.equal(changed, traced_afresh(model, x, monkeypatch))
+    # attributes the trace reads, of the module or of a submodule: traced again, explained as a model built that way
+    for change in (lambda block: setattr(block, "scale", 0.5), lambda block: setattr(block.options, "residual", False)):
+        traced = calls[0]
+        for block in (model.features[2], model.features[4]):
+            change(block)
+        before, changed = changed, explain(model, x)
+        assert calls[0] > traced
+        assert not torch.equal(changed, before) and torch.equal(changed, traced_afresh(model, x, monkeypatch))
+    # an attribute that cannot be compared by value: traced on every call
+    model.features[2].config = object()
+    traced = calls[0]
+    explain(model, x)
+    explain(model, x)
+    assert calls[0] >= traced + 2

@@ -22,7 +22,7 @@ from .._utils import module_dtype_device
 from ..attribution import explain as _explain
 from ..composites import register_activation_children
 from ..deep import DeepNeon, DeepRelevance
-from ..pipeline import attribution_output, grad_mode, hooked, isolated
+from ..pipeline import isolated
 from ..vision import FeatureTaps, backbone
 from ._layers import PatchPool, check_explain_target, gaussian_blur, upsample
 
@@ -438,30 +438,20 @@ class AnomalyDetector(DeepNeon):
     # -- explaining --------------------------------------------------------------------------------------------------
     def relevance(self, images: torch.Tensor, target: Any = None, *, beta: float | None = None,
                   eps: float | None = None, composite: Composite | None = None,
-                  to_pixels: bool = True) -> DeepRelevance:
+                  to_pixels: bool = True, strict: bool = False, precision: str = "exact") -> DeepRelevance:
         """Explain like :meth:`explain` and also return the relevance at the feature map and of every patch score.
 
         ``target`` is an explanation target (``"max"``, ``"sum"``, ``"excess"``, ``(row, col)``; default
-        :attr:`explain_target`). ``locations`` of the result are the patches' relevances (n, h, w).
+        :attr:`explain_target`). ``locations`` of the result are the patches' relevances (n, h, w). The explanation
+        is audited as :meth:`explain`'s (``audit`` of the result; a failing audit warns, or raises with
+        ``strict=True``); the other parameters are :meth:`DeepNeon.relevance <neon_attrib.deep.DeepNeon.relevance>`'s.
         """
         model = self if target is None else self.with_target(target)
         dtype, device = module_dtype_device(model)
         model._check_fitted()
         model._check_images(images)
-        inputs = images.to(dtype=dtype, device=device)
-        with grad_mode(), hooked(model, composite, beta=beta, eps=eps) as (work, _):
-            inputs = inputs.detach().clone().requires_grad_(to_pixels)
-            with torch.set_grad_enabled(to_pixels):
-                fmap = work._feature_map(inputs)
-            if not to_pixels:
-                fmap.requires_grad_(True)
-            n, _, h, w = fmap.shape
-            scores = work._scores(fmap).reshape(n, h, w)
-            output = work._pooled(work.pool, fmap, scores)
-            wrt = (inputs, fmap, scores) if to_pixels else (fmap, scores)
-            grads = torch.autograd.grad(output, wrt, grad_outputs=attribution_output(output.detach(), None))
-        return DeepRelevance(pixels=grads[0].detach() if to_pixels else None, features=grads[-2].detach(),
-                             locations=grads[-1].detach(), output=output.detach(), target=None)
+        return model._staged(images.to(dtype=dtype, device=device), None, beta=beta, eps=eps, composite=composite,
+                             to_pixels=to_pixels, strict=strict, precision=precision)
 
     def fit_self(self, images: Any, **kwargs: Any) -> AnomalyDetector:
         """Not available: an anomaly detector compares images with *normal* images. Fit it with :meth:`fit` (and give

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from zennit.core import Composite
 
 from .._utils import module_dtype_device
-from ..pipeline import attribution_output, grad_mode, hooked
+from ..pipeline import Audit, run
 from ._detector import AnomalyDetector
 
 __all__ = ["LayerRelevance", "layer_relevance"]
@@ -36,16 +36,20 @@ class LayerRelevance:
         ``mode="nearest"`` and an integer stride, approximately with ``"bilinear"``).
     output : torch.Tensor
         (n,) the explained score.
+    audit : Audit or None
+        The conservation audit (:class:`~neon_attrib.pipeline.Audit`) between the score and the relevance at the
+        layer.
     """
 
     relevance: torch.Tensor
     map: torch.Tensor
     output: torch.Tensor
+    audit: Audit | None = None
 
 
 def layer_relevance(model: AnomalyDetector, images: torch.Tensor, layer: str, target: Any = None, *,
                     composite: Composite | None = None, beta: float | None = None, eps: float | None = None,
-                    mode: str = "bilinear") -> LayerRelevance:
+                    mode: str = "bilinear", strict: bool = False) -> LayerRelevance:
     """LRP of a detector's explained score, from the score down to the output of ``layer`` of its backbone.
 
     The same rules as :func:`~neon_attrib.explain` (the head's NEON rule, the taps' z-rule, ``composite`` or the
@@ -69,6 +73,9 @@ def layer_relevance(model: AnomalyDetector, images: torch.Tensor, layer: str, ta
         As in :func:`~neon_attrib.explain`.
     mode : {"bilinear", "nearest"}
         Upsampling of the channel-summed relevance to the image.
+    strict : bool
+        Raise :class:`~neon_attrib.pipeline.ConservationError` instead of warning when the conservation audit (from the
+        score to the layer) fails.
 
     Returns
     -------
@@ -106,38 +113,12 @@ def layer_relevance(model: AnomalyDetector, images: torch.Tensor, layer: str, ta
                          f"({type(work_model.taps.backbone).__name__}). Some names: "
                          f"{close or [name for name in names if name][:8]}.")
     dtype, device = module_dtype_device(work_model)
-    captured: list[torch.Tensor] = []
-
-    def cut(module: torch.nn.Module, args: tuple, output: Any) -> torch.Tensor:
-        if not isinstance(output, torch.Tensor) or output.ndim != 4:
-            raise ValueError(f"{owner}: layer {layer!r} returns "
-                             f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}, "
-                             f"not a feature map (n, C, h, w).")
-        if captured:
-            raise ValueError(f"{owner}: layer {layer!r} runs twice in one forward pass; choose a module that runs "
-                             f"once.")
-        leaf = output.detach().requires_grad_(True)  # the graph is cut here: what still reaches the input bypasses it
-        captured.append(leaf)
-        return leaf
-
-    with grad_mode(), hooked(work_model, composite, beta=beta, eps=eps) as (work, _):
-        inputs = images.to(dtype=dtype, device=device).detach().clone().requires_grad_(True)
-        handle = work.taps.backbone.get_submodule(layer).register_forward_hook(cut)
-        try:
-            output = work(inputs)
-        finally:
-            handle.remove()
-        if not captured:
-            raise ValueError(f"{owner}: layer {layer!r} did not run before the tapped layers "
-                             f"{list(work.taps.layers)}; choose a layer at or before them.")
-        leaf = captured[0]
-        relevance, bypass = torch.autograd.grad(output, (leaf, inputs), grad_outputs=attribution_output(
-            output.detach(), None), allow_unused=True)
-        if relevance is None or bypass is not None:
-            raise ValueError(f"{owner}: part of the score reaches the tapped layers around layer {layer!r} (a skip "
-                             f"connection?), so the relevance there would be incomplete. Choose a layer every path "
-                             f"passes through (a whole ResNet stage, a VGG layer before the first tap).")
-    relevance = relevance.detach()
+    name = next(path for path, module in work_model.named_modules() if module is names[layer])
+    result = run(work_model, (images.to(dtype=dtype, device=device),), composite=composite, beta=beta, eps=eps,
+                 stop_at=name, strict=strict, owner=owner)
+    relevance = result.at[name]
+    if relevance.ndim != 4:
+        raise ValueError(f"{owner}: layer {layer!r} returns {tuple(relevance.shape)}, not a feature map (n, C, h, w).")
     h, w = relevance.shape[-2:]
     size = tuple(images.shape[-2:])
     density = relevance.sum(1, keepdim=True) * (h * w) / (size[0] * size[1])
@@ -145,4 +126,4 @@ def layer_relevance(model: AnomalyDetector, images: torch.Tensor, layer: str, ta
         upsampled = F.interpolate(density, size=size, mode="nearest")
     else:
         upsampled = F.interpolate(density, size=size, mode="bilinear", align_corners=False)
-    return LayerRelevance(relevance=relevance, map=upsampled[:, 0], output=output.detach())
+    return LayerRelevance(relevance=relevance, map=upsampled[:, 0], output=result.output, audit=result.audit)

@@ -1,0 +1,127 @@
+"""The one explanation step (``pipeline.run``): relevance at intermediate modules (``at``), a backward pass stopped at
+a module (``stop_at``), and the audit on every entry point built on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trust import _Root, _SkipNet, tiny_cnn  # _Root's NaN passes the graph canonizer: only the audit catches it
+from torch import nn
+
+from neon_attrib import ConservationError, ConservationWarning, KDEOutlier, KMeansMembership, explain
+from neon_attrib.anomaly import PatchCore
+from neon_attrib.anomaly.resolution import layer_relevance
+from neon_attrib.deep import DeepNeon
+from neon_attrib.pipeline import run
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def deep(images) -> DeepNeon:
+    return DeepNeon(tiny_cnn(), KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
+
+
+def test_relevance_at_modules_leaves_the_explanation_unchanged(deep, images):
+    plain = run(deep, (images,))
+    staged = run(deep, (images,), at=("features", "head", "features.3"))
+    assert plain.at == {} and set(staged.at) == {"features", "head", "features.3"}
+    assert torch.equal(plain.relevance[0], staged.relevance[0]) and torch.equal(plain.score, staged.score)
+    assert staged.at["features"].shape == (4, 8, 4, 4) and staged.at["features.3"].shape == (4, 8, 4, 4)
+    # the sum pool hands each location its own score: the relevance reaching the head's output is the location score
+    torch.testing.assert_close(staged.at["head"].reshape(4, 4, 4), deep.location_scores(images), rtol=1e-12, atol=0)
+    # a ReLU hands its relevance on unchanged: the relevance at the last convolution's output is the feature map's
+    assert torch.equal(staged.at["features.3"], staged.at["features"])
+
+
+def test_stopping_at_a_module_audits_the_relevance_there(deep, images):
+    full = run(deep, (images,), at=("features",))
+    stopped = run(deep, (images,), stop_at="features")
+    assert stopped.relevance == ()
+    # the head's and the pool's rules do not depend on what is below the feature map
+    assert torch.equal(stopped.at["features"], full.at["features"])
+    assert stopped.audit.ok
+    torch.testing.assert_close(stopped.audit.input_sum, stopped.at["features"].sum((1, 2, 3)), rtol=1e-12, atol=0)
+    assert torch.equal(stopped.audit.score, full.audit.score)
+
+
+class _Twice(nn.Module):
+    """Calls one ReLU module twice, and holds a module it never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        self.unused = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+
+def test_modules_that_cannot_be_read_are_refused(images):
+    torch.manual_seed(0)
+    model = DeepNeon(_Twice().double().eval(), KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
+    with pytest.raises(ValueError, match="'features.nope' is not a module"):
+        run(model, (images,), at=("features.nope",))
+    with pytest.raises(ValueError, match="'features.relu' .*runs twice"):
+        run(model, (images,), at=("features.relu",))
+    with pytest.raises(ValueError, match="'features.unused' .*did not run"):
+        run(model, (images,), stop_at="features.unused")
+    skip = DeepNeon(_SkipNet().double().eval(), KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
+    with pytest.raises(ValueError, match="around 'features.conv2' .*skip connection"):
+        run(skip, (images,), stop_at="features.conv2")
+    assert run(skip, (images,), stop_at="features.conv1").audit.ok  # every path passes through conv1
+
+
+def test_deep_relevance_is_audited_like_explain(deep, images):
+    _, audit = explain(deep, images, return_audit=True)
+    staged = deep.relevance(images)
+    for name in ("score", "input_sum", "input_mass", "dissipated", "unaccounted"):
+        assert torch.equal(getattr(staged.audit, name), getattr(audit, name)), name
+    broken = DeepNeon(nn.Sequential(tiny_cnn(), _Root()), KDEOutlier(gamma=0.5), low=0.0, high=1.0)
+    broken.fit(images, progress=False)
+    with pytest.warns(ConservationWarning, match="DeepNeon: the explanation is not finite"):
+        staged = broken.relevance(images)
+    assert not staged.audit.ok and not bool(torch.isfinite(staged.pixels).all())
+    with pytest.raises(ConservationError, match="NaN or inf"):
+        broken.relevance(images, strict=True)
+    # stopped at the feature map, the NaN below it is not part of the explanation
+    assert broken.relevance(images, to_pixels=False, strict=True).audit.ok
+
+
+def test_kmeans_relevance_at_locations_is_the_targets(images):
+    head = KMeansMembership(n_clusters=2, n_init=1, random_state=0)
+    model = DeepNeon(tiny_cnn(), head, pool="positive", low=0.0, high=1.0).fit(images, progress=False)
+    targets = torch.tensor([0, 1, 1, 0])
+    staged = model.relevance(images, target=targets)
+    assert torch.equal(staged.target, targets) and staged.audit.ok
+    scores = model.location_scores(images)[torch.arange(4), targets].clamp_min(0)  # (n, h, w) of the target
+    shares = scores / scores.sum((1, 2), keepdim=True) * model(images)[torch.arange(4), targets].reshape(4, 1, 1)
+    torch.testing.assert_close(staged.locations, shares, rtol=1e-10, atol=1e-12)
+    for to_pixels in (True, False):  # an empty batch: empty relevance at every stage, an empty audit that passes
+        empty = model.relevance(images[:0], to_pixels=to_pixels)
+        assert empty.features.shape == (0, 8, 4, 4) and empty.locations.shape == (0, 4, 4) and empty.audit.ok
+
+
+def test_detector_relevance_and_layer_relevance_are_audited(images):
+    network = nn.Sequential(tiny_cnn(), _Root())
+    model = PatchCore(network, ["1"], coreset_ratio=1.0, seed=0).double().fit(images, progress=False)
+    with pytest.warns(ConservationWarning, match="PatchCore: the explanation is not finite"):
+        staged = model.relevance(images, "sum")
+    assert not staged.audit.ok
+    with pytest.raises(ConservationError, match="NaN or inf"):
+        model.relevance(images, strict=True)
+    assert model.relevance(images, to_pixels=False, strict=True).audit.ok
+    with pytest.warns(ConservationWarning, match=r"layer_relevance\(PatchCore\): the explanation is not finite"):
+        result = layer_relevance(model, images, "0")  # below the square root
+    assert not result.audit.ok
+    with pytest.raises(ConservationError):
+        layer_relevance(model, images, "0", strict=True)
+    good = PatchCore(tiny_cnn(), ["4"], coreset_ratio=1.0, seed=0).double().fit(images, progress=False)
+    empty = good.relevance(images[:0])  # an empty batch: no backward pass (the fast rules once failed on it)
+    assert empty.pixels.shape == (0, 3, 8, 8) and empty.locations.shape == (0, 4, 4) and empty.audit.ok
+    result = layer_relevance(good, images, "2", "sum")
+    assert result.audit.ok
+    torch.testing.assert_close(result.audit.input_sum, result.relevance.sum((1, 2, 3)), rtol=1e-12, atol=0)
