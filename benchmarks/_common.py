@@ -28,7 +28,7 @@ try:  # private: the allocation events of PyTorch's profiler (peak_memory_mb fal
 except ImportError:
     _EventType = None
 
-from neon_attrib.pipeline import PRECISIONS, precision_mode  # noqa: E402
+from neon_attrib.pipeline.engine import PRECISIONS, precision_mode  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

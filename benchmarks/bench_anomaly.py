@@ -30,7 +30,8 @@ Reported per defect class and overall:
 
 * seconds per image: fit (features and coreset / Gaussians, divided by the fit images), detection (score and map),
   each explanation;
-* the cascading model-randomisation sanity check (:func:`neon_attrib.sanity.model_randomization`) of PatchCore's NEON
+* the cascading model-randomisation sanity check (:func:`neon_attrib.evaluation.sanity.model_randomization`) of
+PatchCore's NEON
   heatmaps (image score) on a few defect tiles, refitting the memory bank on a few Free tiles after each step.
 
 Pixel metrics pool the pixels of the class's tiles (``all``: of every tile, the Free tiles included).
@@ -98,7 +99,7 @@ def run_detector(kind: str, args, features, data, caffe) -> tuple[dict, dict]:
     from captum.attr import IntegratedGradients
 
     from neon_attrib.anomaly import PaDiM, PatchCore, PatchPool, gaussian_blur
-    from neon_attrib.sanity import model_randomization
+    from neon_attrib.evaluation.sanity import model_randomization
 
     fit_x = torch.stack([caffe(image) for image in data["fit"]])
     calibration_x = torch.stack([caffe(image) for image in data["calibration"]])

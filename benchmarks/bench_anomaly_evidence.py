@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     from neon_attrib.anomaly import PaDiM, PatchCore, nearest_normal
-    from neon_attrib.evaluation import blur_reference
+    from neon_attrib.evaluation.curves import blur_reference
     from neon_attrib.vision import get_preprocessing, vgg16_features
 
     if (found := magnetic_tiles(args.data, "bench_anomaly_evidence")) is None:

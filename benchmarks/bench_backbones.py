@@ -9,14 +9,15 @@ batch size, interleaved in every repeat:
 
 * ``forward``: the score, no gradient (``torch.inference_mode``);
 * ``gradient``: forward + plain input gradient of the same score: the limit we measure against (ratio 1);
-* ``fast``: the NEON heatmap with :mod:`neon_attrib.fast`'s exact rules and the default canonizers
+* ``fast``: the NEON heatmap with :mod:`neon_attrib.vision.fast`'s exact rules and the default canonizers
   (``DeepNeon``'s default, :meth:`DeepNeon.explainer`);
 * ``zennit``: the same heatmap with Zennit's own rules, ``EpsilonGammaBox`` with ``ResNetCanonizer``
   (``DeepNeon(fast=False)``), up to ``--zennit-max-batch``;
 
 and, because the head's cost is the same in all three and dilutes the comparison, the backbone alone (the LRP the fast
 rules change): ``taps_gradient``, ``taps_fast`` and ``taps_zennit``, the same three for the tapped feature map itself
-(relevance = the activations, ``attr_output = output``; fast: :class:`~neon_attrib.fast.LRPExplainer` with the default
+(relevance = the activations, ``attr_output = output``; fast: :class:`~neon_attrib.vision.fast.LRPExplainer` with the
+default
 canonizers, Zennit: ``zennit.attribution.Gradient`` with ``EpsilonGammaBox`` and Zennit's own ``ResNetCanonizer``).
 ``--forward`` adds the plain forward pass.
 
@@ -71,12 +72,12 @@ from zennit.composites import EpsilonGammaBox  # noqa: E402
 from zennit.torchvision import ResNetCanonizer  # noqa: E402
 
 from neon_attrib import KDEOutlier  # noqa: E402
-from neon_attrib.attribution import attribution_output  # noqa: E402
-from neon_attrib.deep import DeepNeon, median_gamma  # noqa: E402
-from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, GuardBatchNorms, LRPExplainer  # noqa: E402
-from neon_attrib.graph import canonical_layer_map  # noqa: E402
-from neon_attrib.pipeline import isolated  # noqa: E402
+from neon_attrib.pipeline.attribution import attribution_output  # noqa: E402
+from neon_attrib.pipeline.engine import isolated  # noqa: E402
+from neon_attrib.pipeline.graph import canonical_layer_map  # noqa: E402
 from neon_attrib.vision import FeatureTaps, backbone, default_canonizers, get_preprocessing  # noqa: E402
+from neon_attrib.vision.deep import DeepNeon, median_gamma  # noqa: E402
+from neon_attrib.vision.fast import FastEpsilonGammaBox, FastResNetCanonizer, GuardBatchNorms, LRPExplainer  # noqa: E402
 
 DATA = data_dir()
 BACKBONES = ("resnet18", "resnet50", "wide_resnet50_2")

@@ -8,14 +8,15 @@ Settings (SPEC §6 and §4):
   removal reference (jointly in-distribution) instead of the per-feature median.
 * **Wholesale, KDE inlier** (γ = 1, H = 2500 random features, seed 0): the 20 most typical customers, leave-one-out.
 * **Wholesale, k-means** (K = 6, 10 restarts, seed 8): all 440 customers in one batch, each for its own cluster.
-* **Magnetic tiles** (if ``neon_attrib.deep`` and ``shared/data/magnetic_tile_defects`` exist): a
-  :class:`~neon_attrib.deep.DeepNeon` KDE outlier head on VGG-16 block 5 (the Keras ImageNet weights of
+* **Magnetic tiles** (if ``neon_attrib.vision.deep`` and ``shared/data/magnetic_tile_defects`` exist): a
+  :class:`~neon_attrib.vision.deep.DeepNeon` KDE outlier head on VGG-16 block 5 (the Keras ImageNet weights of
   ``shared/data/vgg16_imagenet_features`` when present, else random weights), fitted on defect-free tiles, explaining
   per defect class the tile it scores highest among the class's first 8 (what the model flags), resized and
   centre-cropped to ``--tile-size`` pixels. A removed patch is replaced by the same patch of the most typical of 10
   held-out defect-free tiles (in-distribution removal: "normal texture here").
 
-Methods: NEON (:class:`~neon_attrib.captum.NeonLRP`, i.e. ``explain``), Integrated Gradients (50 steps), KernelShap
+Methods: NEON (:class:`~neon_attrib.integrations.captum.NeonLRP`, i.e. ``explain``), Integrated Gradients (50 steps),
+KernelShap
 (Captum's default 25 samples), Occlusion and Saliency (Captum's default ``abs=True``). Every baseline is the removal
 reference of the curves (tabular: the training median; images: a held-out normal tile), feature groups are single
 features (tabular) or square patches of ``tile-size / 8`` pixels (images; also Occlusion's window and KernelShap's
@@ -60,7 +61,7 @@ def _attribution(name: str, model, x, target, reference, feature_mask, window):
     """One explanation of ``x`` by method ``name``, with the settings described in the module docstring."""
     import captum.attr as ca
 
-    from neon_attrib.captum import NeonLRP
+    from neon_attrib.integrations.captum import NeonLRP
 
     if name == "NEON":
         return NeonLRP(model).attribute(x, target=target)
@@ -78,7 +79,7 @@ def _attribution(name: str, model, x, target, reference, feature_mask, window):
 
 def evaluate(items: list[dict], repeats: int, n_steps: int | None) -> list[dict]:
     """Time and evaluate every method on ``items`` (dicts: model, x, target, reference, feature_mask, window)."""
-    from neon_attrib.evaluation import FlipCurve, flip_curve
+    from neon_attrib.evaluation.curves import FlipCurve, flip_curve
 
     seconds = {name: [] for name in METHODS}
     curves = {name: {"del": [], "ins": [], "lerf": []} for name in (*METHODS, "Random")}
@@ -133,7 +134,7 @@ def evaluate(items: list[dict], repeats: int, n_steps: int | None) -> list[dict]
 def wholesale_items(kind: str, n_instances: int) -> tuple[list[dict], dict]:
     from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership
     from neon_attrib.datasets import load_wholesale, preprocess_wholesale
-    from neon_attrib.evaluation import default_reference, median_reference, nearest_reference
+    from neon_attrib.evaluation.curves import default_reference, median_reference, nearest_reference
 
     data = preprocess_wholesale(load_wholesale()[0])
     window = (1,)
@@ -174,9 +175,9 @@ def wholesale_items(kind: str, n_instances: int) -> tuple[list[dict], dict]:
 def tile_items(n_tiles: int, size: int, n_free: int) -> tuple[list[dict], dict] | None:
     """DeepNeon KDE outlier head on defect-free tiles; defect tiles to explain; a held-out normal tile as reference."""
     try:
-        from neon_attrib import deep
+        from neon_attrib.vision import deep
     except ImportError:
-        print("neon_attrib.deep is missing: tiles skipped", file=sys.stderr)
+        print("neon_attrib.vision.deep is missing: tiles skipped", file=sys.stderr)
         return None
     root = DATA / "magnetic_tile_defects"
     if not root.is_dir():
@@ -185,7 +186,7 @@ def tile_items(n_tiles: int, size: int, n_free: int) -> tuple[list[dict], dict] 
     from torchvision.transforms.functional import center_crop
 
     from neon_attrib import KDEOutlier
-    from neon_attrib.evaluation import model_score, patch_mask
+    from neon_attrib.evaluation.curves import model_score, patch_mask
 
     weights_file = DATA / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth"
     weights = str(weights_file) if weights_file.is_file() else None
@@ -237,8 +238,8 @@ def wholesale_figure(path: Path) -> None:
 
     matplotlib.use("Agg")
     from neon_attrib import KDEOutlier
-    from neon_attrib.captum import compare
     from neon_attrib.datasets import load_wholesale, preprocess_wholesale
+    from neon_attrib.integrations.captum import compare
 
     raw, names = load_wholesale()
     data = preprocess_wholesale(raw)

@@ -1,7 +1,8 @@
 """Benchmark: a data set explained end to end (read PNGs, explain, write the zarr store) against the in-memory loop.
 
 Random-weight VGG-16 ``features`` (seeded) + a KDE outlier head fitted on the block-5 locations of the images
-(:class:`neon_attrib.deep.DeepNeon`, fast rules, audit on), ``--images`` PNG files of ``--size`` pixels, CPU. Each
+(:class:`neon_attrib.vision.deep.DeepNeon`, fast rules, audit on), ``--images`` PNG files of ``--size`` pixels, CPU.
+Each
 measurement runs in a fresh process (its own peak memory), interleaved over ``--repeats`` rounds:
 
 * ``memory``: the images decoded and preprocessed beforehand (not timed); timed: ``model.explainer()`` and one call per
@@ -41,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, median, write_result  # noqa: E402
 
 from neon_attrib import DeepNeon, KDEOutlier  # noqa: E402
-from neon_attrib.deep import median_gamma, vgg16_features  # noqa: E402
 from neon_attrib.scale import ImageFiles, current_ranks, explain_dataset, open_results  # noqa: E402
+from neon_attrib.vision.deep import median_gamma, vgg16_features  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 

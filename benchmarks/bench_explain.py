@@ -1,6 +1,7 @@
 """Benchmark: the one-call ``explain`` against the reusable explainer and a plain gradient of the same score.
 
-VGG-16 ``features`` + KDE outlier head (fused, N support locations) + sum pooling (:class:`neon_attrib.deep.DeepNeon`),
+VGG-16 ``features`` + KDE outlier head (fused, N support locations) + sum pooling
+(:class:`neon_attrib.vision.deep.DeepNeon`),
 batch 4 at 224x224 by default, CPU. Interleaved in every repeat:
 
 * ``gradient``: forward + plain input gradient of the score (ratio 1);
@@ -29,8 +30,8 @@ from _common import environment, median, time_interleaved, write_result  # noqa:
 from bench_speed import build_head, plain_gradient, support_rows  # noqa: E402
 
 from neon_attrib import explain  # noqa: E402
-from neon_attrib.deep import DeepNeon, vgg16_features  # noqa: E402
-from neon_attrib.pipeline import run  # noqa: E402
+from neon_attrib.pipeline.engine import run  # noqa: E402
+from neon_attrib.vision.deep import DeepNeon, vgg16_features  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

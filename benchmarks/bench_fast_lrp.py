@@ -1,11 +1,11 @@
-"""Benchmark: fast LRP (:class:`neon_attrib.fast.FastEpsilonGammaBox`) against Zennit and the plain input gradient.
+"""Benchmark: fast LRP (:class:`neon_attrib.vision.fast.FastEpsilonGammaBox`) against Zennit and the input gradient.
 
 Measures images/s and peak memory on VGG-16 ``features`` for
 
 * ``forward``: plain forward pass (no gradient),
 * ``gradient``: forward + input gradient (the reference, ratio 1),
 * ``zennit``: Zennit's ``EpsilonGammaBox`` through ``zennit.attribution.Gradient``,
-* ``fast``: :class:`~neon_attrib.fast.FastEpsilonGammaBox` through :class:`~neon_attrib.fast.LRPExplainer`
+* ``fast``: :class:`~neon_attrib.vision.fast.FastEpsilonGammaBox` through :class:`~neon_attrib.vision.fast.LRPExplainer`
   (``fast_cl``: the same with ``channels_last`` inputs, ``--channels-last``),
 
 at each batch size, with the methods interleaved in every repeat (fair on a noisy, shared machine) and the median
@@ -56,8 +56,8 @@ from _common import (  # noqa: E402
     write_result,
 )
 
-from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer  # noqa: E402
-from neon_attrib.pipeline import precision_mode  # noqa: E402
+from neon_attrib.pipeline.engine import precision_mode  # noqa: E402
+from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer  # noqa: E402
 
 
 def build_features(weights: str | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Sequential:

@@ -1,12 +1,12 @@
 """Benchmark: NEON pixel heatmaps per second against the plain gradient of the same network (issue "Speed").
 
 For every head (KDE outlier, KDE inlier, k-means) and support-set size N, on VGG-16 ``features`` (224x224 by
-default) + head + sum/positive pooling (:class:`neon_attrib.deep.DeepNeon`), at every batch size:
+default) + head + sum/positive pooling (:class:`neon_attrib.vision.deep.DeepNeon`), at every batch size:
 
 * ``forward``: the model's score, no gradient (``torch.inference_mode``);
 * ``gradient``: forward + plain input gradient of the explained score: the limit we measure against (ratio 1);
 * ``reference``: the NEON heatmap through Zennit's own ``EpsilonGammaBox`` rules on the VGG part (``fast=False``);
-* ``fast``: the NEON heatmap through :mod:`neon_attrib.fast`'s exact rules (``DeepNeon``'s default);
+* ``fast``: the NEON heatmap through :mod:`neon_attrib.vision.fast`'s exact rules (``DeepNeon``'s default);
 * ``fast_bf16`` (``--autocast``): the fast path under bfloat16 autocast, with its heatmap error against float32.
 
 and, once per batch size, for the peer: ``classifier_gradient`` and ``classifier_zennit`` (Zennit's
@@ -48,8 +48,8 @@ from _common import (  # noqa: E402
 )
 
 from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership  # noqa: E402
-from neon_attrib.attribution import attribution_output  # noqa: E402
-from neon_attrib.deep import DeepNeon, get_preprocessing, vgg16_features  # noqa: E402
+from neon_attrib.pipeline.attribution import attribution_output  # noqa: E402
+from neon_attrib.vision.deep import DeepNeon, get_preprocessing, vgg16_features  # noqa: E402
 
 HEADS = ("kde_outlier", "kde_inlier", "kmeans")
 

@@ -56,7 +56,7 @@ def load_tile(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RGB image (3, size, size) in [0, 1] and boolean mask (size, size) of a tile."""
     from torchvision.transforms.functional import resize
 
-    from neon_attrib.deep import load_image
+    from neon_attrib.vision.deep import load_image
 
     image = resize(load_image(path), [size, size], antialias=True).clamp(0, 1)
     mask_path = path.with_suffix(".png")
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ig-steps", type=int, default=16, help="Integrated Gradients steps (default 16)")
     parser.add_argument("--tolerance", type=int, default=8, help="pointing-game tolerance in pixels (default 8)")
     parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                        help="NEON through neon_attrib.fast's exact rules (default) or Zennit's")
+                        help="NEON through neon_attrib.vision.fast's exact rules (default) or Zennit's")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tiles.json")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score
 
     from neon_attrib import KDEOutlier, explain
-    from neon_attrib.deep import DeepNeon, LocationPool, get_preprocessing, median_gamma, vgg16_features
+    from neon_attrib.vision.deep import DeepNeon, LocationPool, get_preprocessing, median_gamma, vgg16_features
 
     tiles = args.data / "magnetic_tile_defects"
     weights = args.data / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth"

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_result  # noqa: E402
 
 from neon_attrib import KDEOutlier, explain  # noqa: E402
-from neon_attrib.deep import DeepNeon, median_gamma  # noqa: E402
 from neon_attrib.vision import vgg16_features  # noqa: E402
+from neon_attrib.vision.deep import DeepNeon, median_gamma  # noqa: E402
 
 
 def relative(a: torch.Tensor, reference: torch.Tensor) -> float:

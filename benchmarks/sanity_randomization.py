@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import data_dir, environment, write_result  # noqa: E402
 
 from neon_attrib import KDEOutlier, explain  # noqa: E402
-from neon_attrib.deep import DeepNeon, median_gamma  # noqa: E402
-from neon_attrib.sanity import model_randomization  # noqa: E402
+from neon_attrib.evaluation.sanity import model_randomization  # noqa: E402
 from neon_attrib.vision import get_preprocessing, load_image, vgg16_features  # noqa: E402
+from neon_attrib.vision.deep import DeepNeon, median_gamma  # noqa: E402
 
 IMAGES = ("coffee.png", "astronaut.png", "chelsea.png", "rocket.jpg")
 

@@ -1,6 +1,6 @@
 """The book's two Wholesale customers (instances 338 and 339) explained by every neuralized model.
 
-Setting as in ``neon_attrib/demo.py``: spending log-transformed and standardised; each outlier model is fitted
+Setting as in ``neon_attrib/cli/demo.py``: spending log-transformed and standardised; each outlier model is fitted
 *without* the customer it explains (leave-one-out), the KDE with γ = 1; k-means (K = 6, 10 restarts, seed 8) and the
 tied Gaussian mixture (K = 6) are fitted on all customers, as the book's k-means is. For every model and customer:
 the score, its percentile among all customers (each scored leave-one-out for KDE and k-NN, in-sample otherwise), the
@@ -31,8 +31,8 @@ from neon_attrib import (
     PCAResidual,
     explain,
 )
+from neon_attrib.cli.demo import BOOK_INSTANCES
 from neon_attrib.datasets import load_wholesale, preprocess_wholesale
-from neon_attrib.demo import BOOK_INSTANCES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,41 +1,36 @@
 """neon_attrib: explain unsupervised models and deep clusterings with layer-wise relevance propagation (NEON).
 
 Kernel density estimates and k-means are rewritten, without retraining, as exactly equivalent neural networks
-(:mod:`neon_attrib.layers`, :mod:`neon_attrib.models`), and Zennit rules (:mod:`neon_attrib.rules`,
+(:mod:`neon_attrib.core.layers`, :mod:`neon_attrib.models`), and Zennit rules (:mod:`neon_attrib.core.rules`,
 :class:`NeonComposite`) explain their predictions in input features or, stacked on a CNN, in pixels.
 
-The package is layered; each layer imports only the layers below it:
+The package is layered in folders; each imports only the folders below it:
 
-==========================================  ==============================================================
-layer                                       modules
-==========================================  ==============================================================
-command line                                ``cli`` (``_explain_cli``, ``_dataset_cli``, ``_detect_cli``), ``demo``
-data-set scale                              ``scale``
-integrations                                ``captum``, ``viz``
-anomaly detectors                           ``anomaly``
-heads on feature maps, DEC, evaluation      ``deep``, ``dec``, ``evaluation``, ``sanity``
-vision                                      ``vision``
-fast rules, ``explain``, Captum's LRP       ``fast``, ``attribution``, ``_captum_lrp``
-the explain pipeline                        ``pipeline``
-graph canonizer                             ``graph``, ``canonical``
-estimators                                  ``models``, ``neuralize``, ``leave_one_out``, ``kde``, ``kmeans``,
-                                            ``neighbors``, ``gaussian``, ``kernels``, ``positional``, ``estimator``
-the model registry                          ``registry``
-composites                                  ``composites``
-rules                                       ``rules``
-layers                                      ``layers``
-formulas and checks                         ``functional``, ``_utils``, ``datasets``
-==========================================  ==============================================================
+==========================  ==================================================================================
+folder (layer, top first)   what it holds
+==========================  ==================================================================================
+``cli``                     the ``neon-attrib`` command and its sub-commands, the demo
+``scale``                   data-set scale runs (stores, fitting, explaining, ``torch.distributed``)
+``integrations``, ``viz``   Captum's LRP on our models; heatmap images
+``anomaly``                 PatchCore, PaDiM, their evidence metrics
+``dec``, ``evaluation``     DEC surrogates; deletion/insertion curves, sanity checks, Captum comparison
+``vision``                  CNN backbones, feature taps, images, ``DeepNeon``, fast exact LRP rules (``fast``)
+``pipeline``                private copies, canonizers (any CNN's graph too), precision, forward/gradient, audit,
+                            ``explain``
+``models``                  the neuralized models (KDE, k-means, kNN, Gaussian, kernels, positional), ``neuralize``
+``core``                    formulas, layers, rules, canonical layers, composites, estimator base, validation
+``datasets``                the embedded data sets
+==========================  ==================================================================================
 
-Submodules are attributes of the package (``neon_attrib.deep``, ``neon_attrib.dec``, ...), loaded on first access, so
+Submodules are attributes of the package (``neon_attrib.vision.deep``, ``neon_attrib.dec``, ...), loaded on first
+access, so
 ``import neon_attrib`` stays light; their main names are importable from here too.
 """
 
 import importlib
 
-from .attribution import attribution_output, explain
-from .composites import NeonComposite, register_rule
-from .layers import (
+from .core.composites import NeonComposite, register_rule
+from .core.layers import (
     ClusterDifference,
     LocationPool,
     LogMeanExpPool,
@@ -45,10 +40,8 @@ from .layers import (
     ResizableBuffers,
     SquaredDistance,
 )
-from .models import BisectingKMeansMembership, KDEInlier, KDEOutlier, KMeansMembership, NeonEstimator
-from .pipeline import Audit, ConservationError, ConservationWarning
-from .registry import register_model
-from .rules import (
+from .core.registry import register_model
+from .core.rules import (
     BetaHook,
     CosineShareRule,
     KDEInlierActivationRule,
@@ -61,32 +54,33 @@ from .rules import (
     SquaredDifferenceRule,
     WeightShareRule,
 )
+from .models import BisectingKMeansMembership, KDEInlier, KDEOutlier, KMeansMembership, NeonEstimator
+from .pipeline.attribution import attribution_output, explain
+from .pipeline.engine import Audit, ConservationError, ConservationWarning
 
 __version__ = "0.1.0"
 
 #: Subpackages and modules reachable as attributes, imported on first access (PEP 562).
-_SUBMODULES = ("attribution", "captum", "cli", "composites", "datasets", "dec", "deep", "demo", "evaluation", "fast",
-               "functional", "layers", "leave_one_out", "models", "pipeline", "rules", "viz", "vision",
-               "gaussian", "kernels", "neighbors", "positional", "estimator", "kde", "kmeans", "sanity", "scale",
-               "anomaly", "registry", "graph", "canonical")
+_SUBMODULES = ("anomaly", "cli", "core", "datasets", "dec", "evaluation", "integrations", "models", "pipeline",
+               "scale", "vision", "viz")
 
 #: Names re-exported from submodules, imported on first access.
 _LAZY = {
-    "DeepNeon": "deep", "vgg16_features": "vision", "get_preprocessing": "vision", "load_image": "vision",
-    "FastEpsilonGammaBox": "fast", "FastEpsilonPlusFlat": "fast", "LRPExplainer": "fast", "Explainer": "pipeline",
-    "NeonLRP": "captum", "NeonRule": "captum", "compare": "captum",
-    "deletion_curve": "evaluation", "insertion_curve": "evaluation",
-    "heatmap": "viz", "overlay": "viz", "save_heatmap": "viz",
-    "DEC": "dec", "ActivationClusteringSurrogate": "dec", "DECHead": "dec",
-    "neuralize": "neuralize", "KNNOutlier": "neighbors", "MahalanobisOutlier": "gaussian", "PCAResidual": "gaussian",
-    "GaussianMixtureOutlier": "gaussian", "GaussianMixtureMembership": "gaussian",
-    "PositionalMahalanobis": "positional", "WeightedKDEOutlier": "kernels", "OneClassSVMOutlier": "kernels",
-    "explain_dataset": "scale", "fit_dataset": "scale", "open_results": "scale",
-    "PatchCore": "anomaly", "PaDiM": "anomaly",
+    "DeepNeon": "vision.deep", "vgg16_features": "vision", "get_preprocessing": "vision", "load_image": "vision",
+    "FastEpsilonGammaBox": "vision.fast", "FastEpsilonPlusFlat": "vision.fast", "LRPExplainer": "vision.fast",
+    "Explainer": "pipeline", "NeonLRP": "integrations.captum", "NeonRule": "integrations.captum",
+    "compare": "integrations.captum", "deletion_curve": "evaluation", "insertion_curve": "evaluation",
+    "heatmap": "viz", "overlay": "viz", "save_heatmap": "viz", "DEC": "dec", "ActivationClusteringSurrogate": "dec",
+    "DECHead": "dec", "neuralize": "models.neuralize", "KNNOutlier": "models.neighbors",
+    "MahalanobisOutlier": "models.gaussian", "PCAResidual": "models.gaussian",
+    "GaussianMixtureOutlier": "models.gaussian", "GaussianMixtureMembership": "models.gaussian",
+    "PositionalMahalanobis": "models.positional", "WeightedKDEOutlier": "models.kernels",
+    "OneClassSVMOutlier": "models.kernels", "explain_dataset": "scale", "fit_dataset": "scale",
+    "open_results": "scale", "PatchCore": "anomaly", "PaDiM": "anomaly",
 }
 
 # the function and its module share a name: bind the function now, or importing the module would shadow it
-from .neuralize import neuralize  # noqa: E402, F401
+from .models.neuralize import neuralize  # noqa: E402, F401
 
 __all__ = [
     "explain",

@@ -215,7 +215,7 @@ def overlay(image: Any, relevance: Any, *, alpha: float = 0.8, cmap: Any = "bwr"
     Parameters
     ----------
     image : array-like or torch.Tensor
-        RGB in ``[0, 1]`` (3, H, W) or (H, W, 3) (use :meth:`~neon_attrib.deep.Preprocessing.inverse` on network
+        RGB in ``[0, 1]`` (3, H, W) or (H, W, 3) (use :meth:`~neon_attrib.vision.deep.Preprocessing.inverse` on network
         inputs), or uint8.
     relevance : array-like or torch.Tensor
         Relevance of the same H, W.

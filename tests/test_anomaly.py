@@ -531,7 +531,7 @@ def _write_images(folder, count, seed, size=(40, 40)):
 
 
 def test_detect_command(tmp_path, capsys):
-    from neon_attrib.cli import main as cli_main
+    from neon_attrib.cli.main import main as cli_main
 
     _write_images(tmp_path / "good", 8, 0)
     tests = _write_images(tmp_path / "test", 2, 1)

@@ -22,7 +22,7 @@ from neon_attrib.anomaly import (
     pixel_auroc,
     pro_auc,
 )
-from neon_attrib.evaluation import blur_reference
+from neon_attrib.evaluation.curves import blur_reference
 
 # ---------------------------------------------------------------------------------------------------------------------
 # AUPIMO and PRO
@@ -316,7 +316,7 @@ def test_the_command_line_default_target_is_the_benchmarks_recommendation():
     import json
     from pathlib import Path
 
-    from neon_attrib.cli import build_parser
+    from neon_attrib.cli.main import build_parser
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "anomaly_evidence.json"
     recommended = {report["recommendation"]["where_is_the_defect"].split("_")[1]

@@ -30,7 +30,8 @@ def test_unknown_attribute_is_an_attribute_error():
 
 def test_import_does_not_load_captum_or_the_cnn_modules():
     code = ("import sys, neon_attrib; "
-            "print(sorted(m for m in ('captum', 'neon_attrib.deep', 'neon_attrib.captum', 'neon_attrib.dec') "
+            "print(sorted(m for m in ('captum', 'neon_attrib.vision.deep', 'neon_attrib.integrations.captum', "
+            "'neon_attrib.dec') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -28,17 +28,8 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Activation, Convolution
 
 from neon_attrib import KDEOutlier, explain
-from neon_attrib.deep import DeepNeon, median_gamma
-from neon_attrib.fast import (
-    FastEpsilonGammaBox,
-    FastEpsilonPlusFlat,
-    FastResNetCanonizer,
-    LRPExplainer,
-    MergeBatchNorms,
-)
-from neon_attrib.fast._core import _stabilize
-from neon_attrib.graph import GraphCanonizer
-from neon_attrib.pipeline import isolated
+from neon_attrib.pipeline.engine import isolated
+from neon_attrib.pipeline.graph import GraphCanonizer
 from neon_attrib.vision import (
     BACKBONES,
     PREPROCESSINGS,
@@ -50,6 +41,15 @@ from neon_attrib.vision import (
     get_preprocessing,
     weights_preprocessing,
 )
+from neon_attrib.vision.deep import DeepNeon, median_gamma
+from neon_attrib.vision.fast import (
+    FastEpsilonGammaBox,
+    FastEpsilonPlusFlat,
+    FastResNetCanonizer,
+    LRPExplainer,
+    MergeBatchNorms,
+)
+from neon_attrib.vision.fast._core import _stabilize
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
 LOW, HIGH = -3.0, 3.0
@@ -491,7 +491,7 @@ def test_real_cifar_resnet_weights(depth, n_test, accuracy):
     assert (predicted == labels).double().mean() >= accuracy
 
 
-@pytest.mark.parametrize("name", ["neon_attrib.vision.backbones", "neon_attrib.fast.canonizers"])
+@pytest.mark.parametrize("name", ["neon_attrib.vision.backbones", "neon_attrib.vision.fast.canonizers"])
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch},
                              optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)

@@ -11,7 +11,7 @@ from torch import nn
 from zennit.attribution import Gradient
 from zennit.composites import LayerMapComposite
 
-from neon_attrib.fast import FastGamma, FastPass
+from neon_attrib.vision.fast import FastGamma, FastPass
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import count_flops, peak_memory_mb  # noqa: E402

@@ -14,9 +14,9 @@ from conftest import assert_no_hooks
 from torch import nn
 
 from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership, SoftArgminRule, explain
-from neon_attrib import layers as neon_layers
-from neon_attrib.captum import LRP, Comparison, LayerLRP, NeonLRP, NeonRule, compare
-from neon_attrib.evaluation import median_reference
+from neon_attrib.core import layers as neon_layers
+from neon_attrib.evaluation.curves import median_reference
+from neon_attrib.integrations.captum import LRP, Comparison, LayerLRP, NeonLRP, NeonRule, compare
 
 matplotlib.use("Agg")
 pytestmark = [
@@ -124,7 +124,7 @@ def test_neon_lrp_images_and_visualization(rng):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Captum's LRP with the NEON rules (neon_attrib.captum.LRP)
+# Captum's LRP with the NEON rules (neon_attrib.integrations.captum.LRP)
 @pytest.mark.parametrize("name", MODELS)
 def test_captum_lrp_equals_explain_on_every_call(models, data, name):
     model, x = models[name], data[1]
@@ -243,12 +243,12 @@ def test_gradient_methods_agree_with_autograd(models, data):
 # ---------------------------------------------------------------------------------------------------------------------
 # compare
 def test_compare_lives_in_evaluation_and_is_reexported():
-    import neon_attrib.captum
-    import neon_attrib.evaluation
+    import neon_attrib.evaluation.curves
+    import neon_attrib.integrations.captum
 
-    assert neon_attrib.captum.compare is neon_attrib.evaluation.compare
-    assert neon_attrib.captum.Comparison is neon_attrib.evaluation.Comparison
-    assert neon_attrib.evaluation.compare.__module__ == "neon_attrib.evaluation"
+    assert neon_attrib.integrations.captum.compare is neon_attrib.evaluation.curves.compare
+    assert neon_attrib.integrations.captum.Comparison is neon_attrib.evaluation.curves.Comparison
+    assert neon_attrib.evaluation.curves.compare.__module__ == "neon_attrib.evaluation.curves"
 
 
 def test_compare(models, data):
@@ -314,7 +314,7 @@ def test_compare_kde_defaults(models, data):
 # deep heads (VGG-16 with random weights, 32×32 inputs, float64)
 @pytest.fixture(scope="module")
 def deep():
-    deep = pytest.importorskip("neon_attrib.deep")
+    deep = pytest.importorskip("neon_attrib.vision.deep")
     torch.manual_seed(0)
     features = deep.vgg16_features().double()
     images = torch.randn(4, 3, 32, 32, dtype=torch.float64)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neon_attrib.cli import main as cli_main
+from neon_attrib.cli.main import main as cli_main
 from neon_attrib.scale import ImageFiles, open_results
 from neon_attrib.vision import ConstantImageError, check_not_constant, image_files
 

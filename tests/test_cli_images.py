@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from neon_attrib import _explain_cli
-from neon_attrib.cli import main as cli_main
+from neon_attrib.cli import explain as _explain_cli
+from neon_attrib.cli.main import main as cli_main
 from neon_attrib.vision import load_image
 from neon_attrib.viz import heatmap, heatmap_grid, overlay, save_heatmap, symmetric_limit
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import neon_attrib
 from neon_attrib import DeepNeon, KDEOutlier, KMeansMembership
-from neon_attrib.positional import PositionalMahalanobis
+from neon_attrib.models.positional import PositionalMahalanobis
 from neon_attrib.scale import ImageFiles, explain_dataset, fit_dataset, open_results, sample_locations
 
 N_GOOD = 10
@@ -316,7 +316,7 @@ def test_sample_is_uniform_and_independent_of_batching(folder):
 
 
 def test_command_line(folder, tmp_path, capsys):
-    from neon_attrib.cli import main
+    from neon_attrib.cli.main import main
 
     few = tmp_path / "few"
     few.mkdir()

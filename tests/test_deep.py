@@ -17,8 +17,8 @@ import torch
 from conftest import assert_no_hooks, assert_repeatable, require_data
 
 from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership, explain
-from neon_attrib.cli import main as cli_main
-from neon_attrib.deep import (
+from neon_attrib.cli.main import main as cli_main
+from neon_attrib.vision.deep import (
     PREPROCESSINGS,
     DeepNeon,
     LeaveOneOutKDEInlier,

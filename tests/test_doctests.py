@@ -7,18 +7,19 @@ import importlib
 
 import pytest
 
-from neon_attrib.registry import registered_models
+from neon_attrib.core.registry import registered_models
 
 
 def _has_examples(name: str) -> bool:
     return any(test.examples for test in doctest.DocTestFinder().find(importlib.import_module(name)))
 
 
-_LISTED = ["neon_attrib.layers", "neon_attrib.rules", "neon_attrib.composites", "neon_attrib.registry",
-           "neon_attrib.attribution", "neon_attrib.datasets", "neon_attrib.deep", "neon_attrib.viz", "neon_attrib.fast",
-           "neon_attrib.captum", "neon_attrib._captum_lrp", "neon_attrib.evaluation", "neon_attrib.pipeline",
-           "neon_attrib.vision.preprocessing", "neon_attrib._backend", "neon_attrib.functional", "neon_attrib.graph",
-           "neon_attrib.canonical", "neon_attrib.neuralize"]
+_LISTED = ["neon_attrib.core.layers", "neon_attrib.core.rules", "neon_attrib.core.composites",
+           "neon_attrib.core.registry", "neon_attrib.pipeline.attribution", "neon_attrib.datasets",
+           "neon_attrib.vision.deep", "neon_attrib.viz", "neon_attrib.vision.fast", "neon_attrib.integrations.captum",
+           "neon_attrib.evaluation._captum_lrp", "neon_attrib.evaluation.curves", "neon_attrib.pipeline.engine",
+           "neon_attrib.vision.preprocessing", "neon_attrib.pipeline.precision", "neon_attrib.core.functional",
+           "neon_attrib.pipeline.graph", "neon_attrib.core.canonical", "neon_attrib.models.neuralize"]
 #: the listed modules, and every module that defines a registered model and has examples
 _MODEL_MODULES = {entry.model.__module__ for entry in registered_models()
                   if entry.model.__module__.startswith("neon_attrib.")}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from neon_attrib import KDEOutlier, KMeansMembership, explain
-from neon_attrib.evaluation import (
+from neon_attrib.evaluation.curves import (
     FlipCurve,
     blur_reference,
     channel_mean_reference,

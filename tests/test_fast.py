@@ -1,4 +1,4 @@
-"""Fast LRP rules (neon_attrib.fast) against Zennit's rules and composites.
+"""Fast LRP rules (neon_attrib.vision.fast) against Zennit's rules and composites.
 
 Ground truth is Zennit itself: the same model, the same ``attr_output``, Zennit's ``Gradient`` attributor with
 ``EpsilonGammaBox`` / ``EpsilonPlusFlat`` (or the single Zennit rule). Errors are measured as
@@ -21,7 +21,8 @@ from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
 from zennit.rules import Pass
 
-from neon_attrib.fast import (
+from neon_attrib.pipeline.engine import isolated
+from neon_attrib.vision.fast import (
     FastAlphaBeta,
     FastEpsilon,
     FastEpsilonGammaBox,
@@ -34,7 +35,6 @@ from neon_attrib.fast import (
     FastZPlus,
     LRPExplainer,
 )
-from neon_attrib.pipeline import isolated
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
 LOW, HIGH = -3.0, 3.0

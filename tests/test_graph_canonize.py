@@ -1,4 +1,4 @@
-"""The graph canonizer (neon_attrib.graph) and the rules of its layers (neon_attrib.canonical).
+"""The graph canonizer (neon_attrib.pipeline.graph) and the rules of its layers (neon_attrib.core.canonical).
 
 * each rule against a naive float64 replica written from its formula;
 * hand-written networks (a ResNet with ``out + identity``, ``F.relu`` and batch norms as attributes; a ``torch.cat``
@@ -28,7 +28,7 @@ from zennit.layer import Sum
 from zennit.rules import Epsilon, Norm
 
 from neon_attrib import KDEOutlier, explain
-from neon_attrib.canonical import (
+from neon_attrib.core.canonical import (
     ChannelAffine,
     ConstantNormGroupNorm,
     ConstantNormLayerNorm,
@@ -37,11 +37,11 @@ from neon_attrib.canonical import (
     Mean,
     Scale,
 )
-from neon_attrib.deep import DeepNeon
-from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer
-from neon_attrib.graph import RULES_NEEDED, GraphCanonizer, canonical_layer_map
-from neon_attrib.pipeline import isolated
+from neon_attrib.pipeline.engine import isolated
+from neon_attrib.pipeline.graph import RULES_NEEDED, GraphCanonizer, canonical_layer_map
 from neon_attrib.vision import FeatureTaps, default_canonizers
+from neon_attrib.vision.deep import DeepNeon
+from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer
 
 LOW, HIGH = -3.0, 3.0
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -643,7 +643,7 @@ def switched_deep(residual: bool = True, scale: float = 1.0, seed: int = 0) -> D
 
 
 def count_traces(monkeypatch) -> list[int]:
-    from neon_attrib import graph
+    from neon_attrib.pipeline import graph
 
     calls = [0]
     trace = graph._LocalTracer.trace
@@ -677,7 +677,7 @@ def traced_afresh(model: nn.Module, x: torch.Tensor, monkeypatch) -> torch.Tenso
     """``explain`` of a copy of ``model`` with no graph traced before."""
     from collections import OrderedDict
 
-    from neon_attrib import graph
+    from neon_attrib.pipeline import graph
 
     with monkeypatch.context() as patch:
         patch.setattr(graph, "_TRACES", OrderedDict())

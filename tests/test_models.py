@@ -10,7 +10,7 @@ from sklearn.cluster import KMeans
 from sklearn.neighbors import KernelDensity
 
 from neon_attrib import ClusterDifference, KDEInlier, KDEOutlier, KMeansMembership, LogMeanExpPool, SquaredDistance
-from neon_attrib.layers import log_mean_exp
+from neon_attrib.core.layers import log_mean_exp
 
 
 def brute_outlier(x: np.ndarray, support: np.ndarray, gamma: float) -> np.ndarray:

@@ -53,7 +53,7 @@ from neon_attrib import (
     neuralize,
 )
 from neon_attrib.datasets import load_wholesale, preprocess_wholesale
-from neon_attrib.pipeline import ConservationWarning
+from neon_attrib.pipeline.engine import ConservationWarning
 from neon_attrib.scale import fit_dataset
 
 F64 = torch.float64
@@ -191,7 +191,7 @@ def test_nearest_neighbors_chunked_search_and_options(rng):
 
 def test_nearest_neighbour_search_is_chunked(rng, monkeypatch):
     """Large memory banks: score, kneighbors and the fused forward never form an (n, N) block of distances."""
-    import neon_attrib.functional as functional
+    import neon_attrib.core.functional as functional
 
     support, x = rng.normal(size=(50_000, 4)), rng.normal(size=(16, 4))
     model = KNNOutlier(n_neighbors=2, chunk_size=4096, fused=True).double().fit(support)

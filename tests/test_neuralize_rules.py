@@ -18,9 +18,8 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.svm import OneClassSVM
 
 from neon_attrib import NeonComposite, PositionalMahalanobis, explain, neuralize
-from neon_attrib.captum import LRP, NeonLRP
-from neon_attrib.layers import KMinPool, SquaredDistance
-from neon_attrib.rules import (
+from neon_attrib.core.layers import KMinPool, SquaredDistance
+from neon_attrib.core.rules import (
     GaussianActivationRule,
     KMinPoolRule,
     KNNOutlierActivationRule,
@@ -31,6 +30,7 @@ from neon_attrib.rules import (
     WeightedKDEOutlierActivationRule,
     WeightedSoftArgminRule,
 )
+from neon_attrib.integrations.captum import LRP, NeonLRP
 
 F64 = torch.float64
 ACTIVATION = NeonComposite(mode="activation")

@@ -11,8 +11,8 @@ from torch import nn
 from neon_attrib import ConservationError, ConservationWarning, KDEOutlier, KMeansMembership, explain
 from neon_attrib.anomaly import PatchCore
 from neon_attrib.anomaly.resolution import layer_relevance
-from neon_attrib.deep import DeepNeon
-from neon_attrib.pipeline import run
+from neon_attrib.pipeline.engine import run
+from neon_attrib.vision.deep import DeepNeon
 
 
 @pytest.fixture

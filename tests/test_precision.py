@@ -22,17 +22,23 @@ from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer
 
 from neon_attrib import explain
-from neon_attrib.deep import DeepNeon
-from neon_attrib.fast import FastEpsilonGammaBox, FastResNetCanonizer, GuardBatchNorms, LRPExplainer, MergeBatchNorms
-from neon_attrib.functional import safe_sqrt
-from neon_attrib.neighbors import KNNOutlier
-from neon_attrib.pipeline import (
+from neon_attrib.core.functional import safe_sqrt
+from neon_attrib.models.neighbors import KNNOutlier
+from neon_attrib.pipeline.engine import (
     Explainer,
     default_tolerance,
     guard_batch_norms,
     isolated,
     precision_mode,
     run,
+)
+from neon_attrib.vision.deep import DeepNeon
+from neon_attrib.vision.fast import (
+    FastEpsilonGammaBox,
+    FastResNetCanonizer,
+    GuardBatchNorms,
+    LRPExplainer,
+    MergeBatchNorms,
 )
 
 LOW, HIGH = -3.0, 3.0
@@ -226,8 +232,8 @@ def test_no_batch_norm_with_zero_eps_reaches_torch(resnet, refuse_zero_eps, inde
     state = {key: value.clone() for key, value in resnet.state_dict().items()}
     relevance = explain_with(resnet, x)
     monkeypatch.undo()  # PyTorch as installed: accepts eps = 0 in eval mode; no guard
-    monkeypatch.setattr("neon_attrib.pipeline.guard_batch_norms", lambda model: [])
-    monkeypatch.setattr("neon_attrib.fast.canonizers.guard_batch_norms", lambda model: [])
+    monkeypatch.setattr("neon_attrib.pipeline.engine.guard_batch_norms", lambda model: [])
+    monkeypatch.setattr("neon_attrib.vision.fast.canonizers.guard_batch_norms", lambda model: [])
     with accept_zero_eps():
         reference = explain_with(resnet, x)
     torch.testing.assert_close(relevance, reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))

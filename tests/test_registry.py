@@ -16,11 +16,12 @@ from sklearn.neighbors import NearestCentroid
 from zennit.core import Hook
 
 import neon_attrib
-from neon_attrib import composites, explain, neuralize, registry
-from neon_attrib.captum import LRP
-from neon_attrib.composites import NeonComposite, needs_own_rule
-from neon_attrib.layers import SquaredDistance
-from neon_attrib.registry import register_model, registered_models
+from neon_attrib import explain, neuralize
+from neon_attrib.core import composites, registry
+from neon_attrib.core.composites import NeonComposite, needs_own_rule
+from neon_attrib.core.layers import SquaredDistance
+from neon_attrib.core.registry import register_model, registered_models
+from neon_attrib.integrations.captum import LRP
 
 ROOT = Path(__file__).resolve().parents[1]
 #: registered models that are not package-level names: built by DeepNeon.fit_self, documented in docs/deep.md
@@ -91,7 +92,7 @@ def _rst_table_column(text: str, column: int) -> list[str]:
 def test_neuralize_lists_follow_the_registry():
     """SUPPORTED, the tables in neuralize's docstring and docs/models.md, and the documented options: one row per
     model registered with a neuralization."""
-    module = sys.modules["neon_attrib.neuralize"]
+    module = sys.modules["neon_attrib.models.neuralize"]
     neuralizable = [entry for entry in _ours() if entry.neuralization is not None]
     assert module.SUPPORTED == {entry.neuralization.label: entry.model.__name__ for entry in neuralizable}
     docstring_models = _rst_table_column(module.__doc__, 1)
@@ -147,7 +148,7 @@ def test_a_new_model_joins_every_entry_point_by_one_registration(fresh_registry)
     torch.testing.assert_close(model(a), kde(a))
     torch.testing.assert_close(explain(model, a, composite=NeonComposite(mode="activation")),
                                explain(kde, a, composite=NeonComposite(mode="activation")))
-    assert "NearestCentroid" not in sys.modules["neon_attrib.neuralize"].SUPPORTED  # a snapshot at import
+    assert "NearestCentroid" not in sys.modules["neon_attrib.models.neuralize"].SUPPORTED  # a snapshot at import
 
 
 class _Plain(torch.nn.Module):

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from neon_attrib import KDEOutlier
-from neon_attrib.deep import DeepNeon
-from neon_attrib.sanity import model_randomization, spearman, ssim
+from neon_attrib.evaluation.sanity import model_randomization, spearman, ssim
+from neon_attrib.vision.deep import DeepNeon
 
 
 def test_similarities_of_known_pairs():

@@ -16,8 +16,8 @@ from torch import nn
 
 from neon_attrib import KDEOutlier, explain
 from neon_attrib.anomaly import PaDiM, PatchCore
-from neon_attrib.deep import DeepNeon
 from neon_attrib.models import KDEInlier
+from neon_attrib.vision.deep import DeepNeon
 
 
 def _cnn() -> nn.Module:
@@ -109,7 +109,8 @@ def test_seed_must_be_an_integer_and_features_at_least_one():
 
 def test_captum_lrp_without_the_bridge_is_a_clear_error():
     """Captum's own LRP on a NEON model fails with Captum's TypeError naming the NEON layer, before and after importing
-    neon_attrib.captum (the import changes nothing: no rule is attached to our classes); the bridge's LRP works."""
+    neon_attrib.integrations.captum (the import changes nothing: no rule is attached to our classes); the bridge's LRP
+    works."""
     import subprocess
     import sys
 
@@ -118,8 +119,8 @@ import sys, torch
 from torch import nn
 from captum.attr import LRP
 from neon_attrib import KDEOutlier
-from neon_attrib.deep import DeepNeon
-assert "neon_attrib.captum" not in sys.modules
+from neon_attrib.vision.deep import DeepNeon
+assert "neon_attrib.integrations.captum" not in sys.modules
 torch.manual_seed(0)
 for _ in range(2):
     for fused in (True, False):
@@ -128,13 +129,14 @@ for _ in range(2):
         try:
             LRP(model).attribute(torch.rand(1, 3, 16, 16))
         except TypeError as exc:
-            assert "neon_attrib.layers" in str(exc) and "has no rule defined" in str(exc), exc
+            assert "neon_attrib.core.layers" in str(exc) and "has no rule defined" in str(exc), exc
         else:
             raise AssertionError("no error")
-    import neon_attrib.captum  # changes nothing for Captum's own LRP
+    import neon_attrib.integrations.captum  # changes nothing for Captum's own LRP
 assert not hasattr(model.head.distance, "rule") and model.features[1].rule is None  # Captum's failed call leaves None
 before = {name: dict(vars(module)) for name, module in model.named_modules()}
-neon_attrib.captum.LRP(model).attribute(torch.rand(1, 3, 16, 16))  # the layered head: the bridge explains it
+# the layered head: the bridge explains it
+neon_attrib.integrations.captum.LRP(model).attribute(torch.rand(1, 3, 16, 16))
 assert {name: dict(vars(module)) for name, module in model.named_modules()} == before  # the model as it was
 print("ok")
 """

@@ -29,7 +29,7 @@ from neon_attrib import (
     PositionalMahalanobis,
     WeightedKDEOutlier,
 )
-from neon_attrib._utils import Boolean, Integer, Real
+from neon_attrib.core.validation import Boolean, Integer, Real
 
 # -- the deviations from scikit-learn's estimator checks, each with its reason -----------------------------------------
 _EVERY = {

@@ -22,11 +22,11 @@ from zennit.attribution import Gradient
 from zennit.composites import EpsilonGammaBox
 
 from neon_attrib import KDEOutlier, explain
-from neon_attrib.deep import DeepNeon, median_gamma
-from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer
-from neon_attrib.pipeline import isolated
+from neon_attrib.pipeline.engine import isolated
 from neon_attrib.vision import BilinearResize, FeatureTaps, backbone, get_preprocessing
 from neon_attrib.vision import taps as taps_module
+from neon_attrib.vision.deep import DeepNeon, median_gamma
+from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer
 
 LOW, HIGH = -2.0, 2.5
 EPS = 1e-6

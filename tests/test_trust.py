@@ -25,11 +25,11 @@ from neon_attrib import (
     explain,
     neuralize,
 )
-from neon_attrib.captum import NeonLRP
-from neon_attrib.composites import NeonComposite
-from neon_attrib.deep import DeepNeon
-from neon_attrib.evaluation import deletion_curve
-from neon_attrib.graph import register_gradient_leaf
+from neon_attrib.core.composites import NeonComposite
+from neon_attrib.evaluation.curves import deletion_curve
+from neon_attrib.integrations.captum import NeonLRP
+from neon_attrib.pipeline.graph import register_gradient_leaf
+from neon_attrib.vision.deep import DeepNeon
 
 
 def tiny_cnn(seed: int = 0, dtype=torch.float64) -> nn.Sequential:
@@ -123,7 +123,7 @@ def test_explainer_without_with_leaks_nothing_and_explain_inside_is_unaffected(i
 
 def test_explainer_does_not_modify_its_input():
     model = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 2, 1)).double().eval()
-    from neon_attrib.fast import FastEpsilonGammaBox, LRPExplainer
+    from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer
 
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     before = x.clone()
@@ -236,7 +236,7 @@ def test_batch_size_does_not_change_the_explanation():
     images = torch.rand(6, 3, 16, 16)
     with torch.no_grad():
         fmap = features(images)
-    from neon_attrib.deep import median_gamma
+    from neon_attrib.vision.deep import median_gamma
 
     rows = fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
     model = DeepNeon(features, KDEOutlier(gamma=median_gamma(rows)), low=0.0, high=1.0).fit(images, progress=False)
@@ -397,7 +397,7 @@ def test_audit_reports_the_rules_dissipation(blobs):
 def test_captum_paths_refuse_what_they_cannot_do(blobs):
     import matplotlib.pyplot as plt
 
-    from neon_attrib.captum import LRP, compare
+    from neon_attrib.integrations.captum import LRP, compare
 
     fused = KDEOutlier(gamma=1.0, fused=True).double().fit(blobs)
     with pytest.raises(ValueError, match="layered forward"):  # Captum hooks leaf layers that a fused KDE skips

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership, explain
-from neon_attrib.cli import main
+from neon_attrib.cli.main import main
 from neon_attrib.datasets import load_wholesale, preprocess_wholesale
 
 I338, I339 = 337, 338  # the book's 1-based instances

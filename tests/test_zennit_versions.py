@@ -23,7 +23,8 @@ from zennit.rules import Epsilon, Pass
 from zennit.types import Convolution, Linear
 
 from neon_attrib import NeonHook
-from neon_attrib.fast import (
+from neon_attrib.pipeline.engine import isolated
+from neon_attrib.vision.fast import (
     FastAlphaBeta,
     FastEpsilon,
     FastEpsilonGammaBox,
@@ -35,7 +36,6 @@ from neon_attrib.fast import (
     FastZPlus,
     LRPExplainer,
 )
-from neon_attrib.pipeline import isolated
 
 F64 = torch.float64
 LOW, HIGH = -3.0, 3.0

@@ -1,5 +1,6 @@
 """The common base of :class:`~neon_attrib.anomaly.PatchCore` and :class:`~neon_attrib.anomaly.PaDiM`: a
-:class:`~neon_attrib.deep.DeepNeon` on multi-layer taps whose location scores are patch scores, with anomaly maps,
+:class:`~neon_attrib.vision.deep.DeepNeon` on multi-layer taps whose location scores are patch scores, with anomaly
+maps,
 calibration (threshold, normal level τ, normalised scores) and a choice of explained score.
 """
 
@@ -18,12 +19,12 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 from zennit.core import Composite
 
-from .._utils import module_dtype_device
-from ..attribution import explain as _explain
-from ..composites import register_activation_children
-from ..deep import DeepNeon, DeepRelevance
-from ..pipeline import isolated
+from ..core.composites import register_activation_children
+from ..core.validation import module_dtype_device
+from ..pipeline.attribution import explain as _explain
+from ..pipeline.engine import isolated
 from ..vision import FeatureTaps, backbone
+from ..vision.deep import DeepNeon, DeepRelevance
 from ._layers import PatchPool, check_explain_target, gaussian_blur, upsample
 
 __all__ = ["AnomalyDetector", "Detection", "default_layers"]
@@ -204,7 +205,7 @@ class AnomalyDetector(DeepNeon):
 
     # -- configuration -----------------------------------------------------------------------------------------------
     def saved_settings(self) -> dict[str, Any]:
-        """:meth:`DeepNeon.saved_settings <neon_attrib.deep.DeepNeon.saved_settings>` with the taps (``layers``,
+        """:meth:`DeepNeon.saved_settings <neon_attrib.vision.deep.DeepNeon.saved_settings>` with the taps (``layers``,
         ``aggregate``, ``reduce_to``) and the anomaly map's ``sigma``; ``explain_target`` is a choice of what to
         explain (see :meth:`with_target`), not saved."""
         settings = super().saved_settings()
@@ -444,7 +445,8 @@ class AnomalyDetector(DeepNeon):
         ``target`` is an explanation target (``"max"``, ``"sum"``, ``"excess"``, ``(row, col)``; default
         :attr:`explain_target`). ``locations`` of the result are the patches' relevances (n, h, w). The explanation
         is audited as :meth:`explain`'s (``audit`` of the result; a failing audit warns, or raises with
-        ``strict=True``); the other parameters are :meth:`DeepNeon.relevance <neon_attrib.deep.DeepNeon.relevance>`'s.
+        ``strict=True``); the other parameters are :meth:`DeepNeon.relevance
+        <neon_attrib.vision.deep.DeepNeon.relevance>`'s.
         """
         model = self if target is None else self.with_target(target)
         dtype, device = module_dtype_device(model)
@@ -457,7 +459,7 @@ class AnomalyDetector(DeepNeon):
         """Not available: an anomaly detector compares images with *normal* images. Fit it with :meth:`fit` (and give
         ``model_randomization`` ``refit=normal_images``)."""
         raise TypeError(f"{type(self).__name__} has no fit_self: fit it on normal images with fit(images) (for "
-                        f"neon_attrib.sanity.model_randomization pass refit=normal_images or refit=None).")
+                        f"neon_attrib.evaluation.sanity.model_randomization pass refit=normal_images or refit=None).")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, explain_target={self.explain_target!r}, sigma={self.sigma}"

@@ -1,4 +1,5 @@
-"""The pieces PatchCore and PaDiM add to a :class:`~neon_attrib.deep.DeepNeon`: the explained score over the patch
+"""The pieces PatchCore and PaDiM add to a :class:`~neon_attrib.vision.deep.DeepNeon`: the explained score over the
+patch
 grid (:class:`PatchPool` and its rule), a fixed channel subset (:class:`ChannelSelect`), the greedy k-center coreset
 of a memory bank (:func:`greedy_coreset`) and the anomaly map's resampling and blur (:func:`upsample`,
 :func:`gaussian_blur`).
@@ -13,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..composites import register_rule
-from ..functional import safe_divide
-from ..graph import register_gradient_leaf
-from ..layers import ResizableBuffers
-from ..rules import NeonHook
+from ..core.composites import register_rule
+from ..core.functional import safe_divide
+from ..core.layers import ResizableBuffers
+from ..core.rules import NeonHook
+from ..pipeline.graph import register_gradient_leaf
 
 __all__ = [
     "PatchPool",

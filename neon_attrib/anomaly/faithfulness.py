@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..evaluation import Reference, model_score, patch_mask
+from ..evaluation.curves import Reference, model_score, patch_mask
 
 __all__ = ["Faithfulness", "deletion_insertion", "nearest_normal"]
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from zennit.core import Composite
 
-from .._utils import module_dtype_device
-from ..gaussian import PositionalMahalanobis
+from ..core.validation import module_dtype_device
+from ..models.gaussian import PositionalMahalanobis
 from ._detector import AnomalyDetector
 from ._layers import ChannelSelect
 
@@ -59,7 +59,8 @@ class PaDiM(AnomalyDetector):
     Notes
     -----
     The Gaussians are tied to the positions, so every image must have the size of the fitted ones (a clear error
-    otherwise). The CNN rule of the head (:class:`~neon_attrib.rules.PositionalMahalanobisActivationRule`) propagates
+    otherwise). The CNN rule of the head (:class:`~neon_attrib.core.rules.PositionalMahalanobisActivationRule`)
+    propagates
     ``a_pi [P_p(a_p − μ_p)]_i`` and dissipates the rest of ``m_p``; a channel can receive negative relevance through
     the correlations.
 
@@ -130,7 +131,7 @@ class PaDiM(AnomalyDetector):
 
         ``images`` as in :meth:`PatchCore.fit <neon_attrib.anomaly.PatchCore.fit>`. The batches are streamed: each
         batch's feature maps update per-position running statistics (count, mean, centred scatter; float64,
-        :meth:`PositionalMahalanobis.partial_fit <neon_attrib.positional.PositionalMahalanobis.partial_fit>`), so
+        :meth:`PositionalMahalanobis.partial_fit <neon_attrib.models.positional.PositionalMahalanobis.partial_fit>`), so
         memory grows with ``h·w·d²``, not with the number of images; the Gaussians (and ``relative_reg``'s mean
         variance) equal those of a fit on all feature maps at once. The statistics are freed after the fit. A failure
         leaves the model as it was.

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from zennit.core import Composite
 
-from ..functional import DEFAULT_CHUNK
-from ..neighbors import KNNOutlier
+from ..core.functional import DEFAULT_CHUNK
+from ..models.neighbors import KNNOutlier
 from ._detector import AnomalyDetector
 from ._layers import _first_occurrences, greedy_coreset
 
@@ -69,7 +69,7 @@ class PatchCore(AnomalyDetector):
     chunk_size : int
         Memory items searched at once (bounded memory for large banks).
     composite, lrp_gamma, fast :
-        LRP rules for the backbone, as in :class:`~neon_attrib.deep.DeepNeon`.
+        LRP rules for the backbone, as in :class:`~neon_attrib.vision.deep.DeepNeon`.
 
     Attributes
     ----------

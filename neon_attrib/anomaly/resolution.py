@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from zennit.core import Composite
 
-from .._utils import module_dtype_device
-from ..pipeline import Audit, run
+from ..core.validation import module_dtype_device
+from ..pipeline.engine import Audit, run
 from ._detector import AnomalyDetector
 
 __all__ = ["LayerRelevance", "layer_relevance"]

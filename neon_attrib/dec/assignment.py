@@ -1,14 +1,14 @@
 """DEC's cluster assignment (Xie et al., 2016): the Student-t soft assignment ``q``, the auxiliary target ``p`` and the
 stopping criterion, on embeddings that are already computed.
 
-The Student-t log-kernel itself is :func:`neon_attrib.functional.student_t_logits`; everything here builds on it.
+The Student-t log-kernel itself is :func:`neon_attrib.core.functional.student_t_logits`; everything here builds on it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..functional import student_t_logits
+from ..core.functional import student_t_logits
 
 __all__ = ["assignment_change", "hard_assignment", "kl_divergence", "student_t_assignment", "target_distribution"]
 

@@ -12,7 +12,7 @@ decreasing in the distance), so the k-means neuralization on the embedding is ex
   soft-min weights ``p = softmin_beta(h_c)`` split ``R_c`` over the competitors ``k`` (exact), and each
   ``h_k = w_k^T z + b_k`` is split over the embedding coordinates as ``z_i w_ki + b_k z_i^2 / |z|^2`` (exact, since
   the ``z_i^2 / |z|^2`` sum to one): the embedding relevance sums to ``f_c`` **exactly**. The k-means activation rule
-  (``R_i = z_i sum_k p_k w_ki R_c / f_c``, :class:`~neon_attrib.rules.KMeansActivationRule`) is available with
+  (``R_i = z_i sum_k p_k w_ki R_c / f_c``, :class:`~neon_attrib.core.rules.KMeansActivationRule`) is available with
   ``membership_rule="dot"``; it dissipates ``sum_k p_k (b_k + f_c - h_k)``, which near a border is large compared
   to ``f_c``. The embedding is signed, so ``z_i < 0`` can carry relevance.
 * ``SphereNorm`` (``z = r e / |e|``) and ``FeatureScale`` (``x / s``): pass-through. Both multiply each coordinate
@@ -39,10 +39,10 @@ from zennit.composites import EpsilonPlusFlat
 from zennit.core import Composite
 from zennit.rules import Pass
 
-from ..composites import NeonComposite, register_rule
-from ..functional import student_t_logits
-from ..layers import ClusterDifference, MinPool
-from ..rules import BetaHook, KMeansActivationRule
+from ..core.composites import NeonComposite, register_rule
+from ..core.functional import student_t_logits
+from ..core.layers import ClusterDifference, MinPool
+from ..core.rules import BetaHook, KMeansActivationRule
 from .model import DEC, FeatureScale, SphereNorm
 
 __all__ = ["TruncatedModel", "DECMembership", "SphereMembershipRule", "DECHead", "ClassEvidence", "ClassEvidenceRule",
@@ -136,7 +136,8 @@ def _own_device_eval(head: nn.Module, device: torch.device) -> nn.Module:
 class DECMembership(nn.Module):
     """k-means membership evidence on DEC embeddings: ``f_c(z) = min_{k != c} |z - mu_k|^2 - |z - mu_c|^2``.
 
-    A :class:`~neon_attrib.layers.ClusterDifference` (buffers) followed by a :class:`~neon_attrib.layers.MinPool`;
+    A :class:`~neon_attrib.core.layers.ClusterDifference` (buffers) followed by a
+    :class:`~neon_attrib.core.layers.MinPool`;
     output ``(n, K)``.
 
     Parameters
@@ -183,7 +184,8 @@ class SphereMembershipRule(BetaHook):
     coordinates without remainder (the bias in proportion to ``z_i^2``, which sums to one after dividing by ``|z|^2``;
     on DEC's sphere ``|z|^2 = r^2`` is a constant), so ``sum_i R_i = R_c`` exactly. For the assigned cluster every
     ``h_k >= f_c > 0``, so the division is safe; for other targets a sign-matched ``1e-9`` stabilises it.
-    Compare the k-means activation rule (:class:`~neon_attrib.rules.KMeansActivationRule`), which dissipates the bias
+    Compare the k-means activation rule (:class:`~neon_attrib.core.rules.KMeansActivationRule`), which dissipates the
+    bias
     share.
 
     Parameters
@@ -414,7 +416,8 @@ class SurrogateClassHead(nn.Module):
 class DECHeadComposite(NeonComposite):
     """Rules for :class:`DECHead` and :class:`SurrogateClassHead` (see the module docstring for what is exact).
 
-    A :class:`~neon_attrib.composites.NeonComposite` whose base defaults to ``EpsilonPlusFlat``: the DEC modules get
+    A :class:`~neon_attrib.core.composites.NeonComposite` whose base defaults to ``EpsilonPlusFlat``: the DEC modules
+    get
     their registered rules (:class:`SphereMembershipRule`, :class:`ClassEvidenceRule`, pass-through on the
     normalisations) in every NeonComposite, so ``NeonComposite(base=EpsilonPlusFlat())`` explains a DEC head too.
 
@@ -429,7 +432,8 @@ class DECHeadComposite(NeonComposite):
         Extra Zennit canonizers (e.g. to merge batch norms).
     membership_rule : {"sphere", "dot"}
         ``"sphere"`` (default): :class:`SphereMembershipRule`, exactly conservative on the embedding. ``"dot"``: the
-        k-means activation rule (:class:`~neon_attrib.rules.KMeansActivationRule`), which dissipates the bias share.
+        k-means activation rule (:class:`~neon_attrib.core.rules.KMeansActivationRule`), which dissipates the bias
+        share.
     """
 
     def __init__(self, beta: float | None = None, base: Composite | None = None, canonizers: list | None = None,

@@ -21,7 +21,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from .._utils import resolve_random_state
+from ..core.validation import resolve_random_state
 from .assignment import assignment_change, student_t_assignment, target_distribution
 from .diagnostics import DECTrainingWarning, clustering_report, pretrain_report
 from .encoders import DECEncoder, FeatureScale, SphereNorm, build_autoencoder, feature_rms

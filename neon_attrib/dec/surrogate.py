@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from .._utils import resolve_random_state
+from ..core.validation import resolve_random_state
 from .activations import (
     Data,
     ModeGuard,

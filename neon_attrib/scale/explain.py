@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._utils import check_int, module_dtype_device
-from ..pipeline import ConservationWarning, Explainer, attribution_output, resolve_composite, resolve_targets
+from ..core.validation import check_int, module_dtype_device
+from ..pipeline.engine import ConservationWarning, Explainer, attribution_output, resolve_composite, resolve_targets
 from ..vision import Preprocessing
 from . import store as _store
 from ._dist import Ranks, ensure_process_group, on_rank0
@@ -60,7 +60,8 @@ def explain_dataset(model: nn.Module, dataset: Any, out: str | os.PathLike, *, b
     Parameters
     ----------
     model : torch.nn.Module
-        A :class:`~neon_attrib.deep.DeepNeon` (or any model with ``explainer()``), or a model with NEON layers (then
+        A :class:`~neon_attrib.vision.deep.DeepNeon` (or any model with ``explainer()``), or a model with NEON layers
+        (then
         :class:`~neon_attrib.pipeline.Explainer` with :func:`~neon_attrib.pipeline.resolve_composite` is used).
     dataset : Dataset, DataLoader or path
         A map-style data set of image tensors ``(C, H, W)`` (or ``(image, label, ...)`` tuples) already as the

@@ -25,8 +25,8 @@ from sklearn.base import clone
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._utils import check_int
-from ..kmeans import KMeansMembership
+from ..core.validation import check_int
+from ..models.kmeans import KMeansMembership
 from ._dist import Ranks, ensure_process_group, on_rank0
 from .data import block_loader, blocks_of_rank, resolve_source
 
@@ -101,7 +101,8 @@ def sample_locations(model: nn.Module, dataset: Any, *, max_locations: int | Non
 def fit_dataset(model: nn.Module, dataset: Any = None, *, max_locations: int | None = None, seed: int = 0,
                 rows: torch.Tensor | None = None, lloyd_steps: int = 0, batch_size: int = 32, num_workers: int = 0,
                 progress: bool = True) -> nn.Module:
-    """Fit a :class:`~neon_attrib.deep.DeepNeon`'s head on a streamed data set, on one or many ranks. Returns ``model``.
+    """Fit a :class:`~neon_attrib.vision.deep.DeepNeon`'s head on a streamed data set, on one or many ranks. Returns
+    ``model``.
 
     Parameters
     ----------
@@ -113,14 +114,14 @@ def fit_dataset(model: nn.Module, dataset: Any = None, *, max_locations: int | N
         As in :func:`sample_locations`.
     rows : torch.Tensor, optional
         A sample made before by :func:`sample_locations` (e.g. to choose γ from it with
-        :func:`~neon_attrib.deep.median_gamma`, or to fit several heads on one pass).
+        :func:`~neon_attrib.vision.deep.median_gamma`, or to fit several heads on one pass).
     lloyd_steps : int
         k-means heads only: after k-means on the sample, this many Lloyd iterations over every location of the data
         set (one pass each, all-reduced over the ranks). 0 (default): the sample's k-means.
 
     A head with one model per map position (``PositionalMahalanobis``, PaDiM's) is fitted on every location of the
     whole maps (``max_locations``, ``rows`` and ``lloyd_steps`` are refused): one streamed pass, running statistics
-    per rank, merged on rank 0 (:meth:`~neon_attrib.positional.PositionalMahalanobis.merge_statistics`).
+    per rank, merged on rank 0 (:meth:`~neon_attrib.models.positional.PositionalMahalanobis.merge_statistics`).
 
     Examples
     --------

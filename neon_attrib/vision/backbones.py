@@ -31,10 +31,10 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from zennit.canonizers import Canonizer
 from zennit.layer import Sum
 
-from .._utils import BATCH_NORMS
-from ..composites import is_neon_module
-from ..fast import FastResNetCanonizer, MergeBatchNorms
-from ..graph import GraphCanonizer, needs_graph_canonizer, register_documented
+from ..core.composites import is_neon_module
+from ..core.validation import BATCH_NORMS
+from ..pipeline.graph import GraphCanonizer, needs_graph_canonizer, register_documented
+from .fast import FastResNetCanonizer, MergeBatchNorms
 from .taps import BilinearResize, ChannelPool
 
 __all__ = [
@@ -499,20 +499,22 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
       ``Sequential`` or a standard layer):
 
       - torchvision ResNets (any module containing torchvision ``BasicBlock``/``Bottleneck``):
-        :class:`~neon_attrib.fast.FastResNetCanonizer` (Zennit's ``ResNetCanonizer``, same numbers, faster): batch
+        :class:`~neon_attrib.vision.fast.FastResNetCanonizer` (Zennit's ``ResNetCanonizer``, same numbers, faster):
+        batch
         norms merged into the convolution before them, the residual addition as a :class:`zennit.layer.Sum` module
         (Norm rule: each branch gets its proportional share);
       - VGG with batch norm and :class:`CifarResNet` (additions are already ``Sum`` modules):
-        :class:`~neon_attrib.fast.MergeBatchNorms` (Zennit's ``SequentialMergeBatchNorm``, also for torchvision's
+        :class:`~neon_attrib.vision.fast.MergeBatchNorms` (Zennit's ``SequentialMergeBatchNorm``, also for torchvision's
         ``FrozenBatchNorm2d``);
       - nothing for them without batch norms.
 
-    * Any other model: :class:`~neon_attrib.graph.GraphCanonizer`, which canonizes it from its ``torch.fx`` graph
+    * Any other model: :class:`~neon_attrib.pipeline.graph.GraphCanonizer`, which canonizes it from its ``torch.fx``
+    graph
       (additions, functional activations and pools, batch norms merged by data flow, gates, layer norms) or refuses
       it, naming the operation without a rule, when the canonizer is applied.
 
     The model is searched whole, so a backbone inside a :class:`~neon_attrib.vision.taps.FeatureTaps` or a
-    :class:`~neon_attrib.deep.DeepNeon` is found. Canonizers are applied by the composite to the private copy the
+    :class:`~neon_attrib.vision.deep.DeepNeon` is found. Canonizers are applied by the composite to the private copy the
     explain pipeline hooks, never to ``model`` itself.
 
     Note that Zennit 0.5's merge leaves each batch norm computing ``x / sqrt(1 + eps)``: the canonized network's output

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._utils import check_int
+from ..core.validation import check_int
 
 __all__ = ["load_image", "check_image_size", "image_files", "check_not_constant", "ConstantImageError",
            "VGG16_MIN_SIZE", "IMAGE_SUFFIXES"]

@@ -4,12 +4,12 @@
 over a small neighbourhood (3x3 average pooling, stride 1, padding 1), resizes the coarser maps bilinearly to the
 finest tapped resolution, concatenates them along channels and, optionally, average-pools the channels to a fixed
 number (PatchCore). Its output is a feature map (n, C, h, w) like any backbone's, so it serves as the ``features`` of
-a :class:`~neon_attrib.deep.DeepNeon`::
+a :class:`~neon_attrib.vision.deep.DeepNeon`::
 
     heads = DeepNeon(FeatureTaps(backbone("wide_resnet50_2", weights), ["layer2", "layer3"]), KDEOutlier(gamma))
 
 Explaining it: every step after the backbone is linear with non-negative weights and is a module of an
-average-pooling type, so Zennit's composites and :mod:`neon_attrib.fast`'s give each of them the Norm rule
+average-pooling type, so Zennit's composites and :mod:`neon_attrib.vision.fast`'s give each of them the Norm rule
 (``R_in = x * J^T (R / out)``, the z-rule: exact and conservative for any such map, borders included); the
 concatenation hands each tap its own channels (its gradient, a split), and the relevance arriving at a tapped layer
 from its tap and from the deeper layers adds up in the backbone (autograd sums both branches).
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from zennit.core import collect_leaves
 
-from .._utils import BATCH_NORMS
-from ..graph import register_trusted_container
+from ..core.validation import BATCH_NORMS
+from ..pipeline.graph import register_trusted_container
 
 __all__ = ["FeatureTaps", "BilinearResize", "ChannelPool"]
 

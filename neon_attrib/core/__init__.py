@@ -1,0 +1,1 @@
+"""Formulas, layers, rules, composites and the estimator base: what every model and explanation stands on."""
