@@ -26,7 +26,9 @@ the audit): :func:`run` on a copy hooked for the call, :class:`Explainer` on the
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -292,6 +294,10 @@ def _prepared(work: nn.Module) -> dict[str, Hook]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # conservation audit
+#: the values an :class:`Audit` derives from its fields, computed once (forgotten when a field is assigned)
+_DERIVED = ("finite", "relative_error", "passed")
+
+
 @dataclass
 class Audit:
     """Conservation audit of one explanation, per sample.
@@ -299,8 +305,11 @@ class Audit:
     A sample passes when every recorded value is finite and the relevance that no rule accounts for is within
     :attr:`tolerance` of :attr:`scale`, the score and the heatmap's mass: ``|unaccounted| <= tolerance · (|score| +
     Σ|relevance at the input|)``. What the rules dissipate does not widen the tolerance, so relevance that leaks where
-    no rule ran cannot hide behind rules that absorb much; a NaN or an infinity in the score, the heatmap or any
-    module's record fails.
+    no rule ran cannot hide behind rules that absorb much; a NaN or an infinity in the score, the heatmap, the
+    unaccounted relevance or any module's record fails.
+
+    The derived values (:attr:`finite`, :attr:`relative_error`, :attr:`passed`) are computed once, when first read;
+    assigning a field computes them again (changing a field's tensor in place does not).
 
     Attributes
     ----------
@@ -315,7 +324,8 @@ class Audit:
         (n,) ``score − dissipated − input_sum``: relevance created or destroyed where no rule ran. ~0 (rounding)
         for a correctly covered model.
     per_module : dict of str to torch.Tensor
-        What each hooked module dissipated, (n,) each.
+        What each hooked module dissipated, (n,) each (summed over its calls when a module runs several times). In
+        an audit of an explanation, rows of one (modules, n) tensor.
     tolerance : float
         The relative tolerance of :attr:`ok`.
     input_mass : torch.Tensor, optional
@@ -337,32 +347,39 @@ class Audit:
     tolerance: float = 1e-2
     input_mass: torch.Tensor | None = field(default=None, repr=False)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        for derived in _DERIVED:  # computed from the old value
+            self.__dict__.pop(derived, None)
+
     @property
     def scale(self) -> torch.Tensor:
         """(n,) the magnitude the mismatch is compared with: ``|score| + Σ|relevance at the input|``."""
         mass = self.input_sum.abs() if self.input_mass is None else self.input_mass
         return self.score.abs() + mass
 
-    @property
+    @functools.cached_property
     def finite(self) -> torch.Tensor:
-        """(n,) bool: the score, the input relevance and every module's record are finite."""
-        finite = torch.isfinite(self.score) & torch.isfinite(self.input_sum) & torch.isfinite(self.dissipated)
-        if self.input_mass is not None:
-            finite = finite & torch.isfinite(self.input_mass)
-        for value in self.per_module.values():
-            finite = finite & torch.isfinite(value).to(finite.device)
-        return finite
+        """(n,) bool: the score, the input relevance, the unaccounted relevance and every module's record are
+        finite."""
+        values = [self.score, self.input_sum, self.dissipated, self.unaccounted,
+                  *(() if self.input_mass is None else (self.input_mass,)), *self.per_module.values()]
+        device = self.score.device
+        values = [value if value.device == device else value.to(device) for value in values]
+        if len({value.shape for value in values}) > 1:
+            values = list(torch.broadcast_tensors(*values))
+        return torch.isfinite(torch.stack(values)).all(0)  # one check of every value
 
-    @property
+    @functools.cached_property
     def relative_error(self) -> torch.Tensor:
         """(n,) ``|unaccounted| / scale``: 0 where both are 0, inf where the scale is 0 alone or a value is not
         finite."""
-        unaccounted, scale = self.unaccounted.abs(), self.scale
-        error = unaccounted / torch.where(scale > 0, scale, 1)
-        error = torch.where(scale > 0, error, torch.where(unaccounted > 0, math.inf, 0.0))
+        # with finite values, NaN comes from 0 / 0 only (nothing created out of nothing: 0), and a scale of 0 with
+        # relevance unaccounted for gives inf
+        error = (self.unaccounted.abs() / self.scale.clamp_min(0)).nan_to_num_(0.0, math.inf, math.inf)
         return torch.where(self.finite, error, math.inf)
 
-    @property
+    @functools.cached_property
     def passed(self) -> torch.Tensor:
         """(n,) bool: which samples pass (finite, relative error within :attr:`tolerance`)."""
         return self.finite & (self.relative_error <= self.tolerance)
@@ -373,9 +390,13 @@ class Audit:
         return bool(self.passed.all())
 
     def __str__(self) -> str:
-        worst = float(self.relative_error.max()) if self.score.numel() else 0.0
-        finite = "" if bool(self.finite.all()) else f", {int((~self.finite).sum())} with NaN or inf"
-        return (f"Audit(n={self.score.numel()}, ok={self.ok}, worst relative mismatch={worst:.2e}, "
+        errors = self.relative_error
+        worst = float(errors.max()) if errors.numel() else 0.0
+        return self._describe(self.ok, worst, int((~self.finite).sum()))
+
+    def _describe(self, ok: bool, worst: float, nonfinite: int) -> str:
+        finite = f", {nonfinite} with NaN or inf" if nonfinite else ""
+        return (f"Audit(n={self.score.numel()}, ok={ok}, worst relative mismatch={worst:.2e}, "
                 f"tolerance={self.tolerance:g}{finite})")
 
 
@@ -388,30 +409,28 @@ def default_tolerance(dtype: torch.dtype, precision: str = "exact") -> float:
 
 
 class _AuditRecorder:
-    """Wraps each hooked module's ``backward`` to record ``Σ R_out − Σ R_in``, per sample where the batch allows."""
+    """Wraps each hooked module's ``backward`` to record ``Σ R_out`` and ``Σ R_in``, per sample where the batch allows.
+
+    A module call costs two reductions (float64 sums: the reduction casts the tensor on the way); :meth:`audit`
+    stacks the records once and takes the differences and their sum in one operation each.
+    """
 
     def __init__(self, hooked: dict[str, Hook], n: int):
         self.n = n
-        self.per_sample: dict[str, torch.Tensor | None] = {}
-        self.totals: dict[str, torch.Tensor] = {}
+        #: one ``(name, Σ R_out, Σ R_in or None)`` per module call: (n,) sums per sample, or 0-d totals when the
+        #: tensors are not batched over n
+        self.records: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         self.wrapped: list[Hook] = []
         for name, hook in hooked.items():
             if not _passes_through(hook):  # a pass-through dissipates nothing: no need to sum its relevance
                 self._wrap(name, hook)
 
     def _record(self, name: str, out: torch.Tensor, inp: torch.Tensor | None) -> None:
-        # sums accumulate in float64 without a float64 copy of the tensors (one reduction pass each)
-        batched = bool(self.n) and _batched(out, self.n) and (inp is None or _batched(inp, self.n))
-        if batched:
-            per_sample = _row_sums(out, self.n) - (_row_sums(inp, self.n) if inp is not None else 0.0)
-            total = per_sample.sum()
+        n = self.n
+        if bool(n) and _batched(out, n) and (inp is None or _batched(inp, n)):
+            self.records.append((name, _row_sums(out, n), None if inp is None else _row_sums(inp, n)))
         else:
-            per_sample = None
-            total = out.detach().sum(dtype=torch.float64) - (
-                inp.detach().sum(dtype=torch.float64) if inp is not None else 0.0)
-        self.totals[name] = self.totals[name] + total if name in self.totals else total
-        previous = self.per_sample.get(name, 0)
-        self.per_sample[name] = None if per_sample is None or previous is None else previous + per_sample
+            self.records.append((name, _total(out), None if inp is None else _total(inp)))
 
     def _wrap(self, name: str, hook: Hook) -> None:
         original = hook.backward
@@ -434,18 +453,37 @@ class _AuditRecorder:
     def audit(self, score: torch.Tensor, input_sum: torch.Tensor, input_mass: torch.Tensor, tolerance: float) -> Audit:
         """Per sample when the score, the input and every module's record are batched alike, else in total (n = 1)."""
         per_sample = score.shape[0] == self.n and input_sum.shape[0] == self.n and all(
-            value is not None for value in self.per_sample.values())
-        if per_sample:
-            modules = {name: value for name, value in self.per_sample.items()}
-        else:
+            out.ndim for _, out, _ in self.records)
+        if not per_sample:
             score, input_sum, input_mass = (value.sum().reshape(1) for value in (score, input_sum, input_mass))
-            modules = {name: value.reshape(1) for name, value in self.totals.items()}
-        dissipated = torch.zeros_like(score)
-        for value in modules.values():
-            dissipated = dissipated + value.to(score.device)
-        return Audit(score=score, input_sum=input_sum, dissipated=dissipated,
-                     unaccounted=score - dissipated - input_sum, per_module=modules, tolerance=tolerance,
-                     input_mass=input_mass.to(score.device))
+        width, device = score.shape[0], score.device
+        sums = [score, input_sum if input_sum.device == device else input_sum.to(device)]
+        zeros = None
+        for _, out, inp in self.records:
+            for value in (out, inp):
+                if value is None:  # no relevance flows to the module's input (it needs no gradient)
+                    value = zeros = torch.zeros(width, dtype=torch.float64, device=device) if zeros is None else zeros
+                elif not per_sample:
+                    value = value.sum().reshape(1)
+                sums.append(value if value.device == device else value.to(device))
+        # one table (1 + calls, out/in, n) led by (score, input_sum): one subtraction gives score − input_sum and
+        # what each call dissipated
+        table = torch.stack(sums).view(len(sums) // 2, 2, width)
+        moved = table[:, 0] - table[:, 1]
+        dissipated = moved[1:].sum(0)
+        if input_mass.device != device:
+            input_mass = input_mass.to(device)
+        return Audit(score=score, input_sum=input_sum, dissipated=dissipated, unaccounted=moved[0] - dissipated,
+                     per_module=self._per_module(moved[1:]), tolerance=tolerance, input_mass=input_mass)
+
+    def _per_module(self, moved: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: Σ R_out − Σ R_in}`` from the rows of ``moved`` (one per call), a module's calls added in order."""
+        calls: dict[str, list[int]] = {}
+        for index, (name, _, _) in enumerate(self.records):
+            calls.setdefault(name, []).append(index)
+        rows = moved.unbind(0)
+        return {name: functools.reduce(operator.add, (rows[index] for index in indices))
+                for name, indices in calls.items()}
 
 
 def _passes_through(hook: Hook) -> bool:
@@ -454,8 +492,22 @@ def _passes_through(hook: Hook) -> bool:
     return isinstance(hook, Pass) or getattr(type(hook), "passes_relevance_through", False)
 
 
+def _rows(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """``tensor`` (k·n, ...) detached and viewed as (n, k, ...): splitting the first dimension is a view for any
+    strides (``reshape(n, -1)`` copies a ``channels_last`` or broadcast tensor)."""
+    tensor = tensor.detach()
+    return tensor.view(n, tensor.shape[0] // n, *tensor.shape[1:])
+
+
 def _row_sums(tensor: torch.Tensor, n: int) -> torch.Tensor:
-    return tensor.detach().reshape(n, -1).sum(1, dtype=torch.float64)
+    """(n,) float64 sums of a tensor batched over ``n`` (its first dimension a multiple of ``n``)."""
+    rows = _rows(tensor, n)
+    return rows.sum(tuple(range(1, rows.ndim)), dtype=torch.float64)
+
+
+def _total(tensor: torch.Tensor) -> torch.Tensor:
+    """The 0-d float64 sum of ``tensor``."""
+    return tensor.detach().sum(dtype=torch.float64)
 
 
 def _batched(tensor: torch.Tensor, n: int) -> bool:
@@ -465,23 +517,49 @@ def _batched(tensor: torch.Tensor, n: int) -> bool:
 def _sample_sums(tensor: torch.Tensor, n: int, absolute: bool = False) -> torch.Tensor:
     """Per-sample sums (n,) when ``tensor`` is batched over ``n``, else its total as a (1,) tensor, in float64;
     ``absolute``: sums of absolute values (without an absolute copy)."""
-    rows = tensor.detach().reshape(n if n and tensor.ndim and tensor.shape[0] == n else 1, -1)
+    if n and tensor.ndim and tensor.shape[0] == n:
+        rows = _rows(tensor, n)
+        dims: tuple[int, ...] | None = tuple(range(1, rows.ndim))
+    else:
+        rows, dims = tensor.detach(), None
     if absolute:
-        return torch.linalg.vector_norm(rows, 1, dim=1, dtype=torch.float64)
-    return rows.sum(1, dtype=torch.float64)
+        sums = torch.linalg.vector_norm(rows, 1, dim=dims, dtype=torch.float64)
+    else:
+        sums = rows.sum(dims, dtype=torch.float64)
+    return sums if dims is not None else sums.reshape(1)
+
+
+def _reached_sums(reached: Sequence[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample sums and absolute sums (:func:`_sample_sums`) of the floating relevance where the backward pass
+    ended, added over the tensors."""
+    floating = [r for r in reached if r.is_floating_point()]
+    if not floating:
+        zeros = torch.zeros(n or 1, dtype=torch.float64, device=reached[0].device if reached else None)
+        return zeros, zeros
+    return (functools.reduce(operator.add, (_sample_sums(r, n) for r in floating)),
+            functools.reduce(operator.add, (_sample_sums(r, n, absolute=True) for r in floating)))
 
 
 def _report(audit: Audit, owner: str, strict: bool) -> None:
-    if audit.ok:
+    """Warn (or raise with ``strict``) when ``audit`` fails: one host synchronisation (the worst relative error) when
+    it passes, one more when a sample's error is infinite (to count the samples with NaN or inf)."""
+    errors = audit.relative_error
+    if not errors.numel():
         return
-    if not bool(audit.finite.all()):
-        message = (f"{owner}: the explanation is not finite ({audit}): the score, the relevance or a layer's "
+    worst = float(errors.max())
+    # a non-finite sample's error is inf, so every sample passes when the worst one does (but for an inf tolerance)
+    if worst <= audit.tolerance and (worst < math.inf or audit.ok):
+        return
+    nonfinite = int((~audit.finite).sum()) if worst == math.inf else 0
+    description = audit._describe(False, worst, nonfinite)
+    if nonfinite:
+        message = (f"{owner}: the explanation is not finite ({description}): the score, the relevance or a layer's "
                    f"relevance holds NaN or inf (an overflow in the model or its rules, or non-finite weights). Do "
                    f"not trust this heatmap; use float64 or inputs of a smaller magnitude. The audit is in the "
                    f"result's 'audit'.")
     else:
-        message = (f"{owner}: the relevance is not conserved where the rules promise it ({audit}): relevance was "
-                   f"created or destroyed by operations without an LRP rule (e.g. a residual addition or a "
+        message = (f"{owner}: the relevance is not conserved where the rules promise it ({description}): relevance "
+                   f"was created or destroyed by operations without an LRP rule (e.g. a residual addition or a "
                    f"normalisation that is not a module, or an unsupported layer). Do not trust this heatmap; canonize "
                    f"the model (Zennit canonizers) or use a supported architecture. The audit is in the result's "
                    f"'audit'.")
@@ -687,9 +765,7 @@ class _Step:
         if self.recorder is None:
             return None
         reached = self.relevance if self.stop_at is None else (self.at[self.stop_at],)
-        floating = [r for r in reached if r.is_floating_point()]
-        input_sum = sum(_sample_sums(r, self.n) for r in floating)
-        input_mass = sum(_sample_sums(r, self.n, absolute=True) for r in floating)
+        input_sum, input_mass = _reached_sums(reached, self.n)
         return self.recorder.audit(_sample_sums(self.seed, self.n), input_sum, input_mass,
                                    default_tolerance(dtype, precision))
 
