@@ -7,12 +7,14 @@ import pytest
 import torch
 from test_trust import _Root, _SkipNet, tiny_cnn  # _Root's NaN passes the graph canonizer: only the audit catches it
 from torch import nn
+from zennit.composites import LayerMapComposite
 
 from neon_attrib import ConservationError, ConservationWarning, KDEOutlier, KMeansMembership, explain
 from neon_attrib.anomaly import PatchCore
 from neon_attrib.anomaly.resolution import layer_relevance
 from neon_attrib.pipeline.engine import run
 from neon_attrib.vision.deep import DeepNeon
+from neon_attrib.vision.fast import FastEpsilon, FastPass
 
 
 @pytest.fixture
@@ -125,3 +127,79 @@ def test_detector_relevance_and_layer_relevance_are_audited(images):
     result = layer_relevance(good, images, "2", "sum")
     assert result.audit.ok
     torch.testing.assert_close(result.audit.input_sum, result.relevance.sum((1, 2, 3)), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the audit's records against a naive float64 replica
+class _Reused(nn.Module):
+    """ε-rule linear layers: ``first``; ``pair`` on two rows per sample; ``shared`` called twice; ``last`` on each
+    sample, or (``pooled``) on the whole batch as one row, so that none of its tensors is batched over the samples."""
+
+    def __init__(self, batch: int, pooled: bool = False):
+        super().__init__()
+        torch.manual_seed(5)
+        self.first, self.pair, self.shared = nn.Linear(4, 6), nn.Linear(2, 2), nn.Linear(6, 6)
+        self.last = nn.Linear(6 * batch if pooled else 6, 3)
+        self.relu, self.pooled = nn.ReLU(), pooled
+        self.double()
+
+    def forward(self, x):
+        h = self.relu(self.first(x))
+        h = self.relu(self.pair(h.reshape(-1, 2))).reshape(h.shape)
+        h = self.relu(self.shared(self.relu(self.shared(h))))
+        return self.last(h.reshape(1, -1) if self.pooled else h)
+
+
+def _epsilon_replica(model: _Reused, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The ε rule by hand: (seed, input relevance, {module: [(R_out, R_in) per call]})."""
+    def epsilon(layer, a, relevance):
+        z = a @ layer.weight.T + layer.bias
+        return a * ((relevance / (z + eps * torch.where(z >= 0, 1.0, -1.0))) @ layer.weight)
+
+    a1 = torch.relu(model.first(x))
+    pairs = a1.reshape(-1, 2)
+    a2 = torch.relu(model.pair(pairs)).reshape(a1.shape)
+    a3 = torch.relu(model.shared(a2))
+    a4 = torch.relu(model.shared(a3))
+    top = a4.reshape(1, -1) if model.pooled else a4
+    output = model.last(top)
+    seed = output * nn.functional.one_hot(output.argmax(1), 3)
+    calls: dict[str, list] = {}
+    r4 = epsilon(model.last, top, seed)
+    calls["last"] = [(seed, r4)]
+    r3 = epsilon(model.shared, a3, r4.reshape(a4.shape))
+    r2 = epsilon(model.shared, a2, r3)
+    calls["shared"] = [(r4, r3), (r3, r2)]
+    r1 = epsilon(model.pair, pairs, r2.reshape(pairs.shape))
+    calls["pair"] = [(r2, r1)]
+    r0 = epsilon(model.first, x, r1.reshape(a1.shape))
+    calls["first"] = [(r1, r0)]
+    return seed, r0, calls
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_audit_equals_a_naive_replica_of_conservation(pooled):
+    n, eps = 3, 0.25
+    model = _Reused(n, pooled).eval()
+    x = torch.randn(n, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    composite = LayerMapComposite([(nn.ReLU, FastPass()), (nn.Linear, FastEpsilon(epsilon=eps))])
+    result = run(model, (x,), composite=composite)
+    with torch.no_grad():
+        seed, relevance, calls = _epsilon_replica(model, x, eps)
+    torch.testing.assert_close(result.relevance[0], relevance, rtol=1e-12, atol=1e-15)
+
+    def sums(tensor, absolute=False):  # per sample, or (pooled: nothing is batched over the samples) in total
+        tensor = tensor.abs() if absolute else tensor
+        return tensor.sum().reshape(1) if pooled else tensor.reshape(n, -1).sum(1)
+
+    audit = result.audit
+    expected = {name: sum(sums(out) - sums(inp) for out, inp in records) for name, records in calls.items()}
+    assert list(audit.per_module) == ["last", "shared", "pair", "first"]  # in the order of the backward pass
+    for name, value in expected.items():
+        torch.testing.assert_close(audit.per_module[name], value, rtol=1e-12, atol=1e-15, msg=name)
+    dissipated = sum(expected.values())
+    for name, value in {"score": sums(seed), "input_sum": sums(relevance), "input_mass": sums(relevance, True),
+                        "dissipated": dissipated, "unaccounted": sums(seed) - dissipated - sums(relevance)}.items():
+        torch.testing.assert_close(getattr(audit, name), value, rtol=1e-12, atol=1e-14, msg=name)
+    assert audit.score.shape == ((1,) if pooled else (n,)) and audit.ok
+    assert bool((audit.dissipated.abs() > 1e-3).all())  # ε absorbs: the records are not trivially zero
