@@ -28,6 +28,7 @@ from neon_attrib import (
 from neon_attrib.core.composites import NeonComposite
 from neon_attrib.evaluation.curves import deletion_curve
 from neon_attrib.integrations.captum import NeonLRP
+from neon_attrib.pipeline.engine import _report
 from neon_attrib.pipeline.graph import register_gradient_leaf
 from neon_attrib.vision.deep import DeepNeon
 
@@ -381,6 +382,34 @@ def test_audit_tolerance_is_a_share_of_the_score_and_the_heatmap():
     assert not audit(score=0.0, input_sum=0.0, unaccounted=1e-3).ok  # something out of nothing
     assert audit(score=0.0, input_sum=0.0, unaccounted=0.0, records=(0.0,)).ok
 
+
+def test_the_report_agrees_with_ok_and_assigned_fields_count():
+    """The report reads the worst relative error alone: it warns exactly when ``ok`` is False (infinite and NaN
+    tolerances, NaN values, a scale of 0); derived values follow an assigned field."""
+    def audit(unaccounted, tolerance=1e-2, score=(1.0, 1.0)):
+        score = torch.tensor(score, dtype=torch.float64)
+        zero = torch.zeros_like(score)
+        return Audit(score=score, input_sum=zero, dissipated=zero, unaccounted=torch.tensor(unaccounted).to(score),
+                     per_module={"layer": zero}, tolerance=tolerance, input_mass=zero)
+
+    cases = [audit((0.0, 0.0)), audit((0.0, 0.5)), audit((0.0, 0.5), tolerance=1.0), audit((0.0, math.nan)),
+             audit((0.0, math.nan), tolerance=math.inf), audit((0.0, 0.0), score=(1.0, math.nan), tolerance=math.inf),
+             audit((0.0, 1e-3), score=(1.0, 0.0), tolerance=math.inf),  # something out of nothing: an error of inf
+             audit((0.0, 1e-3), score=(1.0, 0.0)), audit((0.0, 0.0), tolerance=math.nan), audit((), score=())]
+    for case in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _report(case, "Model", strict=False)
+        assert len(caught) == (not case.ok), case
+        nonfinite = int((~case.finite).sum())
+        assert all((f"{nonfinite} with NaN or inf" in str(w.message)) == bool(nonfinite) for w in caught), case
+    assert [case.ok for case in cases] == [True, False, True, False, False, False, True, False, False, True]
+    changed = audit((0.0, 0.0))
+    assert changed.ok and bool(changed.passed.all())
+    changed.unaccounted = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    assert not changed.ok and changed.passed.tolist() == [True, False]
+    changed.tolerance = 1.0
+    assert changed.ok and changed.relative_error.tolist() == [0.0, 0.5]
 
 def test_audit_reports_the_rules_dissipation(blobs):
     model = KDEOutlier(gamma=0.5).double().fit(blobs)
