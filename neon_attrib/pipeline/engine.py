@@ -641,7 +641,7 @@ def run(model: nn.Module, inputs: Sequence[torch.Tensor], target: Any = None, *,
     extra_args : sequence
         Further positional arguments of the model (no relevance).
     audit : bool
-        Run the conservation audit (cheap: one sum per hooked module).
+        Run the conservation audit (cheap: two sums per audited module call, and one host synchronisation).
     strict : bool
         Raise :class:`ConservationError` instead of warning when the audit fails.
     owner : str, optional
