@@ -15,8 +15,9 @@ Methods (each a whole call, as a user makes it):
 * ``deepneon_kde``: :class:`~neon_attrib.vision.deep.DeepNeon` (the same network + a KDE outlier head), its
   explainer.
 
-Operations are the outermost ``aten`` operators of one call (views and detaches not counted), syncs the
-``aten::_local_scalar_dense`` calls (every ``bool()``, ``float()``, ``.item()`` of a tensor).
+Operations are the outermost ``aten`` operators of one call (views and detaches not counted), syncs the reads of a
+tensor's value by the host (``bool()``, ``float()``, ``.item()``, ``.tolist()``, ...; on a GPU each waits for the
+device).
 
     python benchmarks/bench_overhead.py                  # CPU, ~1 min; JSON in benchmarks/results/overhead_cpu.json
     python benchmarks/bench_overhead.py --device cuda    # on a GPU: the same counts, and launch-bound milliseconds
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonGammaBox
@@ -55,7 +57,23 @@ VIEWS = frozenset({
     "aten::_reshape_alias", "aten::unsqueeze", "aten::squeeze", "aten::flatten", "aten::broadcast_to",
     "aten::resolve_conj", "aten::resolve_neg", "aten::_unsafe_view", "aten::permute", "aten::contiguous",
 })
-SYNC = "aten::_local_scalar_dense"
+#: a scalar read back to the host (``bool()``, ``float()``, ``.item()``; anywhere, the backward pass included)
+SCALAR_READ = "aten::_local_scalar_dense"
+#: tensor methods that read values back without a scalar read (seen in the calling thread)
+READS = frozenset({"tolist", "numpy", "cpu"})
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the calls of :data:`READS` through ``__torch_function__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def slim_vgg16(shrink: int, device: torch.device) -> torch.nn.Sequential:
@@ -84,8 +102,10 @@ def count_operations(run: Callable[[], object]) -> dict:
     events = prof.events()
     operations = Counter(e.name for e in events if e.name.startswith("aten::") and e.name not in VIEWS
                          and _outermost(e))
-    return {"operations": sum(operations.values()), "syncs": sum(1 for e in events if e.name == SYNC),
-            "top": dict(operations.most_common(12))}
+    with _HostReads() as reads:
+        run()
+    syncs = sum(1 for e in events if e.name == SCALAR_READ) + reads.count
+    return {"operations": sum(operations.values()), "syncs": syncs, "top": dict(operations.most_common(12))}
 
 
 def identity(output: torch.Tensor) -> torch.Tensor:

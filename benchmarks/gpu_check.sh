@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One run on a fresh GPU machine (Python 3.12, a CUDA build of PyTorch installed): the CUDA tests, the whole suite,
-# then bench_fast_lrp (exact), bench_speed and bench_backbones on CUDA and bench_fast_lrp (fast precision), JSON into
-# benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
-# on. GPU_CHECK_STEPS="cuda suite fast_lrp speed backbones fast_lrp_fast" (the default) picks steps.
+# then bench_fast_lrp (exact), bench_speed, bench_backbones and bench_overhead on CUDA and bench_fast_lrp (fast
+# precision), JSON into benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
+# on. GPU_CHECK_STEPS="cuda suite fast_lrp speed backbones overhead fast_lrp_fast" (the default) picks steps.
 #
 # Run it from the repository root:  bash benchmarks/gpu_check.sh
 #
@@ -50,7 +50,7 @@ torch.__version__, 'cuda', torch.cuda.is_available(), 'zennit', m.version('zenni
 'zarr', m.version('zarr'), 'threads', torch.get_num_threads())" 2>&1; } | tee -a "$LOG"
 
 # GPU_CHECK_STEPS picks steps (default: all, in this order: the tests first, they matter most)
-STEPS=" ${GPU_CHECK_STEPS:-cuda suite fast_lrp speed backbones fast_lrp_fast} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda suite fast_lrp speed backbones overhead fast_lrp_fast} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # 1. the tests that need the GPU (they skip on a CPU) and the precision/device/batch-norm tests around them
@@ -69,6 +69,8 @@ want speed && step "bench_speed exact" 80 $PY benchmarks/bench_speed.py --device
 want backbones && step "bench_backbones exact" 70 $PY benchmarks/bench_backbones.py --device cuda --precision exact \
     --batches 1 32 --backbones resnet18 resnet50 --support 2000 --repeats 3 --budget 10 --zennit-max-batch 32 \
     --no-real-weights --output $RESULTS/backbones_cuda.json
+want overhead && step "bench_overhead" 40 $PY benchmarks/bench_overhead.py --device cuda --precision exact \
+    --output $RESULTS/overhead_cuda.json
 want fast_lrp_fast && step "bench_fast_lrp fast" 50 $PY benchmarks/bench_fast_lrp.py --device cuda --precision fast \
     --size 224 --batches 1 32 128 --repeats 5 --no-zennit --output $RESULTS/fast_lrp_cuda_fast.json
 

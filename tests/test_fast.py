@@ -21,7 +21,8 @@ from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
 from zennit.rules import Pass
 
-from neon_attrib.pipeline.engine import isolated
+from neon_attrib.core.deferred import DeferredChecks, decide
+from neon_attrib.pipeline.engine import _Step, isolated
 from neon_attrib.vision.fast import (
     FastAlphaBeta,
     FastEpsilon,
@@ -432,3 +433,85 @@ def test_other_input_shapes(case, rule):
     with LRPExplainer(model, LayerMapComposite([(type(module), fast)])) as explainer:
         _, relevance = explainer(x)
     assert max_rel_error(relevance, reference) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# deferred shortcut checks: one host read per explanation, exact when a prediction fails
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sign_switching_model(dtype: torch.dtype) -> nn.Sequential:
+    """A convolution fed by a convolution without ReLU: its inputs are non-negative for non-negative images (all
+    first-layer weights and biases >= 0) and signed for negative ones."""
+    torch.manual_seed(11)
+    first = _conv(3, 6)
+    with torch.no_grad():
+        first.weight.abs_()
+        first.bias.abs_()
+    return nn.Sequential(first, _conv(6, 6), nn.ReLU(), _conv(6, 6), nn.ReLU(), _conv(6, 4), nn.ReLU()).eval().to(dtype)
+
+
+@pytest.mark.parametrize("name", ["epsilon_gamma_box", "epsilon_plus_flat"])
+def test_deferred_checks_failing_prediction_is_recomputed(name, monkeypatch):
+    """Predictions learnt on non-negative images fail on negative ones: that explanation is taken again with host
+    checks, so every call equals Zennit; from the second call on every condition is deferred, and the shortcuts come
+    back once the images are non-negative again."""
+    dtype = torch.float64
+    model = _sign_switching_model(dtype)
+    generator = torch.Generator().manual_seed(12)
+    positive = torch.rand(2, 3, 10, 10, dtype=dtype, generator=generator)
+    negative = -4 * torch.rand(2, 3, 10, 10, dtype=dtype, generator=generator)
+    zennit_composite, fast_composite = composites(name)
+    takes, deferred = [], []
+    take, settle = _Step._take, DeferredChecks.settle
+    monkeypatch.setattr(_Step, "_take", classmethod(lambda cls, *a, **k: takes.append(1) or take(*a, **k)))
+    monkeypatch.setattr(DeferredChecks, "settle", lambda self: deferred.append(len(self._entries)) or settle(self))
+    paths = []
+    with LRPExplainer(model, fast_composite) as explainer:
+        # the first negative batch is taken twice (a followed prediction failed); a wrong prediction that was not
+        # followed (the general formula, exact for any input) costs nothing
+        for x, expect_takes in [(positive, 1), (positive, 1), (negative, 2), (negative, 1), (positive, 1),
+                                (positive, 1)]:
+            takes.clear()
+            deferred.clear()
+            _, relevance = explainer(x, lambda out: out)
+            _, reference = Gradient(isolated(model), zennit_composite)(x, lambda out: out)
+            assert max_rel_error(relevance, reference) < TOLERANCE[dtype]
+            assert len(takes) == expect_takes
+            paths.append([hook.last_path for hook in fast_composite.hook_refs if hasattr(hook, "last_path")])
+            # none deferred before the rules have predictions; afterwards every rule but the first layer's defers
+            assert deferred[0] == 0 if len(paths) == 1 else deferred[0] >= 3
+    assert paths[1] == paths[5] and paths[2] != paths[1] and "shortcut" in paths[1]
+
+
+def test_deferred_checks_settle_per_device_and_clear():
+    checks, first, second = DeferredChecks(), {}, {"nonneg": False}
+    assert checks.settle() is True  # nothing recorded
+    assert decide(first, "shortcut", torch.tensor(True), checks) is True  # no prediction yet: read on the host
+    assert first == {"shortcut": True} and checks._entries == []
+    assert decide(first, "shortcut", torch.tensor(False), checks) is True  # followed, recorded
+    assert decide(second, "nonneg", torch.tensor(True), checks) is False  # not followed, recorded: may flip back
+    assert checks.settle() is False
+    assert first == {"shortcut": False} and second == {"nonneg": True} and checks._entries == []
+    assert decide(second, "nonneg", torch.tensor(True), checks) is True
+    assert checks.settle() is True
+
+
+def test_rules_used_through_zennit_check_on_the_host():
+    """Outside an explanation of neon_attrib (Zennit's attributor) nothing collects the conditions: every layer reads
+    its condition, and a prediction from an earlier explanation is not followed blindly."""
+    dtype = torch.float64
+    model = _sign_switching_model(dtype)
+    generator = torch.Generator().manual_seed(13)
+    positive = torch.rand(1, 3, 8, 8, dtype=dtype, generator=generator)
+    negative = -4 * torch.rand(1, 3, 8, 8, dtype=dtype, generator=generator)
+    zennit_composite, fast_composite = composites("epsilon_gamma_box")
+    work = isolated(model)
+    with fast_composite.context(work):
+        for x in (positive, positive, negative):
+            leaf = x.clone().requires_grad_()
+            out = work(leaf)
+            (relevance,) = torch.autograd.grad(out, leaf, out)
+            _, reference = Gradient(isolated(model), zennit_composite)(x, lambda out: out)
+            assert max_rel_error(relevance, reference) < TOLERANCE[dtype]
+    assert DeferredChecks.active() is None

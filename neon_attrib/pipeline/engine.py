@@ -41,6 +41,7 @@ from zennit.core import Composite, Hook
 from zennit.rules import Pass
 
 from ..core.composites import NeonComposite, covers_children, is_neon_module, needs_own_rule
+from ..core.deferred import DeferredChecks
 from ..core.validation import BATCH_NORMS, as_targets
 from .graph import RULES_NEEDED, TRACE_LOCK, GraphCanonizer, needs_graph_canonizer
 from .precision import PRECISIONS, check_precision, guard_batch_norms, precision_mode
@@ -726,7 +727,26 @@ class _Step:
              stop_at: str | None = None) -> _Step:
         """Forward ``leaves`` through ``work`` (hooked with ``rules``), put ``seed_of(output)`` (targets, seed) on the
         output, and take the relevance of the differentiable leaves and of the outputs of the modules ``at`` (the
-        backward ends at ``stop_at``'s output). Call inside :func:`grad_mode`."""
+        backward ends at ``stop_at``'s output). Call inside :func:`grad_mode`.
+
+        Rules that choose between computations by a condition of the data follow their prediction and record the
+        condition on the device (:mod:`neon_attrib.core.deferred`); the conditions are read back once at the end,
+        and if a followed prediction did not hold the step is taken again with every rule checking first."""
+        checks = DeferredChecks()
+        with checks.collecting():
+            step = cls._take(work, rules, leaves, seed_of, extra_args=extra_args, audit=audit, owner=owner, at=at,
+                             stop_at=stop_at)
+        if checks.settle():
+            return step
+        return cls._take(work, rules, leaves, seed_of, extra_args=extra_args, audit=audit, owner=owner, at=at,
+                         stop_at=stop_at)
+
+    @classmethod
+    def _take(cls, work: nn.Module, rules: dict[str, Hook], leaves: tuple[torch.Tensor, ...],
+              seed_of: Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]], *,
+              extra_args: Sequence[Any] = (), audit: bool = True, owner: str, at: Sequence[str] = (),
+              stop_at: str | None = None) -> _Step:
+        """One forward and one backward pass (:meth:`take`)."""
         n = leaves[0].shape[0] if leaves and leaves[0].ndim else 0
         recorder = _AuditRecorder(rules, n) if audit else None
         try:

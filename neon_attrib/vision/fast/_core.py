@@ -14,6 +14,8 @@ from zennit.core import Hook, RemovableHandle, RemovableHandleList
 from zennit.layer import Sum
 from zennit.rules import Norm, Pass
 
+from ...core.deferred import DeferredChecks
+
 __all__ = ["FastHook", "FastPass", "FastNorm"]
 
 StabilizerLike = float | int | Callable[[torch.Tensor], torch.Tensor]
@@ -229,6 +231,7 @@ class FastHook(Hook):
         state["_output"] = output.detach()
         state["_autocast"] = _autocast_dtype(x.device)
         state["_record"] = record = _OutputRecord()
+        state["_checks"] = DeferredChecks.active()
         result = _RelevanceFunction.apply(x, self, module, state)
         result._fast_lrp_record = record  # read by the FastPass of an in-place ReLU that consumes this output
         return result

@@ -10,6 +10,7 @@ from torch import nn
 from zennit.core import Hook, RemovableHandleList, expand
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
 
+from ...core.deferred import decide
 from ._core import (
     FastHook,
     StabilizerLike,
@@ -49,6 +50,8 @@ class _LinearRule(FastHook):
         #: ``"shortcut"`` or ``"exact"``: which computation the last backward pass used (for tests and profiling)
         self.last_path: str | None = None
         self._cache: dict[str, tuple[tuple, Any]] = {}
+        #: the last value of each shortcut condition (see :mod:`neon_attrib.core.deferred`)
+        self._predicted: dict[str, bool] = {}
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {"stabilizer": self.stabilizer, "zero_params": list(self.zero_params) or None}
@@ -117,6 +120,12 @@ class _LinearRule(FastHook):
 
     def _nonneg(self) -> torch.Tensor:
         return self.stored_tensors["nonneg"]
+
+    def _decide(self, key: str, condition: torch.Tensor) -> bool:
+        """Whether to take the computation that is exact only where ``condition`` holds: checked on the host, or,
+        inside an explanation of :mod:`neon_attrib.pipeline`, predicted and checked once at its end
+        (:func:`neon_attrib.core.deferred.decide`)."""
+        return decide(self._predicted, key, condition, self.stored_tensors.get("_checks"))
 
     def _ratio(self, relevance: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
         """``relevance / stab(denominator)`` for a ``denominator`` the caller owns (it may be overwritten)."""
@@ -200,7 +209,8 @@ class FastGamma(_LinearRule):
 
     **Shortcut** when ``x >= 0`` and ``R = 0`` wherever ``z <= 0``: ``R_in = x * P^T (R / stab(P x + b_P))``, one
     modified convolution and one transposed convolution. Both conditions are checked on every backward pass (one
-    reduction each, one host synchronisation); otherwise the general formula runs. :attr:`last_path` says which ran.
+    reduction each, read back to the host at once, or at the end of an explanation of :mod:`neon_attrib.pipeline`:
+    :mod:`neon_attrib.core.deferred`); otherwise the general formula runs. :attr:`last_path` says which ran.
 
     Parameters
     ----------
@@ -244,7 +254,7 @@ class FastGamma(_LinearRule):
         # relevance at z <= 0 (nan included) breaks the shortcut. relu(z) > 0 is z > 0, so an output overwritten by
         # an in-place ReLU serves as well
         low, high = torch.aminmax(_float_mask(torch.le, z, relevance).mul_(relevance))
-        if bool(self._nonneg() & (low == 0) & (high == 0)):
+        if self._decide("shortcut", self._nonneg() & (low == 0) & (high == 0)):
             self.last_path = "shortcut"
             ratio = self._ratio(relevance, lmap.forward(x, pos_w, pos_b))
             return (lmap.adjoint(ratio, x, pos_w).mul_(x),)
@@ -257,16 +267,11 @@ class FastGamma(_LinearRule):
         pos_w, pos_b = positive
         neg_w, neg_b = self._cached(lmap.module, "negative", lambda: (
             _gamma_mod(weight, self.gamma, False), _gamma_mod(bias, self.gamma, False)))
-        has_negative = not bool(self._nonneg())
-        if not has_negative:
+        if self._decide("nonneg", self._nonneg()):
             return self._nonneg_input(lmap, x, z, relevance, positive, (neg_w, neg_b))
-        x_pos = x.clamp(min=0)
-        out_pos = lmap.forward(x_pos, pos_w, pos_b)
-        out_neg = lmap.forward(x_pos, neg_w, neg_b)
-        if has_negative:
-            x_neg = x.clamp(max=0)
-            out_pos = out_pos + lmap.forward(x_neg, neg_w, None)
-            out_neg = out_neg + lmap.forward(x_neg, pos_w, None)
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        out_pos = lmap.forward(x_pos, pos_w, pos_b) + lmap.forward(x_neg, neg_w, None)
+        out_neg = lmap.forward(x_pos, neg_w, neg_b) + lmap.forward(x_neg, pos_w, None)
         grad_pos = (z > 0) * relevance / _stabilize(out_pos, self.stabilizer)
         grad_neg = (z < 0) * relevance / _stabilize(out_neg, self.stabilizer)
         # zennit's order: x+ P^T g+  +  x- N^T g+  +  x+ N^T g-  +  x- P^T g-
@@ -368,7 +373,7 @@ class FastAlphaBeta(_LinearRule):
         weight, bias = self._params(module, self.zero_params)
         pos_w, pos_b, neg_w, neg_b = self._cached(module, "clamped", lambda: (
             _clamped(weight, True), _clamped(bias, True), _clamped(weight, False), _clamped(bias, False)))
-        if bool(self._nonneg()):
+        if self._decide("nonneg", self._nonneg()):
             self.last_path = "shortcut"
             ratio = self._ratio(relevance, lmap.forward(x, pos_w, pos_b))
             result = lmap.adjoint(ratio, x, pos_w).mul_(x)
