@@ -325,8 +325,8 @@ class Audit:
         (n,) ``score − dissipated − input_sum``: relevance created or destroyed where no rule ran. ~0 (rounding)
         for a correctly covered model.
     per_module : dict of str to torch.Tensor
-        What each hooked module dissipated, (n,) each (summed over its calls when a module runs several times). In
-        an audit of an explanation, rows of one (modules, n) tensor.
+        What each hooked module dissipated, (n,) each (summed over its calls when a module runs several times); in
+        the audit of an explanation, rows of one tensor.
     tolerance : float
         The relative tolerance of :attr:`ok`.
     input_mass : torch.Tensor, optional
