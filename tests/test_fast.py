@@ -465,7 +465,8 @@ def test_deferred_checks_failing_prediction_is_recomputed(name, monkeypatch):
     takes, deferred = [], []
     take, settle = _Step._take, DeferredChecks.settle
     monkeypatch.setattr(_Step, "_take", classmethod(lambda cls, *a, **k: takes.append(1) or take(*a, **k)))
-    monkeypatch.setattr(DeferredChecks, "settle", lambda self: deferred.append(len(self._entries)) or settle(self))
+    monkeypatch.setattr(DeferredChecks, "settle", lambda self: deferred.append(
+        sum(isinstance(entry[2], torch.Tensor) for entry in self._entries)) or settle(self))
     paths = []
     with LRPExplainer(model, fast_composite) as explainer:
         # the first negative batch is taken twice (a followed prediction failed); a wrong prediction that was not
@@ -484,17 +485,68 @@ def test_deferred_checks_failing_prediction_is_recomputed(name, monkeypatch):
     assert paths[1] == paths[5] and paths[2] != paths[1] and "shortcut" in paths[1]
 
 
-def test_deferred_checks_settle_per_device_and_clear():
+def test_deferred_checks_settle():
     checks, first, second = DeferredChecks(), {}, {"nonneg": False}
     assert checks.settle() is True  # nothing recorded
     assert decide(first, "shortcut", torch.tensor(True), checks) is True  # no prediction yet: read on the host
-    assert first == {"shortcut": True} and checks._entries == []
+    assert checks.settle() is True and first == {"shortcut": True} and checks._entries == []
     assert decide(first, "shortcut", torch.tensor(False), checks) is True  # followed, recorded
     assert decide(second, "nonneg", torch.tensor(True), checks) is False  # not followed, recorded: may flip back
     assert checks.settle() is False
     assert first == {"shortcut": False} and second == {"nonneg": True} and checks._entries == []
-    assert decide(second, "nonneg", torch.tensor(True), checks) is True
-    assert checks.settle() is True
+    # a rule called twice: its prediction is whether the condition held in both calls, whatever the order
+    for values in ((True, False), (False, True)):
+        assert decide(second, "nonneg", torch.tensor(values[0]), checks) is True
+        assert decide(second, "nonneg", torch.tensor(values[1]), checks) is True
+        assert checks.settle() is False and second == {"nonneg": False}
+        second["nonneg"] = True
+    # not deferring (the retake): read on the host, recorded, combined alike
+    retake = DeferredChecks(defer=False)
+    assert decide(second, "nonneg", torch.tensor(False), retake) is False
+    assert decide(second, "nonneg", torch.tensor(True), retake) is True
+    assert second == {"nonneg": True}  # not yet: settled at the end
+    assert retake.settle() is True and second == {"nonneg": False}
+
+
+class _Twice(nn.Module):
+    """One convolution applied twice: to non-negative inputs, then to signed ones."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        torch.manual_seed(14)
+        self.first, self.shared, self.last = _conv(3, 4), _conv(4, 4), _conv(4, 4)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.shared(torch.relu(self.first(x)))
+        return torch.relu(self.last(torch.relu(self.shared(h))))
+
+
+def test_deferred_checks_of_a_module_called_twice_settle(monkeypatch):
+    """A shared convolution whose shortcut holds in one call and fails in the other: after the first explanation no
+    explanation is taken twice (the prediction is the condition of every call), and all equal the rules checking
+    every condition on the host (used outside an explanation)."""
+    dtype = torch.float64
+    model = _Twice(dtype).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(15))
+    _, checking = composites("epsilon_gamma_box")
+    _, fast_composite = composites("epsilon_gamma_box")
+    work = isolated(model)
+    with checking.context(work):
+        leaf = x.clone().requires_grad_()
+        out = work(leaf)
+        (reference,) = torch.autograd.grad(out, leaf, out)
+    takes = []
+    take = _Step._take
+    monkeypatch.setattr(_Step, "_take", classmethod(lambda cls, *a, **k: takes.append(1) or take(*a, **k)))
+    with LRPExplainer(model, fast_composite) as explainer:
+        for call in range(4):
+            takes.clear()
+            _, relevance = explainer(x, lambda out: out)
+            assert max_rel_error(relevance, reference) < TOLERANCE[dtype]
+            assert call == 0 or len(takes) == 1
+        shared = [hook for hook in fast_composite.hook_refs if isinstance(hook, FastGamma)]
+        assert any(hook._predicted.get("shortcut") is False for hook in shared)
 
 
 def test_rules_used_through_zennit_check_on_the_host():

@@ -28,7 +28,18 @@ _ACTIVE: ContextVar[DeferredChecks | None] = ContextVar("neon_attrib_deferred_ch
 
 
 class DeferredChecks:
-    """The conditions recorded in one backward pass, as device tensors, with the predictions they update.
+    """The conditions recorded in one explanation, with the predictions they update.
+
+    Parameters
+    ----------
+    defer : bool
+        Let rules follow their predictions and record the conditions as device tensors (default). ``False``: every
+        rule reads its condition on the host before it chooses (the exact retake after a failed prediction) and the
+        values are only recorded, so that :meth:`settle` updates the predictions alike.
+
+    A rule whose module runs several times in one forward pass records one condition per call; its prediction becomes
+    whether the condition held in every call, so that a call where it fails does not make the next explanation follow
+    a prediction that fails again.
 
     Examples
     --------
@@ -43,8 +54,9 @@ class DeferredChecks:
     (False, {'shortcut': False})
     """
 
-    def __init__(self) -> None:
-        self._entries: list[tuple[dict[str, bool], str, torch.Tensor, bool]] = []
+    def __init__(self, defer: bool = True) -> None:
+        self.defer = defer
+        self._entries: list[tuple[dict[str, bool], str, torch.Tensor | bool, bool]] = []
 
     @staticmethod
     def active() -> DeferredChecks | None:
@@ -60,41 +72,53 @@ class DeferredChecks:
         finally:
             _ACTIVE.reset(token)
 
-    def record(self, predictions: dict[str, bool], key: str, condition: torch.Tensor, followed: bool) -> None:
-        """Record ``condition`` (a boolean tensor on the device) for ``predictions[key]``; ``followed``: whether the
-        rule computed with the prediction ``True`` (the result is then exact only if the condition holds)."""
-        self._entries.append((predictions, key, condition.reshape(()), followed))
+    def record(self, predictions: dict[str, bool], key: str, condition: torch.Tensor | bool, followed: bool) -> None:
+        """Record ``condition`` (a boolean tensor on the device, or a value already read) for ``predictions[key]``;
+        ``followed``: whether the rule computed with the prediction ``True`` (exact only if the condition holds)."""
+        if isinstance(condition, torch.Tensor):
+            condition = condition.reshape(())
+        self._entries.append((predictions, key, condition, followed))
 
     def settle(self) -> bool:
-        """Read every recorded condition back (one transfer per device), set each prediction to its condition, clear
-        the record; return whether every followed prediction held."""
+        """Read the recorded conditions back (one transfer per device), set each prediction to whether its condition
+        held in every call, clear the record; return whether every followed prediction held."""
         entries, self._entries = self._entries, []
-        if not entries:
-            return True
-        by_device: dict[torch.device, list[int]] = {}
+        by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+        values: list[bool] = []
         for index, (_, _, condition, _) in enumerate(entries):
-            by_device.setdefault(condition.device, []).append(index)
-        values: list[bool] = [True] * len(entries)
-        for indices in by_device.values():
-            for index, value in zip(indices, torch.stack([entries[i][2] for i in indices]).tolist()):
+            if isinstance(condition, torch.Tensor):
+                by_device.setdefault(condition.device, []).append((index, condition))
+            values.append(condition is True)
+        for recorded in by_device.values():
+            read = torch.stack([condition for _, condition in recorded]).tolist()
+            for (index, _), value in zip(recorded, read):
                 values[index] = bool(value)
+        combined: dict[tuple[int, str], bool] = {}
         held = True
         for (predictions, key, _, followed), value in zip(entries, values):
-            predictions[key] = value
+            slot = (id(predictions), key)
+            combined[slot] = combined.get(slot, True) and value
             held = held and (value or not followed)
+        for predictions, key, _, _ in entries:
+            predictions[key] = combined[(id(predictions), key)]
         return held
 
 
 def decide(predictions: dict[str, bool], key: str, condition: torch.Tensor, checks: DeferredChecks | None) -> bool:
     """Whether to take the computation that is exact only where ``condition`` holds.
 
-    With ``checks`` and a prediction for ``key``: the prediction, recording ``condition`` (no host synchronisation).
-    Otherwise ``bool(condition)`` (one synchronisation), which becomes the prediction.
+    With deferring ``checks`` and a prediction for ``key``: the prediction, recording ``condition`` (no host
+    synchronisation). Otherwise ``bool(condition)`` (one synchronisation), recorded in ``checks`` if given, else
+    made the prediction at once.
     """
     predicted = predictions.get(key)
-    if checks is None or predicted is None:
+    if checks is None:
         value = bool(condition)
         predictions[key] = value
+        return value
+    if not checks.defer or predicted is None:
+        value = bool(condition)
+        checks.record(predictions, key, value, followed=False)
         return value
     checks.record(predictions, key, condition, followed=predicted)
     return predicted

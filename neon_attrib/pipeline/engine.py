@@ -741,14 +741,14 @@ class _Step:
         Rules that choose between computations by a condition of the data follow their prediction and record the
         condition on the device (:mod:`neon_attrib.core.deferred`); the conditions are read back once at the end,
         and if a followed prediction did not hold the step is taken again with every rule checking first."""
-        checks = DeferredChecks()
-        with checks.collecting():
-            step = cls._take(work, rules, leaves, seed_of, extra_args=extra_args, audit=audit, owner=owner, at=at,
-                             stop_at=stop_at)
-        if checks.settle():
-            return step
-        return cls._take(work, rules, leaves, seed_of, extra_args=extra_args, audit=audit, owner=owner, at=at,
-                         stop_at=stop_at)
+        for defer in (True, False):
+            checks = DeferredChecks(defer=defer)
+            with checks.collecting():
+                step = cls._take(work, rules, leaves, seed_of, extra_args=extra_args, audit=audit, owner=owner,
+                                 at=at, stop_at=stop_at)
+            if checks.settle() or not defer:
+                break
+        return step
 
     @classmethod
     def _take(cls, work: nn.Module, rules: dict[str, Hook], leaves: tuple[torch.Tensor, ...],
