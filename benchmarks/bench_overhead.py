@@ -13,7 +13,10 @@ Methods (each a whole call, as a user makes it):
 * ``fast_no_audit``: the same without the conservation audit;
 * ``zennit``: Zennit's ``EpsilonGammaBox`` through its ``Gradient`` attributor;
 * ``deepneon_kde``: :class:`~neon_attrib.vision.deep.DeepNeon` (the same network + a KDE outlier head), its
-  explainer.
+  explainer;
+* ``resnet18_gradient``, ``resnet18_fast``: ResNet-18's layer structure (batch norms, residual additions; widths
+  divided alike, 64x64 inputs): its plain gradient, and the fast rules with
+  :class:`~neon_attrib.vision.fast.FastResNetCanonizer` through an explainer with the audit.
 
 Operations are the outermost ``aten`` operators of one call (views and detaches not counted), syncs the reads of a
 tensor's value by the host (``bool()``, ``float()``, ``.item()``, ``.tolist()``, ...; on a GPU each waits for the
@@ -47,7 +50,7 @@ from _common import add_device_arguments, environment, median, time_interleaved,
 
 from neon_attrib import KDEOutlier  # noqa: E402
 from neon_attrib.vision.deep import DeepNeon  # noqa: E402
-from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer  # noqa: E402
+from neon_attrib.vision.fast import FastEpsilonGammaBox, FastResNetCanonizer, LRPExplainer  # noqa: E402
 
 #: operators that launch no kernel (views, aliases, allocation)
 VIEWS = frozenset({
@@ -56,6 +59,7 @@ VIEWS = frozenset({
     "aten::empty_strided", "aten::t", "aten::transpose", "aten::lift_fresh", "aten::reshape",
     "aten::_reshape_alias", "aten::unsqueeze", "aten::squeeze", "aten::flatten", "aten::broadcast_to",
     "aten::resolve_conj", "aten::resolve_neg", "aten::_unsafe_view", "aten::permute", "aten::contiguous",
+    "aten::unflatten",
 })
 #: a scalar read back to the host (``bool()``, ``float()``, ``.item()``; anywhere, the backward pass included)
 SCALAR_READ = "aten::_local_scalar_dense"
@@ -86,6 +90,38 @@ def slim_vgg16(shrink: int, device: torch.device) -> torch.nn.Sequential:
     return features
 
 
+def slim_resnet18(shrink: int, device: torch.device) -> torch.nn.Module:
+    """ResNet-18's layer structure (up to the global pooling) with every width divided by ``shrink`` (random weights
+    and batch-norm statistics, seed 0)."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    for parent in list(net.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.Conv2d):
+                inputs = child.in_channels if child.in_channels == 3 else max(1, child.in_channels // shrink)
+                setattr(parent, name, torch.nn.Conv2d(inputs, max(1, child.out_channels // shrink), child.kernel_size,
+                                                      child.stride, child.padding, bias=False))
+            elif isinstance(child, torch.nn.BatchNorm2d):
+                norm = torch.nn.BatchNorm2d(max(1, child.num_features // shrink))
+                norm.running_mean.uniform_(-0.5, 0.5)
+                norm.running_var.uniform_(0.5, 1.5)
+                setattr(parent, name, norm)
+    net.fc = torch.nn.Identity()
+    net = net.eval().to(device)
+    for param in net.parameters():
+        param.requires_grad_(False)
+    return net
+
+
+def plain_gradient(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input gradient of ``network``'s output, seeded with the output itself."""
+    leaf = x.detach().requires_grad_()
+    with torch.enable_grad():
+        out = network(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, out)
+    return grad
+
+
 def _outermost(event) -> bool:
     parent = event.cpu_parent
     while parent is not None:
@@ -108,6 +144,11 @@ def count_operations(run: Callable[[], object]) -> dict:
     return {"operations": sum(operations.values()), "syncs": syncs, "top": dict(operations.most_common(12))}
 
 
+def _baseline(method: str) -> str:
+    """The plain gradient a method is compared with (of the same network)."""
+    return "resnet18_gradient" if method.startswith("resnet18") else "gradient"
+
+
 def identity(output: torch.Tensor) -> torch.Tensor:
     return output
 
@@ -122,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     result = with_precision(args.precision, args.device, partial(_benchmark, args))
     for row in result["rows"]:
-        print(f"{row['method']:>14}: {row['operations']:4d} operations, {row['syncs']:3d} syncs, "
+        print(f"{row['method']:>17}: {row['operations']:4d} operations, {row['syncs']:3d} syncs, "
               f"{row['host_ms']:7.2f} ms ({row['vs_gradient_ms']:.2f}x the gradient)")
     write_result(result, args.output, f"overhead_{result['device']}.json")
     return result
@@ -139,29 +180,27 @@ def _benchmark(args: argparse.Namespace) -> dict:
     support = torch.rand(3, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(device)
     deep = DeepNeon(copy.deepcopy(features), KDEOutlier(gamma=1e-2)).to(device).fit(support, progress=False)
     deep_explainer = deep.explainer(precision=args.precision)
-
-    def gradient() -> torch.Tensor:
-        leaf = x.detach().requires_grad_()
-        with torch.enable_grad():
-            out = features(leaf)
-            (grad,) = torch.autograd.grad(out, leaf, out)
-        return grad
+    resnet = slim_resnet18(args.shrink, device)
+    x_resnet = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)).to(device)
+    resnet_fast = LRPExplainer(copy.deepcopy(resnet), FastEpsilonGammaBox(
+        low=-3.0, high=3.0, canonizers=[FastResNetCanonizer()]), precision=args.precision)
 
     methods: dict[str, Callable[[], object]] = {
-        "gradient": gradient,
+        "gradient": partial(plain_gradient, features, x),
         "fast": partial(fast, x, identity),
         "fast_no_audit": partial(fast_no_audit, x, identity),
         "zennit": partial(zennit, x, identity),
         "deepneon_kde": partial(deep_explainer, x),
+        "resnet18_gradient": partial(plain_gradient, resnet, x_resnet),
+        "resnet18_fast": partial(resnet_fast, x_resnet, identity),
     }
     for run in methods.values():  # warm-up: caches, cuDNN plans, first-call checks
         for _ in range(3):
             run()
     counts = {name: count_operations(run) for name, run in methods.items()}
     times, _ = time_interleaved(methods, device, args.repeats)
-    gradient_ms = median(times["gradient"]) * 1e3
     rows = [{"method": name, **counts[name], "host_ms": median(times[name]) * 1e3,
-             "vs_gradient_ms": median(times[name]) * 1e3 / gradient_ms} for name in methods]
+             "vs_gradient_ms": median(times[name]) / median(times[_baseline(name)])} for name in methods]
     return {"benchmark": "overhead", **environment(device), "network": f"VGG-16 layers, widths / {args.shrink}",
             "size": args.size, "batch": 1, "repeats": args.repeats, "rows": rows}
 

@@ -21,8 +21,8 @@ from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
 from zennit.rules import Pass
 
-from neon_attrib.core.deferred import DeferredChecks, decide
-from neon_attrib.pipeline.engine import _Step, isolated
+from neon_attrib.core.deferred import Bound, DeferredChecks, decide, holds
+from neon_attrib.pipeline.engine import ConservationWarning, _Step, isolated
 from neon_attrib.vision.fast import (
     FastAlphaBeta,
     FastEpsilon,
@@ -466,7 +466,7 @@ def test_deferred_checks_failing_prediction_is_recomputed(name, monkeypatch):
     take, settle = _Step._take, DeferredChecks.settle
     monkeypatch.setattr(_Step, "_take", classmethod(lambda cls, *a, **k: takes.append(1) or take(*a, **k)))
     monkeypatch.setattr(DeferredChecks, "settle", lambda self: deferred.append(
-        sum(isinstance(entry[2], torch.Tensor) for entry in self._entries)) or settle(self))
+        sum(not isinstance(entry[2], bool) for entry in self._entries)) or settle(self))
     paths = []
     with LRPExplainer(model, fast_composite) as explainer:
         # the first negative batch is taken twice (a followed prediction failed); a wrong prediction that was not
@@ -506,6 +506,61 @@ def test_deferred_checks_settle():
     assert decide(second, "nonneg", torch.tensor(True), retake) is True
     assert second == {"nonneg": True}  # not yet: settled at the end
     assert retake.settle() is True and second == {"nonneg": False}
+
+
+def test_gamma_shortcut_refused_for_nan_relevance_where_output_not_positive():
+    """NaN relevance where a layer's output is not positive breaks the shortcut's condition: the general formula runs
+    (NaN where Zennit has NaN), on the host check and in an explanation after a prediction learnt on clean seeds."""
+    torch.manual_seed(21)
+    model = nn.Sequential(_conv(3, 4), nn.ReLU(), _conv(4, 4)).eval().double()
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+
+    def poisoned(out: torch.Tensor) -> torch.Tensor:
+        return torch.where(out <= 0, torch.full_like(out, float("nan")), out)
+
+    _, reference = Gradient(isolated(model), EpsilonGammaBox(low=LOW, high=HIGH))(x, poisoned)
+    assert reference.isnan().any()
+    composite = FastEpsilonGammaBox(low=LOW, high=HIGH)
+    with Gradient(isolated(model), composite) as attributor:
+        _, relevance = attributor(x, poisoned)
+        gamma = [hook for hook in composite.hook_refs if isinstance(hook, FastGamma)]
+        assert gamma and gamma[0].last_path == "exact"
+    torch.testing.assert_close(relevance, reference, equal_nan=True, rtol=1e-9, atol=0)
+    with LRPExplainer(model, composite) as explainer:
+        explainer(x, lambda out: out.clamp(min=0))  # learns the prediction "shortcut"
+        gamma = [hook for hook in composite.hook_refs if isinstance(hook, FastGamma)]
+        assert gamma[0].last_path == "shortcut"
+        with pytest.warns(ConservationWarning, match="not finite"):
+            _, relevance = explainer(x, poisoned)
+        assert gamma[0].last_path == "exact"
+    torch.testing.assert_close(relevance, reference, equal_nan=True, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_deferred_bounds(deferred):
+    """Bounds hold at the boundary (0 counts), fail by the smallest margin and for NaN, are compared in their own
+    dtype (a float64 bound of 1e-300 is not rounded to float32's 0 by the float32 ones it is stacked with), and a
+    condition holds only if all of its bounds do, read on the host or settled alike."""
+    nan, tiny = float("nan"), torch.tensor(1e-300, dtype=torch.float64)
+    cases = {
+        "empty": ((), True),
+        "zero": ((Bound(torch.tensor(0.0), True), Bound(torch.tensor(-0.0), False)), True),
+        "lower": ((Bound(torch.tensor(1e-45), True), Bound(torch.tensor(-1e-45), True)), False),
+        "upper": ((Bound(torch.tensor(-2.0), False), Bound(torch.tensor(1e-45), False)), False),
+        "nan_lower": ((Bound(torch.tensor(nan), True),), False),
+        "nan_upper": ((Bound(torch.tensor(nan), False),), False),
+        "float64": ((Bound(torch.tensor(0.0), False), Bound(tiny, False)), False),
+        "bfloat16": ((Bound(torch.tensor(3.0, dtype=torch.bfloat16), True), Bound(torch.tensor(0.5), True)), True),
+        "tensor": (torch.tensor(False), False),
+        "value": (True, True),
+    }
+    for condition, expected in cases.values():
+        assert holds(condition) is expected
+    checks, predictions = DeferredChecks(defer=deferred), {key: True for key in cases}
+    for key, (condition, _) in cases.items():
+        decide(predictions, key, condition, checks)
+    assert checks.settle() is (not deferred or all(expected for _, expected in cases.values()))
+    assert predictions == {key: expected for key, (_, expected) in cases.items()}
 
 
 class _Twice(nn.Module):

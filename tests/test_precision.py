@@ -31,7 +31,9 @@ from neon_attrib.pipeline.engine import (
     isolated,
     precision_mode,
     run,
+    unguard_batch_norms,
 )
+from neon_attrib.pipeline.precision import _AFFINE
 from neon_attrib.vision.deep import DeepNeon
 from neon_attrib.vision.fast import (
     FastEpsilonGammaBox,
@@ -238,7 +240,7 @@ def test_no_batch_norm_with_zero_eps_reaches_torch(resnet, refuse_zero_eps, inde
         reference = explain_with(resnet, x)
     torch.testing.assert_close(relevance, reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))
     assert all(torch.equal(value, state[key]) for key, value in resnet.state_dict().items())
-    assert all("forward" not in module.__dict__ for module in resnet.modules())
+    assert all("forward" not in module.__dict__ and _AFFINE not in module.__dict__ for module in resnet.modules())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -254,6 +256,37 @@ def test_guarded_batch_norm_equals_torchs(dtype):
     for key, func in zip(("running_mean", "running_var", "bias", "weight"), (torch.zeros_like, torch.ones_like) * 2):
         object.__setattr__(bn, key, func(getattr(bn, key)))
     assert torch.equal(bn(x), x)
+
+
+def test_guarded_batch_norm_follows_changes_and_grad_modes():
+    """The guard computes its scale and shift once: a merged norm costs one operation per call; a statistic changed in
+    place, or a move to float64, is followed; a first call in inference mode does not keep the affine map from a later
+    call with gradients; unguarding leaves nothing behind."""
+    bn = randomized(nn.Sequential(nn.BatchNorm2d(3, eps=0.0)))[0]
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    guarded = guard_batch_norms(bn)
+    with torch.inference_mode():
+        bn(x)
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(bn(leaf).sum(), leaf)  # no "inference tensors cannot be saved for backward"
+    torch.testing.assert_close(grad, (bn.weight / bn.running_var.sqrt()).detach().view(1, 3, 1, 1).expand_as(x))
+    with torch.no_grad():
+        bn.running_var.mul_(4.0)
+    with accept_zero_eps():
+        expected = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=0.0)
+    torch.testing.assert_close(bn(x), expected)
+    bn.double()
+    torch.testing.assert_close(bn(x.double()), expected.double(), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        bn.running_mean.zero_(), bn.running_var.fill_(1.0), bn.weight.fill_(1.0), bn.bias.zero_()
+    x = x.double()
+    bn(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        result = bn(x)
+    assert torch.equal(result, x) and [event.name for event in profile.events()
+                                                 if event.name.startswith("aten::")] == ["aten::add"]
+    unguard_batch_norms(guarded)
+    assert "forward" not in bn.__dict__ and _AFFINE not in bn.__dict__
 
 
 def test_guard_refuses_batch_statistics_with_zero_eps():

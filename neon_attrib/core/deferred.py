@@ -12,6 +12,10 @@ results are exact either way.
 
 Outside :meth:`~DeferredChecks.collecting` (a rule used through Zennit directly), or before a rule has a prediction
 (its first backward pass), rules check on the host as before: :func:`decide` does both.
+
+A condition is a boolean (a 0-dim tensor or a value already read) or a tuple of :class:`Bound`: reductions that must
+be ``>= 0`` or ``<= 0`` (NaN never holds). Bounds cost a rule one reduction each and nothing more; the comparisons
+run once per explanation, over all of them at once.
 """
 
 from __future__ import annotations
@@ -19,12 +23,37 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["DeferredChecks", "decide"]
+__all__ = ["Bound", "Condition", "DeferredChecks", "decide", "holds"]
 
 _ACTIVE: ContextVar[DeferredChecks | None] = ContextVar("neon_attrib_deferred_checks", default=None)
+
+
+class Bound(NamedTuple):
+    """Part of a condition: the scalar tensor ``value`` is ``>= 0`` (``lower=True``) or ``<= 0`` (``lower=False``);
+    NaN holds neither.
+
+    Examples
+    --------
+    >>> x = torch.tensor([0.5, 0.0, 2.0])
+    >>> holds((Bound(x.amin(), lower=True), Bound(x.amax() - 2.0, lower=False)))
+    True
+    """
+
+    value: torch.Tensor
+    lower: bool
+
+
+#: what a rule checks: a boolean (tensor or value) or bounds that must all hold
+Condition = torch.Tensor | bool | tuple[Bound, ...]
+
+
+def holds(condition: Condition) -> bool:
+    """Whether ``condition`` holds, read on the host (at most one read per device)."""
+    return _read_all([condition])[0]
 
 
 class DeferredChecks:
@@ -56,7 +85,7 @@ class DeferredChecks:
 
     def __init__(self, defer: bool = True) -> None:
         self.defer = defer
-        self._entries: list[tuple[dict[str, bool], str, torch.Tensor | bool, bool]] = []
+        self._entries: list[tuple[dict[str, bool], str, Condition, bool]] = []
 
     @staticmethod
     def active() -> DeferredChecks | None:
@@ -72,27 +101,16 @@ class DeferredChecks:
         finally:
             _ACTIVE.reset(token)
 
-    def record(self, predictions: dict[str, bool], key: str, condition: torch.Tensor | bool, followed: bool) -> None:
-        """Record ``condition`` (a boolean tensor on the device, or a value already read) for ``predictions[key]``;
+    def record(self, predictions: dict[str, bool], key: str, condition: Condition, followed: bool) -> None:
+        """Record ``condition`` (tensors on the device, or a value already read) for ``predictions[key]``;
         ``followed``: whether the rule computed with the prediction ``True`` (exact only if the condition holds)."""
-        if isinstance(condition, torch.Tensor):
-            condition = condition.reshape(())
         self._entries.append((predictions, key, condition, followed))
 
     def settle(self) -> bool:
         """Read the recorded conditions back (one transfer per device), set each prediction to whether its condition
         held in every call, clear the record; return whether every followed prediction held."""
         entries, self._entries = self._entries, []
-        by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-        values: list[bool] = []
-        for index, (_, _, condition, _) in enumerate(entries):
-            if isinstance(condition, torch.Tensor):
-                by_device.setdefault(condition.device, []).append((index, condition))
-            values.append(condition is True)
-        for recorded in by_device.values():
-            read = torch.stack([condition for _, condition in recorded]).tolist()
-            for (index, _), value in zip(recorded, read):
-                values[index] = bool(value)
+        values = _read_all([condition for _, _, condition, _ in entries])
         combined: dict[tuple[int, str], bool] = {}
         held = True
         for (predictions, key, _, followed), value in zip(entries, values):
@@ -104,20 +122,46 @@ class DeferredChecks:
         return held
 
 
-def decide(predictions: dict[str, bool], key: str, condition: torch.Tensor, checks: DeferredChecks | None) -> bool:
+def _read_all(conditions: list[Condition]) -> list[bool]:
+    """Whether each condition holds: per device one stack of the booleans, one of the lower and one of the upper
+    bounds, one comparison each, one read."""
+    values = [True] * len(conditions)
+    # per device and kind (None: a boolean, True / False: a lower / an upper bound): (condition index, tensor)
+    parts: dict[torch.device, dict[bool | None, list[tuple[int, torch.Tensor]]]] = {}
+    for index, condition in enumerate(conditions):
+        if isinstance(condition, bool):
+            values[index] = condition
+            continue
+        bounds = [(None, condition)] if isinstance(condition, torch.Tensor) else [
+            (bound.lower, bound.value) for bound in condition]
+        for kind, tensor in bounds:
+            parts.setdefault(tensor.device, {}).setdefault(kind, []).append((index, tensor.reshape(())))
+    for kinds in parts.values():
+        owners: list[int] = []
+        flags: list[torch.Tensor] = []
+        for kind, recorded in kinds.items():
+            stacked = torch.stack([tensor for _, tensor in recorded])  # promotes: no bound is rounded to a lower type
+            flags.append(stacked.bool() if kind is None else stacked >= 0 if kind else stacked <= 0)
+            owners.extend(index for index, _ in recorded)
+        for index, flag in zip(owners, torch.cat(flags).tolist()):
+            values[index] = values[index] and bool(flag)
+    return values
+
+
+def decide(predictions: dict[str, bool], key: str, condition: Condition, checks: DeferredChecks | None) -> bool:
     """Whether to take the computation that is exact only where ``condition`` holds.
 
     With deferring ``checks`` and a prediction for ``key``: the prediction, recording ``condition`` (no host
-    synchronisation). Otherwise ``bool(condition)`` (one synchronisation), recorded in ``checks`` if given, else
-    made the prediction at once.
+    synchronisation). Otherwise :func:`holds` (one synchronisation), recorded in ``checks`` if given, else made the
+    prediction at once.
     """
     predicted = predictions.get(key)
     if checks is None:
-        value = bool(condition)
+        value = holds(condition)
         predictions[key] = value
         return value
     if not checks.defer or predicted is None:
-        value = bool(condition)
+        value = holds(condition)
         checks.record(predictions, key, value, followed=False)
         return value
     checks.record(predictions, key, condition, followed=predicted)

@@ -44,7 +44,7 @@ from ..core.composites import NeonComposite, covers_children, is_neon_module, ne
 from ..core.deferred import DeferredChecks
 from ..core.validation import BATCH_NORMS, as_targets
 from .graph import RULES_NEEDED, TRACE_LOCK, GraphCanonizer, needs_graph_canonizer
-from .precision import PRECISIONS, check_precision, guard_batch_norms, precision_mode
+from .precision import PRECISIONS, check_precision, guard_batch_norms, precision_mode, unguard_batch_norms
 
 __all__ = [
     "attribution_output",
@@ -62,6 +62,7 @@ __all__ = [
     "PRECISIONS",
     "precision_mode",
     "guard_batch_norms",
+    "unguard_batch_norms",
 ]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "precision_mode", "guard_batch_norms"]
+__all__ = ["PRECISIONS", "precision_mode", "guard_batch_norms", "unguard_batch_norms"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -113,16 +113,31 @@ def precision_mode(precision: str = "exact", device: torch.device | str = "cuda"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # batch norms with eps <= 0
+#: where a guarded batch norm keeps its scale and shift
+_AFFINE = "_neon_attrib_affine"
+
+
 def _batch_norm_eval(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """An eval-mode batch norm in element-wise operations (see :func:`guard_batch_norms`); ``√1 = 1`` and ``1 / 1 = 1``
-    are exact, so a merged norm (mean 0, var 1, weight 1, bias 0, eps 0) returns ``x`` exactly."""
+    are exact, so a merged norm (mean 0, var 1, weight 1, bias 0, eps 0) returns ``x + 0`` exactly, in one
+    operation. The scale and shift are computed once and again only when a statistic or parameter changes."""
+    tensors = (self.running_mean, self.running_var, self.weight, self.bias)
+    key = (self.eps,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    cached = self.__dict__.get(_AFFINE)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # usable by later calls with gradients too
+            scale = 1.0 / torch.sqrt(self.running_var + self.eps)
+            if self.weight is not None:
+                scale = self.weight * scale
+            shift = -self.running_mean * scale
+            if self.bias is not None:
+                shift = self.bias + shift
+            identity = bool(torch.all(scale == 1) & torch.all(shift == 0))
+        cached = self.__dict__[_AFFINE] = (key, scale, shift, identity)
+    _, scale, shift, identity = cached
+    if identity:
+        return x + 0.0
     shape = (-1,) + (1,) * (x.ndim - 2)
-    scale = 1.0 / torch.sqrt(self.running_var + self.eps)
-    if self.weight is not None:
-        scale = self.weight * scale
-    shift = -self.running_mean * scale
-    if self.bias is not None:
-        shift = self.bias + shift
     return x * scale.reshape(shape) + shift.reshape(shape)
 
 
@@ -162,3 +177,10 @@ def guard_batch_norms(model: nn.Module) -> list[nn.Module]:
             module.forward = _batch_norm_eval.__get__(module)
             guarded.append(module)
     return guarded
+
+
+def unguard_batch_norms(modules: list[nn.Module]) -> None:
+    """Undo :func:`guard_batch_norms` on the modules it returned."""
+    for module in modules:
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop(_AFFINE, None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,7 +47,14 @@ def _stabilize(tensor: torch.Tensor, stabilizer: StabilizerLike, inplace: bool =
     if callable(stabilizer):
         return stabilizer(tensor)
     tensor = tensor.add_(0.0) if inplace else tensor + 0.0
-    return tensor.add_(torch.copysign(tensor.new_full((), stabilizer), tensor))
+    return tensor.add_(torch.copysign(_constant(stabilizer, tensor.dtype, tensor.device), tensor))
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor holding ``value``, made once per dtype and device (no fill kernel per layer and call)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.full((), value, dtype=dtype, device=device)
 
 
 def _zero_params(zero_params: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from zennit.canonizers import AttributeCanonizer, Canonizer, CompositeCanonizer,
 from zennit.layer import Sum
 
 from ...core.validation import BATCH_NORMS
-from ...pipeline.engine import guard_batch_norms
+from ...pipeline.engine import guard_batch_norms, unguard_batch_norms
 
 __all__ = ["FastResNetCanonizer", "GuardBatchNorms", "MergeBatchNorms"]
 
@@ -47,8 +47,7 @@ class MergeBatchNorms(SequentialMergeBatchNorm):
 
     def remove(self) -> None:
         super().remove()
-        for module in getattr(self, "_guarded", ()):
-            del module.forward
+        unguard_batch_norms(getattr(self, "_guarded", []))
         self._guarded = []
 
 
@@ -81,8 +80,7 @@ class GuardBatchNorms(Canonizer):
         self._guarded = guard_batch_norms(root_module)
 
     def remove(self) -> None:
-        for module in self._guarded:
-            del module.forward
+        unguard_batch_norms(self._guarded)
         self._guarded = []
 
     def copy(self) -> GuardBatchNorms:

@@ -10,7 +10,7 @@ from torch import nn
 from zennit.core import Hook, RemovableHandleList, expand
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
 
-from ...core.deferred import decide
+from ...core.deferred import Bound, Condition, decide
 from ._core import (
     FastHook,
     StabilizerLike,
@@ -65,13 +65,13 @@ class _LinearRule(FastHook):
         return super().register(module)
 
     def forward(self, module, input, output):
-        """Store the input, the output and, for the shortcut, whether the input is non-negative."""
+        """Store the input, the output and, for the shortcut, the input's minimum (it must be >= 0)."""
         x = input[0].detach()
         self.stored_tensors.update(
             input=x, input_version=x._version, output=output.detach(), output_version=output._version
         )
         if self._needs_sign:
-            self.stored_tensors["nonneg"] = x.min() >= 0 if x.numel() else torch.ones((), dtype=torch.bool)
+            self.stored_tensors["nonneg"] = (Bound(x.amin(), lower=True),) if x.numel() else ()
 
     # -- helpers for backward -----------------------------------------------------------------------------------------
 
@@ -118,10 +118,11 @@ class _LinearRule(FastHook):
             return lmap.forward(x, weight, bias)
         return out
 
-    def _nonneg(self) -> torch.Tensor:
+    def _nonneg(self) -> tuple[Bound, ...]:
+        """The condition that the input is non-negative (NaN fails it)."""
         return self.stored_tensors["nonneg"]
 
-    def _decide(self, key: str, condition: torch.Tensor) -> bool:
+    def _decide(self, key: str, condition: Condition) -> bool:
         """Whether to take the computation that is exact only where ``condition`` holds: checked on the host, or,
         inside an explanation of :mod:`neon_attrib.pipeline`, predicted and checked once at its end
         (:func:`neon_attrib.core.deferred.decide`)."""
@@ -253,8 +254,11 @@ class FastGamma(_LinearRule):
             _gamma_mod(weight, self.gamma, True), _gamma_mod(bias, self.gamma, True)))
         # relevance at z <= 0 (nan included) breaks the shortcut. relu(z) > 0 is z > 0, so an output overwritten by
         # an in-place ReLU serves as well
-        low, high = torch.aminmax(_float_mask(torch.le, z, relevance).mul_(relevance))
-        if self._decide("shortcut", self._nonneg() & (low == 0) & (high == 0)):
+        silent: tuple[Bound, ...] = ()
+        if z.numel():
+            low, high = torch.aminmax(_float_mask(torch.le, z, relevance).mul_(relevance))
+            silent = (Bound(low, lower=True), Bound(high, lower=False))
+        if self._decide("shortcut", self._nonneg() + silent):
             self.last_path = "shortcut"
             ratio = self._ratio(relevance, lmap.forward(x, pos_w, pos_b))
             return (lmap.adjoint(ratio, x, pos_w).mul_(x),)
@@ -286,32 +290,52 @@ class FastGamma(_LinearRule):
         ``N x + b_N`` is ``(2 + gamma) z - (P x + b_P)`` (``P + N = (2 + gamma) W``, biases alike), which is
         well-conditioned where it is used (``z < 0``: there ``|N x + b_N| >= |z|`` and ``|P x + b_P| <= (2 + gamma)
         |N x + b_N|``), so one modified convolution serves both denominators; the two transposed convolutions run as
-        one over the stacked weights ``[P; N]`` (``groups == 1``).
+        one over the stacked weights ``[P; N]`` (``groups == 1`` and a float stabilizer).
         """
         pos_w, pos_b = positive
         neg_w, neg_b = negative
         out_pos = lmap.forward(x, pos_w, pos_b)
+        module = lmap.module
+        stackable = not lmap.is_conv or (module.groups == 1 and lmap.padding is not None and lmap.batched(x))
+        if stackable and not callable(self.stabilizer):
+            return self._nonneg_input_stacked(lmap, x, z, relevance, out_pos, positive, negative)
         if self.zero_params:  # z is the unmodified output; the identity needs the modified one
             out_neg = lmap.forward(x, neg_w, neg_b)
         else:
             out_neg = torch.mul(z, 2.0 + self.gamma).sub_(out_pos)
-        module = lmap.module
-        stackable = not lmap.is_conv or (module.groups == 1 and lmap.padding is not None and lmap.batched(x))
-        dim = 1 if lmap.is_conv else -1
-        if stackable:  # g+ and g- written side by side: the input of one transposed convolution over [P; N]
-            shape = list(z.shape)
-            shape[dim] *= 2
-            grad = relevance.new_empty(shape)
-            grad_pos, grad_neg = grad.split(z.shape[dim], dim=dim)
-        else:
-            grad_pos, grad_neg = relevance.new_empty(z.shape), relevance.new_empty(z.shape)
         # zennit's [z > 0] R / stab(P x + b_P) and [z < 0] R / stab(N x + b_N), masks as floats (fast on CPUs)
-        torch.gt(z, 0, out=grad_pos).mul_(relevance).div_(_stabilize(out_pos, self.stabilizer, inplace=True))
-        torch.lt(z, 0, out=grad_neg).mul_(relevance).div_(_stabilize(out_neg, self.stabilizer, inplace=True))
-        if stackable:
-            stacked = self._cached(module, "stacked", lambda: torch.cat([pos_w, neg_w], dim=0))
-            return lmap.adjoint(grad, x, stacked).mul_(x)
+        grad_pos = torch.gt(z, 0, out=relevance.new_empty(z.shape)).mul_(relevance)
+        grad_pos.div_(_stabilize(out_pos, self.stabilizer, inplace=True))
+        grad_neg = torch.lt(z, 0, out=relevance.new_empty(z.shape)).mul_(relevance)
+        grad_neg.div_(_stabilize(out_neg, self.stabilizer, inplace=True))
         return lmap.adjoint(grad_pos, x, pos_w).add_(lmap.adjoint(grad_neg, x, neg_w)).mul_(x)
+
+    def _nonneg_input_stacked(self, lmap, x, z, relevance, out_pos, positive, negative):
+        """:meth:`_nonneg_input` with ``g+`` and ``g-`` side by side along the channels (``[z > 0; z < 0] R /
+        stab([P x + b_P; N x + b_N])``): each element-wise step runs once over both halves, and the result is the
+        input of one transposed convolution over the stacked weights ``[P; N]``. The same operations on the same
+        values as the separate halves: the same numbers."""
+        pos_w, _ = positive
+        neg_w, neg_b = negative
+        dim = 1 if lmap.is_conv else z.ndim - 1
+        width = z.shape[dim]
+        shape = list(z.shape)
+        shape[dim] *= 2
+        denominator = out_pos.new_empty(shape)
+        den_pos, den_neg = denominator.split(width, dim=dim)
+        den_pos.copy_(out_pos)
+        if self.zero_params:  # z is the unmodified output; the identity needs the modified one
+            den_neg.copy_(lmap.forward(x, neg_w, neg_b))
+        else:
+            torch.mul(z, 2.0 + self.gamma, out=den_neg).sub_(out_pos)
+        grad = relevance.new_empty(shape)
+        grad_pos, grad_neg = grad.split(width, dim=dim)
+        torch.gt(z, 0, out=grad_pos)  # masks as floats (fast on CPUs)
+        torch.lt(z, 0, out=grad_neg)
+        grad.unflatten(dim, (2, width)).mul_(relevance.unsqueeze(dim))
+        grad.div_(_stabilize(denominator, self.stabilizer, inplace=True))
+        stacked = self._cached(lmap.module, "stacked", lambda: torch.cat([pos_w, neg_w], dim=0))
+        return lmap.adjoint(grad, x, stacked).mul_(x)
 
     def to_zennit(self) -> Hook:
         """The equivalent Zennit rule."""
