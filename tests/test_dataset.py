@@ -44,6 +44,13 @@ def make_images(folder: Path) -> Path:
     return folder
 
 
+def assert_same_heatmaps(result: np.ndarray, expected: np.ndarray) -> None:
+    """Heatmaps of the same images computed again: equal to float32 rounding (1e-5 of the largest value; CPU kernels
+    may split their sums differently from one call to the next with many threads), NaN where the expected has NaN."""
+    scale = float(np.nanmax(np.abs(expected))) if np.isfinite(expected).any() else 0.0
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5 * scale, equal_nan=True)
+
+
 def tiny_cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -137,9 +144,10 @@ def test_store_table_and_failures(folder, model, reference):
     batch = torch.stack([data[i] for i in range(4, 8)])
     with model.explainer() as explainer:
         output, relevance = explainer(batch)
-    np.testing.assert_array_equal(results.heatmap("img_05.png"), relevance[index - 4].numpy())
-    assert table["score"][index] == pytest.approx(float(output[index - 4]), rel=1e-12)
-    assert table["relevance_sum"][index] == pytest.approx(float(relevance[index - 4].double().sum()), rel=1e-12)
+    assert_same_heatmaps(results.heatmap("img_05.png"), relevance[index - 4].numpy())
+    assert table["score"][index] == pytest.approx(float(output[index - 4]), rel=1e-5)
+    scale = float(relevance[index - 4].double().abs().sum())
+    assert table["relevance_sum"][index] == pytest.approx(float(relevance[index - 4].double().sum()), abs=1e-5 * scale)
     csv_lines = (reference / "scores.csv").read_text().splitlines()
     assert len(csv_lines) == len(table) + 1 and csv_lines[0].startswith("index,id,status,score")
     assert any(line.startswith(f"{results.index('broken.png')},broken.png,failed") for line in csv_lines)
@@ -262,11 +270,11 @@ def test_dataloader_tensor_and_folder_inputs(folder, model, reference, tmp_path)
     loader = DataLoader(files(folder), batch_size=BATCH, num_workers=1)  # its batch size and a worker process
     via_loader = explain_dataset(model, loader, tmp_path / "loader.zarr", progress=False)
     assert via_loader.ids == open_results(reference).ids
-    np.testing.assert_array_equal(via_loader.relevance[:], open_results(reference).relevance[:])
+    assert_same_heatmaps(via_loader.relevance[:], open_results(reference).relevance[:])
     with pytest.raises(ValueError, match="shuffle=False"):
         explain_dataset(model, DataLoader(files(folder), shuffle=True), tmp_path / "x.zarr", progress=False)
     via_path = run(model, folder, tmp_path / "path.zarr", image_size=32)  # the model's preprocessing
-    np.testing.assert_array_equal(via_path.relevance[:], open_results(reference).relevance[:])
+    assert_same_heatmaps(via_path.relevance[:], open_results(reference).relevance[:])
     # another shape than the store's is a failure of that image; ids from the caller
     images = torch.rand(5, 3, 32, 32)
     images[3] = 0.5
