@@ -208,6 +208,16 @@ def time_interleaved(methods: dict[str, Callable[[], object]], device: torch.dev
     return times, cpu_times
 
 
+def output_gradient(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The plain input gradient of ``network``'s whole output, seeded with the output itself (the peer of an LRP
+    pass that starts from the output as its relevance)."""
+    leaf = x.detach().requires_grad_()
+    with torch.enable_grad():
+        out = network(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, out)
+    return grad
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     add_device_arguments,
     max_relative_error,
+    output_gradient,
     peak_memory_mb,
     time_interleaved,
     with_precision,
@@ -118,13 +119,6 @@ def _benchmark(args: argparse.Namespace) -> dict:
     explainer_cl = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high), channels_last=True,
                                 precision=args.precision)
 
-    def plain_gradient(x: torch.Tensor) -> torch.Tensor:
-        leaf = x.detach().requires_grad_()
-        with torch.enable_grad():
-            out = features(leaf)
-            (grad,) = torch.autograd.grad(out, leaf, out)
-        return grad
-
     def plain_forward(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return features(x)
@@ -135,7 +129,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
         x = torch.randn(batch, 3, args.size, args.size, generator=generator).to(device)
         methods: dict[str, Callable[[], object]] = {
             "forward": partial(plain_forward, x),
-            "gradient": partial(plain_gradient, x),
+            "gradient": partial(output_gradient, features, x),
             "fast": partial(explainer, x, identity),
         }
         if args.channels_last:

@@ -46,7 +46,15 @@ from zennit.composites import EpsilonGammaBox
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_device_arguments, environment, median, time_interleaved, with_precision, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    add_device_arguments,
+    environment,
+    median,
+    output_gradient,
+    time_interleaved,
+    with_precision,
+    write_result,
+)
 
 from neon_attrib import KDEOutlier  # noqa: E402
 from neon_attrib.vision.deep import DeepNeon  # noqa: E402
@@ -113,15 +121,6 @@ def slim_resnet18(shrink: int, device: torch.device) -> torch.nn.Module:
     return net
 
 
-def plain_gradient(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input gradient of ``network``'s output, seeded with the output itself."""
-    leaf = x.detach().requires_grad_()
-    with torch.enable_grad():
-        out = network(leaf)
-        (grad,) = torch.autograd.grad(out, leaf, out)
-    return grad
-
-
 def _outermost(event) -> bool:
     parent = event.cpu_parent
     while parent is not None:
@@ -186,12 +185,12 @@ def _benchmark(args: argparse.Namespace) -> dict:
         low=-3.0, high=3.0, canonizers=[FastResNetCanonizer()]), precision=args.precision)
 
     methods: dict[str, Callable[[], object]] = {
-        "gradient": partial(plain_gradient, features, x),
+        "gradient": partial(output_gradient, features, x),
         "fast": partial(fast, x, identity),
         "fast_no_audit": partial(fast_no_audit, x, identity),
         "zennit": partial(zennit, x, identity),
         "deepneon_kde": partial(deep_explainer, x),
-        "resnet18_gradient": partial(plain_gradient, resnet, x_resnet),
+        "resnet18_gradient": partial(output_gradient, resnet, x_resnet),
         "resnet18_fast": partial(resnet_fast, x_resnet, identity),
     }
     for run in methods.values():  # warm-up: caches, cuDNN plans, first-call checks
