@@ -508,6 +508,26 @@ def test_deferred_checks_settle():
     assert retake.settle() is True and second == {"nonneg": False}
 
 
+@pytest.mark.parametrize("zero_params", [None, "bias"])
+def test_gamma_signed_relevance_on_token_inputs_and_empty_batches(zero_params):
+    """The general Gamma formula for non-negative inputs with signed relevance (both halves stacked) on a Linear layer
+    applied to (batch, tokens, features) equals Zennit; an empty batch gives an empty relevance, no error."""
+    torch.manual_seed(22)
+    linear = nn.Linear(5, 4).double()
+    x = torch.rand(2, 3, 5, dtype=torch.float64)
+    attr = torch.randn(2, 3, 4, dtype=torch.float64)
+    fast = FastGamma(gamma=0.5, zero_params=zero_params)
+    _, reference = Gradient(nn.Sequential(linear), LayerMapComposite([(nn.Linear, fast.to_zennit())]))(x, attr)
+    composite = LayerMapComposite([(nn.Linear, fast)])
+    with Gradient(nn.Sequential(linear), composite) as attributor:
+        _, relevance = attributor(x, attr)
+        assert [hook.last_path for hook in composite.hook_refs] == ["exact"]
+    assert max_rel_error(relevance, reference) < TOLERANCE[torch.float64]
+    model = nn.Sequential(_conv(3, 4), nn.ReLU(), _conv(4, 2)).eval()
+    _, empty = Gradient(model, FastEpsilonGammaBox(low=LOW, high=HIGH))(torch.rand(0, 3, 8, 8), lambda out: out)
+    assert empty.shape == (0, 3, 8, 8)
+
+
 def test_gamma_shortcut_refused_for_nan_relevance_where_output_not_positive():
     """NaN relevance where a layer's output is not positive breaks the shortcut's condition: the general formula runs
     (NaN where Zennit has NaN), on the host check and in an explanation after a prediction learnt on clean seeds."""
