@@ -147,6 +147,7 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
             args: argparse.Namespace, extra: dict, backbone_rows: bool = True) -> tuple[list[dict], list[dict]]:
     """Time every method at every batch size; check fast against Zennit; one JSON row per method."""
     fast = model.explainer(audit=False, precision=args.precision)
+    fused = model.explainer(audit=False, precision=args.precision, fused=True) if args.fused else None
     zennit_model = copy.deepcopy(model)
     zennit_model.fast = False
     zennit = zennit_model.explainer(audit=False, precision=args.precision)
@@ -162,6 +163,8 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
     for batch, x in inputs.items():
         methods = {"forward": partial(plain_forward, model, x)} if args.forward else {}
         methods.update({"gradient": partial(plain_gradient, model, x), "fast": partial(heatmap, fast, x)})
+        if fused is not None:
+            methods["fast_fused"] = partial(heatmap, fused, x)
         if batch <= args.zennit_max_batch:
             methods["zennit"] = partial(heatmap, zennit, x)
         if backbone_rows:
@@ -188,6 +191,10 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
                          "peak_memory_mb": memory[name], "gflop": gflop,
                          "flop_ratio_to_gradient": flops[reference] / flops[name] if flops[name] else None})
         check = {"backbone": label, "batch": batch}
+        if fused is not None:  # the same numbers as the eager operations (bit for bit where division is IEEE)
+            fused_map, fast_map = heatmap(fused, x), heatmap(fast, x)
+            check["fused_equals_fast"] = bool(torch.equal(fused_map, fast_map))
+            check["fused_vs_fast_max_rel_error"] = max_relative_error(fused_map, fast_map)
         if "zennit" in methods:
             check["fast_vs_zennit_max_rel_error"] = max_relative_error(heatmap(fast, x), heatmap(zennit, x))
         if "taps_zennit" in methods:
@@ -201,7 +208,7 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
         checks.append(check)
         print(f"{label}, batch {batch}: " + ", ".join(
             f"{name} {batch / median(times[name]):.3g} img/s" for name in methods) + f"; {check}", flush=True)
-    for explainer in (fast, zennit, taps_fast):
+    for explainer in (fast, zennit, taps_fast, *([fused] if fused is not None else [])):
         explainer.close()
     taps_zennit.__exit__(None, None, None)
     return rows, checks
@@ -260,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per method first")
     parser.add_argument("--budget", type=float, default=40.0, help="stop repeating a configuration after this many s")
     parser.add_argument("--forward", action="store_true", help="also time the plain forward pass")
+    parser.add_argument("--fused", action="store_true", help="also time the fast path with fused kernels")
     parser.add_argument("--zennit-max-batch", type=int, default=1, help="time Zennit only up to this batch size")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     parser.add_argument("--no-real-weights", dest="real_weights", action="store_false",

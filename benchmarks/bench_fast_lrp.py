@@ -6,7 +6,8 @@ Measures images/s and peak memory on VGG-16 ``features`` for
 * ``gradient``: forward + input gradient (the reference, ratio 1),
 * ``zennit``: Zennit's ``EpsilonGammaBox`` through ``zennit.attribution.Gradient``,
 * ``fast``: :class:`~neon_attrib.vision.fast.FastEpsilonGammaBox` through :class:`~neon_attrib.vision.fast.LRPExplainer`
-  (``fast_cl``: the same with ``channels_last`` inputs, ``--channels-last``),
+  (``fast_cl``: the same with ``channels_last`` inputs, ``--channels-last``; ``fast_fused``: the same with fused
+  element-wise kernels, ``--fused``, checked against ``fast`` bit for bit),
 
 at each batch size, with the methods interleaved in every repeat (fair on a noisy, shared machine) and the median
 reported, as wall-clock time and as the process's CPU time (``time.process_time``; on a shared CPU it is the fairer
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-zennit", action="store_true", help="skip Zennit (slow on CPU)")
     parser.add_argument("--zennit-max-batch", type=int, default=None, help="run Zennit only up to this batch size")
     parser.add_argument("--channels-last", action="store_true", help="also time the fast path with channels_last")
+    parser.add_argument("--fused", action="store_true", help="also time the fast path with fused kernels")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/fast_lrp_<device>.json)")
     args = parser.parse_args(argv)
@@ -118,6 +120,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
     explainer = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high), precision=args.precision)
     explainer_cl = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high), channels_last=True,
                                 precision=args.precision)
+    explainer_fused = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high), fused=True,
+                                   precision=args.precision)
 
     def plain_forward(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -134,6 +138,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
         }
         if args.channels_last:
             methods["fast_cl"] = partial(explainer_cl, x, identity)
+        if args.fused:
+            methods["fast_fused"] = partial(explainer_fused, x, identity)
         if not args.no_zennit and (args.zennit_max_batch is None or batch <= args.zennit_max_batch):
             methods["zennit"] = partial(zennit_attributor, x, identity)
         run = partial(_run, methods)
@@ -147,6 +153,11 @@ def _benchmark(args: argparse.Namespace) -> dict:
         error = None
         if "zennit" in methods:
             error = max_relative_error(run("fast"), run("zennit"))
+        fused = {}
+        if args.fused:  # the fused kernels must give the eager heatmap (bit for bit where division is IEEE)
+            eager, fused_map = run("fast"), run("fast_fused")
+            fused = {"fused_equals_fast": bool(torch.equal(eager, fused_map)),
+                     "fused_vs_fast_max_rel_error": max_relative_error(fused_map, eager)}
         vs_exact = {}
         if args.precision == "fast":  # the policy's own error: the same explainer with the exact switches
             with precision_mode("exact", device):
@@ -164,6 +175,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
                 "peak_memory_mb": memory[name],
                 "max_rel_error_vs_zennit": error if name.startswith("fast") else None,
                 "max_rel_error_vs_exact": vs_exact.get(name),
+                **(fused if name == "fast_fused" else {}),
             })
 
     result = {
@@ -191,6 +203,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
     }
     explainer.close()
     explainer_cl.close()
+    explainer_fused.close()
     return result
 
 

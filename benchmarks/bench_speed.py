@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--channels-last", action="store_true",
                         help="fast path with channels_last inputs (the default with --precision fast)")
     parser.add_argument("--autocast", action="store_true", help="also time the fast path under bfloat16 autocast")
+    parser.add_argument("--fused", action="store_true", help="also time the fast path with fused kernels")
     parser.add_argument("--weights", default=None,
                         help="state_dict of VGG-16's conv base (default: random weights), e.g. "
                              "../shared/data/vgg16_imagenet_features/vgg16_features_keras_imagenet.pth")
@@ -200,6 +201,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
             reference = DeepNeon(copy.deepcopy(features), copy.deepcopy(head), pool=pool, fast=False,
                                  preprocessing=args.preprocessing).explainer(precision=args.precision)
             bf16 = copy.deepcopy(model).explainer(**options, autocast_dtype=torch.bfloat16)
+            fused = copy.deepcopy(model).explainer(**options, fused=True)
             for batch, x in inputs.items():
                 methods = {"forward": partial(plain_forward, model, x), "gradient": partial(plain_gradient, model, x),
                            "fast": partial(heatmap, fast, x)}
@@ -207,12 +209,18 @@ def _benchmark(args: argparse.Namespace) -> dict:
                     methods["reference"] = partial(heatmap, reference, x)
                 if args.autocast:
                     methods["fast_bf16"] = partial(heatmap, bf16, x)
+                if args.fused:
+                    methods["fast_fused"] = partial(heatmap, fused, x)
                 extra = {"head": head_name, "n_support": n_support}
                 rows += rows_for(methods, batch, device, args, "gradient", extra)
                 fast_map = heatmap(fast, x)
                 check = {**extra, "batch": batch}
                 if "reference" in methods:
                     check["fast_vs_reference_max_rel_error"] = max_relative_error(fast_map, heatmap(reference, x))
+                if args.fused:  # the same numbers as the eager operations (bit for bit where division is IEEE)
+                    fused_map = heatmap(fused, x)
+                    check["fused_equals_fast"] = bool(torch.equal(fused_map, fast_map))
+                    check["fused_vs_fast_max_rel_error"] = max_relative_error(fused_map, fast_map)
                 if args.autocast:
                     low_precision = heatmap(bf16, x).float()
                     check["bf16_vs_fp32_max_rel_error"] = max_relative_error(low_precision, fast_map)
@@ -220,7 +228,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
                         low_precision.flatten(1).double(), fast_map.flatten(1).double()).min())
                 checks.append(check)
                 print(f"{head_name}, N={n_support}, batch {batch}: {check}", flush=True)
-            for explainer in (fast, reference, bf16):
+            for explainer in (fast, reference, bf16, fused):
                 explainer.close()
             if args.float64_check:
                 x = inputs[min(inputs)].double()

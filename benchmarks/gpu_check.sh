@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One run on a fresh GPU machine (Python 3.12, a CUDA build of PyTorch installed): the CUDA tests, the whole suite,
-# then bench_fast_lrp (exact), bench_speed, bench_backbones and bench_overhead on CUDA and bench_fast_lrp (fast
-# precision), JSON into benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
+# then bench_fast_lrp (exact), bench_speed, bench_backbones (each also with fused kernels: rows "fast_fused") and
+# bench_overhead on CUDA and bench_fast_lrp (fast precision), JSON into benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
 # on. GPU_CHECK_STEPS="cuda suite fast_lrp speed backbones overhead fast_lrp_fast" (the default) picks steps.
 #
 # Run it from the repository root:  bash benchmarks/gpu_check.sh
@@ -54,21 +54,22 @@ STEPS=" ${GPU_CHECK_STEPS:-cuda suite fast_lrp speed backbones overhead fast_lrp
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # 1. the tests that need the GPU (they skip on a CPU) and the precision/device/batch-norm tests around them
-want cuda && step "CUDA tests" 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_precision.py tests/test_devices.py \
-    "tests/test_deep.py::test_cuda_matches_cpu" "tests/test_models.py::test_cuda_matches_cpu"
+want cuda && step "CUDA tests" 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_precision.py tests/test_devices.py \
+    "tests/test_deep.py::test_cuda_matches_cpu" "tests/test_models.py::test_cuda_matches_cpu" tests/test_fused.py
 
 # 2. the whole suite on this machine's environment (its Python, torch, Zennit and thread count)
 want suite && step "whole suite" 150 $PY -m pytest -q -p no:cacheprovider -rfE -n 12 tests
 
 # 3. benchmarks, exact precision (the default) unless said; every row of the JSON names its precision
-want fast_lrp && step "bench_fast_lrp exact" 60 $PY benchmarks/bench_fast_lrp.py --device cuda --precision exact \
-    --size 224 --batches 1 32 128 --repeats 5 --zennit-max-batch 32 --channels-last --output $RESULTS/fast_lrp_cuda.json
+want fast_lrp && step "bench_fast_lrp exact" 90 $PY benchmarks/bench_fast_lrp.py --device cuda --precision exact \
+    --size 224 --batches 1 32 128 --repeats 5 --zennit-max-batch 32 --channels-last --fused \
+    --output $RESULTS/fast_lrp_cuda.json
 want speed && step "bench_speed exact" 80 $PY benchmarks/bench_speed.py --device cuda --precision exact \
     --batches 1 32 128 --heads kde_outlier --supports 10000 --repeats 3 --budget 10 --reference-max-batch 32 \
-    --autocast --output $RESULTS/speed_cuda.json
+    --autocast --fused --output $RESULTS/speed_cuda.json
 want backbones && step "bench_backbones exact" 70 $PY benchmarks/bench_backbones.py --device cuda --precision exact \
     --batches 1 32 --backbones resnet18 resnet50 --support 2000 --repeats 3 --budget 10 --zennit-max-batch 32 \
-    --no-real-weights --output $RESULTS/backbones_cuda.json
+    --no-real-weights --fused --output $RESULTS/backbones_cuda.json
 want overhead && step "bench_overhead" 40 $PY benchmarks/bench_overhead.py --device cuda --precision exact \
     --output $RESULTS/overhead_cuda.json
 want fast_lrp_fast && step "bench_fast_lrp fast" 50 $PY benchmarks/bench_fast_lrp.py --device cuda --precision fast \

@@ -549,8 +549,8 @@ class DeepNeon(nn.Module):
         audit, strict : bool
             Conservation audit per batch (:class:`~neon_attrib.pipeline.Audit`; the last in ``last_audit``).
         **options
-            ``precision`` (``"exact"`` or ``"fast"``), ``channels_last``, ``autocast_dtype`` (approximate) and
-            ``cudnn_benchmark`` of
+            ``precision`` (``"exact"`` or ``"fast"``), ``channels_last``, ``autocast_dtype`` (approximate),
+            ``cudnn_benchmark`` and ``fused`` (compiled element-wise kernels, the same numbers) of
             :class:`~neon_attrib.pipeline.Explainer`.
 
         Returns

@@ -16,6 +16,7 @@ from zennit.layer import Sum
 from zennit.rules import Norm, Pass
 
 from ...core.deferred import DeferredChecks
+from ...core.fused import fusing, stabilized_ratio
 
 __all__ = ["FastHook", "FastPass", "FastNorm"]
 
@@ -48,6 +49,22 @@ def _stabilize(tensor: torch.Tensor, stabilizer: StabilizerLike, inplace: bool =
         return stabilizer(tensor)
     tensor = tensor.add_(0.0) if inplace else tensor + 0.0
     return tensor.add_(torch.copysign(_constant(stabilizer, tensor.dtype, tensor.device), tensor))
+
+
+def _stabilized_ratio(relevance: torch.Tensor, denominator: torch.Tensor, stabilizer: StabilizerLike, *,
+                      fused: bool, owned: bool) -> torch.Tensor:
+    """``relevance / stab(denominator)``: one fused kernel where ``fused`` allows it
+    (:mod:`neon_attrib.core.fused`), else the eager operations; ``owned``: the caller owns ``denominator``, which may
+    be overwritten."""
+    if fused and not callable(stabilizer):
+        result = stabilized_ratio(relevance, denominator,
+                                  _constant(stabilizer, denominator.dtype, denominator.device))
+        if result is not None:
+            return result
+    denominator = _stabilize(denominator, stabilizer, inplace=owned)
+    if owned and denominator.shape == relevance.shape and denominator.dtype == relevance.dtype:
+        return torch.div(relevance, denominator, out=denominator)
+    return relevance / denominator
 
 
 @functools.lru_cache(maxsize=64)
@@ -240,6 +257,7 @@ class FastHook(Hook):
         state["_autocast"] = _autocast_dtype(x.device)
         state["_record"] = record = _OutputRecord()
         state["_checks"] = DeferredChecks.active()
+        state["_fused"] = fusing()
         result = _RelevanceFunction.apply(x, self, module, state)
         result._fast_lrp_record = record  # read by the FastPass of an in-place ReLU that consumes this output
         return result
@@ -362,10 +380,10 @@ class FastNorm(FastHook):
         if type(module) is Sum:  # J^T broadcasts: no re-run of the module, no autograd
             dim = module.dim
             out = st["output"] if intact else _stacked_sum(x, dim)
-            ratio = grad_output[0] / _stabilize(out, self.stabilizer)
+            ratio = _stabilized_ratio(grad_output[0], out, self.stabilizer, fused=st["_fused"], owned=not intact)
             return (x * ratio.unsqueeze(dim),)
         out = st["output"] if intact else module.forward(x)
-        grad = grad_output[0] / _stabilize(out, self.stabilizer)
+        grad = _stabilized_ratio(grad_output[0], out, self.stabilizer, fused=st["_fused"], owned=not intact)
         if intact and st["graph"] is not None:  # J^T from the graph of the forward pass: no re-run of the module
             graph_output, graph_input = st["graph"]
             try:

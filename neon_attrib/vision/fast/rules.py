@@ -11,6 +11,7 @@ from zennit.core import Hook, RemovableHandleList, expand
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
 
 from ...core.deferred import Bound, Condition, decide
+from ...core.fused import masked_bounds
 from ._core import (
     FastHook,
     StabilizerLike,
@@ -19,6 +20,7 @@ from ._core import (
     _gamma_mod,
     _LinearMap,
     _stabilize,
+    _stabilized_ratio,
     _supports,
     _zero_params,
 )
@@ -128,12 +130,10 @@ class _LinearRule(FastHook):
         (:func:`neon_attrib.core.deferred.decide`)."""
         return decide(self._predicted, key, condition, self.stored_tensors.get("_checks"))
 
-    def _ratio(self, relevance: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-        """``relevance / stab(denominator)`` for a ``denominator`` the caller owns (it may be overwritten)."""
-        denominator = _stabilize(denominator, self.stabilizer, inplace=True)
-        if denominator.shape == relevance.shape and denominator.dtype == relevance.dtype:
-            return torch.div(relevance, denominator, out=denominator)
-        return relevance / denominator
+    def _ratio(self, relevance: torch.Tensor, denominator: torch.Tensor, owned: bool = True) -> torch.Tensor:
+        """``relevance / stab(denominator)``; ``owned``: the caller owns ``denominator`` (it may be overwritten)."""
+        return _stabilized_ratio(relevance, denominator, self.stabilizer, fused=self.stored_tensors["_fused"],
+                                 owned=owned)
 
     def _cached(self, module: nn.Module, name: str, build: Callable[[], Any], extra: tuple = ()) -> Any:
         """Modified parameters (or what depends on them and on ``extra``), rebuilt only when the module's parameters,
@@ -191,7 +191,7 @@ class FastEpsilon(_LinearRule):
         relevance = grad_output[0]
         weight, bias = self._params(module, self.zero_params)
         z = self._output(lmap, x, weight, bias, modified=bool(self.zero_params))
-        ratio = relevance / _stabilize(z, self.stabilizer)
+        ratio = self._ratio(relevance, z, owned=False)
         self.last_path = "exact"
         return (lmap.adjoint(ratio, x, weight).mul_(x),)
 
@@ -256,7 +256,8 @@ class FastGamma(_LinearRule):
         # an in-place ReLU serves as well
         silent: tuple[Bound, ...] = ()
         if z.numel():
-            low, high = torch.aminmax(_float_mask(torch.le, z, relevance).mul_(relevance))
+            bounds = masked_bounds(z, relevance) if self.stored_tensors["_fused"] else None
+            low, high = bounds or torch.aminmax(_float_mask(torch.le, z, relevance).mul_(relevance))
             silent = (Bound(low, lower=True), Bound(high, lower=False))
         if self._decide("shortcut", self._nonneg() + silent):
             self.last_path = "shortcut"
