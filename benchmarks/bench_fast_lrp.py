@@ -7,7 +7,8 @@ Measures images/s and peak memory on VGG-16 ``features`` for
 * ``zennit``: Zennit's ``EpsilonGammaBox`` through ``zennit.attribution.Gradient``,
 * ``fast``: :class:`~neon_attrib.vision.fast.FastEpsilonGammaBox` through :class:`~neon_attrib.vision.fast.LRPExplainer`
   (``fast_cl``: the same with ``channels_last`` inputs, ``--channels-last``; ``fast_fused``: the same with fused
-  element-wise kernels, ``--fused``, checked against ``fast`` bit for bit),
+  element-wise kernels, ``--fused``, checked against ``fast`` bit for bit; ``fast_graphs``: the same captured in CUDA
+  graphs, ``--cuda-graphs``, on CUDA),
 
 at each batch size, with the methods interleaved in every repeat (fair on a noisy, shared machine) and the median
 reported, as wall-clock time and as the process's CPU time (``time.process_time``; on a shared CPU it is the fairer
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--zennit-max-batch", type=int, default=None, help="run Zennit only up to this batch size")
     parser.add_argument("--channels-last", action="store_true", help="also time the fast path with channels_last")
     parser.add_argument("--fused", action="store_true", help="also time the fast path with fused kernels")
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time the fast path in CUDA graphs (CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/fast_lrp_<device>.json)")
     args = parser.parse_args(argv)
@@ -122,6 +124,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
                                 precision=args.precision)
     explainer_fused = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high), fused=True,
                                    precision=args.precision)
+    explainer_graphs = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=low, high=high),
+                                    cuda_graphs=True, precision=args.precision)
 
     def plain_forward(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -140,6 +144,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
             methods["fast_cl"] = partial(explainer_cl, x, identity)
         if args.fused:
             methods["fast_fused"] = partial(explainer_fused, x, identity)
+        if args.cuda_graphs and device.type == "cuda":
+            methods["fast_graphs"] = partial(explainer_graphs, x, identity)
         if not args.no_zennit and (args.zennit_max_batch is None or batch <= args.zennit_max_batch):
             methods["zennit"] = partial(zennit_attributor, x, identity)
         run = partial(_run, methods)
@@ -158,6 +164,12 @@ def _benchmark(args: argparse.Namespace) -> dict:
             eager, fused_map = run("fast"), run("fast_fused")
             fused = {"fused_equals_fast": bool(torch.equal(eager, fused_map)),
                      "fused_vs_fast_max_rel_error": max_relative_error(fused_map, eager)}
+        graphs = {}
+        if "fast_graphs" in methods:  # replays (after two eager calls of a shape) must give the eager heatmap
+            for _ in range(3):
+                run("fast_graphs")
+            graphs = {"graph_replays": explainer_graphs.graphs.replays, "graphs_off": explainer_graphs.graphs.disabled,
+                      "graphs_vs_fast_max_rel_error": max_relative_error(run("fast_graphs"), run("fast"))}
         vs_exact = {}
         if args.precision == "fast":  # the policy's own error: the same explainer with the exact switches
             with precision_mode("exact", device):
@@ -176,6 +188,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
                 "max_rel_error_vs_zennit": error if name.startswith("fast") else None,
                 "max_rel_error_vs_exact": vs_exact.get(name),
                 **(fused if name == "fast_fused" else {}),
+                **(graphs if name == "fast_graphs" else {}),
             })
 
     result = {
@@ -204,6 +217,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
     explainer.close()
     explainer_cl.close()
     explainer_fused.close()
+    explainer_graphs.close()
     return result
 
 

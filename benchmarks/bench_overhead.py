@@ -14,6 +14,7 @@ Methods (each a whole call, as a user makes it):
 * ``zennit``: Zennit's ``EpsilonGammaBox`` through its ``Gradient`` attributor;
 * ``deepneon_kde``: :class:`~neon_attrib.vision.deep.DeepNeon` (the same network + a KDE outlier head), its
   explainer;
+* ``fast_graphs`` (CUDA only): ``fast`` with ``cuda_graphs=True``, replaying its captured step;
 * ``resnet18_gradient``, ``resnet18_fast``: ResNet-18's layer structure (batch norms, residual additions; widths
   divided alike, 64x64 inputs): its plain gradient, and the fast rules with
   :class:`~neon_attrib.vision.fast.FastResNetCanonizer` through an explainer with the audit.
@@ -183,6 +184,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
     x_resnet = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)).to(device)
     resnet_fast = LRPExplainer(copy.deepcopy(resnet), FastEpsilonGammaBox(
         low=-3.0, high=3.0, canonizers=[FastResNetCanonizer()]), precision=args.precision)
+    graphs = LRPExplainer(copy.deepcopy(features), FastEpsilonGammaBox(low=-3.0, high=3.0), cuda_graphs=True,
+                          precision=args.precision)
 
     methods: dict[str, Callable[[], object]] = {
         "gradient": partial(output_gradient, features, x),
@@ -193,6 +196,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
         "resnet18_gradient": partial(output_gradient, resnet, x_resnet),
         "resnet18_fast": partial(resnet_fast, x_resnet, identity),
     }
+    if device.type == "cuda":  # the fast explainer captured in a CUDA graph (replayed after the warm-up calls)
+        methods["fast_graphs"] = partial(graphs, x, identity)
     for run in methods.values():  # warm-up: caches, cuDNN plans, first-call checks
         for _ in range(3):
             run()
@@ -200,8 +205,12 @@ def _benchmark(args: argparse.Namespace) -> dict:
     times, _ = time_interleaved(methods, device, args.repeats)
     rows = [{"method": name, **counts[name], "host_ms": median(times[name]) * 1e3,
              "vs_gradient_ms": median(times[name]) / median(times[_baseline(name)])} for name in methods]
-    return {"benchmark": "overhead", **environment(device), "network": f"VGG-16 layers, widths / {args.shrink}",
-            "size": args.size, "batch": 1, "repeats": args.repeats, "rows": rows}
+    extra = {}
+    if "fast_graphs" in methods:
+        extra = {"graph_replays": graphs.graphs.replays, "graphs_off": graphs.graphs.disabled}
+    return {"benchmark": "overhead", **environment(device), **extra,
+            "network": f"VGG-16 layers, widths / {args.shrink}", "size": args.size, "batch": 1,
+            "repeats": args.repeats, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One run on a fresh GPU machine (Python 3.12, a CUDA build of PyTorch installed): the CUDA tests, the whole suite,
-# then bench_fast_lrp (exact), bench_speed, bench_backbones (each also with fused kernels: rows "fast_fused") and
-# bench_overhead on CUDA and bench_fast_lrp (fast precision), JSON into benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
+# then bench_fast_lrp (exact), bench_speed, bench_backbones (each also with fused kernels: rows "fast_fused";
+# bench_fast_lrp and bench_overhead also with CUDA graphs: rows "fast_graphs") and bench_overhead on CUDA and bench_fast_lrp (fast precision), JSON into benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
 # on. GPU_CHECK_STEPS="cuda suite fast_lrp speed backbones overhead fast_lrp_fast" (the default) picks steps.
 #
 # Run it from the repository root:  bash benchmarks/gpu_check.sh
@@ -55,14 +55,14 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # 1. the tests that need the GPU (they skip on a CPU) and the precision/device/batch-norm tests around them
 want cuda && step "CUDA tests" 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_precision.py tests/test_devices.py \
-    "tests/test_deep.py::test_cuda_matches_cpu" "tests/test_models.py::test_cuda_matches_cpu" tests/test_fused.py
+    "tests/test_deep.py::test_cuda_matches_cpu" "tests/test_models.py::test_cuda_matches_cpu" tests/test_fused.py tests/test_cuda_graphs.py
 
 # 2. the whole suite on this machine's environment (its Python, torch, Zennit and thread count)
 want suite && step "whole suite" 150 $PY -m pytest -q -p no:cacheprovider -rfE -n 12 tests
 
 # 3. benchmarks, exact precision (the default) unless said; every row of the JSON names its precision
 want fast_lrp && step "bench_fast_lrp exact" 90 $PY benchmarks/bench_fast_lrp.py --device cuda --precision exact \
-    --size 224 --batches 1 32 128 --repeats 5 --zennit-max-batch 32 --channels-last --fused \
+    --size 224 --batches 1 32 128 --repeats 5 --zennit-max-batch 32 --channels-last --fused --cuda-graphs \
     --output $RESULTS/fast_lrp_cuda.json
 want speed && step "bench_speed exact" 80 $PY benchmarks/bench_speed.py --device cuda --precision exact \
     --batches 1 32 128 --heads kde_outlier --supports 10000 --repeats 3 --budget 10 --reference-max-batch 32 \

@@ -642,3 +642,21 @@ def test_rules_used_through_zennit_check_on_the_host():
             _, reference = Gradient(isolated(model), zennit_composite)(x, lambda out: out)
             assert max_rel_error(relevance, reference) < TOLERANCE[dtype]
     assert DeferredChecks.active() is None
+
+
+def test_in_place_activation_hands_its_input_on():
+    """An in-place ReLU under FastPass returns its input tensor itself (no autograd node of its own; the graph of the
+    layer below carries the relevance down unchanged), a ReLU that is not in place a new tensor; the heatmap equals
+    Zennit's either way."""
+    model = tiny_cnn(torch.float64, batch_norm=False)  # model[1]: ReLU(inplace=True), model[3]: ReLU()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(23))
+    outputs: dict[int, torch.Tensor] = {}
+    composite = FastEpsilonGammaBox(low=LOW, high=HIGH)
+    with LRPExplainer(model, composite) as explainer:
+        for index in range(4):  # after the rules' hooks: the outputs the next modules receive
+            explainer._work[index].register_forward_hook(
+                lambda module, args, output, index=index: outputs.__setitem__(index, output))
+        _, relevance = explainer(x, lambda out: out)
+    assert outputs[1] is outputs[0] and outputs[3] is not outputs[2]
+    _, reference = Gradient(isolated(model), EpsilonGammaBox(low=LOW, high=HIGH))(x, lambda out: out)
+    assert max_rel_error(relevance, reference) < TOLERANCE[torch.float64]

@@ -203,3 +203,32 @@ def test_audit_equals_a_naive_replica_of_conservation(pooled):
         torch.testing.assert_close(getattr(audit, name), value, rtol=1e-12, atol=1e-14, msg=name)
     assert audit.score.shape == ((1,) if pooled else (n,)) and audit.ok
     assert bool((audit.dissipated.abs() > 1e-3).all())  # ε absorbs: the records are not trivially zero
+
+
+def test_audit_sums_a_relevance_handed_on_unchanged_once(monkeypatch):
+    """A ReLU hands the relevance tensor of the layer above to the layer below unchanged: the audit sums it once, and
+    its records are those of summing every tensor (each module's dissipation and the totals, bit for bit)."""
+    from neon_attrib.pipeline import audit as audit_module
+    from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer
+
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(6, 6, 3, padding=1),
+                          nn.ReLU(inplace=True), nn.Conv2d(6, 4, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(25))
+    calls = []
+    row_sums = audit_module._row_sums
+    monkeypatch.setattr(audit_module, "_row_sums", lambda tensor, n: calls.append(1) or row_sums(tensor, n))
+    with LRPExplainer(model, FastEpsilonGammaBox(low=-3.0, high=3.0)) as explainer:
+        explainer(x, lambda out: out)
+        assert len(calls) == 4  # the relevance below each ReLU is summed once, not as two modules' records
+        shared, calls[:] = explainer.last_audit, []
+        monkeypatch.setattr(audit_module._AuditRecorder, "_last", None, raising=False)
+        monkeypatch.setattr(audit_module._AuditRecorder, "__setattr__", lambda self, name, value: object.__setattr__(
+            self, name, None if name == "_last" else value))
+        explainer(x, lambda out: out)
+        every = explainer.last_audit
+    assert len(calls) == 6  # three convolutions, two sums each, when nothing is shared
+    assert shared.per_module.keys() == every.per_module.keys()
+    for name in every.per_module:
+        assert torch.equal(shared.per_module[name], every.per_module[name])
+    assert torch.equal(shared.dissipated, every.dissipated) and torch.equal(shared.unaccounted, every.unaccounted)

@@ -106,10 +106,13 @@ class DeferredChecks:
         ``followed``: whether the rule computed with the prediction ``True`` (exact only if the condition holds)."""
         self._entries.append((predictions, key, condition, followed))
 
-    def settle(self) -> bool:
+    def settle(self, keep: bool = False) -> bool:
         """Read the recorded conditions back (one transfer per device), set each prediction to whether its condition
-        held in every call, clear the record; return whether every followed prediction held."""
-        entries, self._entries = self._entries, []
+        held in every call, clear the record (``keep``: keep it, for a captured step whose replays rewrite the recorded
+        tensors); return whether every followed prediction held."""
+        entries = self._entries
+        if not keep:
+            self._entries = []
         values = _read_all([condition for _, _, condition, _ in entries])
         combined: dict[tuple[int, str], bool] = {}
         held = True
@@ -120,6 +123,12 @@ class DeferredChecks:
         for predictions, key, _, _ in entries:
             predictions[key] = combined[(id(predictions), key)]
         return held
+
+
+    def stable(self) -> bool:
+        """Whether every prediction still equals the value its rule followed when recorded (after :meth:`settle` with
+        ``keep``: a captured step still takes the computations the predictions choose)."""
+        return all(predictions.get(key) is followed for predictions, key, _, followed in self._entries)
 
 
 def _read_all(conditions: list[Condition]) -> list[bool]:

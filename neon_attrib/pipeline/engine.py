@@ -26,11 +26,8 @@ the audit): :func:`run` on a copy hooked for the call, :class:`Explainer` on the
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import operator
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,13 +35,24 @@ from typing import Any
 import torch
 from torch import nn
 from zennit.core import Composite, Hook
-from zennit.rules import Pass
 
 from ..core.composites import NeonComposite, covers_children, is_neon_module, needs_own_rule
 from ..core.deferred import DeferredChecks
 from ..core.fused import fused_kernels
 from ..core.validation import BATCH_NORMS, as_targets
+from .audit import (
+    Audit,
+    ConservationError,
+    ConservationWarning,
+    _AuditRecorder,
+    _passes_through,
+    _reached_sums,
+    _report,
+    _sample_sums,
+    default_tolerance,
+)
 from .graph import RULES_NEEDED, TRACE_LOCK, GraphCanonizer, needs_graph_canonizer
+from .graphs import StepGraphs, input_key
 from .precision import PRECISIONS, check_precision, guard_batch_norms, precision_mode, unguard_batch_norms
 
 __all__ = [
@@ -65,14 +73,6 @@ __all__ = [
     "guard_batch_norms",
     "unguard_batch_norms",
 ]
-
-
-class ConservationWarning(UserWarning):
-    """The relevance reaching the input differs from what the rules promise (see :class:`Audit`)."""
-
-
-class ConservationError(ValueError):
-    """Raised instead of :class:`ConservationWarning` when an explanation is run with ``strict=True``."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,291 +296,6 @@ def _prepared(work: nn.Module) -> dict[str, Hook]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# conservation audit
-#: the values an :class:`Audit` derives from its fields, computed once (forgotten when a field is assigned)
-_DERIVED = ("finite", "relative_error", "passed")
-
-
-@dataclass
-class Audit:
-    """Conservation audit of one explanation, per sample.
-
-    A sample passes when every recorded value is finite and the relevance that no rule accounts for is within
-    :attr:`tolerance` of :attr:`scale`, the score and the heatmap's mass: ``|unaccounted| <= tolerance · (|score| +
-    Σ|relevance at the input|)``. What the rules dissipate does not widen the tolerance, so relevance that leaks where
-    no rule ran cannot hide behind rules that absorb much; a NaN or an infinity in the score, the heatmap, the
-    unaccounted relevance or any module's record fails.
-
-    The derived values (:attr:`finite`, :attr:`relative_error`, :attr:`passed`) are computed once, when first read;
-    assigning a field computes them again (changing a field's tensor in place does not).
-
-    Attributes
-    ----------
-    score : torch.Tensor
-        (n,) the explained score (the relevance put on the output).
-    input_sum : torch.Tensor
-        (n,) the relevance that reached the input(s).
-    dissipated : torch.Tensor
-        (n,) what the rules report to have absorbed (biases, stabilisers, the residual shares of the CNN rules):
-        ``Σ_layers (Σ R_out − Σ R_in)``.
-    unaccounted : torch.Tensor
-        (n,) ``score − dissipated − input_sum``: relevance created or destroyed where no rule ran. ~0 (rounding)
-        for a correctly covered model.
-    per_module : dict of str to torch.Tensor
-        What each hooked module dissipated, (n,) each (summed over its calls when a module runs several times); in
-        the audit of an explanation, rows of one tensor.
-    tolerance : float
-        The relative tolerance of :attr:`ok`.
-    input_mass : torch.Tensor, optional
-        (n,) ``Σ |relevance at the input|``, the heatmap's mass; ``|input_sum|`` when not given.
-
-    Examples
-    --------
-    >>> audit = Audit(score=torch.tensor([1.0]), input_sum=torch.tensor([0.2]), dissipated=torch.tensor([0.3]),
-    ...               unaccounted=torch.tensor([0.5]), per_module={"a": torch.tensor([1e3]), "b": torch.tensor([-1e3])})
-    >>> audit.ok   # half the score unaccounted for: fails, however much the modules moved
-    False
-    """
-
-    score: torch.Tensor
-    input_sum: torch.Tensor
-    dissipated: torch.Tensor
-    unaccounted: torch.Tensor
-    per_module: dict[str, torch.Tensor] = field(repr=False)
-    tolerance: float = 1e-2
-    input_mass: torch.Tensor | None = field(default=None, repr=False)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        for derived in _DERIVED:  # computed from the old value
-            self.__dict__.pop(derived, None)
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """(n,) the magnitude the mismatch is compared with: ``|score| + Σ|relevance at the input|``."""
-        mass = self.input_sum.abs() if self.input_mass is None else self.input_mass
-        return self.score.abs() + mass
-
-    @functools.cached_property
-    def finite(self) -> torch.Tensor:
-        """(n,) bool: the score, the input relevance, the unaccounted relevance and every module's record are
-        finite."""
-        values = [self.score, self.input_sum, self.dissipated, self.unaccounted,
-                  *(() if self.input_mass is None else (self.input_mass,)), *self.per_module.values()]
-        device = self.score.device
-        values = [value if value.device == device else value.to(device) for value in values]
-        if len({value.shape for value in values}) > 1:
-            values = list(torch.broadcast_tensors(*values))
-        return torch.isfinite(torch.stack(values)).all(0)  # one check of every value
-
-    @functools.cached_property
-    def relative_error(self) -> torch.Tensor:
-        """(n,) ``|unaccounted| / scale``: 0 where both are 0, inf where the scale is 0 alone or a value is not
-        finite."""
-        # with finite values, NaN comes from 0 / 0 only (nothing created out of nothing: 0), and a scale of 0 with
-        # relevance unaccounted for gives inf
-        error = (self.unaccounted.abs() / self.scale.clamp_min(0)).nan_to_num_(0.0, math.inf, math.inf)
-        return torch.where(self.finite, error, math.inf)
-
-    @functools.cached_property
-    def passed(self) -> torch.Tensor:
-        """(n,) bool: which samples pass (finite, relative error within :attr:`tolerance`)."""
-        return self.finite & (self.relative_error <= self.tolerance)
-
-    @property
-    def ok(self) -> bool:
-        """Whether every sample passes (:attr:`passed`)."""
-        return bool(self.passed.all())
-
-    def __str__(self) -> str:
-        errors = self.relative_error
-        worst = float(errors.max()) if errors.numel() else 0.0
-        return self._describe(self.ok, worst, int((~self.finite).sum()))
-
-    def _describe(self, ok: bool, worst: float, nonfinite: int) -> str:
-        finite = f", {nonfinite} with NaN or inf" if nonfinite else ""
-        return (f"Audit(n={self.score.numel()}, ok={ok}, worst relative mismatch={worst:.2e}, "
-                f"tolerance={self.tolerance:g}{finite})")
-
-
-def default_tolerance(dtype: torch.dtype, precision: str = "exact") -> float:
-    """Relative audit tolerance: 1e-2 for 16/32-bit floats, 1e-6 for float64; under the ``"fast"`` precision policy
-    (TensorFloat-32 products, see :func:`precision_mode`) 5e-2 for 16/32-bit floats."""
-    if dtype == torch.float64:
-        return 1e-6
-    return 5e-2 if precision == "fast" else 1e-2
-
-
-class _AuditRecorder:
-    """Wraps each hooked module's ``backward`` to record ``Σ R_out`` and ``Σ R_in``, per sample where the batch allows.
-
-    A module call costs two reductions (float32 sums, float64 for float64 tensors); :meth:`audit` stacks the records
-    once, in float64, and takes the differences and their sum in one operation each.
-    """
-
-    def __init__(self, hooked: dict[str, Hook], n: int):
-        self.n = n
-        #: one ``(name, Σ R_out, Σ R_in or None)`` per module call: (n,) sums per sample, or 0-d totals when the
-        #: tensors are not batched over n
-        self.records: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
-        self.wrapped: list[Hook] = []
-        for name, hook in hooked.items():
-            if not _passes_through(hook):  # a pass-through dissipates nothing: no need to sum its relevance
-                self._wrap(name, hook)
-
-    def _record(self, name: str, out: torch.Tensor, inp: torch.Tensor | None) -> None:
-        n = self.n
-        if bool(n) and _batched(out, n) and (inp is None or _batched(inp, n)):
-            self.records.append((name, _row_sums(out, n), None if inp is None else _row_sums(inp, n)))
-        else:
-            self.records.append((name, _total(out), None if inp is None else _total(inp)))
-
-    def _wrap(self, name: str, hook: Hook) -> None:
-        original = hook.backward
-
-        def backward(module, grad_input, grad_output):
-            result = original(module, grad_input, grad_output)
-            out = grad_output[0] if grad_output else None
-            if out is not None:
-                self._record(name, out, result[0] if result else None)
-            return result
-
-        hook.backward = backward
-        self.wrapped.append(hook)
-
-    def close(self) -> None:
-        """Unwrap the hooks (they may serve further explanations: :class:`Explainer`)."""
-        for hook in self.wrapped:
-            hook.__dict__.pop("backward", None)
-
-    def audit(self, score: torch.Tensor, input_sum: torch.Tensor, input_mass: torch.Tensor, tolerance: float) -> Audit:
-        """Per sample when the score, the input and every module's record are batched alike, else in total (n = 1)."""
-        per_sample = score.shape[0] == self.n and input_sum.shape[0] == self.n and all(
-            out.ndim for _, out, _ in self.records)
-        if not per_sample:
-            score, input_sum, input_mass = (value.sum().reshape(1) for value in (score, input_sum, input_mass))
-        width, device = score.shape[0], score.device
-        sums = [score, input_sum if input_sum.device == device else input_sum.to(device)]
-        zeros = None
-        for _, out, inp in self.records:
-            for value in (out, inp):
-                if value is None:  # no relevance flows to the module's input (it needs no gradient)
-                    value = zeros = torch.zeros(width, dtype=torch.float64, device=device) if zeros is None else zeros
-                elif not per_sample:
-                    value = value.sum().reshape(1)
-                sums.append(value if value.device == device else value.to(device))
-        # one table (1 + calls, out/in, n) led by (score, input_sum): one subtraction gives score − input_sum and
-        # what each call dissipated (stack promotes the float32 records to the score's float64)
-        table = torch.stack(sums).view(len(sums) // 2, 2, width)
-        moved = table[:, 0] - table[:, 1]
-        dissipated = moved[1:].sum(0)
-        if input_mass.device != device:
-            input_mass = input_mass.to(device)
-        return Audit(score=score, input_sum=input_sum, dissipated=dissipated, unaccounted=moved[0] - dissipated,
-                     per_module=self._per_module(moved[1:]), tolerance=tolerance, input_mass=input_mass)
-
-    def _per_module(self, moved: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{name: Σ R_out − Σ R_in}`` from the rows of ``moved`` (one per call), a module's calls added in order."""
-        calls: dict[str, list[int]] = {}
-        for index, (name, _, _) in enumerate(self.records):
-            calls.setdefault(name, []).append(index)
-        rows = moved.unbind(0)
-        return {name: functools.reduce(operator.add, (rows[index] for index in indices))
-                for name, indices in calls.items()}
-
-
-def _passes_through(hook: Hook) -> bool:
-    """Rules that hand the output relevance to the input unchanged: Zennit's ``Pass`` and rules that declare it with a
-    class attribute ``passes_relevance_through = True`` (the fast ``FastPass``)."""
-    return isinstance(hook, Pass) or getattr(type(hook), "passes_relevance_through", False)
-
-
-def _rows(tensor: torch.Tensor, n: int) -> torch.Tensor:
-    """``tensor`` (k·n, ...) detached and viewed as (n, k, ...): splitting the first dimension is a view for any
-    strides (``reshape(n, -1)`` copies a ``channels_last`` or broadcast tensor)."""
-    tensor = tensor.detach()
-    return tensor.view(n, tensor.shape[0] // n, *tensor.shape[1:])
-
-
-def _accumulation(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype a module record is summed in: float64 for float64 tensors, else float32. A float64 sum of a float32
-    tensor first writes a float64 copy of it (twice the tensor's memory traffic, on every device); float32's pairwise
-    summation errs by ~1e-6 of the relevance mass, far below the audit's 1e-2 tolerance. :meth:`_AuditRecorder.audit`
-    stacks the records into float64 with the score."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-def _row_sums(tensor: torch.Tensor, n: int) -> torch.Tensor:
-    """(n,) sums of a tensor batched over ``n`` (its first dimension a multiple of ``n``), in :func:`_accumulation`'s
-    dtype."""
-    rows = _rows(tensor, n)
-    return rows.sum(tuple(range(1, rows.ndim)), dtype=_accumulation(tensor))
-
-
-def _total(tensor: torch.Tensor) -> torch.Tensor:
-    """The 0-d sum of ``tensor``, in :func:`_accumulation`'s dtype."""
-    return tensor.detach().sum(dtype=_accumulation(tensor))
-
-
-def _batched(tensor: torch.Tensor, n: int) -> bool:
-    return tensor.ndim > 0 and tensor.shape[0] % n == 0
-
-
-def _sample_sums(tensor: torch.Tensor, n: int, absolute: bool = False) -> torch.Tensor:
-    """Per-sample sums (n,) when ``tensor`` is batched over ``n``, else its total as a (1,) tensor, in float64;
-    ``absolute``: sums of absolute values (without an absolute copy)."""
-    if n and tensor.ndim and tensor.shape[0] == n:
-        rows = _rows(tensor, n)
-        dims: tuple[int, ...] | None = tuple(range(1, rows.ndim))
-    else:
-        rows, dims = tensor.detach(), None
-    if absolute:
-        sums = torch.linalg.vector_norm(rows, 1, dim=dims, dtype=torch.float64)
-    else:
-        sums = rows.sum(dims, dtype=torch.float64)
-    return sums if dims is not None else sums.reshape(1)
-
-
-def _reached_sums(reached: Sequence[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-sample sums and absolute sums (:func:`_sample_sums`) of the floating relevance where the backward pass
-    ended, added over the tensors."""
-    floating = [r for r in reached if r.is_floating_point()]
-    if not floating:
-        zeros = torch.zeros(n or 1, dtype=torch.float64, device=reached[0].device if reached else None)
-        return zeros, zeros
-    return (functools.reduce(operator.add, (_sample_sums(r, n) for r in floating)),
-            functools.reduce(operator.add, (_sample_sums(r, n, absolute=True) for r in floating)))
-
-
-def _report(audit: Audit, owner: str, strict: bool) -> None:
-    """Warn (or raise with ``strict``) when ``audit`` fails: one host synchronisation (the worst relative error) when
-    it passes, one more when a sample's error is infinite (to count the samples with NaN or inf)."""
-    errors = audit.relative_error
-    if not errors.numel():
-        return
-    worst = float(errors.max())
-    # a non-finite sample's error is inf, so every sample passes when the worst one does (but for an inf tolerance)
-    if worst <= audit.tolerance and (worst < math.inf or audit.ok):
-        return
-    nonfinite = int((~audit.finite).sum()) if worst == math.inf else 0
-    description = audit._describe(False, worst, nonfinite)
-    if nonfinite:
-        message = (f"{owner}: the explanation is not finite ({description}): the score, the relevance or a layer's "
-                   f"relevance holds NaN or inf (an overflow in the model or its rules, or non-finite weights). Do "
-                   f"not trust this heatmap; use float64 or inputs of a smaller magnitude. The audit is in the "
-                   f"result's 'audit'.")
-    else:
-        message = (f"{owner}: the relevance is not conserved where the rules promise it ({description}): relevance "
-                   f"was created or destroyed by operations without an LRP rule (e.g. a residual addition or a "
-                   f"normalisation that is not a module, or an unsupported layer). Do not trust this heatmap; canonize "
-                   f"the model (Zennit canonizers) or use a supported architecture. The audit is in the result's "
-                   f"'audit'.")
-    if strict:
-        raise ConservationError(message)
-    warnings.warn(message, ConservationWarning, stacklevel=3)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # running an explanation
 @dataclass
 class Explanation:
@@ -724,6 +439,14 @@ class _Step:
     recorder: _AuditRecorder | None
     stop_at: str | None
     n: int
+
+    def copied(self) -> _Step:
+        """The step with copies of its tensors (a replayed CUDA graph rewrites the originals; the audit record is
+        shared: read it before the next replay)."""
+        return _Step(output=self.output.clone(), target=None if self.target is None else self.target.clone(),
+                     seed=self.seed.clone(), relevance=tuple(r.clone() for r in self.relevance),
+                     at={name: t.clone() for name, t in self.at.items()}, recorder=self.recorder,
+                     stop_at=self.stop_at, n=self.n)
 
     @property
     def score(self) -> torch.Tensor:
@@ -879,6 +602,13 @@ class Explainer:
         Run the fast rules' element-wise steps as fused kernels compiled by ``torch.compile``
         (:mod:`neon_attrib.core.fused`): the same numbers, fewer passes over memory. For large batches on a GPU; the
         first calls compile (seconds), and small tensors keep the eager operations. Default False.
+    cuda_graphs : bool
+        On CUDA, capture the explanation step in a CUDA graph once inputs of one shape have been explained twice, and
+        replay it for further inputs of that shape (:mod:`neon_attrib.pipeline.graphs`): one launch instead of the
+        hooks' host work, for small batches. Every replay is checked like an eager step (a failed shortcut condition
+        is taken again eagerly); a capture that fails or differs from the eager step switches the graphs off with a
+        warning. Needs the same ``attr_output`` function (or None) in every call; tensors as ``attr_output`` and
+        autocast run eagerly. Default False.
     audit : bool
         Audit conservation on every call (:class:`Audit`); the last one is in :attr:`last_audit`.
     strict : bool
@@ -901,7 +631,7 @@ class Explainer:
     def __init__(self, model: nn.Module, composite: Composite, *, precision: str = "exact",
                  channels_last: bool | None = None,
                  autocast_dtype: torch.dtype | None = None, cudnn_benchmark: bool | None = None,
-                 fused: bool = False, audit: bool = True, strict: bool = False,
+                 fused: bool = False, cuda_graphs: bool = False, audit: bool = True, strict: bool = False,
                  default_target: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
                  owner: str | None = None):
         if not isinstance(composite, Composite):
@@ -914,6 +644,9 @@ class Explainer:
         if not isinstance(fused, bool):
             raise TypeError(f"The 'fused' parameter of {type(self).__name__} must be a bool. Got {fused!r} instead.")
         self.fused = fused
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"The 'cuda_graphs' parameter of {type(self).__name__} must be a bool. "
+                            f"Got {cuda_graphs!r} instead.")
         self.model = model
         self.composite = composite
         self.channels_last = precision == "fast" if channels_last is None else channels_last
@@ -929,6 +662,8 @@ class Explainer:
         self._work = isolated(model)
         self.composite.register(self._work)
         self._hooked = _prepared(self._work)
+        #: the captured steps (``cuda_graphs=True``), None otherwise
+        self.graphs = StepGraphs(self.owner) if cuda_graphs else None
 
     def __enter__(self) -> Explainer:
         return self
@@ -976,11 +711,19 @@ class Explainer:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.owner} explainer expects a tensor. Got {type(input).__name__}.")
         memory_format = torch.channels_last if self.channels_last and input.ndim == 4 else torch.preserve_format
+        graphs = self.graphs if input.is_cuda and self.autocast_dtype is None else None
         with self._context(input.device):
             leaf = input.detach().clone(memory_format=memory_format)
-            leaf.requires_grad_(True)
-            step = _Step.take(self._work, self._hooked, (leaf,), lambda output: self._seed(output, attr_output),
-                              audit=self.audit, owner=self.owner)
+            key = input_key(self.model, leaf, attr_output) if graphs is not None else None
+            replayed = graphs.replay(key, leaf) if graphs is not None else None
+            if replayed is not None:
+                step = replayed.copied()
+            else:
+                leaf.requires_grad_(True)
+                step = self._take(leaf, attr_output, retake=True)
+                if graphs is not None and graphs.observe(key):
+                    graphs.capture(key, leaf, lambda static: self._take(static, attr_output, retake=False),
+                                   lambda captured: captured.relevance[0], step.relevance[0])
         if self.channels_last:
             step.relevance = tuple(r.contiguous(memory_format=torch.contiguous_format) for r in step.relevance)
         audit = step.audit(leaf.dtype, self.precision)
@@ -988,6 +731,13 @@ class Explainer:
             self.last_audit = audit
             _report(audit, self.owner, self.strict)
         return step.output, step.relevance[0]
+
+    def _take(self, leaf: torch.Tensor, attr_output: Any, retake: bool) -> _Step:
+        """One step on ``leaf``: :meth:`_Step.take` (``retake``: again with host checks if a prediction failed), or
+        one :meth:`_Step._take` (the checks are settled by the caller: a captured step)."""
+        take = _Step.take if retake else _Step._take
+        return take(self._work, self._hooked, (leaf,), lambda output: self._seed(output, attr_output),
+                    audit=self.audit, owner=self.owner)
 
     def _seed(self, output: torch.Tensor, attr_output: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The targets and the relevance put on the output (see :meth:`__call__`)."""

@@ -550,7 +550,8 @@ class DeepNeon(nn.Module):
             Conservation audit per batch (:class:`~neon_attrib.pipeline.Audit`; the last in ``last_audit``).
         **options
             ``precision`` (``"exact"`` or ``"fast"``), ``channels_last``, ``autocast_dtype`` (approximate),
-            ``cudnn_benchmark`` and ``fused`` (compiled element-wise kernels, the same numbers) of
+            ``cudnn_benchmark``, ``fused`` (compiled element-wise kernels, the same numbers) and ``cuda_graphs``
+            (replayed CUDA graphs for repeated shapes) of
             :class:`~neon_attrib.pipeline.Explainer`.
 
         Returns

@@ -278,7 +278,8 @@ class FastPass(FastHook):
     """Pass the output relevance to the input unchanged, like :class:`zennit.rules.Pass` (activations, batch norm).
 
     The module runs on a detached alias of its input, so an in-place activation (``ReLU(inplace=True)``) still runs
-    in place, without autograd recording it, and without Zennit's per-call clone of the input. When an in-place
+    in place, without autograd recording it, and without Zennit's per-call clone of the input; it then returns its
+    input tensor itself, whose graph takes the relevance down unchanged (no autograd node of its own). When an in-place
     ``torch.nn.ReLU`` overwrites the output of a fast linear-layer rule, the rule is told, so that it can still check
     its shortcut on ``relu(z)`` (a changed output is otherwise recomputed).
 
@@ -314,10 +315,13 @@ class FastPass(FastHook):
         if pending is None or not isinstance(output, torch.Tensor):
             return None
         x, version = pending
-        if x._version != version:  # the module wrote into its input
+        if x._version != version and _aliases(output, x):  # the module wrote its output into its input
             record = getattr(x, "_fast_lrp_record", None)
-            if record is not None and type(module) is nn.ReLU and output.data_ptr() == x.data_ptr():
+            if record is not None and type(module) is nn.ReLU:
                 record.relu = (version, x._version)
+            # the input carries its graph and now the module's output: the relevance reaches it unchanged, with no
+            # autograd node of its own
+            return x
         state = {"_output": output.detach(), "_autocast": None}
         return _RelevanceFunction.apply(x, self, module, state)
 
@@ -333,6 +337,12 @@ class FastPass(FastHook):
     def to_zennit(self) -> Hook:
         """The equivalent Zennit rule."""
         return Pass()
+
+
+def _aliases(output: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``output`` is ``x``'s memory seen alike (an in-place module's result)."""
+    return (output.data_ptr() == x.data_ptr() and output.shape == x.shape and output.stride() == x.stride()
+            and output.dtype == x.dtype)
 
 
 def _stacked_sum(x: torch.Tensor, dim: int) -> torch.Tensor:

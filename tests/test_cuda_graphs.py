@@ -1,0 +1,219 @@
+"""CUDA graphs of explanation steps (neon_attrib.pipeline.graphs, ``Explainer(cuda_graphs=True)``).
+
+On a CPU the graph is emulated: the "capture" keeps what the step returned, and a "replay" takes the step again and
+writes every resulting tensor into the captured ones, as a replayed CUDA graph rewrites its memory. That checks what
+the explainer does around the graph (when it captures, what it reads back after a replay, when it falls back); the
+CUDA test at the end checks the real graphs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from neon_attrib.pipeline.engine import ConservationWarning
+from neon_attrib.vision.fast import FastEpsilonGammaBox, FastGamma, LRPExplainer
+
+LOW, HIGH = -3.0, 3.0
+
+
+def _write_into(old, new) -> None:
+    """Write every tensor reachable from ``new`` into its counterpart in ``old`` (the same structure)."""
+    if old is new or old is None:
+        return
+    if isinstance(old, torch.Tensor):
+        with torch.no_grad():
+            old.copy_(new)
+    elif isinstance(old, (tuple, list)):
+        for a, b in zip(old, new, strict=True):
+            _write_into(a, b)
+    elif isinstance(old, dict):
+        for name in old:
+            _write_into(old[name], new[name])
+    elif hasattr(old, "__dict__") and not isinstance(old, (nn.Module, type)) and not callable(old):
+        for name, value in vars(old).items():
+            _write_into(value, vars(new)[name])
+
+
+class EmulatedGraph:
+    """A CPU stand-in for :class:`neon_attrib.pipeline.graphs.CudaGraph` (see the module docstring)."""
+
+    captures = 0
+
+    def __init__(self, device: torch.device):
+        self.run = None
+        self.result = None
+
+    def capture(self, run):
+        type(self).captures += 1
+        run()  # the warm-up run
+        self.run, self.result = run, run()
+        return self.result
+
+    def replay(self) -> None:
+        _write_into(self.result, self.run())
+
+
+class FailingGraph(EmulatedGraph):
+    def capture(self, run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+class WrongGraph(EmulatedGraph):
+    def replay(self) -> None:
+        super().replay()
+        step, _ = self.result
+        step.relevance[0].mul_(1.001)
+
+
+def graphed(model, backend, **options):
+    explainer = LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH), cuda_graphs=True, **options)
+    explainer.graphs.backend = backend
+    return explainer
+
+
+def sign_switching(dtype=torch.float64) -> nn.Sequential:
+    """Non-negative inputs keep the second convolution's input non-negative (shortcut); negative ones do not."""
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, padding=1), nn.ReLU()).eval().to(dtype)
+    with torch.no_grad():
+        model[0].weight.abs_()
+        model[0].bias.abs_()
+    return model
+
+
+def identity(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
+@pytest.fixture
+def on_cuda(monkeypatch):
+    """Let the explainer treat CPU tensors as CUDA ones (only whether it uses its graphs depends on it)."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+
+
+def test_replays_equal_eager_explanations(on_cuda):
+    """Captured after two eager explanations of one kind of input, then replayed: every heatmap, output and audit
+    equals the eager explainer's, and the returned tensors are not rewritten by later replays."""
+    model = sign_switching()
+    generator = torch.Generator().manual_seed(32)
+    inputs = [torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=generator) for _ in range(5)]
+    EmulatedGraph.captures = 0
+    with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as eager, graphed(model, EmulatedGraph) as fast:
+        results = []
+        for x in inputs:
+            output, relevance = fast(x, identity)
+            reference_output, reference = eager(x, identity)
+            assert torch.equal(relevance, reference) and torch.equal(output, reference_output)
+            assert torch.equal(fast.last_audit.relative_error, eager.last_audit.relative_error)
+            results.append(relevance)
+        assert fast.graphs.replays == 3 and EmulatedGraph.captures == 1
+        for x, relevance in zip(inputs, results):  # copies: unchanged by the later replays
+            assert torch.equal(relevance, eager(x, identity)[1])
+        # another shape or another attr_output function: eager again (then captured in its turn)
+        fast(inputs[0][:1], identity)
+        fast(inputs[0], lambda out: 2 * out)
+        assert fast.graphs.replays == 3
+
+
+def test_failed_prediction_in_a_replay_is_taken_eagerly(on_cuda):
+    """A replay whose followed shortcut prediction fails (negative images after non-negative ones) is discarded and the
+    step taken eagerly: the exact heatmap; the graph is dropped and captured again with the new predictions."""
+    model = sign_switching()
+    generator = torch.Generator().manual_seed(33)
+    positive = [torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=generator) for _ in range(3)]
+    negative = -4 * torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=generator)
+    with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as eager, graphed(model, EmulatedGraph) as fast:
+        for x in positive:
+            fast(x, identity)
+        assert fast.graphs.replays == 1 and fast.graphs.graphs
+        _, relevance = fast(negative, identity)
+        assert torch.equal(relevance, eager(negative, identity)[1])
+        # the graph that followed the failed prediction was dropped, and the step captured again with the new ones
+        assert fast.graphs.replays == 1 and sum(fast.graphs.captures.values()) == 2
+        _, relevance = fast(negative, identity)
+        assert torch.equal(relevance, eager(negative, identity)[1]) and fast.graphs.replays == 2
+        gamma = [hook for hook in fast.composite.hook_refs if isinstance(hook, FastGamma)]
+        assert any(hook.last_path == "exact" for hook in gamma)
+
+
+def test_nan_heatmap_from_a_replay_fails_the_audit(on_cuda):
+    """The audit of a replayed step is read from its captured records: a NaN the replay produces is reported."""
+    model = sign_switching()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(34))
+    with graphed(model, EmulatedGraph) as fast:
+        for _ in range(3):
+            fast(x, identity)
+        assert fast.graphs.replays == 1
+        poisoned = x.clone()
+        poisoned[0, 0, 0, 0] = float("nan")
+        with pytest.warns(ConservationWarning, match="not finite"):
+            _, relevance = fast(poisoned, identity)
+        assert relevance[0].isnan().any() and not fast.last_audit.ok
+
+
+@pytest.mark.parametrize("backend, reason", [(FailingGraph, "capturing failed"), (WrongGraph, "differs")])
+def test_a_failed_or_wrong_capture_switches_graphs_off(on_cuda, backend, reason):
+    """An error while capturing, or a replay that differs from the eager step: one RuntimeWarning, then eager
+    explanations (the same heatmaps)."""
+    model = sign_switching()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(35))
+    with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as eager, graphed(model, backend) as fast:
+        fast(x, identity)
+        with pytest.warns(RuntimeWarning, match=reason):
+            fast(x, identity)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for _ in range(2):
+                assert torch.equal(fast(x, identity)[1], eager(x, identity)[1])
+        assert fast.graphs.disabled and fast.graphs.replays == 0
+
+
+def test_changed_weights_or_tensor_targets_run_eagerly(on_cuda):
+    """A parameter changed in place is a new kind of input (the captured step holds the old modified weights);
+    tensors as attr_output are not captured. Both give the eager heatmaps."""
+    model = sign_switching()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(36))
+    with graphed(model, EmulatedGraph) as fast:
+        for _ in range(3):
+            fast(x, identity)
+        assert fast.graphs.replays == 1
+        with torch.no_grad():
+            model[3].weight.mul_(2)
+        with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as eager:
+            assert torch.equal(fast(x, identity)[1], eager(x, identity)[1])
+            seed = torch.ones(2, 4, 8, 8, dtype=torch.float64)
+            for _ in range(3):
+                assert torch.equal(fast(x, seed)[1], eager(x, seed)[1])
+        assert fast.graphs.replays == 1
+
+
+def test_cuda_graphs_option_is_checked_and_off_on_cpu():
+    model = sign_switching()
+    with pytest.raises(TypeError, match="'cuda_graphs' parameter"):
+        LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH), cuda_graphs=1)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    with graphed(model, EmulatedGraph) as fast:
+        for _ in range(4):
+            fast(x, identity)
+        assert fast.graphs.replays == 0 and not fast.graphs.graphs  # CPU tensors: never captured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_replays_equal_eager(batch):
+    """Real CUDA graphs: replays equal the eager explainer's heatmaps (1e-6 of the largest value) and run."""
+    model = sign_switching(torch.float32).cuda()
+    generator = torch.Generator().manual_seed(37)
+    inputs = [torch.rand(batch, 3, 32, 32, generator=generator).cuda() for _ in range(5)]
+    with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as eager, \
+            LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH), cuda_graphs=True) as fast:
+        for x in inputs:
+            _, relevance = fast(x, identity)
+            _, reference = eager(x, identity)
+            assert ((relevance - reference).abs().max() / reference.abs().max()).item() < 1e-6
+        assert fast.graphs.disabled is None, fast.graphs.disabled
+        assert fast.graphs.replays == 3
