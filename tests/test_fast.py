@@ -19,7 +19,7 @@ from torch import nn
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
-from zennit.rules import Pass
+from zennit.rules import Pass, ZBox
 
 from neon_attrib.core.deferred import Bound, DeferredChecks, decide, holds
 from neon_attrib.pipeline.engine import ConservationWarning, _Step, isolated
@@ -660,3 +660,21 @@ def test_in_place_activation_hands_its_input_on():
     assert outputs[1] is outputs[0] and outputs[3] is not outputs[2]
     _, reference = Gradient(isolated(model), EpsilonGammaBox(low=LOW, high=HIGH))(x, lambda out: out)
     assert max_rel_error(relevance, reference) < TOLERANCE[torch.float64]
+
+
+def test_zbox_bounds_made_once_and_renewed_when_changed():
+    """ZBox's bound tensors are made once per input shape (no copy per call) and made again when a bound tensor is
+    changed in place: the heatmap follows Zennit's with the new bounds."""
+    model = nn.Sequential(_conv(3, 4), nn.ReLU()).eval().double()  # ZBox on its only convolution
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(26))
+    low = torch.full((1, 3, 1, 1), -1.0, dtype=torch.float64)
+    high = torch.full((1, 3, 1, 1), 2.0, dtype=torch.float64)
+    composite = LayerMapComposite([(nn.Conv2d, FastZBox(low=low, high=high))])
+    with LRPExplainer(model, composite) as explainer:
+        for change in (False, False, True):
+            if change:
+                low.sub_(0.5)
+            _, relevance = explainer(x, lambda out: out)
+            _, reference = Gradient(isolated(model), LayerMapComposite([(nn.Conv2d, ZBox(low=low, high=high))]))(
+                x, lambda out: out)
+            assert max_rel_error(relevance, reference) < TOLERANCE[torch.float64]

@@ -505,13 +505,18 @@ class FastZBox(_LinearRule):
         pos_w, pos_b, neg_w, neg_b = self._cached(module, "clamped", lambda: (
             _clamped(weight, True), _clamped(bias, True), _clamped(weight, False), _clamped(bias, False)))
         batched = lmap.batched(x)
-        low, high = self._bound(self.low, x, batched), self._bound(self.high, x, batched)
+        # made once per input shape, dtype and device (and bound values): no host-to-device copy per call, which a
+        # CUDA graph could not hold either
+        low, high = self._cached(module, "bounds", lambda: (
+            self._bound(self.low, x, batched), self._bound(self.high, x, batched)),
+            extra=(tuple(x.shape), x.dtype, x.device, batched, _state(self.low), _state(self.high)))
 
         def bound_terms() -> torch.Tensor:
             return lmap.forward(low, pos_w, pos_b) + lmap.forward(high, neg_w, neg_b)
 
         if batched and low.shape[0] == 1 and high.shape[0] == 1:  # the same for every batch: computed once
-            terms = self._cached(module, "bound_terms", bound_terms, extra=(tuple(x.shape[1:]), x.dtype, x.device))
+            terms = self._cached(module, "bound_terms", bound_terms, extra=(tuple(x.shape[1:]), x.dtype, x.device,
+                                                                            _state(self.low), _state(self.high)))
         else:
             terms = bound_terms()
         ratio = self._ratio(relevance, z - terms)
@@ -525,6 +530,13 @@ class FastZBox(_LinearRule):
         """The equivalent Zennit rule."""
         return ZBox(low=self.low, high=self.high, stabilizer=self.stabilizer,
                     zero_params=list(self.zero_params) or None)
+
+
+def _state(value: float | torch.Tensor) -> Any:
+    """What a cached tensor made from ``value`` depends on: the number, or the tensor's memory and version."""
+    if isinstance(value, torch.Tensor):
+        return (value.data_ptr(), value._version, value.dtype, value.device, tuple(value.shape), value.stride())
+    return value
 
 
 class FastFlat(_LinearRule):
