@@ -7,10 +7,13 @@ default) + head + sum/positive pooling (:class:`neon_attrib.vision.deep.DeepNeon
 * ``gradient``: forward + plain input gradient of the explained score: the limit we measure against (ratio 1);
 * ``reference``: the NEON heatmap through Zennit's own ``EpsilonGammaBox`` rules on the VGG part (``fast=False``);
 * ``fast``: the NEON heatmap through :mod:`neon_attrib.vision.fast`'s exact rules (``DeepNeon``'s default);
-* ``fast_bf16`` (``--autocast``): the fast path under bfloat16 autocast, with its heatmap error against float32.
+* ``fast_bf16`` (``--autocast``): the fast path under bfloat16 autocast, with its heatmap error against float32;
+* ``fast_fused`` (``--fused``), ``fast_graphs`` (``--cuda-graphs``, CUDA only): the fast path with fused element-wise
+  kernels, or replayed from CUDA graphs, each checked against ``fast``;
 
-and, once per batch size, for the peer: ``classifier_gradient`` and ``classifier_zennit`` (Zennit's
-``EpsilonGammaBox`` on the full torchvision VGG-16 classifier, predicted class). Heatmaps come from explainers that
+and, once per batch size, for the peer: ``classifier_gradient``, ``classifier_fast`` (``FastEpsilonGammaBox`` through
+an explainer, with ``_fused`` and ``_graphs`` variants as above) and ``classifier_zennit`` (Zennit's
+``EpsilonGammaBox``) on the full torchvision VGG-16 classifier, predicted class. Heatmaps come from explainers that
 register their hooks once (:meth:`DeepNeon.explainer`). Methods are interleaved in every repeat; medians of wall-clock
 and process CPU time are reported, with peak memory (CUDA allocator, or sampled RSS on CPU) from one extra call.
 The fast heatmaps are compared with the reference ones in the same run (max relative error).
@@ -50,6 +53,13 @@ from _common import (  # noqa: E402
 from neon_attrib import KDEInlier, KDEOutlier, KMeansMembership  # noqa: E402
 from neon_attrib.pipeline.attribution import attribution_output  # noqa: E402
 from neon_attrib.vision.deep import DeepNeon, get_preprocessing, vgg16_features  # noqa: E402
+from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer  # noqa: E402
+
+
+def argmax_score(output: torch.Tensor) -> torch.Tensor:
+    """The relevance put on a classifier's output: its top class's score (one function object: CUDA graphs key on
+    it)."""
+    return attribution_output(output, output.argmax(1))
 
 HEADS = ("kde_outlier", "kde_inlier", "kmeans")
 
@@ -135,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fast path with channels_last inputs (the default with --precision fast)")
     parser.add_argument("--autocast", action="store_true", help="also time the fast path under bfloat16 autocast")
     parser.add_argument("--fused", action="store_true", help="also time the fast path with fused kernels")
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time the fast path in CUDA graphs (CUDA)")
     parser.add_argument("--weights", default=None,
                         help="state_dict of VGG-16's conv base (default: random weights), e.g. "
                              "../shared/data/vgg16_imagenet_features/vgg16_features_keras_imagenet.pth")
@@ -176,18 +187,34 @@ def _benchmark(args: argparse.Namespace) -> dict:
     for param in classifier.parameters():
         param.requires_grad_(False)
     low, high = preprocessing.bounds(device=device)
+    classifier_options = {"precision": args.precision, "audit": False}
+    classifier_fast = {"classifier_fast": LRPExplainer(copy.deepcopy(classifier), FastEpsilonGammaBox(
+        low=low, high=high), **classifier_options)}
+    if args.fused:
+        classifier_fast["classifier_fast_fused"] = LRPExplainer(copy.deepcopy(classifier), FastEpsilonGammaBox(
+            low=low, high=high), fused=True, **classifier_options)
+    if args.cuda_graphs and device.type == "cuda":
+        classifier_fast["classifier_fast_graphs"] = LRPExplainer(copy.deepcopy(classifier), FastEpsilonGammaBox(
+            low=low, high=high), cuda_graphs=True, **classifier_options)
     for batch, x in inputs.items() if args.classifier else ():
         methods = {"classifier_gradient": partial(plain_gradient, classifier, x)}
+        methods.update({name: partial(explainer, x, argmax_score) for name, explainer in classifier_fast.items()})
         attributor = None
         if with_reference[batch]:
             # on a copy: the hooks stay registered while the plain gradient runs too
             attributor = Gradient(copy.deepcopy(classifier), EpsilonGammaBox(low=low, high=high)).__enter__()
-            methods["classifier_zennit"] = partial(attributor, x, lambda out: attribution_output(out, out.argmax(1)))
+            methods["classifier_zennit"] = partial(attributor, x, argmax_score)
         rows += rows_for(methods, batch, device, args, "classifier_gradient",
                          {"head": "vgg16 classifier", "n_support": None})
         if attributor is not None:
+            check = {"head": "vgg16 classifier", "n_support": None, "batch": batch,
+                     "fast_vs_zennit_max_rel_error": max_relative_error(
+                classifier_fast["classifier_fast"](x, argmax_score)[1], attributor(x, argmax_score)[1])}
+            checks.append(check)
             attributor.__exit__(None, None, None)
         print(f"classifier, batch {batch}: done", flush=True)
+    for explainer in classifier_fast.values():
+        explainer.close()
 
     for n_support in args.supports:
         support = support_rows(features, n_support, args.size, device, args.preprocessing)
@@ -202,6 +229,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
                                  preprocessing=args.preprocessing).explainer(precision=args.precision)
             bf16 = copy.deepcopy(model).explainer(**options, autocast_dtype=torch.bfloat16)
             fused = copy.deepcopy(model).explainer(**options, fused=True)
+            graphed = copy.deepcopy(model).explainer(**options, cuda_graphs=True)
             for batch, x in inputs.items():
                 methods = {"forward": partial(plain_forward, model, x), "gradient": partial(plain_gradient, model, x),
                            "fast": partial(heatmap, fast, x)}
@@ -211,6 +239,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
                     methods["fast_bf16"] = partial(heatmap, bf16, x)
                 if args.fused:
                     methods["fast_fused"] = partial(heatmap, fused, x)
+                if args.cuda_graphs and device.type == "cuda":
+                    methods["fast_graphs"] = partial(heatmap, graphed, x)
                 extra = {"head": head_name, "n_support": n_support}
                 rows += rows_for(methods, batch, device, args, "gradient", extra)
                 fast_map = heatmap(fast, x)
@@ -221,6 +251,10 @@ def _benchmark(args: argparse.Namespace) -> dict:
                     fused_map = heatmap(fused, x)
                     check["fused_equals_fast"] = bool(torch.equal(fused_map, fast_map))
                     check["fused_vs_fast_max_rel_error"] = max_relative_error(fused_map, fast_map)
+                if "fast_graphs" in methods:  # replayed steps must give the eager heatmap
+                    check["graphs_vs_fast_max_rel_error"] = max_relative_error(heatmap(graphed, x), fast_map)
+                    check["graph_replays"] = graphed.graphs.replays
+                    check["graphs_off"] = graphed.graphs.disabled
                 if args.autocast:
                     low_precision = heatmap(bf16, x).float()
                     check["bf16_vs_fp32_max_rel_error"] = max_relative_error(low_precision, fast_map)
@@ -228,7 +262,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
                         low_precision.flatten(1).double(), fast_map.flatten(1).double()).min())
                 checks.append(check)
                 print(f"{head_name}, N={n_support}, batch {batch}: {check}", flush=True)
-            for explainer in (fast, reference, bf16, fused):
+            for explainer in (fast, reference, bf16, fused, graphed):
                 explainer.close()
             if args.float64_check:
                 x = inputs[min(inputs)].double()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One run on a fresh GPU machine (Python 3.12, a CUDA build of PyTorch installed): the CUDA tests, the whole suite,
 # then bench_fast_lrp (exact), bench_speed, bench_backbones (each also with fused kernels: rows "fast_fused";
-# bench_fast_lrp and bench_overhead also with CUDA graphs: rows "fast_graphs") and bench_overhead on CUDA and bench_fast_lrp (fast precision), JSON into benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
+# bench_fast_lrp, bench_speed and bench_overhead also with CUDA graphs: rows "fast_graphs") and bench_overhead on CUDA and bench_fast_lrp (fast precision), JSON into benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
 # on. GPU_CHECK_STEPS="cuda suite fast_lrp speed backbones overhead fast_lrp_fast" (the default) picks steps.
 #
 # Run it from the repository root:  bash benchmarks/gpu_check.sh
@@ -66,7 +66,7 @@ want fast_lrp && step "bench_fast_lrp exact" 90 $PY benchmarks/bench_fast_lrp.py
     --output $RESULTS/fast_lrp_cuda.json
 want speed && step "bench_speed exact" 80 $PY benchmarks/bench_speed.py --device cuda --precision exact \
     --batches 1 32 128 --heads kde_outlier --supports 10000 --repeats 3 --budget 10 --reference-max-batch 32 \
-    --autocast --fused --output $RESULTS/speed_cuda.json
+    --autocast --fused --cuda-graphs --output $RESULTS/speed_cuda.json
 want backbones && step "bench_backbones exact" 70 $PY benchmarks/bench_backbones.py --device cuda --precision exact \
     --batches 1 32 --backbones resnet18 resnet50 --support 2000 --repeats 3 --budget 10 --zennit-max-batch 32 \
     --no-real-weights --fused --output $RESULTS/backbones_cuda.json
