@@ -113,6 +113,9 @@ def rows_for(methods: dict[str, Callable[[], object]], batch: int, device: torch
     for _ in range(args.warmup):
         for run in methods.values():
             run()
+    for name, run in methods.items():  # CUDA graphs: two eager calls of a shape, then the capture
+        for _ in range(2 if name.endswith("_graphs") else 0):
+            run()
     times, cpu_times = time_interleaved(methods, device, args.repeats, args.budget)
     memory = {name: None if args.no_memory else peak_memory_mb(device, run) for name, run in methods.items()}
     grad_s, grad_cpu = median(times[gradient_name]), median(cpu_times[gradient_name])
