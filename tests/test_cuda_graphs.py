@@ -11,10 +11,20 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from neon_attrib import KDEOutlier
 from neon_attrib.pipeline.engine import ConservationWarning
-from neon_attrib.vision.fast import FastEpsilonGammaBox, FastGamma, LRPExplainer
+from neon_attrib.vision.deep import DeepNeon
+from neon_attrib.vision.fast import (
+    FastEpsilonGammaBox,
+    FastEpsilonPlusFlat,
+    FastGamma,
+    FastResNetCanonizer,
+    LRPExplainer,
+)
 
 LOW, HIGH = -3.0, 3.0
 
@@ -29,16 +39,32 @@ def _write_into(old, new) -> None:
     elif isinstance(old, (tuple, list)):
         for a, b in zip(old, new, strict=True):
             _write_into(a, b)
-    elif isinstance(old, dict):
-        for name in old:
+    elif isinstance(old, dict):  # (a check's predictions: booleans the host keeps, no tensors)
+        for name in old.keys() & new.keys():
             _write_into(old[name], new[name])
     elif hasattr(old, "__dict__") and not isinstance(old, (nn.Module, type)) and not callable(old):
         for name, value in vars(old).items():
             _write_into(value, vars(new)[name])
 
 
+#: what a CUDA graph cannot hold: reads of values by the host, and tensors made from host data (each a host-to-device
+#: copy on a GPU)
+HOST_TRAFFIC = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::lift_fresh",
+                "aten::_assert_async", "aten::equal"}
+
+
+class NoHostTraffic(TorchDispatchMode):
+    """Raises on :data:`HOST_TRAFFIC`, as a CUDA stream capture does."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in HOST_TRAFFIC:
+            raise RuntimeError(f"{func._schema.name}: operation not permitted when stream is capturing")
+        return func(*args, **(kwargs or {}))
+
+
 class EmulatedGraph:
-    """A CPU stand-in for :class:`neon_attrib.pipeline.graphs.CudaGraph` (see the module docstring)."""
+    """A CPU stand-in for :class:`neon_attrib.pipeline.graphs.CudaGraph` (see the module docstring); the captured
+    run refuses what a CUDA capture refuses (:class:`NoHostTraffic`)."""
 
     captures = 0
 
@@ -49,7 +75,8 @@ class EmulatedGraph:
     def capture(self, run):
         type(self).captures += 1
         run()  # the warm-up run
-        self.run, self.result = run, run()
+        with NoHostTraffic():
+            self.run, self.result = run, run()
         return self.result
 
     def replay(self) -> None:
@@ -189,6 +216,51 @@ def test_changed_weights_or_tensor_targets_run_eagerly(on_cuda):
             for _ in range(3):
                 assert torch.equal(fast(x, seed)[1], eager(x, seed)[1])
         assert fast.graphs.replays == 1
+
+
+def small_resnet() -> nn.Module:
+    torch.manual_seed(38)
+    model = torchvision.models.resnet18(num_classes=4)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval().double()
+
+
+@pytest.mark.parametrize("case", ["epsilon_plus_flat", "resnet", "deepneon_kde", "fused"])
+def test_steps_hold_no_host_traffic(on_cuda, monkeypatch, case):
+    """The steps captured for the documented paths read nothing back and copy nothing from the host (a CUDA capture
+    would fail): a ResNet with its canonizer and merged batch norms, the other composite, a DeepNeon model with a KDE
+    head, fused kernels; every replay equals the eager explanation."""
+    generator = torch.Generator().manual_seed(39)
+    if case == "deepneon_kde":
+        features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                 nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True)).double()
+        model = DeepNeon(features, KDEOutlier(gamma=1e-2)).fit(
+            torch.rand(3, 3, 16, 16, dtype=torch.float64, generator=generator), progress=False)
+        eager, fast = model.explainer(), model.explainer(cuda_graphs=True)
+        fast.graphs.backend = EmulatedGraph
+        explain = [lambda x, e=e: e(x) for e in (eager, fast)]
+    else:
+        model = small_resnet() if case == "resnet" else sign_switching()
+        canonizers = [FastResNetCanonizer()] if case == "resnet" else []
+        composite = (lambda: FastEpsilonPlusFlat(canonizers=list(canonizers))) if case != "fused" else (
+            lambda: FastEpsilonGammaBox(low=LOW, high=HIGH))
+        if case == "fused":
+            from neon_attrib.core import fused
+            monkeypatch.setattr(fused, "MIN_ELEMENTS", 2)
+        eager = LRPExplainer(model, composite())
+        fast = LRPExplainer(model, composite(), cuda_graphs=True, fused=case == "fused")
+        fast.graphs.backend = EmulatedGraph
+        explain = [lambda x, e=e: e(x, identity) for e in (eager, fast)]
+    with eager, fast:
+        for _ in range(4):
+            x = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=generator)
+            assert torch.equal(explain[1](x)[1], explain[0](x)[1])
+        assert fast.graphs.disabled is None, fast.graphs.disabled
+        assert fast.graphs.replays == 2
 
 
 def test_cuda_graphs_option_is_checked_and_off_on_cpu():

@@ -232,3 +232,32 @@ def test_audit_sums_a_relevance_handed_on_unchanged_once(monkeypatch):
     for name in every.per_module:
         assert torch.equal(shared.per_module[name], every.per_module[name])
     assert torch.equal(shared.dissipated, every.dissipated) and torch.equal(shared.unaccounted, every.unaccounted)
+
+
+def test_non_finite_inputs_raise_inside_explanations_too():
+    """Inside an explanation a model's finiteness check is read back with the rules' conditions (no host read of its
+    own); a non-finite input still raises the same error, from the retake that checks on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from neon_attrib.pipeline.engine import Explainer, resolve_composite
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            type(self).count += func._schema.name == "aten::_local_scalar_dense"
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(27)
+    model = KDEOutlier(gamma=0.5).fit(torch.randn(20, 3))
+    bad = torch.randn(4, 3)
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN or infinity"):
+        explain(model, bad)
+    with Explainer(model, resolve_composite(model), audit=False) as explainer:
+        with pytest.raises(ValueError, match="contains NaN or infinity"):
+            explainer(bad)
+        explainer(torch.randn(4, 3))
+        with Reads():
+            explainer(torch.randn(4, 3))
+    assert Reads.count == 0  # no scalar read of its own: read back with the other conditions (one transfer)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .deferred import DeferredChecks
+
 ArrayLike = Any  # numpy arrays, torch tensors, nested sequences
 
 
@@ -91,7 +93,14 @@ def check_2d_finite(x: torch.Tensor, *, owner: str, name: str = "X", n_features:
                          f"required.")
     if n_features is not None and x.shape[1] != n_features:
         raise ValueError(f"{name} has {x.shape[1]} features, but {owner} was fitted with {n_features} features.")
-    if not bool(torch.isfinite(x).all()):
+    finite = torch.isfinite(x).all()
+    checks = DeferredChecks.active()
+    if checks is not None and checks.defer:
+        # inside an explanation: read back with the rules' conditions at its end; if it fails, the explanation is
+        # taken again with every check on the host, where this one raises (no host read per call: one less stall on
+        # a GPU, and a step a CUDA graph can hold)
+        checks.record({}, "finite", finite, followed=True)
+    elif not bool(finite):
         raise ValueError(f"{name} passed to {owner} contains NaN or infinity.")
 
 
