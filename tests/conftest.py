@@ -115,3 +115,17 @@ def accept_zero_eps():
         return
     with mock.patch.object(torch.nn.functional, "batch_norm", _naive_batch_norm):
         yield
+
+
+def randomize_batch_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random running statistics and affine parameters, so that merging them into the convolutions changes weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                shape = module.running_mean.shape
+                module.running_mean.copy_(torch.rand(shape, generator=generator) * 0.4 - 0.2)
+                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(shape, generator=generator) * 0.4 - 0.2)
+    return model

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import accept_zero_eps, assert_no_hooks, assert_repeatable, require_data
+from conftest import accept_zero_eps, assert_no_hooks, assert_repeatable, randomize_batch_norms, require_data
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from zennit.attribution import Gradient
@@ -57,20 +57,6 @@ LOW, HIGH = -3.0, 3.0
 
 def max_rel_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     return ((result - reference).abs().max() / reference.abs().max()).item()
-
-
-def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine parameters, so that merging them into the convolutions changes weights."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(torch.rand(shape, generator=generator) * 0.4 - 0.2)
-                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(shape, generator=generator) * 0.4 - 0.2)
-    return model
 
 
 _NETWORKS: dict[str, nn.Module] = {}

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from conftest import randomize_batch_norms
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -112,6 +113,18 @@ def sign_switching(dtype=torch.float64) -> nn.Sequential:
     return model
 
 
+def replaying(seed: int):
+    """``(model, x, explainer)``: a graphed explainer of :func:`sign_switching` that has explained ``x`` twice, captured
+    the step and replayed it once."""
+    model = sign_switching()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    fast = graphed(model, EmulatedGraph)
+    for _ in range(3):
+        fast(x, identity)
+    assert fast.graphs.replays == 1
+    return model, x, fast
+
+
 def identity(out: torch.Tensor) -> torch.Tensor:
     return out
 
@@ -169,12 +182,8 @@ def test_failed_prediction_in_a_replay_is_taken_eagerly(on_cuda):
 
 def test_nan_heatmap_from_a_replay_fails_the_audit(on_cuda):
     """The audit of a replayed step is read from its captured records: a NaN the replay produces is reported."""
-    model = sign_switching()
-    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(34))
-    with graphed(model, EmulatedGraph) as fast:
-        for _ in range(3):
-            fast(x, identity)
-        assert fast.graphs.replays == 1
+    _, x, fast = replaying(34)
+    with fast:
         poisoned = x.clone()
         poisoned[0, 0, 0, 0] = float("nan")
         with pytest.warns(ConservationWarning, match="not finite"):
@@ -202,12 +211,8 @@ def test_a_failed_or_wrong_capture_switches_graphs_off(on_cuda, backend, reason)
 def test_changed_weights_or_tensor_targets_run_eagerly(on_cuda):
     """A parameter changed in place is a new kind of input (the captured step holds the old modified weights);
     tensors as attr_output are not captured. Both give the eager heatmaps."""
-    model = sign_switching()
-    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(36))
-    with graphed(model, EmulatedGraph) as fast:
-        for _ in range(3):
-            fast(x, identity)
-        assert fast.graphs.replays == 1
+    model, x, fast = replaying(36)
+    with fast:
         with torch.no_grad():
             model[3].weight.mul_(2)
         with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as eager:
@@ -220,13 +225,7 @@ def test_changed_weights_or_tensor_targets_run_eagerly(on_cuda):
 
 def small_resnet() -> nn.Module:
     torch.manual_seed(38)
-    model = torchvision.models.resnet18(num_classes=4)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 1.5)
-    return model.eval().double()
+    return randomize_batch_norms(torchvision.models.resnet18(num_classes=4), seed=38).eval().double()
 
 
 @pytest.mark.parametrize("case", ["epsilon_plus_flat", "resnet", "deepneon_kde", "fused"])

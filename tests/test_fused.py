@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from conftest import randomize_batch_norms
 from torch import nn
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
@@ -131,13 +132,7 @@ def small_vgg(dtype: torch.dtype) -> nn.Sequential:
 
 def small_resnet(dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(4)
-    model = torchvision.models.resnet18(num_classes=5)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 1.5)
-    return model.eval().to(dtype)
+    return randomize_batch_norms(torchvision.models.resnet18(num_classes=5), seed=4).eval().to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
