@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 
 import pytest
@@ -220,6 +221,95 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch, kernels):
     assert kernels == []
 
 
+def _reciprocal_ratio(relevance, denominator, epsilon):  # 1 ulp off for many quotients, as an approximate division
+    return relevance * (1 / (denominator + torch.where(denominator >= 0, epsilon, -epsilon)))
+
+
+def _flushing_ratio(relevance, denominator, epsilon):  # subnormal numbers flushed to zero, as Triton does by default
+    ratio = fused._ratio_body(relevance, denominator, epsilon)
+    return torch.where(ratio.abs() < torch.finfo(ratio.dtype).smallest_normal, torch.zeros_like(ratio), ratio)
+
+
+def _nan_ignoring_bounds(z, relevance):  # a reduction that skips NaN: the shortcut's check would pass on NaN
+    masked = (z <= 0).to(relevance.dtype) * relevance
+    return masked.nan_to_num(0.0, posinf=float("inf"), neginf=-float("inf")).aminmax()
+
+
+@pytest.mark.parametrize("inexact", [_reciprocal_ratio, _flushing_ratio, _nan_ignoring_bounds],
+                         ids=["approximate_division", "flushed_subnormals", "nan_ignoring_bounds"])
+def test_kernel_with_other_numbers_is_not_used(compiler, kernels, monkeypatch, inexact):
+    """A compiled kernel that differs from the eager operations in any bit on the probe values (as Triton's default
+    division and subnormal flushing do) is not used on that device and dtype: one RuntimeWarning names it, the heatmap
+    is the eager one, the other kernel still runs."""
+    name = "bounds" if "bounds" in inexact.__name__ else "ratio"
+    exact = {"ratio": fused._ratio_body, "bounds": fused._bounds_body}
+
+    def compile_(body, **options):
+        assert options["options"] == fused.exact_options()
+        return inexact if body is exact[name] else body
+
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "_VERIFIED", {})
+    monkeypatch.setattr(torch, "compile", compile_)
+    model = small_vgg(torch.float32)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH)) as eager, \
+            LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH), fused=True) as fast:
+        with pytest.warns(RuntimeWarning, match=f"fused '{name}' kernel does not give the eager") as record:
+            for _ in range(2):
+                same(fast(x, lambda out: out)[1], eager(x, lambda out: out)[1])
+        assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    assert name not in kernels and ({"ratio", "bounds"} - {name}) <= set(kernels)
+    assert fused._VERIFIED == {(name, "cpu", torch.float32): False, (({"ratio", "bounds"} - {name}).pop(), "cpu",
+                                                                   torch.float32): True}
+
+
+def test_unchecked_kernel_is_not_used_while_a_cuda_graph_is_captured(compiler, kernels, monkeypatch):
+    """The first call of a kernel compares it with the eager operations on the host: never inside a CUDA graph's
+    capture (the eager operations run there); a kernel checked before runs."""
+    monkeypatch.setattr(fused, "_VERIFIED", {})
+    monkeypatch.setattr(fused, "_capturing", lambda device: True)
+    relevance, z = torch.randn(4, 8), torch.randn(4, 8)
+    eps = torch.tensor(1e-6)
+    assert fused.stabilized_ratio(relevance, z, eps) is None and not fused._VERIFIED
+    monkeypatch.setattr(fused, "_capturing", lambda device: False)
+    assert fused.stabilized_ratio(relevance, z, eps) is not None
+    monkeypatch.setattr(fused, "_capturing", lambda device: True)
+    same(fused.stabilized_ratio(relevance, z, eps), relevance / stabilize(z, 1e-6))
+    assert kernels == ["ratio", "ratio"]
+
+
+def test_compiled_with_the_eager_numerics_options():
+    """The options that keep eager numerics (exact division in Triton, no flushing of subnormals, no fast math or
+    contraction) are passed wherever the installed Inductor has them, and Inductor accepts them."""
+    from torch._inductor import config
+
+    known = set(config.get_config_copy())
+    options = fused.exact_options()
+    assert options and all(key in known for key in options)
+    if {"eager_numerics.division_rounding", "emulate_divison_rounding"} & known:
+        assert options.get("eager_numerics.division_rounding", options.get("emulate_divison_rounding")) is True
+    with config.patch(options):
+        assert all(getattr(config, key.split(".")[0]) is not None for key in options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_probe_values_span_the_exponent_range(dtype):
+    """The probe has both zeros, infinities, subnormals, the extremes and every binade from the smallest subnormal to
+    the largest finite number, and values of the usual size."""
+    values = fused.probe_values(dtype, "cpu", seed=1).double()
+    info = torch.finfo(dtype)
+    assert {0.0, float("inf"), -float("inf"), info.max, -info.max} <= set(values.tolist())
+    assert torch.signbit(values[values == 0]).unique().numel() == 2
+    magnitudes = values[(values != 0) & values.isfinite()].abs()
+    assert (magnitudes < info.smallest_normal).any() and magnitudes.min() == info.smallest_normal * info.eps
+    binades = magnitudes.log2().floor().unique()
+    assert binades.min() <= math.log2(info.smallest_normal * info.eps) and binades.max() == math.floor(
+        math.log2(info.max))
+    assert binades.numel() > 0.9 * (math.log2(info.max) - math.log2(info.smallest_normal * info.eps))
+    assert ((magnitudes > 0.1) & (magnitudes < 4)).float().mean() > 0.3
+
+
 def test_fused_is_opt_in_and_scoped(compiler, kernels):
     """Off by default, only inside the explainer's calls (not for the rules used through Zennit directly), and the
     option is checked."""
@@ -260,8 +350,8 @@ def test_python_modes_run_eagerly_and_keep_fusion(compiler, kernels):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("network", ["vgg", "resnet"])
 def test_cuda_fused_equals_eager(kernels, network):
-    """On CUDA (Triton kernels): the fused heatmap equals the eager one to float32 rounding (bit for bit where
-    Triton's division is IEEE; the GPU check's benchmarks record whether it was)."""
+    """On CUDA (Triton kernels, compiled with the eager numerics options): the fused heatmap equals the eager one bit
+    for bit, and the kernels passed their check against the eager operations (else they would not have run)."""
     if not compiles("cuda"):
         pytest.skip("torch.compile cannot build CUDA kernels on this machine")
     model = (small_vgg if network == "vgg" else small_resnet)(torch.float32).cuda()
@@ -273,5 +363,5 @@ def test_cuda_fused_equals_eager(kernels, network):
         for _ in range(2):
             _, reference = eager(x, lambda out: out)
             _, relevance = fast(x, lambda out: out)
-            assert ((relevance - reference).abs().max() / reference.abs().max()).item() < 1e-6
+            same(relevance, reference)
     assert "ratio" in kernels and "bounds" in kernels

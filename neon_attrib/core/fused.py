@@ -7,6 +7,14 @@ these passes cost about as much as a convolution. Inside :func:`fused_kernels` e
 ``torch.compile`` (Triton on CUDA, C++ on CPUs), with the same operations in the same order: the same numbers as the
 eager operations (every step is a correctly rounded IEEE operation; no multiply-add is contracted).
 
+Compiled code is not exact by default everywhere: Triton divides float32 numbers with an approximate instruction
+(up to 2 ulp off) and flushes subnormal numbers to zero. The kernels are compiled with the options of Inductor that
+keep eager PyTorch's numerics (:func:`exact_options`, where the installed release has them), and the first call of a
+kernel on a device and dtype compares it with the eager operations on probe values (random numbers over the whole
+exponent range, subnormals, signed zeros, infinities, NaN, quotients that are exact): a kernel that differs in any bit
+is not used there (one :class:`RuntimeWarning`; the eager operations run). So the fused path gives the eager numbers
+or is not taken.
+
 Opt-in (``Explainer(..., fused=True)``): the first call of each kernel compiles it (seconds), and a compiled call
 costs more host time than the eager operations it replaces, so tensors under :data:`MIN_ELEMENTS` elements take the
 eager path, and so does everything where compiling fails (a missing C compiler, an unsupported backend: one
@@ -16,6 +24,7 @@ eager path, and so does everything where compiling fails (a missing C compiler, 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +32,7 @@ from contextvars import ContextVar
 
 import torch
 
-__all__ = ["MIN_ELEMENTS", "fused_kernels", "fusing", "masked_bounds", "stabilized_ratio"]
+__all__ = ["MIN_ELEMENTS", "exact_options", "fused_kernels", "fusing", "masked_bounds", "stabilized_ratio"]
 
 #: tensors with fewer elements take the eager operations (a compiled call costs ~15 us of host time more)
 MIN_ELEMENTS = 1 << 16
@@ -32,6 +41,19 @@ _ENABLED: ContextVar[bool] = ContextVar("neon_attrib_fused_kernels", default=Fal
 _LOCK = threading.Lock()
 _COMPILED: dict[str, Callable] = {}
 _FAILED: list[str] = []
+#: (kernel, device, dtype) -> whether the compiled kernel gave the eager numbers on the probe values
+_VERIFIED: dict[tuple[str, str, torch.dtype], bool] = {}
+
+#: Inductor options that keep eager PyTorch's numerics (names differ between releases; absent ones are left out)
+_EXACT: dict[str, str | bool] = {
+    "eager_numerics.division_rounding": True,  # Triton's x / y is div.full.f32 (<= 2 ulp) unless this is set
+    "emulate_divison_rounding": True,  # the same option in earlier releases (spelled so)
+    "eager_numerics.disable_ftz": True,  # keep subnormal numbers
+    "emulate_precision_casts": True,  # round reduced-precision intermediates as eager operations do
+    "use_fast_math": False,
+    "cpp.enable_unsafe_math_opt_flag": False,
+    "cpp.enable_floating_point_contract_flag": "off",  # no multiply-add contraction in C++ kernels
+}
 
 
 @contextlib.contextmanager
@@ -68,6 +90,24 @@ def _bounds_body(z: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor
     return masked.amin(), masked.amax()
 
 
+def exact_options() -> dict[str, str | bool]:
+    """The options passed to ``torch.compile`` for the fused kernels: those of :data:`_EXACT` that the installed
+    Inductor knows (an unknown option is an error there).
+
+    Examples
+    --------
+    >>> options = exact_options()
+    >>> all(key in _EXACT for key in options)
+    True
+    """
+    try:
+        from torch._inductor import config
+        known = set(config.get_config_copy())
+    except Exception:  # an Inductor without these names: compile with its defaults, the probe decides
+        return {}
+    return {key: value for key, value in _EXACT.items() if key in known}
+
+
 def _flat(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """1-D views of tensors laid out alike in dense memory (one compiled kernel serves every shape), or None."""
     first = tensors[0]
@@ -89,16 +129,23 @@ def _modes_active() -> bool:
 
 
 def _run(name: str, body: Callable, *args: torch.Tensor):
-    """``body(*args)`` compiled once per process (None where compiling failed, or under a Python mode: the caller runs
-    eagerly)."""
+    """``body(*args)`` compiled once per process (None where compiling failed, where the kernel did not give the eager
+    numbers on this device and dtype, or under a Python mode: the caller runs eagerly)."""
     if _FAILED or _modes_active():
         return None
+    where = (name, str(args[0].device), args[0].dtype)
+    verified = _VERIFIED.get(where)
+    if verified is False or (verified is None and _capturing(args[0].device)):
+        return None  # not exact here, or not yet checked and a CUDA graph is being captured (no host reads there)
     with _LOCK:
         kernel = _COMPILED.get(name)
         if kernel is None:
-            kernel = _COMPILED[name] = torch.compile(body, dynamic=True, fullgraph=True)
+            kernel = _COMPILED[name] = torch.compile(body, dynamic=True, fullgraph=True,
+                                                     options=dict(exact_options()))
     try:
         with torch.no_grad():  # as in a backward pass, wherever it is called: one compilation per dtype and device
+            if verified is None and not _verify(where, body, kernel, args[0].device, args[0].dtype):
+                return None
             return kernel(*args)
     except Exception as error:  # no compiler, an unsupported backend: the eager operations give the same numbers
         with _LOCK:
@@ -109,6 +156,64 @@ def _run(name: str, body: Callable, *args: torch.Tensor):
                           f"operations instead (the same numbers, without the speed-up).", RuntimeWarning,
                           stacklevel=3)
         return None
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def probe_values(dtype: torch.dtype, device: torch.device | str, seed: int, size: int = MIN_ELEMENTS) -> torch.Tensor:
+    """``size`` values of ``dtype`` for comparing a kernel with the eager operations: random signs and mantissas over
+    the whole exponent range (subnormals included), led by zeros of both signs, infinities, the smallest normal and
+    subnormal numbers and the largest finite one."""
+    info = torch.finfo(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    low = round(math.log2(info.smallest_normal) + math.log2(info.eps))  # the smallest subnormal's exponent
+    high = math.floor(math.log2(info.max))
+    exponents = torch.randint(low, high, (size,), generator=generator)
+    values = torch.ldexp(torch.rand(size, generator=generator, dtype=torch.float64) + 0.5, exponents.double())
+    values = torch.where(torch.rand(size, generator=generator) < 0.5, -values, values)
+    # a third of the values in [-4, 4]: the magnitudes of the relevance and the activations the rules see
+    usual = torch.randn(size, generator=generator, dtype=torch.float64)
+    values = torch.where(torch.arange(size) % 3 == 0, usual, values).to(dtype)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), info.smallest_normal, -info.smallest_normal,
+                            info.smallest_normal * info.eps, info.max, -info.max], dtype=dtype)
+    values[:len(special)] = special
+    return values.to(device)
+
+
+def _verify(where: tuple[str, str, torch.dtype], body: Callable, kernel: Callable, device: torch.device,
+            dtype: torch.dtype) -> bool:
+    """Compare the compiled ``kernel`` with ``body`` run eagerly on probe values (:func:`probe_values`); remember and
+    warn where they differ."""
+    first, second = probe_values(dtype, device, 1), probe_values(dtype, device, 2)
+    # quotients a 2-ulp division gets wrong where the exact one is representable (4.6875 / 0.9375 = 5)
+    first[16:20] = torch.tensor([4.6875, 3.0, 1.0, 0.1], dtype=dtype, device=device)
+    second[16:20] = torch.tensor([0.9375, 3.0, 3.0, 0.1], dtype=dtype, device=device)
+    cases: list[tuple[torch.Tensor, ...]]
+    if where[0] == "ratio":
+        cases = [(first, second, torch.tensor(eps, dtype=dtype, device=device)) for eps in (1e-6, 0.25, 0.0)]
+    else:
+        with_nan = first.clone()
+        with_nan[100] = float("nan")
+        cases = [(second, first), (first, second), (second, with_nan)]
+    for args in cases:
+        if not _same(kernel(*args), body(*args)):
+            _VERIFIED[where] = False
+            warnings.warn(f"neon_attrib's fused {where[0]!r} kernel does not give the eager operations' numbers on "
+                          f"{where[1]} in {where[2]} (this PyTorch's compiler); the rules use the eager operations "
+                          f"there (exact, without the speed-up).", RuntimeWarning, stacklevel=4)
+            return False
+    _VERIFIED[where] = True
+    return True
+
+
+def _same(result, reference) -> bool:
+    """Equal values (zeros of either sign equal) with NaN in the same places, for a tensor or a tuple of tensors."""
+    if isinstance(reference, torch.Tensor):
+        result, reference = (result,), (reference,)
+    return all(a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+               for a, b in zip(result, reference, strict=True))
 
 
 def stabilized_ratio(relevance: torch.Tensor, denominator: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor | None:
