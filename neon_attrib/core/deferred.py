@@ -124,7 +124,6 @@ class DeferredChecks:
             predictions[key] = combined[(id(predictions), key)]
         return held
 
-
     def stable(self) -> bool:
         """Whether every prediction still equals the value its rule followed when recorded (after :meth:`settle` with
         ``keep``: a captured step still takes the computations the predictions choose)."""
