@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads, or NEON_ATTRIB_TEST_THREADS (e.g. 16, a GPU machine's count: sums then split differently)
+torch.set_num_threads(int(os.environ.get("NEON_ATTRIB_TEST_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 
 
 def shared_data_dir() -> Path | None:
