@@ -13,6 +13,9 @@ batch size, interleaved in every repeat:
   (``DeepNeon``'s default, :meth:`DeepNeon.explainer`);
 * ``zennit``: the same heatmap with Zennit's own rules, ``EpsilonGammaBox`` with ``ResNetCanonizer``
   (``DeepNeon(fast=False)``), up to ``--zennit-max-batch``;
+* ``fast_fused`` (``--fused``) and ``fast_graphs`` (``--cuda-graphs``, CUDA only): ``fast`` with fused element-wise
+  kernels, or replayed from CUDA graphs, each checked against ``fast`` (``fused_equals_fast``,
+  ``graphs_vs_fast_max_rel_error``, ``graph_replays``, ``graphs_off`` in the checks);
 
 and, because the head's cost is the same in all three and dilutes the comparison, the backbone alone (the LRP the fast
 rules change): ``taps_gradient``, ``taps_fast`` and ``taps_zennit``, the same three for the tapped feature map itself
@@ -148,6 +151,8 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
     """Time every method at every batch size; check fast against Zennit; one JSON row per method."""
     fast = model.explainer(audit=False, precision=args.precision)
     fused = model.explainer(audit=False, precision=args.precision, fused=True) if args.fused else None
+    graphed = (model.explainer(audit=False, precision=args.precision, cuda_graphs=True)
+               if args.cuda_graphs and device.type == "cuda" else None)
     zennit_model = copy.deepcopy(model)
     zennit_model.fast = False
     zennit = zennit_model.explainer(audit=False, precision=args.precision)
@@ -165,6 +170,8 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
         methods.update({"gradient": partial(plain_gradient, model, x), "fast": partial(heatmap, fast, x)})
         if fused is not None:
             methods["fast_fused"] = partial(heatmap, fused, x)
+        if graphed is not None:
+            methods["fast_graphs"] = partial(heatmap, graphed, x)
         if batch <= args.zennit_max_batch:
             methods["zennit"] = partial(heatmap, zennit, x)
         if backbone_rows:
@@ -175,10 +182,15 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
         for _ in range(args.warmup):
             for run in methods.values():
                 run()
+        for name, run in methods.items():  # CUDA graphs: two eager calls of a shape, then the capture
+            for _ in range(2 if name == "fast_graphs" else 0):
+                run()
         times, cpu_times = time_interleaved(methods, device, args.repeats, args.budget)
         memory = {name: None if args.no_memory else peak_memory_mb(device, run) for name, run in methods.items()}
         # the arithmetic of each method (inference-mode kernels escape the counter: no count for the forward)
-        flops = {name: 0 if name == "forward" else sum(count_flops(run).values()) for name, run in methods.items()}
+        # (a replayed CUDA graph launches no operator the counter sees: no count either)
+        flops = {name: 0 if name in ("forward", "fast_graphs") else sum(count_flops(run).values())
+                 for name, run in methods.items()}
         for name in methods:
             # ratios to the gradient of the same thing: the head's score, or the tapped map alone
             reference = "taps_gradient" if name.startswith("taps_") else "gradient"
@@ -195,6 +207,10 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
             fused_map, fast_map = heatmap(fused, x), heatmap(fast, x)
             check["fused_equals_fast"] = bool(torch.equal(fused_map, fast_map))
             check["fused_vs_fast_max_rel_error"] = max_relative_error(fused_map, fast_map)
+        if graphed is not None:  # replayed steps must give the eager heatmap
+            check["graphs_vs_fast_max_rel_error"] = max_relative_error(heatmap(graphed, x), heatmap(fast, x))
+            check["graph_replays"] = graphed.graphs.replays
+            check["graphs_off"] = graphed.graphs.disabled
         if "zennit" in methods:
             check["fast_vs_zennit_max_rel_error"] = max_relative_error(heatmap(fast, x), heatmap(zennit, x))
         if "taps_zennit" in methods:
@@ -208,7 +224,7 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
         checks.append(check)
         print(f"{label}, batch {batch}: " + ", ".join(
             f"{name} {batch / median(times[name]):.3g} img/s" for name in methods) + f"; {check}", flush=True)
-    for explainer in (fast, zennit, taps_fast, *([fused] if fused is not None else [])):
+    for explainer in (fast, zennit, taps_fast, *(e for e in (fused, graphed) if e is not None)):
         explainer.close()
     taps_zennit.__exit__(None, None, None)
     return rows, checks
@@ -268,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=40.0, help="stop repeating a configuration after this many s")
     parser.add_argument("--forward", action="store_true", help="also time the plain forward pass")
     parser.add_argument("--fused", action="store_true", help="also time the fast path with fused kernels")
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time the fast path in CUDA graphs (CUDA)")
     parser.add_argument("--zennit-max-batch", type=int, default=1, help="time Zennit only up to this batch size")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     parser.add_argument("--no-real-weights", dest="real_weights", action="store_false",

@@ -209,12 +209,21 @@ def _benchmark(args: argparse.Namespace) -> dict:
             methods["classifier_zennit"] = partial(attributor, x, argmax_score)
         rows += rows_for(methods, batch, device, args, "classifier_gradient",
                          {"head": "vgg16 classifier", "n_support": None})
+        check = {"head": "vgg16 classifier", "n_support": None, "batch": batch}
+        fast_map = classifier_fast["classifier_fast"](x, argmax_score)[1]
+        if "classifier_fast_fused" in classifier_fast:  # the eager heatmap, bit for bit
+            fused_map = classifier_fast["classifier_fast_fused"](x, argmax_score)[1]
+            check["fused_equals_fast"] = bool(torch.equal(fused_map, fast_map))
+            check["fused_vs_fast_max_rel_error"] = max_relative_error(fused_map, fast_map)
+        if "classifier_fast_graphs" in classifier_fast:  # replayed steps must give the eager heatmap
+            graphed = classifier_fast["classifier_fast_graphs"]
+            check["graphs_vs_fast_max_rel_error"] = max_relative_error(graphed(x, argmax_score)[1], fast_map)
+            check["graph_replays"] = graphed.graphs.replays
+            check["graphs_off"] = graphed.graphs.disabled
         if attributor is not None:
-            check = {"head": "vgg16 classifier", "n_support": None, "batch": batch,
-                     "fast_vs_zennit_max_rel_error": max_relative_error(
-                classifier_fast["classifier_fast"](x, argmax_score)[1], attributor(x, argmax_score)[1])}
-            checks.append(check)
+            check["fast_vs_zennit_max_rel_error"] = max_relative_error(fast_map, attributor(x, argmax_score)[1])
             attributor.__exit__(None, None, None)
+        checks.append(check)
         print(f"classifier, batch {batch}: done", flush=True)
     for explainer in classifier_fast.values():
         explainer.close()

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One run on a fresh GPU machine (Python 3.12, a CUDA build of PyTorch installed): the CUDA tests, the whole suite,
-# then bench_fast_lrp (exact), bench_speed, bench_backbones (each also with fused kernels: rows "fast_fused";
-# bench_fast_lrp, bench_speed and bench_overhead also with CUDA graphs: rows "fast_graphs") and bench_overhead on CUDA and bench_fast_lrp (fast precision), JSON into benchmarks/results/*_cuda*.json. At most GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes
-# on. GPU_CHECK_STEPS="cuda suite fast_lrp speed backbones overhead fast_lrp_fast" (the default) picks steps.
+# then on CUDA bench_fast_lrp (exact), bench_speed, bench_backbones (each also with fused kernels, rows "fast_fused",
+# and with CUDA graphs, rows "fast_graphs"), bench_overhead (also "fast_graphs") and bench_fast_lrp (fast precision);
+# JSON into benchmarks/results/*_cuda*.json, then the speed goals read from it (gpu_goals.py). At most
+# GPU_CHECK_BUDGET seconds (default 470); each step is capped, the rest goes on.
+# GPU_CHECK_STEPS="cuda suite fast_lrp speed backbones overhead fast_lrp_fast goals" (the default) picks steps.
 #
 # Run it from the repository root:  bash benchmarks/gpu_check.sh
 #
@@ -22,6 +24,7 @@ RESULTS=benchmarks/results
 LOG=$RESULTS/gpu_check_cuda.log
 BUDGET=${GPU_CHECK_BUDGET:-470}  # seconds for the whole script
 mkdir -p "$RESULTS"
+START=$(date +%s)  # the goals read only the JSON of this run
 : > "$LOG"
 
 say() { echo "== [$SECONDS s] $*" | tee -a "$LOG"; }
@@ -50,7 +53,7 @@ torch.__version__, 'cuda', torch.cuda.is_available(), 'zennit', m.version('zenni
 'zarr', m.version('zarr'), 'threads', torch.get_num_threads())" 2>&1; } | tee -a "$LOG"
 
 # GPU_CHECK_STEPS picks steps (default: all, in this order: the tests first, they matter most)
-STEPS=" ${GPU_CHECK_STEPS:-cuda suite fast_lrp speed backbones overhead fast_lrp_fast} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda suite fast_lrp speed backbones overhead fast_lrp_fast goals} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # 1. the tests that need the GPU (they skip on a CPU) and the precision/device/batch-norm tests around them
@@ -69,11 +72,14 @@ want speed && step "bench_speed exact" 80 $PY benchmarks/bench_speed.py --device
     --autocast --fused --cuda-graphs --output $RESULTS/speed_cuda.json
 want backbones && step "bench_backbones exact" 70 $PY benchmarks/bench_backbones.py --device cuda --precision exact \
     --batches 1 32 --backbones resnet18 resnet50 --support 2000 --repeats 3 --budget 10 --zennit-max-batch 32 \
-    --no-real-weights --fused --output $RESULTS/backbones_cuda.json
+    --no-real-weights --fused --cuda-graphs --output $RESULTS/backbones_cuda.json
 want overhead && step "bench_overhead" 40 $PY benchmarks/bench_overhead.py --device cuda --precision exact \
     --output $RESULTS/overhead_cuda.json
 want fast_lrp_fast && step "bench_fast_lrp fast" 50 $PY benchmarks/bench_fast_lrp.py --device cuda --precision fast \
     --size 224 --batches 1 32 128 --repeats 5 --no-zennit --output $RESULTS/fast_lrp_cuda_fast.json
+
+# 4. the speed goals read from the JSON above: which exact variant meets them (goals_cuda.json)
+want goals && step "goals" 20 $PY benchmarks/gpu_goals.py --device cuda --since "$START"
 
 say "done"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then

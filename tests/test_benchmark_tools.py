@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -75,3 +76,45 @@ def test_benchmark_rows_say_their_precision(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["precision"] == result["precision"] == "fast"
     assert saved["rows"] and all(row["precision"] == "fast" for row in saved["rows"])
+
+
+def _speed_rows(batch: int, seconds: dict[str, float], precision: str = "exact") -> list[dict]:
+    return [{"head": "kde_outlier", "batch": batch, "method": method, "median_s": value, "precision": precision}
+            for method, value in seconds.items()]
+
+
+def test_gpu_goals_count_only_exact_variants_that_are_fast_enough(tmp_path):
+    """gpu_goals.py reads the benchmarks' JSON: ratios to the gradient and to Zennit, the goal of each batch size
+    (0.4 at batch 1, 0.6 from 32, none between), and a variant whose check says it did not give the eager heatmap
+    (fused not bit-equal, graphs switched off or replays off by more than 1e-6) meets no goal, however fast."""
+    import gpu_goals
+
+    rows = (_speed_rows(1, {"gradient": 1.0, "fast": 2.0, "fast_fused": 1.5, "fast_graphs": 1.25, "reference": 10.0})
+            + _speed_rows(8, {"gradient": 1.0, "fast": 2.0})
+            + _speed_rows(32, {"gradient": 1.0, "fast": 2.0, "fast_fused": 1.6, "fast_graphs": 1.0,
+                               "reference": 6.0})
+            + _speed_rows(32, {"gradient": 0.1, "fast": 0.1}, precision="fast"))  # another policy: not read
+    checks = [{"head": "kde_outlier", "batch": 1, "fused_equals_fast": False, "graphs_vs_fast_max_rel_error": 0.0,
+               "graph_replays": 5, "graphs_off": None},
+              {"head": "kde_outlier", "batch": 32, "fused_equals_fast": True, "graphs_vs_fast_max_rel_error": 2e-6,
+               "graph_replays": 5, "graphs_off": None}]
+    (tmp_path / "speed_cuda.json").write_text(json.dumps({"rows": rows, "checks": checks}))
+    result = gpu_goals.main(["--results", str(tmp_path)])
+    got = {(row["batch"], row["variant"]): row for row in result["rows"]}
+    assert set(got) == {(1, "eager"), (1, "fused"), (1, "graphs"), (8, "eager"), (32, "eager"), (32, "fused"),
+                        (32, "graphs")}
+    assert got[1, "eager"]["ratio_to_gradient"] == 0.5 and got[1, "eager"]["vs_zennit"] == 5.0
+    assert got[1, "eager"]["meets_gradient_goal"] and got[1, "eager"]["meets_zennit_goal"]
+    assert got[1, "fused"]["exact"] is False and got[1, "fused"]["meets_gradient_goal"] is False
+    assert got[1, "graphs"]["exact"] and got[1, "graphs"]["ratio_to_gradient"] == 0.8
+    assert got[8, "eager"]["goal"] is None and got[8, "eager"]["meets_gradient_goal"] is None
+    assert got[32, "eager"]["meets_gradient_goal"] is False and got[32, "eager"]["meets_zennit_goal"] is False
+    assert got[32, "fused"]["exact"] and got[32, "fused"]["ratio_to_gradient"] == 0.625
+    assert got[32, "fused"]["meets_gradient_goal"] and got[32, "fused"]["meets_zennit_goal"] is False  # 3.75x
+    assert got[32, "graphs"]["exact"] is False and not got[32, "graphs"]["meets_gradient_goal"]  # 2e-6 > 1e-6
+    best = {(row["batch"]): row["variant"] for row in result["best"]}
+    assert best == {1: "graphs", 8: "eager", 32: "fused"}
+    assert json.loads((tmp_path / "goals_cuda.json").read_text())["best"] == result["best"]
+    # a file older than the run is not read
+    assert gpu_goals.main(["--results", str(tmp_path), "--since", str(time.time() + 60),
+                           "--output", str(tmp_path / "none.json")])["rows"] == []
