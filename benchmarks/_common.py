@@ -270,6 +270,38 @@ def with_precision(precision: str, device: str | torch.device, body: Callable[[]
     return result
 
 
+#: what the running benchmark has measured so far (its growing ``rows`` and ``checks`` lists, see :func:`measuring`)
+SO_FAR: dict = {}
+
+
+def measuring(**parts: list[dict]) -> None:
+    """Name the lists a benchmark appends its rows and checks to as it goes: :func:`run_benchmark` writes them if the
+    run is interrupted."""
+    SO_FAR.update(parts)
+
+
+def run_benchmark(args, body: Callable, name: str) -> dict:
+    """``body(args)`` under the precision policy (:func:`with_precision`). Interrupted (Ctrl-C, or the SIGINT of
+    ``timeout --signal=INT`` when a time cap is reached) after some rows were measured, it writes those, marked
+    ``"interrupted": true``, to ``args.output`` or ``benchmarks/results/<name>_<device>.json`` and exits with status
+    130: a capped run keeps what it measured."""
+    SO_FAR.clear()
+    try:
+        return with_precision(args.precision, args.device, lambda: body(args))
+    except KeyboardInterrupt:
+        if not SO_FAR.get("rows"):
+            raise
+        device = torch.device(args.device)
+        result = {"benchmark": name, **environment(device), **SO_FAR, "interrupted": True,
+                  "precision": args.precision}
+        for key in ("rows", "checks"):
+            for row in result.get(key, []):
+                row["precision"] = args.precision
+        write_result(result, args.output, f"{name}_{device.type}.json")
+        print(f"{name}: interrupted; wrote the {len(result['rows'])} rows measured so far", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def write_result(result: dict, output: str | None, default_name: str) -> Path:
     """Write the JSON record to ``output`` (default ``benchmarks/results/<default_name>``) and say where."""
     path = Path(output) if output else RESULTS / default_name

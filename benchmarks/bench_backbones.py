@@ -63,11 +63,12 @@ from _common import (  # noqa: E402
     data_dir,
     environment,
     max_relative_error,
+    measuring,
     median,
     peak_memory_mb,
+    run_benchmark,
     steady_allocator,
     time_interleaved,
-    with_precision,
     write_result,
 )
 from zennit.attribution import Gradient  # noqa: E402
@@ -147,8 +148,10 @@ def taps_heatmap(attributor: Callable, x: torch.Tensor) -> torch.Tensor:
 
 
 def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device: torch.device,
-            args: argparse.Namespace, extra: dict, backbone_rows: bool = True) -> tuple[list[dict], list[dict]]:
-    """Time every method at every batch size; check fast against Zennit; one JSON row per method."""
+            args: argparse.Namespace, extra: dict, backbone_rows: bool = True, rows: list[dict] | None = None,
+            checks: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
+    """Time every method at every batch size; check fast against Zennit; one JSON row per method, appended to
+    ``rows`` (and the checks to ``checks``) as each batch size is done."""
     fast = model.explainer(audit=False, precision=args.precision)
     fused = model.explainer(audit=False, precision=args.precision, fused=True) if args.fused else None
     graphed = (model.explainer(audit=False, precision=args.precision, cuda_graphs=True)
@@ -164,7 +167,8 @@ def measure(label: str, model: DeepNeon, inputs: dict[int, torch.Tensor], device
     # registered once, on a copy (Zennit's canonizers change the modules they are applied to)
     taps_zennit = Gradient(isolated(features), zennit_composite(low, high, features))
     taps_zennit.__enter__()
-    rows, checks = [], []
+    rows = [] if rows is None else rows
+    checks = [] if checks is None else checks
     for batch, x in inputs.items():
         methods = {"forward": partial(plain_forward, model, x)} if args.forward else {}
         methods.update({"gradient": partial(plain_gradient, model, x), "fast": partial(heatmap, fast, x)})
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/backbones_<device>.json)")
     args = parser.parse_args(argv)
-    result = with_precision(args.precision, args.device, partial(_benchmark, args))
+    result = run_benchmark(args, _benchmark, "backbones")
     print(summary(result))
     write_result(result, args.output, f"backbones_{result['device']}.json")
     return result
@@ -317,6 +321,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
                                               generator=torch.Generator().manual_seed(batch))).to(device)
               for batch in args.batches}
     rows, checks = [], []
+    measuring(rows=rows, checks=checks)  # written if the run is interrupted
     for name in args.backbones:
         torch.manual_seed(0)
         features, layers = features_of(name, args.layers)
@@ -324,9 +329,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
         model = build_model(features, support_rows(features, fit_images, args.support), "torchvision")
         canonizers = [type(c).__name__ for c in default_canonizers(model)]
         extra = {"weights": "random", "size": args.size, "layers": layers, "canonizers": canonizers}
-        new_rows, new_checks = measure(name, model, inputs, device, args, extra)
-        rows += new_rows
-        checks += new_checks
+        measure(name, model, inputs, device, args, extra, rows=rows, checks=checks)
         if args.float64_check:
             x = preprocessing(torch.rand(1, 3, args.float64_check, args.float64_check, generator=generator))
             checks.append(float64_check(name, model, x.to(device)))
@@ -345,9 +348,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
                  "canonizers": [type(c).__name__ for c in default_canonizers(model)]}
         settings = copy.copy(args)
         settings.zennit_max_batch = 8
-        new_rows, new_checks = measure("cifar_resnet56", model, test, device, settings, extra, backbone_rows=False)
-        rows += new_rows
-        checks += new_checks
+        measure("cifar_resnet56", model, test, device, settings, extra, backbone_rows=False, rows=rows,
+                checks=checks)
         # Keras VGG-16 conv base, tapped at the ReLUs closing blocks 3 and 4, on CIFAR images upsampled to 224x224
         weights = DATA / "vgg16_imagenet_features" / "vgg16_features_keras_imagenet.pth"
         features = frozen(FeatureTaps(backbone("vgg16", weights), ["15", "22"])).to(device)
@@ -357,9 +359,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
         model = build_model(features, support_rows(features, x[1:], args.support), "caffe")
         extra = {"weights": "Keras VGG-16 (vgg16_features_keras_imagenet.pth)", "size": args.size,
                  "layers": ["15", "22"], "canonizers": []}
-        new_rows, new_checks = measure("vgg16_keras", model, {1: x[:1]}, device, args, extra, backbone_rows=False)
-        rows += new_rows
-        checks += new_checks
+        measure("vgg16_keras", model, {1: x[:1]}, device, args, extra, backbone_rows=False, rows=rows,
+                checks=checks)
 
     result = {
         "benchmark": "bench_backbones",

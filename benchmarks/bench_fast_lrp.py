@@ -52,10 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     add_device_arguments,
     max_relative_error,
+    measuring,
     output_gradient,
     peak_memory_mb,
+    run_benchmark,
     time_interleaved,
-    with_precision,
     write_result,
 )
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/fast_lrp_<device>.json)")
     args = parser.parse_args(argv)
-    result = with_precision(args.precision, args.device, partial(_benchmark, args))
+    result = run_benchmark(args, _benchmark, "fast_lrp")
     print_table(result)
     write_result(result, args.output, f"fast_lrp_{result['device']}.json")
     return result
@@ -132,6 +133,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
             return features(x)
 
     rows = []
+    measuring(rows=rows)  # written if the run is interrupted
     for batch in batches:
         generator = torch.Generator().manual_seed(batch)
         x = torch.randn(batch, 3, args.size, args.size, generator=generator).to(device)

@@ -43,10 +43,11 @@ from _common import (  # noqa: E402
     add_device_arguments,
     environment,
     max_relative_error,
+    measuring,
     median,
     peak_memory_mb,
+    run_benchmark,
     time_interleaved,
-    with_precision,
     write_result,
 )
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/speed_<device>.json)")
     args = parser.parse_args(argv)
-    result = with_precision(args.precision, args.device, partial(_benchmark, args))
+    result = run_benchmark(args, _benchmark, "speed")
     print(markdown(result))
     print()
     print(summary(result))
@@ -181,6 +182,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
     with_reference = {batch: args.reference_max_batch is None or batch <= args.reference_max_batch
                       for batch in args.batches}
     rows, checks = [], []
+    measuring(rows=rows, checks=checks)  # written if the run is interrupted
 
     import torchvision
     from zennit.attribution import Gradient

@@ -114,8 +114,9 @@ def read(results: Path, device: str, since: float = 0.0) -> tuple[list[dict], li
         path = results / f"{stem}_{device}.json"
         if not path.exists() or path.stat().st_mtime < since:
             continue
-        files.append(path.name)
         result = json.loads(path.read_text())
+        files.append(path.name + (" (interrupted: the rows measured before its time cap)"
+                                  if result.get("interrupted") else ""))
         for subject in SUBJECTS:
             if subject.stem == stem:
                 rows += subject_rows(subject, result)

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from zennit.attribution import Gradient
@@ -118,3 +119,37 @@ def test_gpu_goals_count_only_exact_variants_that_are_fast_enough(tmp_path):
     # a file older than the run is not read
     assert gpu_goals.main(["--results", str(tmp_path), "--since", str(time.time() + 60),
                            "--output", str(tmp_path / "none.json")])["rows"] == []
+
+
+def test_interrupted_benchmark_writes_the_rows_it_measured(tmp_path, monkeypatch):
+    """A benchmark stopped by its time cap (SIGINT: KeyboardInterrupt) keeps the batch sizes it finished: they are
+    written, marked interrupted, and it exits with status 130; stopped before any row, it writes nothing."""
+    import bench_fast_lrp
+
+    timed = bench_fast_lrp.time_interleaved
+    calls = []
+
+    def stopping(methods, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the cap is reached while the second batch size is timed
+            raise KeyboardInterrupt
+        return timed(methods, *args, **kwargs)
+
+    monkeypatch.setattr(bench_fast_lrp, "time_interleaved", stopping)
+    out = tmp_path / "fast_lrp.json"
+    argv = ["--device", "cpu", "--size", "32", "--batches", "1", "2", "--repeats", "1", "--warmup", "0", "--no-zennit",
+            "--output", str(out)]
+    with pytest.raises(SystemExit) as stopped:
+        bench_fast_lrp.main(argv)
+    assert stopped.value.code == 130
+    saved = json.loads(out.read_text())
+    assert saved["interrupted"] is True and saved["precision"] == "exact" and saved["device"] == "cpu"
+    assert {row["batch"] for row in saved["rows"]} == {1}
+    assert {"gradient", "fast"} <= {row["method"] for row in saved["rows"]}
+    assert all(row["precision"] == "exact" for row in saved["rows"])
+    calls.clear()
+    calls.append(1)  # the next call is the second: nothing measured yet
+    out.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        bench_fast_lrp.main(argv)
+    assert not out.exists()
