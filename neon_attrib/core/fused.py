@@ -218,7 +218,8 @@ def _same(result, reference) -> bool:
 
 def stabilized_ratio(relevance: torch.Tensor, denominator: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor | None:
     """``relevance / stab(denominator)`` with the 0-dim ``epsilon`` (Zennit's stabilizer) in one kernel; None where the
-    tensors are small, laid out differently, or compiling failed (the caller computes it eagerly).
+    tensors are small, laid out differently, compiling failed or the kernel did not pass its check against the eager
+    operations on this device and dtype (the caller computes it eagerly).
 
     Examples
     --------
