@@ -292,6 +292,11 @@ def test_guarded_batch_norm_follows_changes_and_grad_modes():
 def test_guard_refuses_batch_statistics_with_zero_eps():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.0)).train()
     with pytest.raises(ValueError, match=r"\(BatchNorm2d\) has eps=0.0 .* Call model.eval\(\)"):
+        guard_batch_norms(model)
+    with pytest.raises(ValueError, match=r"has eps=0.0"):  # with Zennit's own attributor, the merge guards
+        with Gradient(model, EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[MergeBatchNorms()])):
+            pass
+    with pytest.raises(ValueError, match=r"\(training mode\).*Call model.eval\(\)"):  # the pipeline: before merging
         run(model, (torch.randn(2, 3, 8, 8),), composite=EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[
             MergeBatchNorms()]))
 

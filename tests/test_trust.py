@@ -315,6 +315,84 @@ def test_resnet_features_without_canonizer_raise():
     assert_no_hooks(model)
 
 
+def _bn_classifier() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 8 * 8, 3)).double()
+    model.train()
+    with torch.no_grad():  # running statistics far from the batch's: merged into the convolution, they are not the
+        model(3 * torch.rand(16, 3, 8, 8, dtype=torch.float64) + 1)  # statistics a training-mode forward uses
+    return model
+
+
+@pytest.mark.parametrize("entry", ["explain", "explainer", "torchvision"])
+def test_models_in_training_mode_are_refused_before_any_canonizer(entry, images):
+    """A batch norm in training mode normalises with the batch's statistics, while the canonizers merge its running
+    statistics: the heatmap explained neither the model's output nor the eval-mode model, conserved relevance and
+    passed the audit. Refused on every entry point; after ``eval()`` the same call works."""
+    import torchvision
+
+    from neon_attrib.vision import default_canonizers
+    from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer, MergeBatchNorms
+
+    if entry == "explain":
+        model = DeepNeon(_bn_classifier()[:3], KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
+        model.train()
+        call = lambda: explain(model, images)  # noqa: E731
+    else:
+        model = _bn_classifier() if entry == "explainer" else torchvision.models.resnet18(num_classes=3).train()
+        canonizers = [MergeBatchNorms()] if entry == "explainer" else default_canonizers(model)
+        composite = FastEpsilonGammaBox(low=0.0, high=1.0, canonizers=canonizers)
+        x = images if entry == "explainer" else images.float()
+
+        def call():
+            with LRPExplainer(model, composite) as explainer:
+                return explainer(x, lambda out: out)[1]
+    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"\(BatchNorm2d\) normalises with the statistics of each batch \(training "
+                                         r"mode\).*Call model\.eval\(\)"):
+        call()
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert_no_hooks(model)
+    model.eval()
+    assert torch.isfinite(call()).all()
+
+
+def test_batch_statistics_and_active_dropout_are_refused_plain_training_mode_is_not(images):
+    from neon_attrib.pipeline.engine import check_explainable
+    from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer
+
+    no_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm2d\) .*\(it keeps no running statistics\)"):
+        check_explainable(no_stats)
+    for module in (nn.Dropout(0.5), nn.Dropout2d(0.1), nn.AlphaDropout(0.2), nn.RReLU()):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), module).train()
+        with pytest.raises(ValueError, match=rf"1 \({type(module).__name__}\) is in training mode and is random"):
+            check_explainable(model)
+        check_explainable(model.eval())
+    # modules whose output does not depend on the flag explain in training mode, as in eval mode
+    plain = nn.Sequential(tiny_cnn(), nn.Dropout(0.0), nn.Flatten(), nn.Linear(8 * 4 * 4, 2)).double()
+    results = []
+    for training in (True, False):
+        with LRPExplainer(plain.train(training), FastEpsilonGammaBox(low=0.0, high=1.0)) as explainer:
+            results.append(explainer(images, lambda out: out)[1])
+    assert torch.equal(*results)
+
+
+def test_compiled_modules_are_refused(images):
+    """``torch.compile``'s graph bypasses the rules' hooks: the heatmap was wrong (the audit warned of relevance
+    created without a rule, which sent users looking for a missing canonizer)."""
+    from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer
+
+    net = tiny_cnn()
+    for model, name in ((torch.compile(net), "model"), (nn.Sequential(torch.compile(net), nn.Flatten()), "0")):
+        with pytest.raises(ValueError, match=rf"compiled with torch\.compile.*Explain the original module "
+                                             rf"\({name}\._orig_mod"):
+            LRPExplainer(model, FastEpsilonGammaBox(low=0.0, high=1.0))
+    with LRPExplainer(net, FastEpsilonGammaBox(low=0.0, high=1.0)) as explainer:  # the original module explains
+        assert torch.isfinite(explainer(images, lambda out: out)[1]).all()
+
+
 class _Doubler(nn.Module):
     def forward(self, x):
         return x + x  # a "residual" addition: the plain gradient hands each branch the whole relevance

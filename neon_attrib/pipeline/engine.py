@@ -289,6 +289,64 @@ def _residual_types() -> tuple[type, ...]:
     return (BasicBlock, Bottleneck)
 
 
+def check_explainable(model: nn.Module) -> None:
+    """Refuse a model whose output depends on its training flag while that flag is set, or that runs compiled.
+
+    A batch norm in training mode (or keeping no running statistics) normalises each batch with that batch's own
+    statistics, and an active dropout, stochastic depth or RReLU is random: the explanation would explain neither the
+    model's predictions nor the same function twice. Canonizers merge the running statistics into the convolution, so
+    with a batch norm in training mode the heatmap would not even match the output it comes with, yet conserve
+    relevance and pass the audit.
+
+    A module compiled with ``torch.compile`` runs its compiled graph, which the rules' hooks do not reach reliably:
+    explain the original module (``compiled._orig_mod``); ``fused=True`` and ``cuda_graphs=True`` of the explainers are
+    the exact ways to speed explanations up.
+
+    Raises
+    ------
+    ValueError
+        Naming the first such module: call ``model.eval()`` before explaining, or pass the module uncompiled.
+
+    Examples
+    --------
+    >>> check_explainable(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+    >>> check_explainable(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: 1 (BatchNorm2d) normalises with the statistics of each batch (training mode), so ...
+    """
+    stochastic = _stochastic_types()
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    for name, module in model.named_modules():
+        label = name or "the model"
+        if compiled is not None and isinstance(module, compiled.OptimizedModule):
+            raise ValueError(f"{label} was compiled with torch.compile: its compiled graph bypasses the LRP rules' "
+                             f"hooks, so the relevance would not be LRP. Explain the original module "
+                             f"({name or 'model'}._orig_mod, or the module you passed to torch.compile); "
+                             f"the explainers' fused=True and cuda_graphs=True are the exact speed-ups.")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.training or module.running_mean is None or module.running_var is None:
+                why = "training mode" if module.training else "it keeps no running statistics"
+                raise ValueError(f"{label} ({type(module).__name__}) normalises with the statistics of each batch "
+                                 f"({why}), so an explanation would depend on the batch and not explain the model's "
+                                 f"predictions. Call model.eval() before explaining (a batch norm without running "
+                                 f"statistics cannot be explained).")
+        elif module.training and (isinstance(module, stochastic) and getattr(module, "p", 0) > 0
+                                  or isinstance(module, nn.RReLU) and module.lower != module.upper):
+            raise ValueError(f"{label} ({type(module).__name__}) is in training mode and is random (it drops "
+                             f"activations or draws its slopes), so an explanation would not explain the model's "
+                             f"predictions. Call model.eval() before explaining.")
+
+
+def _stochastic_types() -> tuple[type, ...]:
+    """Modules that drop at random in training mode: dropout, and torchvision's stochastic depth."""
+    try:
+        from torchvision.ops import StochasticDepth
+    except ImportError:  # pragma: no cover - torchvision is a dependency of zennit
+        return (nn.modules.dropout._DropoutNd,)
+    return (nn.modules.dropout._DropoutNd, StochasticDepth)
+
+
 def _prepared(work: nn.Module) -> dict[str, Hook]:
     """The last step of registering a composite on a copy: guard batch norms, then check coverage."""
     guard_batch_norms(work)
@@ -334,6 +392,7 @@ def hooked(model: nn.Module, composite: Composite | None = None, *, beta: float 
     Yields ``(copy, {module name: rule})``; the hooks are removed on exit (and never touch ``model``).
     """
     composite = _fresh(resolve_composite(model, composite, beta=beta, eps=eps))
+    check_explainable(model)  # before the canonizers, which would merge a batch norm's running statistics
     with composite.context(isolated(model)) as work:
         yield work, _prepared(work)
 
@@ -659,6 +718,7 @@ class Explainer:
         self.last_audit: Audit | None = None
         self._lock = threading.Lock()
         self._closed = False
+        check_explainable(model)  # before the canonizers, which would merge a batch norm's running statistics
         self._work = isolated(model)
         self.composite.register(self._work)
         self._hooked = _prepared(self._work)
