@@ -3,6 +3,7 @@ checks, atomic updates, uncovered architectures and the conservation audit."""
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import warnings
@@ -391,6 +392,55 @@ def test_compiled_modules_are_refused(images):
             LRPExplainer(model, FastEpsilonGammaBox(low=0.0, high=1.0))
     with LRPExplainer(net, FastEpsilonGammaBox(low=0.0, high=1.0)) as explainer:  # the original module explains
         assert torch.isfinite(explainer(images, lambda out: out)[1]).all()
+
+
+class _SharedConv(nn.Module):
+    """One convolution applied twice (shared weights), one ReLU module used three times."""
+
+    def __init__(self, separate: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.first, self.conv, self.relu = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU()
+        self.second = copy.deepcopy(self.conv) if separate else self.conv
+        self.double().eval()
+
+    def forward(self, x):
+        return self.relu(self.second(self.relu(self.conv(self.relu(self.first(x))))))
+
+
+@pytest.mark.parametrize("base", ["fast", "EpsilonGammaBox", "EpsilonPlusFlat"])
+def test_a_module_called_twice_is_explained_per_call_or_refused(base, images):
+    """Zennit's rules keep one input per module, so a shared convolution explained both calls with the last call's
+    input: 100 % off, conserving relevance (the audit passed). The fast rules keep every call's input (the heatmap
+    equals that of the network with a copy per call); Zennit's composites are refused, except for pass-through rules
+    (the shared ReLU)."""
+    from zennit.composites import EpsilonPlusFlat
+
+    from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer
+
+    def composite():
+        return {"fast": None, "EpsilonGammaBox": EpsilonGammaBox(low=0.0, high=1.0),
+                "EpsilonPlusFlat": EpsilonPlusFlat()}[base]
+
+    def deep(separate):
+        kwargs = {} if base == "fast" else {"composite": composite()}
+        return DeepNeon(_SharedConv(separate), KDEOutlier(gamma=0.5), low=0.0, high=1.0, **kwargs).fit(
+            images, progress=False)
+
+    separate = explain(deep(True), images)  # Pass on the ReLU used three times is right with every composite
+    if base == "fast":
+        torch.testing.assert_close(explain(deep(False), images), separate, rtol=1e-12, atol=0)
+        with LRPExplainer(_SharedConv(), FastEpsilonGammaBox(low=0.0, high=1.0)) as explainer:
+            shared = explainer(images, lambda out: out)[1]
+        with LRPExplainer(_SharedConv(True), FastEpsilonGammaBox(low=0.0, high=1.0)) as explainer:
+            torch.testing.assert_close(shared, explainer(images, lambda out: out)[1], rtol=1e-12, atol=0)
+        return
+    message = r"features\.conv \(Conv2d\) is called more than once in one forward pass .* keeps one input per module"
+    with pytest.raises(ValueError, match=message):
+        explain(deep(False), images)
+    with pytest.raises(ValueError, match=message.replace("features\\.", "")):
+        with LRPExplainer(_SharedConv(), composite()) as explainer:
+            explainer(images, lambda out: out)
 
 
 class _Doubler(nn.Module):

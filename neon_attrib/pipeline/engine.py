@@ -348,9 +348,55 @@ def _stochastic_types() -> tuple[type, ...]:
 
 
 def _prepared(work: nn.Module) -> dict[str, Hook]:
-    """The last step of registering a composite on a copy: guard batch norms, then check coverage."""
+    """The last step of registering a composite on a copy: guard batch norms, check coverage, watch shared modules."""
     guard_batch_norms(work)
-    return check_coverage(work)
+    hooked = check_coverage(work)
+    refuse_shared_modules(work, hooked)
+    return hooked
+
+
+def _keeps_every_call(hook: Hook) -> bool:
+    """Rules right for a module called several times in one forward pass: those whose backward reads no stored
+    tensor (pass-throughs) and those that keep each call's tensors apart (class attribute ``state_per_call = True``,
+    the fast rules)."""
+    return _passes_through(hook) or getattr(type(hook), "state_per_call", False)
+
+
+def refuse_shared_modules(work: nn.Module, hooked: dict[str, Hook]) -> None:
+    """Make a second call of a hooked module in one forward pass of ``work`` raise, where its rule keeps one input.
+
+    Zennit's rules (and the NEON rules) store the module's input in the forward pass and read it in the backward
+    pass, so a module called twice (weights shared between two places of a network) would explain both calls with
+    the last call's input: a heatmap unrelated to the model that still conserves relevance and passes the audit.
+    Forward pre-hooks on ``work`` (a private copy) count the calls; a composite of fast rules needs none.
+    """
+    watched = [(name, hook) for name, hook in hooked.items() if not _keeps_every_call(hook)]
+    if not watched:
+        return
+    modules = dict(work.named_modules())
+    forward_pass = [0]
+
+    def count_forward_passes(module: nn.Module, args: Any) -> None:
+        forward_pass[0] += 1
+
+    work.register_forward_pre_hook(count_forward_passes)
+    for name, hook in watched:
+        modules[name].register_forward_pre_hook(_watch_calls(name, hook, forward_pass))
+
+
+def _watch_calls(name: str, hook: Hook, forward_pass: list[int]) -> Callable[[nn.Module, Any], None]:
+    last = [-1]
+
+    def watch(module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled() and last[0] == forward_pass[0]:
+            raise ValueError(f"{name or 'the model'} ({type(module).__name__}) is called more than once in one "
+                             f"forward pass (shared weights), and its rule {type(hook).__name__} keeps one input per "
+                             f"module: every call would be explained with the last call's input. Give each call its "
+                             f"own module (copy.deepcopy), or explain with the fast composites (FastEpsilonGammaBox, "
+                             f"FastEpsilonPlusFlat; DeepNeon's default), whose rules keep every call's input.")
+        last[0] = forward_pass[0]
+
+    return watch
 
 
 # ---------------------------------------------------------------------------------------------------------------------

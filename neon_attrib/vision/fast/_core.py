@@ -240,6 +240,9 @@ class FastHook(Hook):
     supported.
     """
 
+    #: each call's tensors travel with its own autograd node: right for a module called several times per forward
+    state_per_call = True
+
     def register(self, module: nn.Module) -> RemovableHandleList:
         """Register this hook to ``module``; return the handles that remove it."""
         return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self._forward_hook)])
