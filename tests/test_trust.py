@@ -443,6 +443,21 @@ def test_a_module_called_twice_is_explained_per_call_or_refused(base, images):
             explainer(images, lambda out: out)
 
 
+def test_relevance_put_on_the_output_must_broadcast_to_it(images):
+    from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer
+
+    model = nn.Sequential(tiny_cnn(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)).double().eval()
+    with LRPExplainer(model, FastEpsilonGammaBox(low=0.0, high=1.0)) as explainer:
+        with pytest.raises(ValueError, match=r"has shape \(4,\), which does not broadcast to the output's \(4, 3\)"
+                                             r".*not class indices"):
+            explainer(images, lambda out: out.argmax(1))  # class indices instead of the relevance of each output
+        with pytest.raises(TypeError, match=r"must be a tensor\. Got list"):
+            explainer(images, lambda out: [1.0, 0.0, 0.0])
+        one_row = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)  # broadcast over the batch, as documented
+        torch.testing.assert_close(explainer(images, one_row)[1], explainer(images, one_row.expand(4, 3))[1],
+                                   rtol=0, atol=0)
+
+
 class _Doubler(nn.Module):
     def forward(self, x):
         return x + x  # a "residual" addition: the plain gradient hands each branch the whole relevance

@@ -594,7 +594,7 @@ class _Step:
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{owner} must return a tensor to be explained. Got {type(output).__name__}.")
             targets, seed = seed_of(output.detach())
-            seed = torch.broadcast_to(seed.to(device=output.device, dtype=output.dtype), output.shape)
+            seed = _seed_like(seed, output, owner)
             differentiable = [leaf for leaf in leaves if leaf.requires_grad]
             wrt = differentiable + list(captured.values())
             if n == 0 or not output.requires_grad:
@@ -668,6 +668,20 @@ def _captured(work: nn.Module, at: Sequence[str], stop_at: str | None, owner: st
     if missing:
         raise ValueError(f"{owner}: {missing[0]!r} ({type(modules[missing[0]]).__name__}) did not run in the forward "
                          f"pass (the model never calls it, or stops before it), so no relevance reaches it.")
+
+
+def _seed_like(seed: Any, output: torch.Tensor, owner: str) -> torch.Tensor:
+    """The relevance put on the output, broadcast to the output's shape, or a clear error."""
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError(f"{owner}: the relevance put on the output (attr_output, or what its function returned) must be "
+                        f"a tensor. Got {type(seed).__name__}.")
+    try:
+        return torch.broadcast_to(seed.to(device=output.device, dtype=output.dtype), output.shape)
+    except RuntimeError:
+        raise ValueError(f"{owner}: the relevance put on the output (attr_output) has shape {tuple(seed.shape)}, which "
+                         f"does not broadcast to the output's {tuple(output.shape)}. Give the relevance of every "
+                         f"output (e.g. a one-hot of the classes to explain, or out * one_hot for their scores), not "
+                         f"class indices.") from None
 
 
 def _or_zeros(grad: torch.Tensor | None, leaf: torch.Tensor) -> torch.Tensor:
