@@ -673,8 +673,8 @@ def _captured(work: nn.Module, at: Sequence[str], stop_at: str | None, owner: st
 def _seed_like(seed: Any, output: torch.Tensor, owner: str) -> torch.Tensor:
     """The relevance put on the output, broadcast to the output's shape, or a clear error."""
     if not isinstance(seed, torch.Tensor):
-        raise TypeError(f"{owner}: the relevance put on the output (attr_output, or what its function returned) must be "
-                        f"a tensor. Got {type(seed).__name__}.")
+        raise TypeError(f"{owner}: the relevance put on the output (attr_output, or what its function returned) "
+                        f"must be a tensor. Got {type(seed).__name__}.")
     try:
         return torch.broadcast_to(seed.to(device=output.device, dtype=output.dtype), output.shape)
     except RuntimeError:
