@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -35,13 +36,14 @@ from neon_attrib.core.canonical import (
     Gate,
     GateRule,
     Mean,
+    Resample,
     Scale,
 )
 from neon_attrib.pipeline.engine import isolated
 from neon_attrib.pipeline.graph import RULES_NEEDED, GraphCanonizer, canonical_layer_map
 from neon_attrib.vision import FeatureTaps, default_canonizers
 from neon_attrib.vision.deep import DeepNeon
-from neon_attrib.vision.fast import FastEpsilonGammaBox, LRPExplainer
+from neon_attrib.vision.fast import FastEpsilonGammaBox, FastNorm, LRPExplainer
 
 LOW, HIGH = -3.0, 3.0
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -191,6 +193,38 @@ def test_sum_and_mean_are_proportional():
     assert torch.allclose(relevance_of(Mean((2, 3)), Norm(), x, relevance_out), expected, rtol=1e-10)
 
 
+def interpolation_matrix(shape_in: tuple[int, ...], **kwargs) -> torch.Tensor:
+    """The matrix (outputs x inputs) of ``F.interpolate(., **kwargs)``, from the images of the basis vectors."""
+    n = math.prod(shape_in)
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, 1, *shape_in)
+    return F.interpolate(basis, **kwargs).reshape(n, -1).T
+
+
+@pytest.mark.parametrize("shape, kwargs", [
+    ((3, 4), dict(scale_factor=2, mode="bilinear", align_corners=False)),
+    ((3, 4), dict(scale_factor=2, mode="bilinear", align_corners=True)),
+    ((5, 7), dict(size=(3, 4), mode="bilinear", align_corners=False)),
+    ((6,), dict(scale_factor=1.5, mode="linear", align_corners=False)),
+    ((2, 3, 2), dict(scale_factor=2, mode="trilinear", align_corners=False)),
+])
+def test_linear_interpolation_is_a_weighted_mean_with_the_z_rule(shape, kwargs):
+    """Every output of a linear interpolation is a weighted mean of inputs (the modelling assumption behind giving it
+    the average-pooling rule), and the rule is the z-rule on that matrix: ``R_in = x * W^T (R / stab(W x))``."""
+    matrix = interpolation_matrix(shape, **kwargs)
+    assert (matrix >= 0).all() and torch.allclose(matrix.sum(1), torch.ones(matrix.shape[0], dtype=torch.float64))
+    x = torch.rand(2, 3, *shape, dtype=torch.float64)
+    flat = x.flatten(2)
+    out = flat @ matrix.T
+    relevance_out = torch.randn_like(out)
+    expected = (flat * ((relevance_out / stab(out)) @ matrix)).reshape(x.shape)
+    module = Resample(**kwargs)
+    assert torch.equal(module(x).flatten(2), F.interpolate(x, **kwargs).flatten(2))
+    assert torch.allclose(module(x).flatten(2), out, rtol=1e-12)
+    for rule in (Norm(), FastNorm()):
+        relevance = relevance_of(module, rule, x, relevance_out.reshape(module(x).shape))
+        assert torch.allclose(relevance, expected, rtol=1e-10, atol=1e-14)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # hand-written networks against a copy canonized by hand
 # ---------------------------------------------------------------------------------------------------------------------
@@ -260,8 +294,8 @@ class _Plus(nn.Module):
         super().__init__()
         self.sum = Sum(dim=-1)
 
-    def forward(self, a, b):
-        return self.sum(torch.stack([a, b], dim=-1))
+    def forward(self, *terms):
+        return self.sum(torch.stack(terms, dim=-1))
 
 
 def by_hand_hand_resnet(model: HandResNet) -> nn.Module:
@@ -365,6 +399,106 @@ def test_mobilenet_v2_equals_hand_canonized_reference():
     model = calibrated(torchvision.models.mobilenet_v2(weights=None, num_classes=10), size=32)
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     check_against(model, by_hand_mobilenet_v2(model), x)
+
+
+class Pyramid(nn.Module):
+    """FPN / U-Net style: reflect and replicate padding, nearest and bilinear upsampling, additions of the maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3)
+        self.down = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+        self.pad = nn.ReplicationPad2d(1)
+        self.mid = nn.Conv2d(6, 6, 3)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.head = nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        a = F.relu(self.stem(F.pad(x, (1, 1, 1, 1), mode="reflect")))
+        b = F.relu(self.down(a))
+        c = F.relu(self.mid(self.pad(b)))
+        u = self.up(c) + F.interpolate(b, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.fc(torch.flatten(F.relu(self.head(u + a)), 1))
+
+
+class _Matrix(nn.AdaptiveAvgPool1d):
+    """A linear map given by its matrix, with the average-pooling rule (the hand-canonized bilinear upsampling)."""
+
+    def __init__(self, matrix: torch.Tensor, shape: tuple[int, ...]):
+        super().__init__(1)
+        self.matrix, self.shape = matrix, shape
+
+    def forward(self, x):
+        return (x.flatten(2) @ self.matrix.T).reshape(*x.shape[:2], *self.shape)
+
+
+def by_hand_pyramid(model: Pyramid) -> nn.Module:
+    reference = copy.deepcopy(model)
+    reference.resample = _Matrix(interpolation_matrix((4, 4), scale_factor=2, mode="bilinear", align_corners=False),
+                                 (8, 8))
+    reference.plus = _Plus()  # (up + resampled) + a: one sum over three terms, as the canonizer makes it
+    reference.relus = nn.ModuleList(nn.ReLU() for _ in range(4))
+
+    def forward(x, r=reference):
+        a = r.relus[0](r.stem(F.pad(x, (1, 1, 1, 1), mode="reflect")))  # copies: the gradient, in both
+        b = r.relus[1](r.down(a))
+        c = r.relus[2](r.mid(r.pad(b)))
+        u = r.plus(r.up(c), r.resample(b), a)  # nearest upsampling: copies, the gradient
+        return r.fc(torch.flatten(r.relus[3](r.head(u)), 1))
+
+    reference.forward = forward
+    return reference
+
+
+def test_padding_and_upsampling_equal_hand_canonized_reference():
+    """Reflect / replicate padding and nearest upsampling are copies (the gradient is exact LRP); bilinear upsampling
+    becomes a ``Resample`` with the z-rule: Zennit's rules on a copy with the explicit interpolation matrix."""
+    torch.manual_seed(0)
+    model = Pyramid().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    check_against(model, by_hand_pyramid(model), x)
+    images = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    deep = DeepNeon(_PyramidFeatures(model), KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
+    relevance, audit = explain(deep, images[:2], return_audit=True)
+    assert audit.ok and torch.isfinite(relevance).all()
+
+
+class _PyramidFeatures(nn.Module):
+    def __init__(self, model: Pyramid):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        m = self.model
+        a = F.relu(m.stem(F.pad(x, (1, 1, 1, 1), mode="reflect")))
+        b = F.relu(m.down(a))
+        return F.relu(m.head(m.up(F.relu(m.mid(m.pad(b)))) + F.interpolate(b, scale_factor=2, mode="bilinear") + a))
+
+
+class _Interpolating(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def forward(self, x):
+        return F.interpolate(x, **self.kwargs)
+
+
+class _ToSizeOf(nn.Module):
+    def forward(self, x):
+        return F.interpolate(x[:, :, ::2, ::2], size=x.shape[-2:], mode="bilinear")
+
+
+@pytest.mark.parametrize("module, why", [
+    (_Interpolating(scale_factor=2, mode="bicubic"), "interpolates with mode='bicubic'"),
+    (_Interpolating(scale_factor=0.5, mode="bilinear", antialias=True), "interpolates with antialiasing"),
+    (_ToSizeOf(), "interpolates linearly with a computed size"),
+])
+def test_interpolations_without_a_rule_are_refused_with_their_place(module, why):
+    with pytest.raises(ValueError, match=rf"interpolate in the forward of 1 \({type(module).__name__}\), graph node "
+                                         rf"'interpolate' \(File .*test_graph_canonize\.py.*\), {why}"):
+        GraphCanonizer().apply(nn.Sequential(nn.Identity(), module))
 
 
 def test_squeezenet_needs_no_canonization():

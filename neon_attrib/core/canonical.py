@@ -15,6 +15,8 @@ Each is a modelling choice of the LRP literature, written so that the usual rule
   linear map (centring, scaling, the affine part); the z-rule on it (``Norm``) is exact LRP for that map.
 * :class:`Mean`: ``x.mean(dims)``, an average pooling (a subclass of ``AdaptiveAvgPool1d``, so every Zennit composite
   gives it the average-pooling rule, Norm).
+* :class:`Resample`: linear (bilinear, trilinear) interpolation, whose outputs are weighted means of inputs: an
+  average pooling too (Norm).
 
 Examples
 --------
@@ -26,13 +28,16 @@ torch.Size([1, 2, 3, 3])
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .rules import NeonHook
 
-__all__ = ["Gate", "Scale", "ChannelAffine", "ConstantNormLayerNorm", "ConstantNormGroupNorm", "Mean", "GateRule"]
+__all__ = ["Gate", "Scale", "ChannelAffine", "ConstantNormLayerNorm", "ConstantNormGroupNorm", "Mean", "Resample",
+           "GateRule"]
 
 
 class Gate(nn.Module):
@@ -204,6 +209,39 @@ class Mean(nn.AdaptiveAvgPool1d):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, keepdim={self.keepdim}"
+
+
+class Resample(nn.AdaptiveAvgPool1d):
+    """``F.interpolate`` with a linear mode (``linear``, ``bilinear``, ``trilinear``; no antialiasing): every output is
+    a weighted mean of its neighbouring inputs (weights ``>= 0`` summing to 1), an average pooling to LRP, so every
+    composite gives it the average-pooling rule (Norm, the z-rule: ``R_in = x * J^T (R / stab(out))``).
+
+    Parameters
+    ----------
+    size, scale_factor, mode, align_corners, recompute_scale_factor
+        As :func:`torch.nn.functional.interpolate` (constants).
+
+    Examples
+    --------
+    >>> Resample(scale_factor=2, mode="bilinear")(torch.ones(1, 2, 3, 3)).shape
+    torch.Size([1, 2, 6, 6])
+    """
+
+    def __init__(self, size: Any = None, scale_factor: Any = None, mode: str = "bilinear",
+                 align_corners: bool | None = None, recompute_scale_factor: bool | None = None):
+        super().__init__(1)
+        if mode not in ("linear", "bilinear", "trilinear"):
+            raise ValueError(f"Resample averages with a linear mode ('linear', 'bilinear', 'trilinear'). Got {mode!r}.")
+        self.size, self.scale_factor, self.mode = size, scale_factor, mode
+        self.align_corners, self.recompute_scale_factor = align_corners, recompute_scale_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
+                             self.recompute_scale_factor)
+
+    def extra_repr(self) -> str:
+        target = f"size={self.size}" if self.size is not None else f"scale_factor={self.scale_factor}"
+        return f"{target}, mode={self.mode!r}, align_corners={self.align_corners}"
 
 
 class GateRule(NeonHook):

@@ -24,8 +24,11 @@ held
 ``nn.LayerNorm``, ``nn.GroupNorm``, ``F.layer_norm``,  ``ConstantNormLayerNorm`` / ``ConstantNormGroupNorm`` (1/sigma
 ``F.group_norm``                                       constant, z-rule)
 dropout, stochastic depth in eval mode                 removed (identity)
+``F.interpolate`` (``nn.Upsample``), linear modes     :class:`~neon_attrib.core.canonical.Resample` (weighted means:
+                                                       Norm, like average pooling)
 views, reshapes, permutes, ``cat``, ``split``,         unchanged: their gradient is exact LRP (each output is one input,
-``chunk``, ``getitem``, zero padding, shapes           or copies whose relevance adds up)
+``chunk``, ``getitem``, padding (zeros, reflect,       or copies whose relevance adds up)
+replicate, circular), nearest interpolation, shapes
 =====================================================  ================================================================
 
 Anything else raises a ``ValueError`` before explaining, naming the operation, the module path and the line of the
@@ -53,7 +56,16 @@ from zennit.canonizers import Canonizer
 from zennit.layer import Sum
 from zennit.rules import Norm
 
-from ..core.canonical import ChannelAffine, ConstantNormGroupNorm, ConstantNormLayerNorm, Gate, GateRule, Mean, Scale
+from ..core.canonical import (
+    ChannelAffine,
+    ConstantNormGroupNorm,
+    ConstantNormLayerNorm,
+    Gate,
+    GateRule,
+    Mean,
+    Resample,
+    Scale,
+)
 from ..core.composites import is_neon_module, register_rule
 from ..core.validation import BATCH_NORMS
 
@@ -190,6 +202,8 @@ _STRUCTURAL_METHODS = {
 }
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "stride"}
 _NON_TENSOR_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
+_INTERPOLATIONS = {F.interpolate, F.upsample}
+_INTERPOLATE_ARGUMENTS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
@@ -541,6 +555,8 @@ class _Canonization(Canonizer):
             new = self._call_new(traced, node, "mean", _mean(node), (node.args[0],))
             tensors[new] = True
             return None
+        if not method and target in _INTERPOLATIONS:
+            return self._interpolation(traced, node, tensors)
         if not method and target in (F.layer_norm, F.group_norm):
             new = self._call_new(traced, node, "norm", _functional_norm(traced.module, node), (node.args[0],))
             tensors[new] = True
@@ -553,13 +569,30 @@ class _Canonization(Canonizer):
                 traced.changed = True
                 return None
             return self._refuse(traced, node, "runs in training mode (call model.eval())")
-        if not method and target is F.pad and _constant_zero_pad(node):
+        if not method and target is F.pad and _copying_pad(node):
             return None
         if (method and target in _STRUCTURAL_METHODS) or (not method and target in _STRUCTURAL_FUNCTIONS):
             if not method and target is getattr and node.args[1] not in _NON_TENSOR_ATTRIBUTES:
                 return self._refuse(traced, node, f"reads the attribute {node.args[1]!r}")
             return None
         return self._refuse(traced, node, "has no LRP rule")
+
+    def _interpolation(self, traced: _Traced, node: fx.Node, tensors: dict[fx.Node, bool]) -> None:
+        values = _arguments(node, _INTERPOLATE_ARGUMENTS)
+        mode = values.get("mode", "nearest")
+        if mode in ("nearest", "nearest-exact"):
+            return None  # every output is a copy of one input: the gradient is exact LRP
+        if mode not in ("linear", "bilinear", "trilinear") or values.get("antialias"):
+            how = "with antialiasing" if mode in ("linear", "bilinear", "trilinear") else f"with mode={mode!r}"
+            return self._refuse(traced, node, f"interpolates {how}, which has no LRP rule here (nearest and linear "
+                                              f"modes without antialiasing have one)")
+        if _computed(values):
+            return self._refuse(traced, node, "interpolates linearly with a computed size or scale factor (a linear "
+                                              "interpolation becomes a module with constant arguments)")
+        values.pop("antialias", None)
+        new = self._call_new(traced, node, "resample", Resample(**values), (node.args[0],))
+        tensors[new] = True
+        return None
 
     def _addition(self, traced: _Traced, node: fx.Node, tensors: dict[fx.Node, bool]) -> None:
         if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
@@ -744,9 +777,20 @@ def _training_flag(node: fx.Node) -> bool:
     return bool(node.args[2]) if len(node.args) > 2 else True
 
 
-def _constant_zero_pad(node: fx.Node) -> bool:
+def _computed(values: Any) -> bool:
+    """Whether an argument (or an element of a tuple or list argument) is computed in the graph."""
+    if isinstance(values, dict):
+        return any(_computed(value) for value in values.values())
+    if isinstance(values, (tuple, list)):
+        return any(_computed(value) for value in values)
+    return isinstance(values, fx.Node)
+
+
+def _copying_pad(node: fx.Node) -> bool:
+    """Zero padding, or padding by copies of the input (reflect, replicate, circular): the gradient is exact LRP."""
     values = _arguments(node, ("pad", "mode", "value"))
-    return values.get("mode", "constant") == "constant" and not values.get("value")
+    mode = values.get("mode", "constant")
+    return mode in ("reflect", "replicate", "circular") or mode == "constant" and not values.get("value")
 
 
 def _source_line(node: fx.Node) -> str:
@@ -754,7 +798,8 @@ def _source_line(node: fx.Node) -> str:
     lines = [line.strip() for line in (node.stack_trace or "").strip().splitlines() if line.strip()]
     frames = [(line, lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else "")
               for i, line in enumerate(lines) if line.startswith("File ")]
-    internal = ("/torch/fx/", "/torch/nn/modules/module.py")
+    internal = ("/torch/fx/", "/torch/nn/modules/module.py", "/torch/overrides.py",
+                "/torch/nn/functional.py")
     frames = [frame for frame in frames if not any(part in frame[0] for part in internal)]
     if not frames:
         return ""
