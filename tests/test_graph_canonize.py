@@ -601,10 +601,10 @@ def test_float32_equals_zennit(name):
 def test_transformers_are_refused(name, match):
     model = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
     before = state(model)
-    with pytest.raises(ValueError, match=match):
-        explain_classifier = LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH,
-                                                                     canonizers=default_canonizers(model)))
-        explain_classifier.close()
+    with pytest.raises(ValueError, match=match):  # at registration, or when the untraceable module runs
+        with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH,
+                                                     canonizers=default_canonizers(model))) as explainer:
+            explainer(torch.randn(1, 3, 224, 224))
     assert_same_state(model, before)
 
 
@@ -635,8 +635,29 @@ def test_operation_without_rule_is_refused_with_its_place():
                                          r"multiplies two signals.*register_rule"):
         GraphCanonizer().apply(model)
     assert "forward" not in model[1].__dict__ and RULES_NEEDED not in model.__dict__  # a failed apply left nothing
+    model = nn.Sequential(nn.Identity(), Branchy()).eval()
+    (canonization,) = GraphCanonizer().apply(model)  # a module that cannot be traced is refused when it runs
     with pytest.raises(ValueError, match=r"1 \(Branchy\) cannot be traced with torch\.fx"):
-        GraphCanonizer().apply(nn.Sequential(nn.Identity(), Branchy()))
+        model(torch.rand(1, 3, 8, 8))
+    canonization.remove()
+    assert "forward" not in model[1].__dict__ and model(torch.rand(1, 3, 8, 8)).shape == (1, 144)
+
+
+def test_a_module_that_never_runs_need_not_be_traceable():
+    """The layers after the last tapped one never run (torchvision's FPN after a ResNet body's taps): one that cannot
+    be traced does not stand in the way; tapped, it is refused."""
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU(), Branchy()).double().eval()
+    images = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    heatmaps = []
+    for features in (network, network[:2]):
+        deep = DeepNeon(FeatureTaps(features, ["1"]), KDEOutlier(gamma=0.5), low=0.0, high=1.0)
+        heatmaps.append(explain(deep.fit(images, progress=False), images))
+    torch.testing.assert_close(heatmaps[0], heatmaps[1], rtol=0, atol=0)
+    branchy = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU(), Branchy(), nn.Unflatten(1, (4, 4, 4))).double().eval()
+    deep = DeepNeon(branchy, KDEOutlier(gamma=0.5), low=0.0, high=1.0).fit(images, progress=False)
+    with pytest.raises(ValueError, match=r"features\.2 \(Branchy\) cannot be traced with torch\.fx"):
+        explain(deep, images)
 
 
 def test_batch_norm_in_training_mode_is_refused():

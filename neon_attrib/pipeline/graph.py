@@ -32,9 +32,10 @@ replicate, circular), nearest interpolation, shapes
 =====================================================  ================================================================
 
 Anything else raises a ``ValueError`` before explaining, naming the operation, the module path and the line of the
-model's source, and how to give it a rule. A module that ``torch.fx`` cannot trace raises too. The canonizer is a
-Zennit canonizer: the explain pipeline applies it to its private copy of the model; ``remove()`` restores a model it
-was applied to directly.
+model's source, and how to give it a rule. A module that ``torch.fx`` cannot trace raises when it runs (in the
+forward pass, before any relevance), so that layers an explanation never runs (after the last tapped one) need not be
+traceable. The canonizer is a Zennit canonizer: the explain pipeline applies it to its private copy of the model;
+``remove()`` restores a model it was applied to directly.
 """
 
 from __future__ import annotations
@@ -411,18 +412,37 @@ class _Canonization(Canonizer):
             graph = _trace(module, self.keys)
         except Exception as exc:  # torch.fx raises many kinds (TraceError, TypeError, NotImplementedError, ...)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(
+            message = (
                 f"GraphCanonizer: {_label(path)} ({type(module).__name__}) cannot be traced with torch.fx ({reason}), "
                 f"so its forward cannot be checked for operations without an LRP rule. Make its forward traceable "
                 f"(no Python control flow on tensor values), or give {type(module).__name__} a rule of its own: "
                 f"neon_attrib.core.composites.register_rule({type(module).__name__}, factory) or "
-                f"GraphCanonizer(leaf_types=({type(module).__name__},)) with a rule in the composite's layer_map."
-            ) from exc
+                f"GraphCanonizer(leaf_types=({type(module).__name__},)) with a rule in the composite's layer_map.")
+            self._refuse_when_called(module, message, exc)
+            return
         graph.owning_module = module  # for the purity check of dead-code elimination (call_module nodes)
         self.traced[id(module)] = _Traced(path, module, graph)
         for node in graph.nodes:
             if node.op == "call_module":
                 self._visit(module.get_submodule(node.target), _path(path, node.target))
+
+    def _refuse_when_called(self, module: nn.Module, message: str, cause: BaseException) -> None:
+        """Give a module that cannot be traced a forward that raises ``message``: refused when it runs, so a part of
+        the model that an explanation never runs (the layers after the last tapped one) does not stand in the way."""
+
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise ValueError(message) from cause
+
+        previous = module.__dict__.get("forward")
+        module.__dict__["forward"] = refused
+
+        def restore() -> None:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+
+        self.undo.append(restore)
 
     # -- rewriting one graph -----------------------------------------------------------------------------------------
     def _rewrite(self, traced: _Traced) -> None:
@@ -827,8 +847,8 @@ class GraphCanonizer(Canonizer):
     Raises
     ------
     ValueError
-        On :meth:`apply`: an operation without an LRP rule (named, with its module path and source line), a module
-        that cannot be traced, or a batch norm in training mode.
+        On :meth:`apply`: an operation without an LRP rule (named, with its module path and source line), or a batch
+        norm in training mode; when it runs: a module that cannot be traced.
 
     Examples
     --------
