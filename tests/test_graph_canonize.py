@@ -496,9 +496,11 @@ class _ToSizeOf(nn.Module):
     (_ToSizeOf(), "interpolates linearly with a computed size"),
 ])
 def test_interpolations_without_a_rule_are_refused_with_their_place(module, why):
+    model = nn.Sequential(nn.Identity(), module)
+    GraphCanonizer().apply(model)
     with pytest.raises(ValueError, match=rf"interpolate in the forward of 1 \({type(module).__name__}\), graph node "
                                          rf"'interpolate' \(File .*test_graph_canonize\.py.*\), {why}"):
-        GraphCanonizer().apply(nn.Sequential(nn.Identity(), module))
+        model(torch.rand(1, 2, 8, 8))
 
 
 def test_squeezenet_needs_no_canonization():
@@ -629,18 +631,60 @@ class Branchy(nn.Module):
 
 
 def test_operation_without_rule_is_refused_with_its_place():
+    """Refused when the canonized forward reaches the operation (before it runs): an operation that an explanation
+    never reaches does not stand in the way (see the next test)."""
     model = nn.Sequential(nn.Identity(), Squared()).double().eval()
+    (canonization,) = GraphCanonizer().apply(model)
     with pytest.raises(ValueError, match=r"operator\.mul in the forward of 1 \(Squared\), graph node 'mul' "
                                          r"\(File .*test_graph_canonize\.py.*return \(y \* y\)\.flatten\(1\)\), "
                                          r"multiplies two signals.*register_rule"):
-        GraphCanonizer().apply(model)
-    assert "forward" not in model[1].__dict__ and RULES_NEEDED not in model.__dict__  # a failed apply left nothing
+        model(torch.rand(1, 3, 8, 8, dtype=torch.float64))
+    canonization.remove()
+    assert "forward" not in model[1].__dict__ and RULES_NEEDED not in model.__dict__  # remove() left nothing
+    with pytest.raises(ValueError, match=r"multiplies two signals"):  # through the pipeline: at the explanation
+        with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH,
+                                                     canonizers=default_canonizers(model))) as explainer:
+            explainer(torch.rand(1, 3, 8, 8, dtype=torch.float64))
     model = nn.Sequential(nn.Identity(), Branchy()).eval()
     (canonization,) = GraphCanonizer().apply(model)  # a module that cannot be traced is refused when it runs
     with pytest.raises(ValueError, match=r"1 \(Branchy\) cannot be traced with torch\.fx"):
         model(torch.rand(1, 3, 8, 8))
     canonization.remove()
     assert "forward" not in model[1].__dict__ and model(torch.rand(1, 3, 8, 8)).shape == (1, 144)
+
+
+class _LogSoftmaxClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.fc = nn.Conv2d(6, 6, 3, padding=1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        a = F.relu(self.norm(self.conv1(x)))
+        b = F.relu(self.conv2(a))
+        return F.log_softmax(self.fc(b.mean((2, 3))) - 1.0, 1)  # no rule: log-softmax, a constant subtracted
+
+
+def test_operations_after_the_last_tap_need_no_rule():
+    """A classifier ending in operations without an LRP rule, tapped inside: the taps' heatmap equals that of the
+    same layers without the head; explaining the classifier itself is refused at the first such operation."""
+    torch.manual_seed(0)
+    model = calibrated(_LogSoftmaxClassifier(), size=8)
+    images = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    folded = copy.deepcopy(model.conv1)
+    fold(folded, model.norm)
+    cut = nn.Sequential(folded, nn.ReLU(), model.conv2, nn.ReLU())  # the same layers, the batch norm folded by hand
+    heatmaps = []
+    for features, layer in ((model, "conv2"), (cut, "2")):
+        deep = DeepNeon(FeatureTaps(features, [layer]), KDEOutlier(gamma=0.5), low=0.0, high=1.0)
+        relevance, audit = explain(deep.fit(images, progress=False), images, return_audit=True)
+        assert audit.ok
+        heatmaps.append(relevance)
+    torch.testing.assert_close(heatmaps[0], heatmaps[1], rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match=r"operator\.sub in the forward of the model .*has no LRP rule"):
+        with LRPExplainer(model, FastEpsilonGammaBox(low=LOW, high=HIGH,
+                                                     canonizers=default_canonizers(model))) as explainer:
+            explainer(images)
 
 
 def test_a_module_that_never_runs_need_not_be_traceable():

@@ -31,11 +31,13 @@ views, reshapes, permutes, ``cat``, ``split``,         unchanged: their gradient
 replicate, circular), nearest interpolation, shapes
 =====================================================  ================================================================
 
-Anything else raises a ``ValueError`` before explaining, naming the operation, the module path and the line of the
-model's source, and how to give it a rule. A module that ``torch.fx`` cannot trace raises when it runs (in the
-forward pass, before any relevance), so that layers an explanation never runs (after the last tapped one) need not be
-traceable. The canonizer is a Zennit canonizer: the explain pipeline applies it to its private copy of the model;
-``remove()`` restores a model it was applied to directly.
+Anything else raises a ``ValueError`` when the canonized forward reaches it (before the operation runs, before any
+relevance), naming the operation, the module path and the line of the model's source, and how to give it a rule; a
+module that ``torch.fx`` cannot trace raises when it is called. So the layers that an explanation never runs (after
+the last tapped one: a classifier's log-softmax, a detection backbone's feature pyramid) need no rule.
+
+The canonizer is a Zennit canonizer: the explain pipeline applies it to its private copy of the model; ``remove()``
+restores a model it was applied to directly.
 """
 
 from __future__ import annotations
@@ -671,14 +673,20 @@ class _Canonization(Canonizer):
         return False
 
     def _refuse(self, traced: _Traced, node: fx.Node, why: str) -> None:
+        """Put a refusal in front of ``node``: the canonized forward raises it when it gets there (before the
+        operation runs), so operations that an explanation never reaches (after the last tapped layer) do not stand
+        in the way."""
         where = _label(traced.path)
         line = _source_line(node)
-        raise ValueError(
+        message = (
             f"GraphCanonizer: {_op_name(node)} in the forward of {where} ({type(traced.module).__name__}), graph node "
             f"{node.name!r}{line}, {why}: LRP would pass it as a plain gradient and the heatmap would be wrong. "
             f"Wrap the operation in an nn.Module and give that module a rule "
             f"(neon_attrib.core.composites.register_rule(MyModule, lambda beta, eps: my_rule), or "
             f"GraphCanonizer(leaf_types=(MyModule,)) with (MyModule, my_rule) in the composite's layer_map).")
+        with traced.graph.inserting_before(node):
+            traced.graph.call_function(_refused, (message,))
+        traced.changed = True
 
     # -- installing the canonized forward ----------------------------------------------------------------------------
     def _install(self, traced: _Traced) -> None:
@@ -797,6 +805,12 @@ def _training_flag(node: fx.Node) -> bool:
     return bool(node.args[2]) if len(node.args) > 2 else True
 
 
+@fx.node.has_side_effect  # never removed as dead code
+def _refused(message: str) -> None:
+    """Raise the refusal of an operation without an LRP rule (called by a canonized forward, see ``_refuse``)."""
+    raise ValueError(message)
+
+
 def _computed(values: Any) -> bool:
     """Whether an argument (or an element of a tuple or list argument) is computed in the graph."""
     if isinstance(values, dict):
@@ -847,8 +861,8 @@ class GraphCanonizer(Canonizer):
     Raises
     ------
     ValueError
-        On :meth:`apply`: an operation without an LRP rule (named, with its module path and source line), or a batch
-        norm in training mode; when it runs: a module that cannot be traced.
+        On :meth:`apply`: a batch norm in training mode. When the canonized model runs: an operation without an LRP
+        rule (named, with its module path and source line, before it runs), a module that cannot be traced.
 
     Examples
     --------
