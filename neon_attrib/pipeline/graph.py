@@ -435,16 +435,7 @@ class _Canonization(Canonizer):
         def refused(*args: Any, **kwargs: Any) -> Any:
             raise ValueError(message) from cause
 
-        previous = module.__dict__.get("forward")
-        module.__dict__["forward"] = refused
-
-        def restore() -> None:
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = previous
-
-        self.undo.append(restore)
+        self._set_forward(module, refused)
 
     # -- rewriting one graph -----------------------------------------------------------------------------------------
     def _rewrite(self, traced: _Traced) -> None:
@@ -694,8 +685,12 @@ class _Canonization(Canonizer):
         code = traced.graph.python_code(root_module="self")
         namespace = dict(code.globals)
         exec(compile(code.src, f"<canonized forward of {type(module).__name__}>", "exec"), namespace)  # noqa: S102
+        self._set_forward(module, types.MethodType(namespace["forward"], module))
+
+    def _set_forward(self, module: nn.Module, forward: Callable[..., Any]) -> None:
+        """Install ``forward`` as the module's instance attribute; :meth:`remove` restores the previous one."""
         previous = module.__dict__.get("forward")
-        module.__dict__["forward"] = types.MethodType(namespace["forward"], module)
+        module.__dict__["forward"] = forward
 
         def restore() -> None:
             if previous is None:
